@@ -1,0 +1,80 @@
+"""Starting and stopping replica processes (`python -m model_proc`) without blocking the agent's loop.
+
+Runs in the agent process; owns no socket. Each replica runs in its own session (process group) so a
+terminal's Ctrl-C reaches the agent, which then stops replicas in order. Stopping is two-phase and
+non-blocking: SIGTERM to the whole tree now, SIGKILL to what is left after the grace period, checked
+from the agent's loop (`poll_stop`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+import psutil
+
+from runtime.proctree import collect_tree, signal_all
+from runtime.protocol import ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaProcess:
+    def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,
+                 env: Optional[dict[str, str]] = None) -> None:
+        cmd = [
+            sys.executable, "-m", "model_proc",
+            "--replica-id", spec.replica_id, "--engine", spec.engine, "--model", spec.model,
+            "--engine-args", json.dumps(spec.engine_args),
+            "--bind", "tcp://%s:*" % host, "--agent", agent_endpoint,
+            "--parent-pid", str(os.getpid()),
+        ]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.pid = self.popen.pid
+        self._stopping_tree: Optional[list[psutil.Process]] = None
+        self._kill_at = 0.0
+
+    def poll(self) -> Optional[int]:
+        """Exit code if the main process ended (reaped), else None."""
+        return self.popen.poll()
+
+    def begin_stop(self, grace: float, now: float) -> None:
+        if self._stopping_tree is not None:
+            return
+        self._stopping_tree = collect_tree(self.pid)
+        signal_all(self._stopping_tree, signal.SIGTERM)
+        self._kill_at = now + grace
+
+    def poll_stop(self, now: float) -> bool:
+        """Advance a stop; True once the whole tree is gone."""
+        tree = self._stopping_tree or []
+        self.popen.poll()
+        alive = [p for p in tree if _alive(p)]
+        if not alive:
+            return True
+        if now >= self._kill_at:
+            log.warning("[shutdown] replica tree %d ignored SIGTERM; SIGKILL %s", self.pid,
+                        [p.pid for p in alive])
+            signal_all(alive, signal.SIGKILL)
+            self._kill_at = now + 3600  # once
+        return False
+
+    def kill_now(self) -> None:
+        """Last resort at agent exit: SIGKILL the whole tree."""
+        tree = self._stopping_tree or collect_tree(self.pid)
+        signal_all(tree, signal.SIGKILL)
+        psutil.wait_procs(tree, timeout=2)
+        self.popen.poll()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

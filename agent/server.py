@@ -1,0 +1,273 @@
+"""The agent's reactor: a poll loop that keeps this host's replicas as the head wants them.
+
+Runs in the agent process, one thread. Owns two sockets, used only from `Agent.run`:
+- head DEALER (connects `config.head`): AgentRegister, then AgentHeartbeat every interval and at once
+  on any replica state change; the head answers each with our full Assignment. No answer for
+  `head_timeout`: the socket is recreated and we register again (Lazy Pirate), reporting the replicas
+  we run so a restarted head adopts them instead of restarting them.
+- replica ROUTER (binds `config.replica_endpoint`): our replicas' ReplicaHello/ReplicaStatus/ReplicaDead.
+Never blocks: process stops are two-phase (agent.processes), sends are non-blocking.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Callable, Optional
+
+import psutil
+import zmq
+
+from agent.config import AgentConfig
+from agent.lifecycle import ReplicaRecord, ReplicaState
+from agent.processes import ReplicaProcess
+from runtime import parent_guard
+from runtime.protocol import (
+    PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
+    ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
+)
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05
+
+
+def host_capacity() -> Capacity:
+    try:
+        from agent.devices import discover_gpus
+        gpus = discover_gpus()
+    except ImportError:
+        gpus = []
+    return Capacity(cpus=psutil.cpu_count() or 1, memory_bytes=psutil.virtual_memory().total, gpus=gpus)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.monotonic,
+                 ctx: Optional[zmq.Context] = None) -> None:
+        self.config = config
+        self.clock = clock
+        self._ctx = ctx or zmq.Context.instance()
+        self.records: dict[str, ReplicaRecord] = {}
+        self.procs: dict[str, ReplicaProcess] = {}
+        self._stopping: dict[str, ReplicaProcess] = {}
+        self._shutdown = False
+        self._head: Optional[zmq.Socket] = None
+        self._registered = False
+        self._seq = 0
+        self._last_head_reply = 0.0
+        self._next_heartbeat = 0.0
+        self._dirty = False
+        self._wall_offset = time.time() - clock()
+        self.capacity = host_capacity()
+
+    def stop(self) -> None:
+        self._shutdown = True
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        cfg = self.config
+        self._replicas = self._ctx.socket(zmq.ROUTER)
+        self._replicas.setsockopt(zmq.LINGER, 0)
+        self._replicas.bind(cfg.replica_endpoint)
+        self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus", cfg.agent_id,
+                 cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus))
+        self._connect_head()
+        try:
+            while not self._shutdown:
+                self._step()
+                if cfg.parent_pid is not None and not parent_guard.parent_alive(cfg.parent_pid):
+                    log.error("[shutdown] parent %d is gone", cfg.parent_pid)
+                    break
+            self._stop_all()
+        finally:
+            for proc in list(self.procs.values()) + list(self._stopping.values()):
+                proc.kill_now()
+            self._replicas.close(0)
+            if self._head is not None:
+                self._head.close(0)
+            log.info("[shutdown] agent stopped")
+        return 0
+
+    def _step(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._replicas, zmq.POLLIN)
+        poller.register(self._head, zmq.POLLIN)
+        events = dict(poller.poll(TICK * 1000))
+        now = self.clock()
+        try:
+            if self._replicas in events:
+                self._drain(self._replicas, self._on_replica_frames)
+            if self._head in events:
+                self._drain(self._head, self._on_head_frames)
+            self._supervise(now)
+            self._talk_to_head(now)
+        except Exception:
+            log.exception("agent step failed; going on")
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # ------------------------------------------------------------------ head
+
+    def _connect_head(self) -> None:
+        if self._head is not None:
+            self._head.close(0)
+        self._head = self._ctx.socket(zmq.DEALER)
+        self._head.setsockopt(zmq.LINGER, 0)
+        self._head.setsockopt(zmq.SNDHWM, 100)
+        self._head.connect(self.config.head)
+        self._registered = False
+        self._last_head_reply = self.clock()
+        self._send_head(AgentRegister(PROTOCOL_VERSION, self.config.agent_id, self.config.host,
+                                      self.capacity, self.config.labels, self._reports()))
+
+    def _send_head(self, msg: object) -> None:
+        try:
+            self._head.send_multipart(encode(msg), zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.Again:
+            pass  # head unreachable; the reconnect logic deals with it
+
+    def _talk_to_head(self, now: float) -> None:
+        if now - self._last_head_reply > self.config.head_timeout:
+            log.warning("[failover] no answer from head %s for %.1fs; reconnecting", self.config.head,
+                        now - self._last_head_reply)
+            self._connect_head()
+            return
+        if self._dirty or now >= self._next_heartbeat:
+            self._dirty = False
+            self._next_heartbeat = now + self.config.heartbeat_interval
+            self._seq += 1
+            self._send_head(AgentHeartbeat(self.config.agent_id, self._seq, self._reports()))
+
+    def _on_head_frames(self, frames: list[bytes]) -> None:
+        try:
+            msg = decode_frames(frames)
+        except ProtocolError as exc:
+            log.warning("bad message from head: %s", exc)
+            return
+        self._last_head_reply = self.clock()
+        if isinstance(msg, Assignment):
+            self._registered = True
+            self._apply(msg.replicas)
+        elif isinstance(msg, ControlReply):
+            if msg.ok:
+                self._registered = True
+            elif msg.code == "unknown_agent":
+                log.info("[failover] head does not know us (restarted?); registering again")
+                self._send_head(AgentRegister(PROTOCOL_VERSION, self.config.agent_id, self.config.host,
+                                              self.capacity, self.config.labels, self._reports()))
+            else:
+                log.error("head refused: %s %s", msg.code, msg.message)
+
+    def _reports(self) -> list:
+        return [r.report(self._wall_offset) for r in self.records.values()]
+
+    # ------------------------------------------------------------------ replicas
+
+    def _apply(self, specs: list[ReplicaSpec]) -> None:
+        wanted = {s.replica_id: s for s in specs}
+        for replica_id in list(self.records):
+            if replica_id not in wanted:
+                log.info("replica %s no longer assigned; stopping", replica_id)
+                self._stop_replica(replica_id)
+        for replica_id, spec in wanted.items():
+            if replica_id not in self.records:
+                log.info("assigned replica %s (%s, engine %s)", replica_id, spec.deployment, spec.engine)
+                self.records[replica_id] = ReplicaRecord(spec, self.config.policy)
+                self._dirty = True
+
+    def _stop_replica(self, replica_id: str) -> None:
+        self.records.pop(replica_id, None)
+        proc = self.procs.pop(replica_id, None)
+        if proc is not None:
+            proc.begin_stop(self.config.stop_grace, self.clock())
+            self._stopping[replica_id] = proc
+        self._dirty = True
+
+    def _supervise(self, now: float) -> None:
+        for replica_id, rec in self.records.items():
+            proc = self.procs.get(replica_id)
+            if proc is not None:
+                code = proc.poll()
+                if code is not None:
+                    del self.procs[replica_id]
+                    was = rec.state
+                    rec.exited(code, now)
+                    log.warning("[failover] replica %s (pid %d) exited with %d while %s: %s",
+                                replica_id, proc.pid, code, was.value, rec.message)
+                    self._dirty = True
+                    continue
+                changed, kill = rec.check(now)
+                if changed:
+                    log.warning("[failover] replica %s unhealthy: %s", replica_id, rec.message)
+                    self._dirty = True
+                if kill:
+                    log.warning("[restart] replica %s: %s; stopping it", replica_id, rec.message)
+                    proc.begin_stop(self.config.stop_grace, now)
+            elif rec.should_start(now):
+                self._start(rec, now)
+        for replica_id, proc in list(self._stopping.items()):
+            if proc.poll_stop(now):
+                del self._stopping[replica_id]
+                log.info("replica %s stopped", replica_id)
+
+    def _start(self, rec: ReplicaRecord, now: float) -> None:
+        try:
+            proc = ReplicaProcess(rec.spec, self.config.host, self.replica_endpoint, self._replica_env(rec.spec))
+        except OSError as exc:
+            log.error("cannot start replica %s: %s", rec.replica_id, exc)
+            rec.exited(1, now)
+            return
+        self.procs[rec.replica_id] = proc
+        rec.launched(proc.pid, now)
+        self._dirty = True
+        log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
+
+    def _replica_env(self, spec: ReplicaSpec) -> dict[str, str]:
+        return {}
+
+    def _on_replica_frames(self, frames: list[bytes]) -> None:
+        try:
+            msg = decode_frames(frames)
+        except ProtocolError as exc:
+            log.warning("bad message from a replica: %s", exc)
+            return
+        now = self.clock()
+        rec = self.records.get(getattr(msg, "replica_id", ""))
+        if rec is None:
+            return  # a replica we are stopping, or a stranger
+        if isinstance(msg, ReplicaStatus):
+            if rec.status(msg, now):
+                log.info("replica %s is %s", rec.replica_id, rec.state.value)
+                self._dirty = True
+        elif isinstance(msg, ReplicaHello):
+            rec.hello(msg.endpoint, now)
+            self._dirty = True
+        elif isinstance(msg, ReplicaDead):
+            log.error("[failover] replica %s says it is dead: %s", rec.replica_id, msg.reason)
+            rec.message = msg.reason
+            if rec.state == ReplicaState.READY:
+                rec.state = ReplicaState.UNHEALTHY
+            self._dirty = True
+
+    def _stop_all(self) -> None:
+        """Graceful shutdown: stop every replica tree, waiting at most stop_grace (+1 s for SIGKILL)."""
+        for replica_id in list(self.records):
+            self._stop_replica(replica_id)
+        deadline = self.clock() + self.config.stop_grace + 1.0
+        while self._stopping and self.clock() < deadline:
+            for replica_id, proc in list(self._stopping.items()):
+                if proc.poll_stop(self.clock()):
+                    del self._stopping[replica_id]
+            time.sleep(0.05)  # waiting for other processes to exit; nothing else to do
+        log.info("[shutdown] all replicas stopped")
+

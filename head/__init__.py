@@ -1,0 +1,1 @@
+"""head: holds deployments, tracks agents and replicas, publishes the routing table."""

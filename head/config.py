@@ -1,0 +1,58 @@
+"""Configuration of the head process, built from the command line.
+
+Runs in the head; owns no socket.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    control: str = "tcp://127.0.0.1:7100"
+    publish: str = "tcp://127.0.0.1:7101"
+    config_file: Optional[str] = None
+    agent_timeout: float = 3.0
+    recovery_grace: float = 2.0
+    republish_interval: float = 1.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("control", "publish"):
+            if not getattr(self, name).startswith(("tcp://", "ipc://")):
+                raise ValueError("--%s must be a tcp:// or ipc:// endpoint" % name)
+        if self.agent_timeout <= 0:
+            raise ValueError("--agent-timeout must be > 0")
+        if self.recovery_grace < 0:
+            raise ValueError("--recovery-grace must be >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m head",
+                                description="tokenrelay head: deployments, agents, routing table.")
+    p.add_argument("--control", default=HeadConfig.control,
+                   help="ROUTER endpoint agents, proxies and the CLI connect to")
+    p.add_argument("--publish", default=HeadConfig.publish,
+                   help="PUB endpoint routing tables are published on")
+    p.add_argument("--config", dest="config_file", default=None,
+                   help="stack config file whose deployments to serve (YAML or JSON)")
+    p.add_argument("--agent-timeout", type=float, default=HeadConfig.agent_timeout,
+                   help="seconds without a heartbeat before an agent's replicas leave routing")
+    p.add_argument("--recovery-grace", type=float, default=HeadConfig.recovery_grace,
+                   help="seconds after start to wait for agents before publishing tables")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return HeadConfig(control=ns.control, publish=ns.publish, config_file=ns.config_file,
+                          agent_timeout=ns.agent_timeout, recovery_grace=ns.recovery_grace,
+                          log_level=ns.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise

@@ -1,0 +1,171 @@
+"""The head's reactor: a poll loop around the control ROUTER and the routing PUB.
+
+Runs in the head process, one thread. Owns two sockets, used only from `Head.run`:
+- control ROUTER (binds `config.control`): agents register and heartbeat (we answer each heartbeat with
+  their full Assignment), proxies say hello and ask for snapshots, the CLI asks for status.
+- routing PUB (binds `config.publish`): the whole routing table on every change and every second.
+Never blocks on a peer: every send is non-blocking; a message for a vanished peer is dropped.
+Each loop step catches and logs its own errors, so one bad message cannot kill the head.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Callable, Optional
+
+import zmq
+
+from head.cluster import ClusterState
+from head.config import HeadConfig
+from head.table import TableVersions
+from runtime.protocol import (
+    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, HeadHello,
+    HeadInfo, ProtocolError, SnapshotRequest, StatusReply, StatusRequest, decode, encode,
+)
+from runtime.stack_config import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+TICK = 0.1  # seconds between housekeeping passes
+
+
+class Head:
+    def __init__(self, config: HeadConfig, deployments: list[DeploymentSpec],
+                 clock: Callable[[], float] = time.monotonic, ctx: Optional[zmq.Context] = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.state = ClusterState(deployments, agent_timeout=config.agent_timeout)
+        self.tables = TableVersions(epoch=int(time.time() * 1000), republish_interval=config.republish_interval)
+        self._ctx = ctx or zmq.Context.instance()
+        self._started = clock()
+        self._stopping = False
+        self.control_endpoint = ""
+        self.publish_endpoint = ""
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    @property
+    def recovering(self) -> bool:
+        return self.clock() - self._started < self.config.recovery_grace
+
+    def bind(self) -> None:
+        self._control = self._ctx.socket(zmq.ROUTER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.setsockopt(zmq.SNDHWM, 10_000)
+        self._control.bind(self.config.control)
+        self.control_endpoint = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 100)
+        self._pub.bind(self.config.publish)
+        self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s)", self.control_endpoint,
+                 self.publish_endpoint, self.tables.epoch, len(self.state.deployments))
+
+    def run(self) -> int:
+        """Serve until stop() or SIGTERM/SIGINT. Returns the exit code."""
+        if not hasattr(self, "_control"):
+            self.bind()
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        poller = zmq.Poller()
+        poller.register(self._control, zmq.POLLIN)
+        next_tick = self.clock()
+        try:
+            while not self._stopping:
+                timeout = max(0.0, next_tick - self.clock())
+                events = dict(poller.poll(timeout * 1000))
+                if self._control in events:
+                    self._drain_control()
+                if self.clock() >= next_tick:
+                    next_tick = self.clock() + TICK
+                    self._housekeeping()
+        finally:
+            self._control.close(0)
+            self._pub.close(0)
+            log.info("[shutdown] head stopped")
+        return 0
+
+    # ------------------------------------------------------------------ control socket
+
+    def _drain_control(self) -> None:
+        for _ in range(1000):  # bounded so housekeeping still runs under a flood
+            try:
+                frames = self._control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except Exception:
+                log.exception("error handling a control message; going on")
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            log.warning("dropping control message with %d frames", len(frames))
+            return
+        peer = frames[0]
+        try:
+            msg = decode(frames[1], frames[2])
+        except ProtocolError as exc:
+            log.warning("dropping bad control message: %s", exc)
+            self._reply(peer, ControlReply(False, "protocol", str(exc)))
+            return
+        now = self.clock()
+        if isinstance(msg, AgentHeartbeat):
+            if self.state.heartbeat(msg, now):
+                self._send_assignment(peer, msg.agent_id)
+            else:
+                self._reply(peer, ControlReply(False, "unknown_agent", "register again"))
+        elif isinstance(msg, AgentRegister):
+            if msg.protocol != PROTOCOL_VERSION:
+                self._reply(peer, ControlReply(False, "protocol", "head speaks protocol %d, agent %d"
+                                               % (PROTOCOL_VERSION, msg.protocol)))
+                return
+            log.info("agent %s registered from %s (%d cpus, %d gpus, %d replica(s) running)",
+                     msg.agent_id, msg.host, msg.capacity.cpus, len(msg.capacity.gpus), len(msg.replicas))
+            self.state.register_agent(msg, now)
+            self._reply(peer, ControlReply(True))
+            self.state.reconcile(now)
+            self._send_assignment(peer, msg.agent_id)
+        elif isinstance(msg, HeadHello):
+            self._reply(peer, HeadInfo(PROTOCOL_VERSION, self.tables.epoch, self.publish_endpoint))
+        elif isinstance(msg, SnapshotRequest):
+            if self.recovering or self.tables.current is None:
+                self._reply(peer, ControlReply(False, "recovering", "head is starting; retry shortly"))
+            else:
+                self._reply(peer, self.tables.current)
+        elif isinstance(msg, StatusRequest):
+            deployments, agents = self.state.status(now, time.time())
+            self._reply(peer, StatusReply(self.tables.epoch, self.tables.version, deployments, agents))
+        else:
+            self._reply(peer, ControlReply(False, "unexpected", "unexpected %s" % type(msg).__name__))
+
+    def _reply(self, peer: bytes, msg: object) -> None:
+        try:
+            self._control.send_multipart([peer] + encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("control reply to %r dropped (peer not reading)", peer)
+
+    def _send_assignment(self, peer: bytes, agent_id: str) -> None:
+        self._reply(peer, Assignment(self.tables.epoch, self.tables.version,
+                                     self.state.assignment_for(agent_id)))
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _housekeeping(self) -> None:
+        now = self.clock()
+        try:
+            self.state.expire_agents(now)
+            self.state.reconcile(now)
+        except Exception:
+            log.exception("reconcile pass failed; going on")
+        if self.recovering:
+            return  # never publish a table that drops replicas we have not heard from yet
+        table = self.tables.update(self.state.routes(), now, time.time())
+        if table is not None:
+            try:
+                self._pub.send_multipart([TABLE_TOPIC] + encode(table), zmq.NOBLOCK)
+            except zmq.Again:
+                pass

@@ -1,0 +1,1 @@
+"""model_proc: one replica process. A ZeroMQ ROUTER that proxies connect to, an engine inside."""

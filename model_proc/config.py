@@ -1,0 +1,81 @@
+"""Configuration of one replica process (model_proc), built from the command line.
+
+Runs in model_proc; owns no socket.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Exit codes the agent classifies (agent.lifecycle): a load error will not be cured by a restart.
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_USAGE = 2
+EXIT_LOAD_ERROR = 3
+EXIT_ENGINE_DIED = 4
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    replica_id: str
+    engine: str
+    model: str
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    bind: str = "tcp://127.0.0.1:*"
+    agent: Optional[str] = None
+    status_interval: float = 0.25
+    parent_pid: Optional[int] = None
+    drain_seconds: float = 3.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            raise ValueError("--replica-id must not be empty")
+        if not self.bind.startswith(("tcp://", "ipc://")):
+            raise ValueError("--bind must be a tcp:// or ipc:// endpoint, got %r" % self.bind)
+        if not 0.01 <= self.status_interval <= 5:
+            raise ValueError("--status-interval must be between 0.01 and 5 seconds")
+        if self.drain_seconds < 0:
+            raise ValueError("--drain-seconds must be >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model_proc",
+        description="One tokenrelay replica: binds a ZeroMQ ROUTER for proxies and runs an engine. "
+                    "Normally started by the agent.")
+    p.add_argument("--replica-id", required=True, help="unique id of this replica")
+    p.add_argument("--engine", default="mock", help="engine: mock (fake text, for tests) or vllm")
+    p.add_argument("--model", default="mock", help="model path or name passed to the engine")
+    p.add_argument("--engine-args", default="{}", help="engine arguments as a JSON object")
+    p.add_argument("--bind", default="tcp://127.0.0.1:*",
+                   help="data endpoint proxies connect to (port * picks a free one)")
+    p.add_argument("--agent", default=None, help="the agent's replica endpoint to report to")
+    p.add_argument("--status-interval", type=float, default=0.25, help="seconds between status reports")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process (the agent) dies; omit to allow adoption")
+    p.add_argument("--drain-seconds", type=float, default=3.0,
+                   help="on SIGTERM, how long in-flight requests may finish")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        engine_args = json.loads(ns.engine_args)
+        if not isinstance(engine_args, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        parser.error("--engine-args must be a JSON object: %s" % exc)
+    try:
+        return ReplicaConfig(
+            replica_id=ns.replica_id, engine=ns.engine, model=ns.model, engine_args=engine_args,
+            bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
+            parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, log_level=ns.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable

@@ -1,0 +1,150 @@
+"""MOCK engine: deterministic fake text with configurable timing. For tests and benchmarks only.
+
+Runs inside model_proc's asyncio loop; owns no socket. It does not run a model: it emits words from a
+fixed list on a timer, so the serving path (proxy, sockets, control plane) can be tested and measured
+without a GPU. Every request runs on loop timers (no task per request), and tokens due in the same loop
+iteration leave in one batch, like one step of a real engine.
+
+engine_args (all optional):
+  ttft_ms         time to first token (default 20)
+  itl_ms          interval between tokens (default 10)
+  tokens          output length when the request does not set max_tokens (default 64)
+  max_running     requests generated at once; more wait in FIFO order (default: unlimited)
+  max_context     prompt words + max_tokens allowed (default 4096), else a 400
+  fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
+Prompt "tokens" are whitespace-separated words; each output token is one word plus a space.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import zlib
+from typing import Any, Optional
+
+from model_proc.engine import DeltaSink, EngineRequestError, EngineStats
+from runtime.protocol import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while tokens stream through "
+    "relay replicas to many patient clients under steady load"
+).split()
+
+_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger"}
+
+
+class _Request:
+    __slots__ = ("request_id", "prompt_tokens", "max_tokens", "start", "emitted", "handle", "stop")
+
+    def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int, start: int,
+                 stop: list[str]) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.start = start
+        self.emitted = 0
+        self.handle: Optional[asyncio.TimerHandle] = None
+        self.stop = stop
+
+
+class MockEngine:
+    name = "mock"
+
+    def __init__(self, model: str, engine_args: dict[str, Any]) -> None:
+        unknown = set(engine_args) - _KNOWN_ARGS
+        if unknown:
+            raise ValueError("unknown mock engine_args %s (known: %s)"
+                             % (sorted(unknown), ", ".join(sorted(_KNOWN_ARGS))))
+        self.model = model
+        self.ttft = float(engine_args.get("ttft_ms", 20)) / 1000.0
+        self.itl = float(engine_args.get("itl_ms", 10)) / 1000.0
+        self.default_tokens = int(engine_args.get("tokens", 64))
+        max_running = engine_args.get("max_running")
+        self.max_running = int(max_running) if max_running else None
+        self.max_context = int(engine_args.get("max_context", 4096))
+        self.fatal_trigger: Optional[str] = engine_args.get("fatal_trigger")
+        if self.ttft < 0 or self.itl < 0 or self.default_tokens < 1:
+            raise ValueError("ttft_ms and itl_ms must be >= 0 and tokens >= 1")
+        self._sink: Optional[DeltaSink] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._running: dict[str, _Request] = {}
+        self._waiting: collections.OrderedDict[str, _Request] = collections.OrderedDict()
+
+    async def start(self, sink: DeltaSink) -> None:
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        log.info("[startup] MOCK engine (not a model): ttft=%.0fms itl=%.0fms tokens=%d",
+                 self.ttft * 1000, self.itl * 1000, self.default_tokens)
+
+    def add_request(self, req: GenerateRequest) -> None:
+        assert self._loop is not None, "start() first"
+        if req.messages is not None:
+            text = " ".join(m.content for m in req.messages)
+            param = "messages"
+        else:
+            text = req.prompt or ""
+            param = "prompt"
+        if self.fatal_trigger and self.fatal_trigger in text:
+            self._loop.call_soon(self._sink.fatal, "mock fatal_trigger found in prompt")  # type: ignore
+            return
+        prompt_tokens = len(text.split())
+        max_tokens = req.params.max_tokens if req.params.max_tokens is not None else self.default_tokens
+        if prompt_tokens + max_tokens > self.max_context:
+            raise EngineRequestError(
+                "This model's maximum context length is %d tokens; the request has %d prompt tokens "
+                "and asks for %d completion tokens." % (self.max_context, prompt_tokens, max_tokens),
+                param=param)
+        r = _Request(req.request_id, prompt_tokens, max_tokens, zlib.crc32(text.encode()) % len(WORDS),
+                     list(req.params.stop))
+        if self.max_running is not None and len(self._running) >= self.max_running:
+            self._waiting[r.request_id] = r
+        else:
+            self._begin(r)
+
+    def _begin(self, r: _Request) -> None:
+        self._running[r.request_id] = r
+        r.handle = self._loop.call_later(self.ttft, self._tick, r)  # type: ignore[union-attr]
+
+    def _tick(self, r: _Request) -> None:
+        word = WORDS[(r.start + r.emitted) % len(WORDS)]
+        r.emitted += 1
+        finish: Optional[str] = None
+        if word in r.stop:
+            finish, text = "stop", ""
+        else:
+            text = word + " "
+            if r.emitted >= r.max_tokens:
+                finish = "length"
+        self._sink.emit(r.request_id, text, finish, r.prompt_tokens, r.emitted)  # type: ignore
+        if finish is None:
+            r.handle = self._loop.call_later(self.itl, self._tick, r)  # type: ignore[union-attr]
+        else:
+            self._finished(r.request_id)
+
+    def _finished(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+        while self._waiting and (self.max_running is None or len(self._running) < self.max_running):
+            _, nxt = self._waiting.popitem(last=False)
+            self._begin(nxt)
+
+    def abort(self, request_id: str) -> None:
+        r = self._running.get(request_id)
+        if r is not None:
+            if r.handle is not None:
+                r.handle.cancel()
+            self._finished(request_id)
+            return
+        self._waiting.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        usage = len(self._running) / self.max_running if self.max_running else 0.0
+        return EngineStats(running=len(self._running), waiting=len(self._waiting), kv_cache_usage=usage)
+
+    async def shutdown(self) -> None:
+        for r in self._running.values():
+            if r.handle is not None:
+                r.handle.cancel()
+        self._running.clear()
+        self._waiting.clear()

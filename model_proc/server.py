@@ -1,0 +1,286 @@
+"""The replica server: ZeroMQ in front of one engine.
+
+Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only from that loop:
+- data ROUTER (binds `config.bind`): proxies' DEALERs send GenerateRequest/Abort; we answer with one
+  TokenBatch per proxy worker per loop iteration (all new deltas of that worker's requests), RequestError
+  for a failed request, ReplicaDead when the engine dies. ROUTER_MANDATORY makes a vanished proxy an
+  error we act on (its requests are aborted) instead of tokens silently dropped.
+- agent DEALER (connects `config.agent`): ReplicaHello once, then ReplicaStatus every status interval from
+  the loop itself, so a stuck loop stops the heartbeat.
+Must never block the loop and never queue without bound: sends are non-blocking and a peer whose queue
+is full (slow or gone) has its requests aborted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Optional
+
+import zmq
+import zmq.asyncio
+
+from model_proc.config import EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
+from model_proc.engine import Engine, EngineLoadError, EngineRequestError
+from runtime import parent_guard
+from runtime.protocol import (
+    PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
+    ReplicaStatus, RequestError, TokenBatch, decode, encode,
+)
+
+log = logging.getLogger(__name__)
+
+DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is treated as gone
+
+
+class _Route:
+    __slots__ = ("peer", "completion_tokens")
+
+    def __init__(self, peer: bytes) -> None:
+        self.peer = peer
+        self.completion_tokens = 0
+
+
+class ReplicaServer:
+    def __init__(self, config: ReplicaConfig, engine: Engine,
+                 ctx: Optional[zmq.asyncio.Context] = None) -> None:
+        self.config = config
+        self.engine = engine
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._routes: dict[str, _Route] = {}
+        self._outbox: dict[bytes, list[Delta]] = {}
+        self._flush_scheduled = False
+        self._peers: set[bytes] = set()
+        self._ready = False
+        self._draining = False
+        self._stop = asyncio.Event()
+        self._exit_code = EXIT_OK
+        self.endpoint = ""
+        # counters reported in ReplicaStatus
+        self.steps = 0
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.requests_aborted = 0
+        self.errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        cfg = self.config
+        self._data = self._ctx.socket(zmq.ROUTER)
+        self._data.setsockopt(zmq.LINGER, 0)
+        self._data.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._data.setsockopt(zmq.SNDHWM, DATA_HWM)
+        self._data.setsockopt(zmq.RCVHWM, DATA_HWM)
+        self._data.bind(cfg.bind)
+        self.endpoint = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._agent: Optional[zmq.asyncio.Socket] = None
+        if cfg.agent:
+            self._agent = self._ctx.socket(zmq.DEALER)
+            self._agent.setsockopt(zmq.LINGER, 0)
+            self._agent.setsockopt(zmq.SNDHWM, 16)
+            self._agent.connect(cfg.agent)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info("[startup] data endpoint %s, engine %s, model %s", self.endpoint, cfg.engine, cfg.model)
+        self._send_agent(ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid()))
+        status_task = asyncio.ensure_future(self._status_loop())
+        recv_task: Optional[asyncio.Future] = None
+        try:
+            try:
+                await self.engine.start(self)
+            except EngineLoadError as exc:
+                log.error("[startup] engine cannot load: %s", exc)
+                self._broadcast_dead("engine failed to load: %s" % exc)
+                return EXIT_LOAD_ERROR
+            self._ready = True
+            log.info("[startup] ready")
+            recv_task = asyncio.ensure_future(self._recv_loop())
+            await self._stop.wait()
+            if self._draining:
+                await self._drain()
+            return self._exit_code
+        finally:
+            status_task.cancel()
+            if recv_task is not None:
+                recv_task.cancel()
+            try:
+                await self.engine.shutdown()
+            except Exception:  # shutting down anyway; say what went wrong
+                log.exception("[shutdown] engine shutdown failed")
+            self._send_status()
+            self._data.close(0)
+            if self._agent is not None:
+                self._agent.close(0)
+            log.info("[shutdown] replica stopped (exit %d)", self._exit_code)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("[shutdown] signal %d: draining for up to %.1fs", sig, self.config.drain_seconds)
+        self._draining = True
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_seconds
+        while self._routes and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._routes):
+            self.engine.abort(request_id)
+            self.error(request_id, 503, "replica shut down before the request finished")
+
+    # ------------------------------------------------------------------ sockets
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self._data.recv_multipart()
+            if len(frames) != 3:
+                log.warning("dropping message with %d frames", len(frames))
+                continue
+            peer = frames[0]
+            try:
+                msg = decode(frames[1], frames[2])
+            except ProtocolError as exc:
+                log.warning("dropping bad message from %r: %s", peer, exc)
+                continue
+            self._peers.add(peer)
+            if isinstance(msg, GenerateRequest):
+                self._on_generate(peer, msg)
+            elif isinstance(msg, Abort):
+                self._on_abort(peer, msg)
+            else:
+                log.warning("unexpected %s from %r", type(msg).__name__, peer)
+
+    def _on_generate(self, peer: bytes, req: GenerateRequest) -> None:
+        rid = req.request_id
+        if self._draining:
+            self._send(peer, RequestError(rid, 503, "replica is shutting down", "service_unavailable"))
+            return
+        if rid in self._routes:
+            self._send(peer, RequestError(rid, 400, "duplicate request id %s" % rid, "invalid_request_error"))
+            return
+        self._routes[rid] = _Route(peer)
+        try:
+            self.engine.add_request(req)
+        except EngineRequestError as exc:
+            del self._routes[rid]
+            self._send(peer, RequestError(rid, exc.status, str(exc), "invalid_request_error", exc.param))
+        except Exception as exc:  # an engine bug must fail this request, not the replica
+            log.exception("request %s: engine refused it", rid)
+            self.error(rid, 500, "engine error: %s" % exc)
+
+    def _on_abort(self, peer: bytes, msg: Abort) -> None:
+        for rid in msg.request_ids:
+            route = self._routes.get(rid)
+            if route is not None and route.peer == peer:
+                del self._routes[rid]
+                self.engine.abort(rid)
+                self.requests_aborted += 1
+                log.debug("request %s aborted by its proxy", rid)
+
+    def _send(self, peer: bytes, msg: object) -> bool:
+        """Non-blocking send to one proxy; on failure abort everything of that proxy."""
+        fut = self._data.send_multipart([peer] + encode(msg), flags=zmq.NOBLOCK)
+        exc = fut.exception() if fut.done() else None
+        if exc is None:
+            return True
+        if isinstance(exc, zmq.Again):
+            log.warning("proxy %r is not reading (queue full); aborting its requests", peer)
+        else:
+            log.info("proxy %r is gone (%s); aborting its requests", peer, exc)
+        self._drop_peer(peer)
+        return False
+
+    def _drop_peer(self, peer: bytes) -> None:
+        self._peers.discard(peer)
+        self._outbox.pop(peer, None)
+        for rid in [rid for rid, route in self._routes.items() if route.peer == peer]:
+            del self._routes[rid]
+            self.engine.abort(rid)
+            self.requests_aborted += 1
+
+    def _send_agent(self, msg: object) -> None:
+        if self._agent is None:
+            return
+        fut = self._agent.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+        if fut.done() and fut.exception() is not None:
+            log.debug("status to agent dropped: %s", fut.exception())
+
+    def _broadcast_dead(self, reason: str) -> None:
+        dead = ReplicaDead(self.config.replica_id, reason)
+        for peer in list(self._peers):
+            self._send(peer, dead)
+        self._send_agent(dead)
+
+    # ------------------------------------------------------------------ DeltaSink (called by the engine)
+
+    def emit(self, request_id: str, text: str, finish_reason: Optional[str],
+             prompt_tokens: int, completion_tokens: int) -> None:
+        route = self._routes.get(request_id)
+        if route is None:
+            return  # aborted meanwhile
+        self.tokens_generated += completion_tokens - route.completion_tokens
+        route.completion_tokens = completion_tokens
+        if finish_reason is not None:
+            del self._routes[request_id]
+            self.requests_finished += 1
+        box = self._outbox.get(route.peer)
+        if box is None:
+            box = self._outbox[route.peer] = []
+        box.append(Delta(request_id, text, finish_reason, prompt_tokens, completion_tokens))
+        if not self._flush_scheduled:
+            # everything emitted in this loop iteration (one engine step) leaves in one message per peer
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None) -> None:
+        route = self._routes.pop(request_id, None)
+        if route is None:
+            return
+        self.errors += 1
+        log.warning("request %s failed (%d): %s", request_id, status, message)
+        etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        self._flush()  # deltas before the error must arrive first
+        self._send(route.peer, RequestError(request_id, status, message, etype, param))
+
+    def fatal(self, reason: str) -> None:
+        log.error("[failover] engine died: %s", reason)
+        self._flush()
+        self._broadcast_dead(reason)
+        self._routes.clear()
+        self._exit_code = EXIT_ENGINE_DIED
+        self._stop.set()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        self.steps += 1
+        outbox, self._outbox = self._outbox, {}
+        for peer, deltas in outbox.items():
+            self._send(peer, TokenBatch(deltas))
+
+    # ------------------------------------------------------------------ status / heartbeat
+
+    async def _status_loop(self) -> None:
+        parent = self.config.parent_pid
+        while True:
+            self._send_status()
+            if parent is not None and not parent_guard.parent_alive(parent):
+                log.error("[shutdown] agent (pid %d) is gone; exiting", parent)
+                self._stop.set()
+                return
+            await asyncio.sleep(self.config.status_interval)
+
+    def status(self) -> ReplicaStatus:
+        stats = self.engine.stats() if self._ready else None
+        return ReplicaStatus(
+            replica_id=self.config.replica_id, ready=self._ready and not self._draining,
+            running=stats.running if stats else 0, waiting=stats.waiting if stats else 0,
+            kv_cache_usage=stats.kv_cache_usage if stats else 0.0, steps=self.steps,
+            tokens_generated=self.tokens_generated, requests_finished=self.requests_finished,
+            requests_aborted=self.requests_aborted, errors=self.errors)
+
+    def _send_status(self) -> None:
+        self._send_agent(self.status())

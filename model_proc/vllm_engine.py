@@ -1,0 +1,413 @@
+"""The real engine: vLLM's v1 `AsyncLLM`, driven through tokenrelay's `Engine` interface.
+
+Runs inside model_proc's asyncio loop. Owns no tokenrelay socket (vLLM owns its own ZeroMQ sockets to
+its engine-core process). Never imports vLLM at module import time: the top half of this module is pure
+request mapping, importable and unit-tested without vLLM; vLLM is imported inside `VllmEngine.start`.
+
+How it works:
+- `start` builds `AsyncLLM` from `AsyncEngineArgs(model=..., **engine_args)` (CPU-safe defaults filled in
+  only where the config is silent), in a worker thread so the loop keeps heartbeating, then generates
+  one token: the replica is ready once the engine has produced a token.
+- Each request is tokenized here (so the context-length check is exact and the token counts we report
+  are the engine's), then one asyncio task iterates `AsyncLLM.generate` in DELTA mode and forwards every
+  output to the sink.
+- Scheduler stats (running, waiting, KV-cache usage) come from a custom vLLM stat logger: vLLM calls its
+  `record` from the output handler with each engine step's `SchedulerStats`, so `stats()` only reads
+  numbers already in memory.
+- Engine death (`EngineDeadError`, or `AsyncLLM.errored` seen by `stats()` while idle) is reported once
+  with `sink.fatal`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError, EngineStats
+from runtime.protocol import GenerateRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+DEFAULT_CPU_KV_CACHE_BYTES = 1 * GiB
+# Applied on CPU only, and only for keys the deployment's engine_args leave out.
+CPU_DEFAULTS: dict[str, Any] = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 2048}
+# tokenrelay parameter -> vLLM SamplingParams field (same names today; the table is the contract).
+_PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
+                 "frequency_penalty")
+# Generation-config defaults vLLM knows (`ModelConfig.get_diff_sampling_param`) that we also apply.
+_DEFAULTABLE = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "min_p")
+_PARAM_NAMES = frozenset(_PARAM_FIELDS + ("stop", "n"))
+
+
+# --------------------------------------------------------------------------- pure mapping
+
+
+def build_sampling_kwargs(params: SamplingParams, defaults: Optional[dict[str, Any]] = None) -> dict:
+    """Keyword arguments for vLLM's `SamplingParams`, without `output_kind` and `max_tokens`.
+
+    Unset fields fall back to the model's generation-config `defaults` (what vLLM's own OpenAI server
+    does), then to vLLM's defaults. `max_tokens` is settled by `resolve_max_tokens`, which needs the
+    prompt length.
+    """
+    kwargs: dict[str, Any] = {"n": 1}
+    for name in _DEFAULTABLE:
+        if defaults and defaults.get(name) is not None:
+            kwargs[name] = defaults[name]
+    for name in _PARAM_FIELDS:
+        value = getattr(params, name)
+        if value is not None and name != "max_tokens":
+            kwargs[name] = value
+    if params.stop:
+        kwargs["stop"] = list(params.stop)
+    return kwargs
+
+
+def resolve_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_len: int,
+                       prompt_param: str, default: Optional[int] = None) -> int:
+    """The completion budget for a prompt; raise EngineRequestError (400) when it cannot fit."""
+    if prompt_tokens >= max_model_len:
+        raise EngineRequestError(
+            "this model's maximum context length is %d tokens, but the %s is %d tokens; shorten it"
+            % (max_model_len, prompt_param, prompt_tokens), param=prompt_param)
+    room = max_model_len - prompt_tokens
+    if requested is None:
+        return min(room, default) if default else room
+    if requested < 1:
+        raise EngineRequestError("max_tokens must be at least 1, got %d" % requested, param="max_tokens")
+    if requested > room:
+        raise EngineRequestError(
+            "this model's maximum context length is %d tokens, but %d tokens were requested "
+            "(%d in the %s, %d for the completion): lower max_tokens to at most %d or shorten the %s"
+            % (max_model_len, prompt_tokens + requested, prompt_tokens, prompt_param, requested, room,
+               prompt_param), param=prompt_param)
+    return requested
+
+
+def chat_messages(req: GenerateRequest) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in req.messages or []]
+
+
+def param_of_error(exc: BaseException) -> Optional[str]:
+    """The request parameter a vLLM validation error is about (vLLM names it only sometimes)."""
+    named = getattr(exc, "parameter", None)
+    if named:
+        return str(named)
+    match = re.match(r"\s*([a-z_]+)\b", str(exc))
+    if match and match.group(1) in _PARAM_NAMES:
+        return match.group(1)
+    return None
+
+
+def map_finish_reason(reason: Optional[str]) -> Optional[str]:
+    """vLLM finish reason -> ours: "stop"/"length" pass; "abort" -> None (silent); others are errors."""
+    if reason in ("stop", "length"):
+        return reason
+    if reason == "abort":
+        return None
+    raise RuntimeError("generation ended with finish_reason=%r" % reason)
+
+
+def combine_stats(in_flight: int, running: int, waiting: int, kv_cache_usage: float) -> EngineStats:
+    """Scheduler numbers lag a step behind our own count of requests; make the two agree."""
+    if in_flight <= 0:
+        return EngineStats(running=0, waiting=0, kv_cache_usage=max(0.0, kv_cache_usage))
+    running = min(running, in_flight)
+    return EngineStats(running=running, waiting=max(waiting, in_flight - running),
+                       kv_cache_usage=min(1.0, max(0.0, kv_cache_usage)))
+
+
+def engine_arguments(model: str, engine_args: dict[str, Any], on_cpu: bool,
+                     environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The `AsyncEngineArgs` keywords: the config's own values, plus CPU defaults it leaves out."""
+    environ = os.environ if environ is None else environ
+    args = dict(engine_args)
+    args["model"] = model
+    if on_cpu:
+        for key, value in CPU_DEFAULTS.items():
+            args.setdefault(key, value)
+        if "kv_cache_memory_bytes" not in args and not environ.get(CPU_KV_CACHE_ENV):
+            # Without either vLLM asks for 92% of NUMA node 0's memory.
+            args["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+    return args
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _SchedulerSnapshot:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    steps: int = 0  # scheduler stats received: one per engine step that produced output
+
+
+def _stat_logger_factory(snapshot: _SchedulerSnapshot):
+    """A vLLM per-engine stat logger factory that copies each step's SchedulerStats into `snapshot`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SnapshotStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is None:
+                return
+            snapshot.running = scheduler_stats.num_running_reqs
+            snapshot.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            snapshot.kv_cache_usage = scheduler_stats.kv_cache_usage
+            snapshot.steps += 1
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SnapshotStatLogger
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, model: str, engine_args: dict[str, Any]) -> None:
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
+        if not isinstance(engine_args, dict):
+            raise ValueError("engine_args must be a mapping")
+        self.model = model
+        self.engine_args = dict(engine_args)
+        self._engine: Any = None
+        self._sink: Optional[DeltaSink] = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._defaults: dict[str, Any] = {}
+        self._snapshot = _SchedulerSnapshot()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
+        self._dead = False
+        self._vllm: Any = None  # the lazily imported names we use, see _import_vllm
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, sink: DeltaSink) -> None:
+        self._sink = sink
+        self._vllm = _import_vllm()
+        model = await asyncio.to_thread(_resolve_model_path, self.model)
+        on_cpu = self._vllm.current_platform.is_cpu()
+        args = engine_arguments(model, self.engine_args, on_cpu)
+        if on_cpu and "kv_cache_memory_bytes" in self.engine_args and os.environ.get(CPU_KV_CACHE_ENV):
+            log.warning("vllm_engine [startup] %s=%s overrides engine_args.kv_cache_memory_bytes",
+                        CPU_KV_CACHE_ENV, os.environ[CPU_KV_CACHE_ENV])
+        try:
+            engine_args = self._vllm.AsyncEngineArgs(**args)
+        except TypeError as exc:
+            raise EngineLoadError("bad engine_args for vllm: %s" % exc) from exc
+        log.info("vllm_engine [startup] model=%s args=%s", model,
+                 {k: v for k, v in args.items() if k != "model"})
+        factory = _stat_logger_factory(self._snapshot)
+        try:
+            # Building the engine blocks for seconds (it starts and waits for the engine-core process):
+            # a thread keeps this loop free. AsyncLLM starts its output handler on first use.
+            self._engine = await asyncio.to_thread(
+                self._vllm.AsyncLLM.from_engine_args, engine_args, stat_loggers=[factory])
+        except Exception as exc:
+            raise EngineLoadError("vllm cannot load model %r: %s: %s"
+                                  % (self.model, type(exc).__name__, exc)) from exc
+        self._tokenizer = self._engine.get_tokenizer()
+        self._max_model_len = int(self._engine.model_config.max_model_len)
+        self._defaults = dict(self._engine.model_config.get_diff_sampling_param())
+        await self._warm_up()
+        log.info("vllm_engine [startup] ready: max_model_len=%d defaults=%s",
+                 self._max_model_len, self._defaults)
+
+    async def _warm_up(self) -> None:
+        """Generate one token: the engine is ready only once it has produced one."""
+        ids = self._tokenizer.encode("Hello", add_special_tokens=True) or [0]
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0)
+        got = 0
+        try:
+            async for out in self._engine.generate(self._vllm.TokensPrompt(prompt_token_ids=ids),
+                                                   params, "tokenrelay-warmup"):
+                got += len(out.outputs[0].token_ids)
+        except Exception as exc:
+            raise EngineLoadError("vllm warm-up generation failed: %s: %s"
+                                  % (type(exc).__name__, exc)) from exc
+        if got < 1:
+            raise EngineLoadError("vllm warm-up generated no token")
+
+    async def shutdown(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            engine.shutdown()
+            log.info("vllm_engine [shutdown] engine stopped")
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: GenerateRequest) -> None:
+        if self._engine is None:
+            raise EngineRequestError("engine is not started", status=503)
+        if self._dead:
+            raise EngineRequestError("engine is dead", status=503)
+        if req.request_id in self._tasks:
+            raise EngineRequestError("duplicate request id %r" % req.request_id, param="request_id")
+        prompt_ids, param = self._tokenize(req)
+        kwargs = build_sampling_kwargs(req.params, self._defaults)
+        kwargs["max_tokens"] = resolve_max_tokens(
+            len(prompt_ids), req.params.max_tokens, self._max_model_len, param,
+            self._defaults.get("max_tokens"))
+        try:
+            sampling = self._vllm.SamplingParams(output_kind=self._vllm.RequestOutputKind.DELTA, **kwargs)
+        except (ValueError, TypeError, OverflowError) as exc:  # VLLMValidationError is a ValueError
+            raise EngineRequestError(str(exc), param=param_of_error(exc)) from exc
+        task = asyncio.get_running_loop().create_task(
+            self._run(req.request_id, prompt_ids, sampling), name="vllm-%s" % req.request_id)
+        self._tasks[req.request_id] = task
+
+    def _tokenize(self, req: GenerateRequest) -> tuple[list[int], str]:
+        """Prompt token ids, and the request field they came from (for error messages)."""
+        if req.messages is not None:
+            if not req.messages:
+                raise EngineRequestError("messages must not be empty", param="messages")
+            try:
+                text = self._tokenizer.apply_chat_template(
+                    chat_messages(req), add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # a template's raise_exception, or no template at all
+                raise EngineRequestError("cannot apply the model's chat template: %s" % exc,
+                                         param="messages") from exc
+            # The template already holds any BOS token: do not add special tokens twice.
+            return list(self._tokenizer.encode(text, add_special_tokens=False)), "messages"
+        if req.prompt is None:
+            raise EngineRequestError("either prompt or messages is required", param="prompt")
+        ids = list(self._tokenizer.encode(req.prompt, add_special_tokens=True))
+        if not ids:
+            raise EngineRequestError("prompt must not be empty", param="prompt")
+        return ids, "prompt"
+
+    async def _run(self, request_id: str, prompt_ids: list[int], sampling: Any) -> None:
+        vllm = self._vllm
+        completion_tokens = 0
+        prompt_tokens = len(prompt_ids)
+        try:
+            stream = self._engine.generate(vllm.TokensPrompt(prompt_token_ids=prompt_ids), sampling,
+                                           request_id)
+            async for out in stream:
+                completion = out.outputs[0]
+                completion_tokens += len(completion.token_ids)  # DELTA: this step's new tokens
+                if out.prompt_token_ids is not None:
+                    prompt_tokens = len(out.prompt_token_ids)
+                if not out.finished:
+                    if completion.text:
+                        self._sink.emit(request_id, completion.text, None, prompt_tokens, completion_tokens)
+                    continue
+                finish = map_finish_reason(completion.finish_reason)
+                if finish is not None:
+                    self._sink.emit(request_id, completion.text, finish, prompt_tokens, completion_tokens)
+                return
+        except asyncio.CancelledError:
+            raise  # aborted: vLLM's generate aborts the request on cancellation; end silently
+        except vllm.EngineDeadError as exc:
+            self._fail("vllm engine died: %s" % (exc.__cause__ or exc))
+        except vllm.VLLMClientError as exc:
+            self._sink.error(request_id, 400, str(exc), param_of_error(exc))
+        except Exception as exc:
+            if self._engine is not None and self._engine.errored:
+                self._fail("vllm engine died: %s: %s" % (type(exc).__name__, exc))
+            else:
+                log.exception("vllm_engine [request] %s failed", request_id)
+                self._sink.error(request_id, 500, "generation failed: %s: %s" % (type(exc).__name__, exc))
+        finally:
+            self._tasks.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        task = self._tasks.pop(request_id, None)
+        if task is None or self._engine is None:
+            return  # unknown or finished: aborts are idempotent
+        task.cancel()  # stops our emits at once; generate() then aborts the request in vLLM
+        if not self._dead:
+            self._spawn(self._engine.abort(request_id))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ health
+
+    def stats(self) -> EngineStats:
+        if self._engine is not None and not self._dead and self._engine.errored:
+            self._fail("vllm engine is no longer running")
+        snap = self._snapshot
+        return combine_stats(len(self._tasks), snap.running, snap.waiting, snap.kv_cache_usage)
+
+    @property
+    def steps(self) -> int:
+        """Engine steps seen so far (progress for liveness; not part of the Engine interface)."""
+        return self._snapshot.steps
+
+    def _fail(self, reason: str) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        log.error("vllm_engine [fatal] %s", reason)
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._tasks.clear()
+        if self._sink is not None:
+            self._sink.fatal(reason)
+
+
+# --------------------------------------------------------------------------- lazy imports
+
+
+@dataclass(frozen=True)
+class _Vllm:
+    AsyncEngineArgs: Any
+    AsyncLLM: Any
+    SamplingParams: Any
+    RequestOutputKind: Any
+    TokensPrompt: Any
+    EngineDeadError: Any
+    VLLMClientError: Any
+    current_platform: Any
+
+
+def _import_vllm() -> _Vllm:
+    try:
+        from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
+        from vllm.exceptions import VLLMClientError
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError as exc:
+        raise EngineLoadError("the vllm engine needs the vllm package (vllm on GPU hosts, vllm-cpu "
+                              "on CPU hosts): %s" % exc) from exc
+    return _Vllm(AsyncEngineArgs, AsyncLLM, SamplingParams, RequestOutputKind, TokensPrompt,
+                 EngineDeadError, VLLMClientError, current_platform)
+
+
+def _resolve_model_path(model: str) -> str:
+    """A known short name -> its prepared checkpoint; a local-looking path must exist."""
+    from runtime.models import ModelPrepareError, resolve_model
+
+    try:
+        resolved = resolve_model(model)
+    except ModelPrepareError as exc:
+        raise EngineLoadError(str(exc)) from exc
+    looks_local = os.path.isabs(resolved) or resolved.startswith((".", "~")) or os.path.exists(resolved)
+    path = os.path.expanduser(resolved)
+    if looks_local and not os.path.isdir(path):
+        raise EngineLoadError("model path %s does not exist or is not a directory" % path)
+    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
+        raise EngineLoadError("model path %s has no config.json: not a Hugging Face checkpoint" % path)
+    return path

@@ -1,0 +1,98 @@
+"""The proxy's exception hierarchy and the OpenAI error body every failure turns into.
+
+Runs in proxy workers; owns no socket. Never raise anything but a ProxyError subclass at the HTTP edge:
+app.py translates these (and Falcon's own HTTPError) into `{"error": {message, type, param, code}}`.
+
+    ProxyError (status, message, type, param, code, headers)
+     +-- InvalidRequest        400  invalid_request_error   bad JSON, bad field type/value (param names it)
+     +-- BodyTooLarge          413  invalid_request_error
+     +-- ModelNotFound         404  invalid_request_error   code model_not_found
+     +-- NoHealthyReplica      503  server_error            Retry-After: 1; code no_healthy_replica
+     +-- UpstreamError         any  from a replica's RequestError / ReplicaDead / lost connection
+     +-- UpstreamTimeout       504  server_error            no answer within the first-token/idle timeout
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import msgspec
+
+from runtime.protocol import RequestError
+
+
+def error_type_for(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: Optional[str] = None
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 status: Optional[int] = None, type_: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type_ is not None:
+            self.type = type_
+        self.headers: dict[str, str] = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def body_bytes(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "body_too_large"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__("The model %r does not exist" % model, param="model")
+
+
+class NoHealthyReplica(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "no_healthy_replica"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class UpstreamError(ProxyError):
+    """A failure reported by (or about) the replica serving the request."""
+
+    @classmethod
+    def from_message(cls, err: RequestError) -> "UpstreamError":
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+        return cls(err.message, status=err.status, type_=err.type, param=err.param, headers=headers)
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

@@ -1,0 +1,249 @@
+"""Connections from one proxy worker to every replica in the routing table.
+
+Runs in each proxy worker (gevent, after fork). Sockets, per replica:
+  * one zmq.green DEALER connected to the replica's data ROUTER (`ReplicaRoute.endpoint`). All DEALERs of
+    a worker share one identity, so a replica sees one peer per worker. Its reader greenlet is the only
+    one that recvs on it. Request greenlets send GenerateRequest/Abort on it with NOBLOCK: the worker
+    is one OS thread and a NOBLOCK send never yields, so each multipart send is atomic with respect to
+    other greenlets (and libzmq keeps multipart messages atomic against the HWM).
+  * its monitor PAIR (EVENT_CONNECTED/EVENT_DISCONNECTED), owned and read by a watcher greenlet.
+  `ReplicaConnection.close` stops both greenlets and then closes both sockets (linger 0).
+
+Why two greenlets and not one zmq.green Poller over both sockets: the green Poller waits on the
+edge-triggered ZMQ_FD, and a send from a request greenlet can consume that edge, leaving the reader asleep
+for up to zmq.green's 1.33 s safety poll. A blocking green recv is woken by every send
+(`__state_changed`), so tokens are never held back.
+
+Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
+catch a vanished host) and leaving the routing table all fail every in-flight request on that replica.
+Must never block in a reader (it serves every request on the replica) nor raise out of a greenlet silently.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import gevent
+import zmq
+import zmq.green as zmq_green
+from zmq.utils.monitor import recv_monitor_message
+
+from proxy.router import LeastInFlightRouter, ReplicaLoad
+from proxy.streams import RequestStream
+from runtime.protocol import (
+    Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, RoutingTable,
+    TokenBatch, decode_frames, encode,
+)
+
+log = logging.getLogger(__name__)
+
+_DRAIN = 1000  # messages handled per wakeup before yielding to request greenlets
+
+
+class ReplicaUnavailable(Exception):
+    """Sending to the replica failed (socket closed, or its send queue is full)."""
+
+
+class ReplicaConnection:
+    def __init__(self, ctx: zmq_green.Context, identity: bytes, deployment: str, route: ReplicaRoute,
+                 hwm: int) -> None:
+        self.deployment = deployment
+        self.replica_id = route.replica_id
+        self.endpoint = route.endpoint
+        self.inflight: dict[str, RequestStream] = {}
+        self.connected = False
+        self.down = False
+        self.closed = False
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings: a vanished host -> EVENT_DISCONNECTED
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._reader = gevent.spawn(self._read_loop)
+        self._watcher = gevent.spawn(self._watch_loop)
+
+    # ----------------------------------------------------------------- request greenlets
+
+    def submit(self, stream: RequestStream, request: GenerateRequest) -> None:
+        self.inflight[stream.request_id] = stream
+        try:
+            self._send(request)
+        except ReplicaUnavailable:
+            self.inflight.pop(stream.request_id, None)
+            raise
+
+    def release(self, stream: RequestStream) -> None:
+        """A request is done with this replica: unregister it, and abort it if still running there."""
+        self.inflight.pop(stream.request_id, None)
+        if not stream.finished and not self.closed:
+            try:
+                self._send(Abort(request_ids=[stream.request_id]))
+                log.info("req=%s aborted on replica %s", stream.request_id, self.replica_id)
+            except ReplicaUnavailable as exc:
+                log.debug("req=%s abort not sent to %s: %s", stream.request_id, self.replica_id, exc)
+
+    def _send(self, msg: object) -> None:
+        if self.closed:
+            raise ReplicaUnavailable("connection to replica %s is closed" % self.replica_id)
+        try:
+            self._sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise ReplicaUnavailable("send queue to replica %s is full" % self.replica_id) from None
+        except zmq.ZMQError as exc:
+            raise ReplicaUnavailable("send to replica %s failed: %s" % (self.replica_id, exc)) from None
+
+    # ----------------------------------------------------------------- reader greenlet
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                self._dispatch(self._sock.recv_multipart())
+                for _ in range(_DRAIN):
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._dispatch(frames)
+        except gevent.GreenletExit:
+            pass
+        except zmq.ZMQError as exc:
+            if not self.closed:
+                log.error("replica %s reader stopped: %s", self.replica_id, exc)
+                self._mark_down("reader for replica %s stopped: %s" % (self.replica_id, exc))
+        except Exception:
+            log.exception("replica %s reader crashed", self.replica_id)
+            self._mark_down("proxy lost the reader for replica %s" % self.replica_id)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        try:
+            msg = decode_frames(frames)
+        except ProtocolError as exc:
+            log.warning("replica %s sent a bad message: %s", self.replica_id, exc)
+            return
+        if isinstance(msg, TokenBatch):
+            inflight = self.inflight
+            for delta in msg.deltas:
+                stream = inflight.get(delta.request_id)
+                if stream is not None:
+                    stream.push(delta)
+                    if delta.finish_reason is not None:
+                        del inflight[delta.request_id]
+        elif isinstance(msg, RequestError):
+            stream = self.inflight.pop(msg.request_id, None)
+            if stream is not None:
+                stream.push(msg)
+        elif isinstance(msg, ReplicaDead):
+            log.error("[failover] replica %s says it is dead: %s", self.replica_id, msg.reason)
+            self._mark_down("replica %s died: %s" % (self.replica_id, msg.reason))
+        else:
+            log.warning("replica %s sent unexpected %s", self.replica_id, type(msg).__name__)
+
+    # ----------------------------------------------------------------- watcher greenlet
+
+    def _watch_loop(self) -> None:
+        try:
+            while True:
+                event = recv_monitor_message(self._monitor)["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    if self.down:
+                        log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
+                    self.connected, self.down = True, False
+                elif event == zmq.EVENT_DISCONNECTED:
+                    log.warning("[failover] lost connection to replica %s at %s (%d in flight)",
+                                self.replica_id, self.endpoint, len(self.inflight))
+                    self._mark_down("lost connection to replica %s" % self.replica_id)
+        except gevent.GreenletExit:
+            pass
+        except zmq.ZMQError as exc:
+            if not self.closed:
+                log.warning("replica %s monitor stopped: %s", self.replica_id, exc)
+        except Exception:
+            log.exception("replica %s monitor crashed", self.replica_id)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _mark_down(self, message: str) -> None:
+        self.connected = False
+        self.down = True
+        self.fail_all(503, message)
+
+    def fail_all(self, status: int, message: str) -> None:
+        streams = list(self.inflight.values())
+        self.inflight.clear()
+        for stream in streams:
+            stream.fail(status, message)
+        if streams:
+            log.warning("[failover] failed %d in-flight request(s) on replica %s: %s",
+                        len(streams), self.replica_id, message)
+
+    def close(self, reason: str) -> None:
+        """Stop the greenlets, fail what is in flight, close both sockets. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        gevent.killall([self._reader, self._watcher], block=True, timeout=2)
+        self.fail_all(503, reason)
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+
+    def load(self) -> ReplicaLoad:
+        return ReplicaLoad(self.replica_id, len(self.inflight), self.connected, self.down)
+
+
+class ReplicaPool:
+    """All replica connections of one worker, kept in step with the routing table."""
+
+    def __init__(self, ctx: zmq_green.Context, identity: bytes, hwm: int,
+                 router: Optional[LeastInFlightRouter] = None) -> None:
+        self._ctx = ctx
+        self._identity = identity
+        self._hwm = hwm
+        self._router = router or LeastInFlightRouter()
+        self._by_id: dict[str, ReplicaConnection] = {}
+        self._by_deployment: dict[str, list[ReplicaConnection]] = {}
+
+    def sync(self, table: RoutingTable) -> None:
+        """Open connections to new replicas, close those that left the table (or moved endpoint)."""
+        wanted = {r.replica_id: (d.name, r) for d in table.deployments for r in d.replicas}
+        for rid, conn in list(self._by_id.items()):
+            want = wanted.get(rid)
+            if want is None or want[0] != conn.deployment or want[1].endpoint != conn.endpoint:
+                log.info("replica %s (%s) left the routing table; closing", rid, conn.endpoint)
+                del self._by_id[rid]
+                conn.close("replica %s left the routing table" % rid)
+        for rid, (deployment, route) in wanted.items():
+            if rid not in self._by_id:
+                log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
+                self._by_id[rid] = ReplicaConnection(self._ctx, self._identity, deployment, route, self._hwm)
+        by_dep: dict[str, list[ReplicaConnection]] = {}
+        for conn in self._by_id.values():
+            by_dep.setdefault(conn.deployment, []).append(conn)
+        self._by_deployment = by_dep
+
+    def choose(self, deployment: str) -> Optional[ReplicaConnection]:
+        conns = self._by_deployment.get(deployment)
+        if not conns:
+            return None
+        rid = self._router.choose([c.load() for c in conns])
+        return None if rid is None else self._by_id[rid]
+
+    def in_flight(self) -> int:
+        return sum(len(c.inflight) for c in self._by_id.values())
+
+    def close_all(self) -> None:
+        for conn in self._by_id.values():
+            conn.close("proxy worker is shutting down")
+        self._by_id.clear()
+        self._by_deployment = {}

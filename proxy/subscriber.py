@@ -1,0 +1,205 @@
+"""Routing-table subscriber: keeps one worker's TableState and ReplicaPool in step with the head.
+
+Runs as one greenlet in each proxy worker. Owns two zmq.green sockets, both used only by this greenlet:
+  * DEALER to the head control ROUTER (`--head`): HeadHello -> HeadInfo, SnapshotRequest -> RoutingTable
+  * SUB to HeadInfo.publish_endpoint, topic TABLE_TOPIC: frames [b"table", type byte, RoutingTable]
+
+Protocol (zguide Clone + Lazy Pirate, with epoch and gap detection):
+  1. HeadHello on a fresh DEALER; no HeadInfo within the timeout -> close the DEALER, open a new one, retry
+     with exponential backoff (Lazy Pirate).
+  2. Connect the SUB first, then send SnapshotRequest; apply tables from either socket through
+     TableState (see table_state.py); an epoch change or a version gap asks for a new snapshot.
+  3. When the table goes stale (the head republishes at least every second), log once and start over at
+     step 1 — the head may have restarted on a new publish endpoint. Routing keeps the last table.
+Must never stop routing because the head is away, and never let an exception end the greenlet.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import gevent
+import zmq
+import zmq.green as zmq_green
+
+from proxy.backoff import Backoff
+from proxy.replicas import ReplicaPool
+from proxy.table_state import TableState
+from runtime.protocol import (
+    PROTOCOL_VERSION, TABLE_TOPIC, HeadHello, HeadInfo, ProtocolError, RoutingTable, SnapshotRequest,
+    decode_frames, encode,
+)
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # seconds between staleness checks when nothing arrives
+
+
+class TableSubscriber:
+    def __init__(self, ctx: zmq_green.Context, head: str, state: TableState, pool: ReplicaPool,
+                 timeout: float, timeout_max: float, clock: Callable[[], float] = time.monotonic,
+                 on_tick: Optional[Callable[[float], None]] = None) -> None:
+        self._ctx = ctx
+        self._head = head
+        self._state = state
+        self._pool = pool
+        self._clock = clock
+        self._on_tick = on_tick
+        self._backoff = Backoff(timeout, timeout_max)
+        self._snapshot_timeout = timeout_max
+        self._dealer: Optional[zmq_green.Socket] = None
+        self._sub: Optional[zmq_green.Socket] = None
+        self._sub_endpoint = ""
+        self._poller = zmq_green.Poller()
+        self._awaiting: Optional[str] = None  # "hello" | "snapshot" | None
+        self._deadline = 0.0
+        self._sent_at = 0.0
+        self._hello_at = float("-inf")
+        self._epoch: Optional[int] = None
+
+    def run(self) -> None:
+        log.info("[startup] routing-table subscriber for head %s", self._head)
+        try:
+            self._start_hello(self._clock())
+            while True:
+                try:
+                    self._step()
+                except (gevent.GreenletExit, KeyboardInterrupt):
+                    raise
+                except Exception:
+                    log.exception("routing-table subscriber step failed; reconnecting to the head")
+                    gevent.sleep(self._backoff.next())
+                    self._start_hello(self._clock())
+        except gevent.GreenletExit:
+            pass
+        finally:
+            self._close_dealer()
+            self._close_sub()
+
+    # ----------------------------------------------------------------- one loop iteration
+
+    def _step(self) -> None:
+        now = self._clock()
+        timeout = TICK if self._awaiting is None else max(0.0, min(TICK, self._deadline - now))
+        events = dict(self._poller.poll(int(timeout * 1000)))
+        if self._sub is not None and self._sub in events:
+            self._drain(self._sub)
+        if self._dealer is not None and self._dealer in events:
+            self._drain(self._dealer)
+        now = self._clock()
+        if self._awaiting is not None and now >= self._deadline:
+            log.warning("no %s reply from head %s within %.1fs; retrying with a new socket",
+                        self._awaiting, self._head, self._deadline - self._sent_at)
+            self._start_hello(now)
+        elif self._awaiting is None and self._state.is_stale(now) and now - self._hello_at > self._state.stale_after:
+            self._start_hello(now)
+        change = self._state.staleness_change(now)
+        table = self._state.table
+        if change == "stale" and table is not None:
+            log.warning("routing table stale: nothing from head %s for %.1fs; still routing with epoch %d "
+                        "version %d", self._head, self._state.age(now) or 0.0, table.epoch, table.version)
+        elif change == "fresh" and table is not None:
+            log.info("routing table fresh again (epoch %d version %d)", table.epoch, table.version)
+        if self._on_tick is not None:
+            self._on_tick(self._state.age(now) or 0.0)
+
+    def _drain(self, sock: zmq_green.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_frames(frames)
+            except ProtocolError as exc:
+                log.warning("bad message from head: %s", exc)
+                continue
+            if isinstance(msg, RoutingTable):
+                if sock is self._dealer and self._awaiting == "snapshot":
+                    self._awaiting = None
+                    self._backoff.reset()
+                self._offer(msg)
+            elif isinstance(msg, HeadInfo) and sock is self._dealer:
+                self._on_info(msg)
+            else:
+                log.warning("unexpected %s from head", type(msg).__name__)
+
+    def _offer(self, table: RoutingTable) -> None:
+        offer = self._state.offer(table, self._clock())
+        if offer.applied:
+            level = logging.DEBUG if offer.reason == "next" else logging.INFO
+            log.log(level, "routing table epoch %d version %d applied (%s): %d deployment(s), %d replica(s)",
+                    table.epoch, table.version, offer.reason, len(table.deployments),
+                    sum(len(d.replicas) for d in table.deployments))
+            self._pool.sync(table)
+        if offer.resync and self._awaiting is None:
+            self._request_snapshot()
+
+    # ----------------------------------------------------------------- handshake
+
+    def _on_info(self, info: HeadInfo) -> None:
+        if self._awaiting != "hello":
+            return  # a late reply from an earlier attempt
+        if info.protocol != PROTOCOL_VERSION:
+            log.error("head %s speaks protocol %d, this proxy %d; will retry", self._head, info.protocol,
+                      PROTOCOL_VERSION)
+            return  # the deadline passes and we retry with backoff
+        if self._epoch != info.epoch:
+            log.info("[startup] head %s epoch %d publishes on %s", self._head, info.epoch, info.publish_endpoint)
+            self._epoch = info.epoch
+        if info.publish_endpoint != self._sub_endpoint:
+            self._open_sub(info.publish_endpoint)
+        self._request_snapshot()
+
+    def _start_hello(self, now: float) -> None:
+        self._close_dealer()
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self._head)
+        self._dealer = dealer
+        self._poller.register(dealer, zmq.POLLIN)
+        dealer.send_multipart(encode(HeadHello(protocol=PROTOCOL_VERSION, role="proxy")), flags=zmq.NOBLOCK)
+        self._await("hello", now, self._backoff.next())
+        self._hello_at = now
+
+    def _request_snapshot(self) -> None:
+        if self._dealer is None:
+            return
+        try:
+            self._dealer.send_multipart(encode(SnapshotRequest(protocol=PROTOCOL_VERSION)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("snapshot request to head %s not sent (queue full)", self._head)
+            return
+        self._await("snapshot", self._clock(), self._snapshot_timeout)
+
+    def _await(self, what: str, now: float, timeout: float) -> None:
+        self._awaiting = what
+        self._sent_at = now
+        self._deadline = now + timeout
+
+    # ----------------------------------------------------------------- sockets
+
+    def _open_sub(self, endpoint: str) -> None:
+        self._close_sub()
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 1000)
+        sub.setsockopt(zmq.SUBSCRIBE, TABLE_TOPIC)
+        sub.connect(endpoint)
+        self._sub = sub
+        self._sub_endpoint = endpoint
+        self._poller.register(sub, zmq.POLLIN)
+
+    def _close_dealer(self) -> None:
+        if self._dealer is not None:
+            self._poller.unregister(self._dealer)
+            self._dealer.close(linger=0)
+            self._dealer = None
+
+    def _close_sub(self) -> None:
+        if self._sub is not None:
+            self._poller.unregister(self._sub)
+            self._sub.close(linger=0)
+            self._sub = None
+            self._sub_endpoint = ""

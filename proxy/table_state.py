@@ -1,0 +1,99 @@
+"""Routing-table state of one proxy worker: which table to apply, when it is stale, readiness.
+
+Pure logic (Clone pattern from the zguide, plus epoch and gap detection); runs inside each proxy worker;
+owns no socket and never reads the clock itself: every method takes `now` (monotonic seconds).
+
+Rules for an offered table (from the SUB or a snapshot reply):
+  * no table yet                         -> apply
+  * epoch differs from ours (new head)   -> apply, and ask for a snapshot (resync)
+  * same epoch, version <= ours          -> ignore; an equal version (the head's periodic republish)
+                                            still counts as fresh
+  * same epoch, version == ours + 1      -> apply
+  * same epoch, version  > ours + 1      -> gap: apply (tables are always whole) and resync
+A table is stale when none was applied or refreshed for `stale_after` seconds. Stale means /ready says
+503, but routing goes on with the last table: the head being down must not stop serving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from runtime.protocol import DeploymentRoute, RoutingTable
+
+
+@dataclass(frozen=True)
+class Offer:
+    applied: bool
+    resync: bool  # ask the head for a snapshot
+    reason: str  # "first", "next", "gap", "new epoch", "republish", "old"
+
+
+class TableState:
+    def __init__(self, stale_after: float) -> None:
+        self.stale_after = stale_after
+        self.table: Optional[RoutingTable] = None
+        self._by_name: dict[str, DeploymentRoute] = {}
+        self._fresh_at: Optional[float] = None
+        self._stale_reported = False
+
+    def offer(self, table: RoutingTable, now: float) -> Offer:
+        cur = self.table
+        if cur is None:
+            return self._apply(table, now, resync=False, reason="first")
+        if table.epoch != cur.epoch:
+            return self._apply(table, now, resync=True, reason="new epoch")
+        if table.version == cur.version:
+            self._fresh_at = now
+            return Offer(False, False, "republish")
+        if table.version < cur.version:
+            return Offer(False, False, "old")
+        if table.version == cur.version + 1:
+            return self._apply(table, now, resync=False, reason="next")
+        return self._apply(table, now, resync=True, reason="gap")
+
+    def _apply(self, table: RoutingTable, now: float, *, resync: bool, reason: str) -> Offer:
+        self.table = table
+        self._by_name = {d.name: d for d in table.deployments}
+        self._fresh_at = now
+        return Offer(True, resync, reason)
+
+    def deployment(self, name: str) -> Optional[DeploymentRoute]:
+        return self._by_name.get(name)
+
+    def deployments(self) -> list[DeploymentRoute]:
+        return list(self._by_name.values())
+
+    def age(self, now: float) -> Optional[float]:
+        """Seconds since a table was last applied or refreshed; None before the first."""
+        return None if self._fresh_at is None else max(0.0, now - self._fresh_at)
+
+    def is_stale(self, now: float) -> bool:
+        age = self.age(now)
+        return age is None or age > self.stale_after
+
+    def staleness_change(self, now: float) -> Optional[str]:
+        """"stale" once when a table goes stale, "fresh" once when it recovers, else None.
+
+        Lets the caller log one warning per stale period instead of one per poll.
+        """
+        if self.table is None:
+            return None
+        stale = self.is_stale(now)
+        if stale and not self._stale_reported:
+            self._stale_reported = True
+            return "stale"
+        if not stale and self._stale_reported:
+            self._stale_reported = False
+            return "fresh"
+        return None
+
+    def readiness(self, now: float) -> tuple[bool, str]:
+        """(ready, reason) for GET /ready."""
+        if self.table is None:
+            return False, "no routing table received from the head yet"
+        if self.is_stale(now):
+            return False, "routing table is stale: none received for %.1fs (limit %.1fs)" % (
+                self.age(now) or 0.0, self.stale_after)
+        if not any(d.replicas for d in self.table.deployments):
+            return False, "no deployment has a healthy replica"
+        return True, "ok"

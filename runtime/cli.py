@@ -1,0 +1,141 @@
+"""The `tokenrelay` command (also `python -m runtime`): start a stack, show status, prepare models.
+
+Runs in the CLI process; talks to the head only through runtime.head_client. Exit codes: 0 ok, 1 the
+operation failed (head unreachable, refused), 2 bad command line or config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from runtime.head_client import HeadRefused, HeadUnreachable, status as head_status
+from runtime.logs import setup_logging
+from runtime.stack_config import StackConfig, load_stack
+
+log = logging.getLogger("tokenrelay")
+
+DEFAULT_HEAD = "tcp://127.0.0.1:7100"
+
+DEFAULT_STACK = {
+    "deployments": [{
+        "name": "smollm2", "engine": "vllm", "model": "smollm2", "replicas": 1,
+        "engine_args": {"max_model_len": 2048},
+    }],
+}
+
+
+def _cmd_up(ns: argparse.Namespace) -> int:
+    from runtime.launcher import Launcher
+    if ns.config:
+        path = Path(ns.config)
+        try:
+            stack = load_stack(path)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+    else:
+        path, stack = _default_stack()
+        if stack is None:
+            return 1
+    for dep in stack.deployments:
+        if dep.engine == "vllm" and not _prepare(dep.model):
+            return 1
+    return Launcher(stack, path, ns.log_level).run()
+
+
+def _default_stack() -> tuple[Path, Optional[StackConfig]]:
+    """No --config: serve the default real model (SmolLM2-135M-Instruct) with the vLLM engine."""
+    try:
+        import vllm  # noqa: F401  (only checking it is installed)
+    except ImportError:
+        log.error("the vLLM engine is not installed: run `pip install -e '.[cpu]'` (or '.[gpu]' on CUDA "
+                  "hosts), or start the mock stack with --config examples/mock.yaml")
+        return Path(), None
+    fd, name = tempfile.mkstemp(prefix="tokenrelay-", suffix=".yaml")
+    with open(fd, "w") as fh:
+        yaml.safe_dump(DEFAULT_STACK, fh)
+    return Path(name), load_stack(name)
+
+
+def _prepare(model: str) -> bool:
+    try:
+        from runtime.models import ModelPrepareError, KNOWN_MODELS, prepare_model
+    except ImportError as exc:
+        log.error("model preparation unavailable: %s", exc)
+        return False
+    if model not in KNOWN_MODELS:
+        return True  # a path or hub id: passed to vLLM as is
+    try:
+        prepare_model(model, progress=lambda msg: log.info("[models] %s", msg))
+    except ModelPrepareError as exc:
+        log.error("cannot prepare model %s: %s", model, exc)
+        return False
+    return True
+
+
+def _cmd_models_prepare(ns: argparse.Namespace) -> int:
+    return 0 if _prepare(ns.name) else 1
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    try:
+        reply = head_status(ns.head, timeout=ns.timeout)
+    except (HeadUnreachable, HeadRefused) as exc:
+        log.error("%s", exc)
+        return 1
+    if ns.json:
+        print(json.dumps({"epoch": reply.epoch, "version": reply.version,
+                          "deployments": reply.deployments, "agents": reply.agents}, indent=2))
+        return 0
+    print("DEPLOYMENT        STATE     READY  ENGINE  MODEL")
+    for d in reply.deployments:
+        print("%-17s %-9s %2d/%-3d %-7s %s" % (d["name"], d["state"], d["ready_replicas"], d["replicas"],
+                                               d["engine"], d["model"]))
+        if d.get("pending_reason"):
+            print("    pending: %s" % d["pending_reason"])
+        for r in d["replica_list"]:
+            print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% restarts=%d age=%.0fs %s" % (
+                r["replica_id"], r["state"], r["host"], r["running"], r["waiting"],
+                100 * r["kv_cache_usage"], r["restarts"], r["age_s"], r["message"]))
+    print("AGENTS")
+    for a in reply.agents:
+        print("    %-22s host=%-15s cpus=%d gpus=%d replicas=%d last_heartbeat=%.1fs ago" % (
+            a["agent_id"], a["host"], a["cpus"], len(a["gpus"]), a["replicas"], a["last_heartbeat_s"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenrelay", description="tokenrelay: distributed LLM serving.")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start head, agent and proxy on this host")
+    up.add_argument("--config", help="stack config (default: serve SmolLM2-135M-Instruct with vLLM)")
+    up.set_defaults(func=_cmd_up)
+    st = sub.add_parser("status", help="deployments, replicas and agents, from the head")
+    st.add_argument("--head", default=DEFAULT_HEAD)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=3.0)
+    st.set_defaults(func=_cmd_status)
+    models = sub.add_parser("models", help="model files")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="convert a packaged model once into the cache")
+    prep.add_argument("name", help="model short name, e.g. smollm2")
+    prep.set_defaults(func=_cmd_models_prepare)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    setup_logging("tokenrelay", ns.log_level)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""A blocking request/reply client for the head's control socket (CLI and tests).
+
+Runs in the CLI process; owns one DEALER per call, closed before returning. Never waits past `timeout`:
+an unreachable head is a `HeadUnreachable` error, not a hang.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from runtime.protocol import PROTOCOL_VERSION, ControlReply, StatusReply, StatusRequest, decode_frames, encode
+
+
+class HeadUnreachable(RuntimeError):
+    pass
+
+
+class HeadRefused(RuntimeError):
+    pass
+
+
+def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(encode(msg))
+        if not sock.poll(timeout * 1000, zmq.POLLIN):
+            raise HeadUnreachable("no answer from the head at %s within %.1fs" % (endpoint, timeout))
+        reply = decode_frames(sock.recv_multipart())
+    finally:
+        sock.close(0)
+    if isinstance(reply, ControlReply) and not reply.ok:
+        raise HeadRefused("%s: %s" % (reply.code, reply.message))
+    return reply
+
+
+def status(endpoint: str, timeout: float = 3.0) -> StatusReply:
+    reply = request(endpoint, StatusRequest(PROTOCOL_VERSION), timeout)
+    if not isinstance(reply, StatusReply):
+        raise HeadRefused("unexpected reply %s" % type(reply).__name__)
+    return reply

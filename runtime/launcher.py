@@ -1,0 +1,97 @@
+"""`tokenrelay up`: start head, one agent and the proxy on this host, and stop them all together.
+
+Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ socket. Each component
+is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
+stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
+grace period: everything is gone within 10 s. Each child also carries a parent-death guard.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from runtime.proctree import collect_tree, signal_all
+from runtime.stack_config import StackConfig
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 8.0  # seconds between SIGTERM and SIGKILL; the agent's own replica grace fits inside
+
+
+class Launcher:
+    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO") -> None:
+        self.stack = stack
+        self.config_path = config_path
+        self.log_level = log_level
+        self.children: dict[str, subprocess.Popen] = {}
+        self._stop = threading.Event()
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        cmd = [sys.executable, "-m", name] + args + ["--log-level", self.log_level,
+                                                    "--parent-pid", str(os.getpid())]
+        self.children[name] = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+        log.info("[startup] %s started, pid %d", name, self.children[name].pid)
+
+    def run(self) -> int:
+        s = self.stack
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self._spawn("head", ["--control", s.head_control, "--publish", s.head_publish,
+                             "--config", str(self.config_path)])
+        self._spawn("agent", ["--head", s.head_control.replace("*", "127.0.0.1"), "--host", s.agent_host])
+        proxy_args = ["--head", s.head_control, "--bind", s.proxy_bind]
+        if s.proxy_workers:
+            proxy_args += ["--workers", str(s.proxy_workers)]
+        self._spawn("proxy", proxy_args)
+        code = self._watch()
+        self.shutdown()
+        return code
+
+    def _watch(self) -> int:
+        url = "http://%s/ready" % self.stack.proxy_bind
+        announced = False
+        while not self._stop.wait(0.25):
+            for name, child in self.children.items():
+                rc = child.poll()
+                if rc is not None:
+                    log.error("[shutdown] %s exited with code %d; stopping the stack", name, rc)
+                    return 1
+            if not announced and _ready(url):
+                announced = True
+                log.info("[startup] serving on http://%s (OpenAI API under /v1); Ctrl-C stops",
+                         self.stack.proxy_bind)
+        log.info("[shutdown] stopping the stack")
+        return 0
+
+    def shutdown(self) -> None:
+        start = time.monotonic()
+        trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
+        for name in ("proxy", "agent", "head"):
+            child = self.children.get(name)
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = start + STOP_GRACE
+        for name, child in self.children.items():
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("[shutdown] %s did not stop in %.0fs; killing its tree", name, STOP_GRACE)
+        for name, child in self.children.items():
+            procs = trees[name] + collect_tree(child.pid)
+            signal_all(procs, signal.SIGKILL)  # whatever is left, including re-parented descendants
+            child.poll()
+        log.info("[shutdown] stack stopped in %.1fs", time.monotonic() - start)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -1,0 +1,35 @@
+"""Parent-death guard: a child process must not outlive the process that started it.
+
+Runs in model_proc, head, agent and proxy when started by a supervisor; owns no socket.
+Linux delivers PR_SET_PDEATHSIG when the parent dies; `parent_alive` covers the race where the parent
+died before the guard was installed, and non-Linux systems (callers poll it from their loops).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def install(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `sig` when our parent dies; exit at once if it is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except OSError as exc:  # no libc symbol: fall back to polling
+            log.warning("parent-death signal unavailable: %s", exc)
+    if not parent_alive(parent_pid):
+        log.error("[shutdown] parent %d is gone before start; exiting", parent_pid)
+        os._exit(1)
+
+
+def parent_alive(parent_pid: int) -> bool:
+    return os.getppid() == parent_pid

@@ -1,0 +1,321 @@
+"""Every message that crosses a tokenrelay socket.
+
+Runs in every process; owns no socket. Never import an event loop or a zmq context here.
+
+A message is two ZeroMQ frames: one type byte, then the msgpack encoding of a `msgspec.Struct`
+(ROUTER sockets add the peer identity in front, PUB adds a topic frame). No pickle anywhere.
+
+Sockets and the messages they carry (see README "Architecture"):
+
+  socket (owner)                         peer                          messages
+  -------------------------------------  ----------------------------  --------------------------------------
+  head control ROUTER (head, binds)      agent DEALER (connects)       AgentRegister, AgentHeartbeat ->
+                                                                       <- ControlReply, Assignment
+                                         proxy DEALER (connects)       HeadHello, SnapshotRequest ->
+                                                                       <- HeadInfo, RoutingTable
+                                         CLI DEALER (connects)         StatusRequest -> <- StatusReply
+  head routing PUB (head, binds)         proxy SUB (connects)          <- RoutingTable (topic b"table")
+  agent replica ROUTER (agent, binds)    model_proc DEALER (connects)  ReplicaHello, ReplicaStatus,
+                                                                       ReplicaDead ->
+  model_proc data ROUTER (replica,       proxy DEALER (connects, one   GenerateRequest, Abort ->
+    binds)                               per replica per worker)       <- TokenBatch, RequestError,
+                                                                          ReplicaDead
+
+Token messages carry deltas, never cumulative text, and a replica sends one TokenBatch per engine step
+per connected proxy worker, holding the new text of all that worker's requests.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid tokenrelay message (unknown type byte, bad payload)."""
+
+
+# --------------------------------------------------------------------------- data plane
+
+
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    stop: list[str] = []
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """proxy -> replica. `prompt` for completions and the plain endpoint, `messages` for chat."""
+
+    request_id: str
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    params: SamplingParams = SamplingParams()
+
+
+class Abort(msgspec.Struct, frozen=True):
+    """proxy -> replica: stop these requests (idempotent: unknown ids are ignored)."""
+
+    request_ids: list[str]
+
+
+class Delta(msgspec.Struct, frozen=True, array_like=True):
+    """New text of one request since the previous delta. Token counts are running totals."""
+
+    request_id: str
+    text: str
+    finish_reason: Optional[str]  # None while running; "stop", "length", "abort" at the end
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TokenBatch(msgspec.Struct, frozen=True, array_like=True):
+    """replica -> proxy: every new delta for one proxy worker from one engine step."""
+
+    deltas: list[Delta]
+
+
+class RequestError(msgspec.Struct, frozen=True):
+    """replica -> proxy: this request failed. `status` is the HTTP status the client should see."""
+
+    request_id: str
+    status: int
+    message: str
+    type: str = "server_error"
+    param: Optional[str] = None
+
+
+class ReplicaDead(msgspec.Struct, frozen=True):
+    """replica -> every peer: the engine died; fail everything in flight on this replica at once."""
+
+    replica_id: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- replica <-> agent
+
+
+class ReplicaHello(msgspec.Struct, frozen=True):
+    protocol: int
+    replica_id: str
+    endpoint: str  # the data ROUTER endpoint proxies connect to
+    pid: int
+
+
+class ReplicaStatus(msgspec.Struct, frozen=True):
+    """Sent from the replica's working loop every status interval: it is also the heartbeat."""
+
+    replica_id: str
+    ready: bool  # the engine has produced a token
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    steps: int  # engine steps so far: progress for liveness
+    tokens_generated: int
+    requests_finished: int
+    requests_aborted: int
+    errors: int
+
+
+# --------------------------------------------------------------------------- agent <-> head
+
+
+class GpuInfo(msgspec.Struct, frozen=True):
+    index: int
+    name: str
+    memory_bytes: int
+
+
+class Capacity(msgspec.Struct, frozen=True):
+    cpus: int
+    memory_bytes: int
+    gpus: list[GpuInfo] = []
+
+
+class ReplicaSpec(msgspec.Struct, frozen=True):
+    """What the head wants an agent to run."""
+
+    replica_id: str
+    deployment: str
+    engine: str
+    model: str
+    engine_args: dict[str, Any] = {}
+    gpus: int = 0
+    max_ongoing_requests: int = 64
+
+
+class ReplicaReport(msgspec.Struct, frozen=True):
+    """What an agent knows of one replica it runs."""
+
+    replica_id: str
+    deployment: str
+    state: str  # see agent.lifecycle.ReplicaState
+    endpoint: str = ""
+    pid: int = 0
+    restarts: int = 0
+    started_at: float = 0.0
+    message: str = ""
+    status: Optional[ReplicaStatus] = None
+
+
+class AgentRegister(msgspec.Struct, frozen=True):
+    protocol: int
+    agent_id: str
+    host: str
+    capacity: Capacity
+    labels: dict[str, str] = {}
+    replicas: list[ReplicaReport] = []
+
+
+class AgentHeartbeat(msgspec.Struct, frozen=True):
+    agent_id: str
+    seq: int
+    replicas: list[ReplicaReport] = []
+
+
+class Assignment(msgspec.Struct, frozen=True):
+    """head -> agent: the full set of replicas this agent must run (declarative, idempotent)."""
+
+    epoch: int
+    version: int
+    replicas: list[ReplicaSpec]
+
+
+class ControlReply(msgspec.Struct, frozen=True):
+    ok: bool
+    code: str = ""  # machine-readable reason when not ok, e.g. "unknown_agent", "protocol"
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- proxy <-> head
+
+
+class HeadHello(msgspec.Struct, frozen=True):
+    protocol: int
+    role: str  # "proxy", "cli"
+
+
+class HeadInfo(msgspec.Struct, frozen=True):
+    protocol: int
+    epoch: int
+    publish_endpoint: str
+
+
+class SnapshotRequest(msgspec.Struct, frozen=True):
+    protocol: int
+
+
+class ReplicaRoute(msgspec.Struct, frozen=True, array_like=True):
+    replica_id: str
+    endpoint: str
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    max_ongoing_requests: int
+
+
+class DeploymentRoute(msgspec.Struct, frozen=True):
+    name: str
+    engine: str
+    model: str
+    replicas: list[ReplicaRoute]
+
+
+class RoutingTable(msgspec.Struct, frozen=True):
+    """head -> proxies: every deployment and its healthy replicas. Always the whole table."""
+
+    epoch: int
+    version: int
+    published_at: float
+    deployments: list[DeploymentRoute]
+
+
+# --------------------------------------------------------------------------- CLI <-> head
+
+
+class StatusRequest(msgspec.Struct, frozen=True):
+    protocol: int
+
+
+class StatusReply(msgspec.Struct, frozen=True):
+    epoch: int
+    version: int
+    deployments: list[dict[str, Any]]
+    agents: list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- framing
+
+Message = Union[
+    GenerateRequest, Abort, TokenBatch, RequestError, ReplicaDead,
+    ReplicaHello, ReplicaStatus,
+    AgentRegister, AgentHeartbeat, Assignment, ControlReply,
+    HeadHello, HeadInfo, SnapshotRequest, RoutingTable,
+    StatusRequest, StatusReply,
+]
+
+_TYPES: dict[int, type] = {
+    0x01: GenerateRequest,
+    0x02: Abort,
+    0x03: TokenBatch,
+    0x04: RequestError,
+    0x05: ReplicaDead,
+    0x10: ReplicaHello,
+    0x11: ReplicaStatus,
+    0x20: AgentRegister,
+    0x21: AgentHeartbeat,
+    0x22: Assignment,
+    0x23: ControlReply,
+    0x30: HeadHello,
+    0x31: HeadInfo,
+    0x32: SnapshotRequest,
+    0x33: RoutingTable,
+    0x40: StatusRequest,
+    0x41: StatusReply,
+}
+_TYPE_BYTES: dict[type, bytes] = {cls: bytes([code]) for code, cls in _TYPES.items()}
+_DECODERS: dict[bytes, msgspec.msgpack.Decoder] = {
+    bytes([code]): msgspec.msgpack.Decoder(cls) for code, cls in _TYPES.items()
+}
+_encoder = msgspec.msgpack.Encoder()
+
+TABLE_TOPIC = b"table"
+
+
+def encode(msg: Any) -> list[bytes]:
+    """Return the two frames [type byte, payload] for a message."""
+    try:
+        type_byte = _TYPE_BYTES[type(msg)]
+    except KeyError:
+        raise ProtocolError("not a protocol message: %r" % type(msg).__name__) from None
+    return [type_byte, _encoder.encode(msg)]
+
+
+def decode(type_frame: bytes, payload: bytes) -> Any:
+    """Decode two frames into a message; raise ProtocolError on anything malformed."""
+    decoder = _DECODERS.get(bytes(type_frame))
+    if decoder is None:
+        raise ProtocolError("unknown message type %r" % bytes(type_frame)[:4])
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError("bad %s payload: %s" % (_TYPES[type_frame[0]].__name__, exc)) from exc
+
+
+def decode_frames(frames: list[bytes]) -> Any:
+    """Decode the last two frames of a multipart message (ROUTER/PUB prefixes are the caller's)."""
+    if len(frames) < 2:
+        raise ProtocolError("expected at least 2 frames, got %d" % len(frames))
+    return decode(frames[-2], frames[-1])

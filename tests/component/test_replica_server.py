@@ -1,0 +1,130 @@
+"""model_proc's ReplicaServer with real ZeroMQ sockets, in one process (asyncio)."""
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+from model_proc.config import EXIT_ENGINE_DIED, ReplicaConfig
+from model_proc.engine import create_engine
+from model_proc.server import ReplicaServer
+from runtime.protocol import (
+    Abort, GenerateRequest, ReplicaDead, ReplicaHello, ReplicaStatus, RequestError, SamplingParams,
+    TokenBatch, decode_frames, encode,
+)
+
+
+async def _start(engine_args, ctx, agent=None):
+    cfg = ReplicaConfig("r1", "mock", "m", engine_args, agent=agent, status_interval=0.05, drain_seconds=0.5)
+    server = ReplicaServer(cfg, create_engine("mock", "m", engine_args), ctx)
+    task = asyncio.ensure_future(server.run())
+    for _ in range(200):
+        if server.endpoint and server._ready:
+            break
+        await asyncio.sleep(0.01)
+    return server, task
+
+
+async def _recv(sock, timeout=5.0):
+    frames = await asyncio.wait_for(sock.recv_multipart(), timeout)
+    return decode_frames(frames)
+
+
+def test_batches_per_step_abort_and_errors():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        server, task = await _start({"ttft_ms": 5, "itl_ms": 5}, ctx)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        # three requests started together: their tokens leave together, one message per step
+        for rid in ("a", "b", "c"):
+            await dealer.send_multipart(encode(GenerateRequest(rid, prompt="p q", params=SamplingParams(max_tokens=4))))
+        finished, batches, sizes = set(), 0, []
+        text = {"a": "", "b": "", "c": ""}
+        while len(finished) < 3:
+            msg = await _recv(dealer)
+            assert isinstance(msg, TokenBatch)
+            batches += 1
+            sizes.append(len(msg.deltas))
+            for d in msg.deltas:
+                text[d.request_id] += d.text
+                if d.finish_reason:
+                    finished.add(d.request_id)
+                    assert (d.finish_reason, d.prompt_tokens, d.completion_tokens) == ("length", 2, 4)
+        assert batches < 12 and max(sizes) == 3  # not one message per token per request
+        assert text["a"] == text["b"] == text["c"] and len(text["a"].split()) == 4
+        # a request the engine refuses comes back as a RequestError with the client's status
+        await dealer.send_multipart(encode(GenerateRequest("big", prompt="x", params=SamplingParams(max_tokens=10**6))))
+        err = await _recv(dealer)
+        assert isinstance(err, RequestError) and err.status == 400 and err.param == "prompt"
+        # abort stops generation
+        await dealer.send_multipart(encode(GenerateRequest("long", prompt="x", params=SamplingParams(max_tokens=10**3))))
+        await _recv(dealer)
+        await dealer.send_multipart(encode(Abort(["long"])))
+        await asyncio.sleep(0.1)
+        generated = server.tokens_generated
+        await asyncio.sleep(0.1)
+        assert server.tokens_generated == generated
+        assert server.requests_aborted == 1 and server.engine.stats().running == 0
+        # garbage does not kill the replica
+        await dealer.send_multipart([b"\xff", b"junk"])
+        await dealer.send_multipart(encode(GenerateRequest("ok", prompt="x", params=SamplingParams(max_tokens=1))))
+        while True:
+            msg = await _recv(dealer)
+            if isinstance(msg, TokenBatch) and msg.deltas[-1].request_id == "ok":
+                break
+        server._on_signal(15)
+        assert await asyncio.wait_for(task, 5) == 0
+        dealer.close(0)
+        ctx.term()
+    asyncio.run(go())
+
+
+def test_vanished_proxy_has_its_requests_aborted():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        server, task = await _start({"ttft_ms": 1, "itl_ms": 2, "tokens": 4000}, ctx)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(server.endpoint)
+        await dealer.send_multipart(encode(GenerateRequest("x", prompt="hi")))
+        await _recv(dealer)
+        dealer.close(0)
+        for _ in range(300):
+            if server.engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.engine.stats().running == 0 and server.requests_aborted == 1
+        server._on_signal(15)
+        await asyncio.wait_for(task, 5)
+        ctx.term()
+    asyncio.run(go())
+
+
+def test_engine_death_is_announced_to_proxies_and_agent():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        agent = ctx.socket(zmq.ROUTER)
+        port = agent.bind_to_random_port("tcp://127.0.0.1")
+        server, task = await _start({"ttft_ms": 1, "itl_ms": 50, "fatal_trigger": "KABOOM"}, ctx,
+                                    agent="tcp://127.0.0.1:%d" % port)
+        hello = await _recv(agent)
+        assert isinstance(hello, ReplicaHello) and hello.endpoint == server.endpoint
+        status = await _recv(agent)
+        assert isinstance(status, ReplicaStatus)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        await dealer.send_multipart(encode(GenerateRequest("a", prompt="fine", params=SamplingParams(max_tokens=100))))
+        await _recv(dealer)
+        await dealer.send_multipart(encode(GenerateRequest("b", prompt="KABOOM")))
+        msg = await _recv(dealer)
+        while isinstance(msg, TokenBatch):
+            msg = await _recv(dealer)
+        assert isinstance(msg, ReplicaDead) and "fatal_trigger" in msg.reason
+        assert await asyncio.wait_for(task, 5) == EXIT_ENGINE_DIED
+        seen_dead = False
+        while not seen_dead:
+            seen_dead = isinstance(await _recv(agent), ReplicaDead)
+        dealer.close(0)
+        agent.close(0)
+        ctx.term()
+    asyncio.run(go())

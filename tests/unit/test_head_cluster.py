@@ -1,0 +1,80 @@
+from head.cluster import ClusterState
+from head.table import TableVersions
+from runtime.protocol import (
+    AgentHeartbeat, AgentRegister, Capacity, GpuInfo, ReplicaReport, ReplicaStatus, PROTOCOL_VERSION,
+)
+from runtime.stack_config import DeploymentSpec
+
+
+def _register(state, agent_id, now, gpus=0, replicas=()):
+    cap = Capacity(8, 1 << 34, [GpuInfo(i, "A10G", 24 << 30) for i in range(gpus)])
+    state.register_agent(AgentRegister(PROTOCOL_VERSION, agent_id, agent_id, cap, {}, list(replicas)), now)
+
+
+def _ready(replica_id, deployment, endpoint="tcp://h:1", running=0):
+    st = ReplicaStatus(replica_id, True, running, 0, 0.0, 1, 0, 0, 0, 0)
+    return ReplicaReport(replica_id, deployment, "ready", endpoint, 10, status=st)
+
+
+def test_replicas_are_spread_across_agents():
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=4)])
+    _register(state, "a1", 0.0)
+    _register(state, "a2", 0.0)
+    state.reconcile(0.0)
+    per_agent = [len(state.assignment_for(a)) for a in ("a1", "a2")]
+    assert per_agent == [2, 2]
+
+
+def test_only_ready_replicas_of_live_agents_are_routed():
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=2)], agent_timeout=3.0)
+    _register(state, "a1", 0.0)
+    state.reconcile(0.0)
+    r1, r2 = [s.replica_id for s in state.assignment_for("a1")]
+    starting = ReplicaReport(r2, "d", "starting", "tcp://h:2", 11)
+    state.heartbeat(AgentHeartbeat("a1", 1, [_ready(r1, "d"), starting]), 1.0)
+    (route,) = state.routes()
+    assert [r.replica_id for r in route.replicas] == [r1]
+    # the agent goes silent: its replicas leave routing
+    assert state.expire_agents(3.5) == []
+    assert state.expire_agents(4.1) == ["a1"]
+    assert state.routes()[0].replicas == []
+
+
+def test_unknown_agent_heartbeat_asks_for_registration():
+    state = ClusterState([])
+    assert state.heartbeat(AgentHeartbeat("ghost", 1, []), 0.0) is False
+
+
+def test_restarted_head_adopts_running_replicas_instead_of_placing_new_ones():
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=2)])
+    running = [_ready("d-aaaaaa", "d"), _ready("d-bbbbbb", "d")]
+    _register(state, "a1", 0.0, replicas=running)
+    state.reconcile(0.0)
+    assert sorted(s.replica_id for s in state.assignment_for("a1")) == ["d-aaaaaa", "d-bbbbbb"]
+    assert len(state.routes()[0].replicas) == 2
+
+
+def test_scale_down_removes_extra_and_gpu_shortage_is_pending():
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=3)])
+    _register(state, "a1", 0.0, replicas=[_ready("d-%d" % i, "d") for i in range(5)])
+    state.reconcile(1.0)
+    assert len(state.assignment_for("a1")) == 3
+    state = ClusterState([DeploymentSpec("g", "vllm", "m", replicas=2, gpus=1)])
+    _register(state, "a1", 0.0, gpus=1)
+    state.reconcile(0.0)
+    assert len(state.assignment_for("a1")) == 1
+    deployments, _ = state.status(0.0, 0.0)
+    assert deployments[0]["state"] == "pending"
+    assert "free GPU" in deployments[0]["pending_reason"]
+
+
+def test_table_versions_bump_on_change_and_republish_every_interval():
+    tv = TableVersions(epoch=7, republish_interval=1.0)
+    routes = ClusterState([DeploymentSpec("d", "mock", "m")]).routes()
+    t1 = tv.update(routes, 0.0)
+    assert (t1.epoch, t1.version) == (7, 1)
+    assert tv.update(routes, 0.5) is None
+    t2 = tv.update(routes, 1.0)
+    assert t2.version == 1  # same content, republished
+    t3 = tv.update([], 1.1)
+    assert t3.version == 2

@@ -1,0 +1,94 @@
+import asyncio
+
+import pytest
+
+from model_proc.engine import EngineLoadError, EngineRequestError, create_engine
+from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams
+
+
+class Sink:
+    def __init__(self):
+        self.deltas = []
+        self.errors = []
+        self.fatals = []
+        self.done = asyncio.Event()
+
+    def emit(self, rid, text, finish, prompt_tokens, completion_tokens):
+        self.deltas.append((rid, text, finish, prompt_tokens, completion_tokens))
+        if finish:
+            self.done.set()
+
+    def error(self, rid, status, message, param=None):
+        self.errors.append((rid, status, message))
+
+    def fatal(self, reason):
+        self.fatals.append(reason)
+        self.done.set()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_deterministic_text_honours_max_tokens_and_counts():
+    async def go():
+        eng = create_engine("mock", "m", {"ttft_ms": 1, "itl_ms": 1})
+        sink = Sink()
+        await eng.start(sink)
+        eng.add_request(GenerateRequest("a", prompt="one two three", params=SamplingParams(max_tokens=5)))
+        await sink.done.wait()
+        return sink.deltas
+    first, second = run(go()), run(go())
+    assert first == second
+    assert len(first) == 5
+    assert [d[2] for d in first] == [None] * 4 + ["length"]
+    assert first[-1][3:] == (3, 5)
+
+
+def test_chat_and_stop_string():
+    async def go():
+        eng = create_engine("mock", "m", {"ttft_ms": 0, "itl_ms": 0, "tokens": 50})
+        sink = Sink()
+        await eng.start(sink)
+        eng.add_request(GenerateRequest("c", messages=[ChatMessage("user", "hi")],
+                                        params=SamplingParams(stop=["lazy"])))
+        await sink.done.wait()
+        return sink.deltas
+    deltas = run(go())
+    assert deltas[-1][2] == "stop"
+    assert "lazy" not in "".join(d[1] for d in deltas)
+
+
+def test_abort_stops_generation_and_max_running_queues():
+    async def go():
+        eng = create_engine("mock", "m", {"ttft_ms": 1, "itl_ms": 5, "tokens": 1000, "max_running": 1})
+        sink = Sink()
+        await eng.start(sink)
+        eng.add_request(GenerateRequest("a", prompt="x"))
+        eng.add_request(GenerateRequest("b", prompt="y", params=SamplingParams(max_tokens=2)))
+        assert (eng.stats().running, eng.stats().waiting) == (1, 1)
+        await asyncio.sleep(0.05)
+        eng.abort("a")
+        eng.abort("a")  # idempotent
+        count = len([d for d in sink.deltas if d[0] == "a"])
+        await sink.done.wait()
+        await asyncio.sleep(0.05)
+        return count, sink.deltas, eng.stats()
+    count, deltas, stats = run(go())
+    assert 0 < count == len([d for d in deltas if d[0] == "a"])
+    assert deltas[-1][0] == "b" and deltas[-1][2] == "length"
+    assert (stats.running, stats.waiting) == (0, 0)
+
+
+def test_bad_args_and_too_long_prompts():
+    with pytest.raises(EngineLoadError, match="unknown mock engine_args"):
+        create_engine("mock", "m", {"speed": 3})
+    with pytest.raises(EngineLoadError, match="unknown engine"):
+        create_engine("tensorrt", "m", {})
+
+    async def go():
+        eng = create_engine("mock", "m", {"max_context": 4})
+        await eng.start(Sink())
+        eng.add_request(GenerateRequest("a", prompt="a b c", params=SamplingParams(max_tokens=2)))
+    with pytest.raises(EngineRequestError, match="maximum context length is 4"):
+        run(go())

@@ -1,0 +1,42 @@
+import msgspec
+import pytest
+
+from runtime import protocol as p
+
+
+def test_every_message_roundtrips_with_its_type_byte():
+    samples = [
+        p.GenerateRequest("r1", prompt="hi", params=p.SamplingParams(max_tokens=3, stop=["x"])),
+        p.GenerateRequest("r2", messages=[p.ChatMessage("user", "hello")]),
+        p.Abort(["r1", "r2"]),
+        p.TokenBatch([p.Delta("r1", "a ", None, 2, 1), p.Delta("r2", "", "stop", 1, 4)]),
+        p.RequestError("r1", 400, "too long", "invalid_request_error", "prompt"),
+        p.ReplicaDead("rep", "boom"),
+        p.AgentRegister(p.PROTOCOL_VERSION, "a1", "h", p.Capacity(2, 1 << 30, [p.GpuInfo(0, "A10", 24)])),
+        p.RoutingTable(5, 7, 1.5, [p.DeploymentRoute("d", "mock", "m", [p.ReplicaRoute("r", "tcp://x:1", 1, 0, 0.5, 8)])]),
+        p.Assignment(1, 2, [p.ReplicaSpec("r", "d", "mock", "m", {"ttft_ms": 5})]),
+    ]
+    seen = set()
+    for msg in samples:
+        frames = p.encode(msg)
+        assert len(frames) == 2 and len(frames[0]) == 1
+        seen.add(frames[0])
+        assert p.decode_frames([b"peer-id"] + frames) == msg
+    assert len(seen) == len({type(m) for m in samples})
+
+
+def test_garbage_is_a_protocol_error_not_a_crash():
+    with pytest.raises(p.ProtocolError, match="unknown message type"):
+        p.decode(b"\xee", b"")
+    with pytest.raises(p.ProtocolError, match="bad GenerateRequest"):
+        p.decode(p.encode(p.Abort([]))[0].replace(b"\x02", b"\x01"), msgspec.msgpack.encode({"x": 1}))
+    with pytest.raises(p.ProtocolError):
+        p.decode_frames([b"only-one"])
+    with pytest.raises(p.ProtocolError):
+        p.encode(object())
+
+
+def test_wrong_field_types_are_rejected():
+    frames = p.encode(p.Abort(["a"]))
+    with pytest.raises(p.ProtocolError):
+        p.decode(frames[0], msgspec.msgpack.encode({"request_ids": [1, 2]}))

@@ -1,0 +1,41 @@
+import pytest
+
+from runtime.stack_config import load_stack, parse_deployment, parse_stack
+
+
+def test_example_mock_config_loads():
+    stack = load_stack("examples/mock.yaml")
+    assert stack.proxy_bind == "127.0.0.1:8000"
+    (dep,) = stack.deployments
+    assert dep.engine == "mock" and dep.replicas == 2 and dep.engine_args["itl_ms"] == 10
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"name": "x", "engine": "tensorrt"}, "deployment.engine: must be one of"),
+    ({"name": "x", "engine": "mock", "replicas": -1}, "deployment.replicas: must be an integer >= 0"),
+    ({"name": "x", "engine": "mock", "replicas": True}, "deployment.replicas"),
+    ({"name": "bad name!", "engine": "mock"}, "deployment.name"),
+    ({"name": "x", "engine": "mock", "colour": 1}, "unknown field"),
+    ({"engine": "mock"}, "deployment.name: must be a non-empty string"),
+    ({"name": "x", "engine": "vllm"}, "deployment.model"),
+    ({"name": "x", "engine": "mock", "engine_args": [1]}, "engine_args: must be a mapping"),
+])
+def test_bad_deployment_names_the_field(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_deployment(raw)
+
+
+def test_duplicate_deployments_and_unknown_sections_are_rejected():
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_stack({"deployments": [{"name": "a", "engine": "mock"}, {"name": "a", "engine": "mock"}]})
+    with pytest.raises(ValueError, match="unknown section"):
+        parse_stack({"heads": {}})
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        load_stack(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("deployments: [\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_stack(bad)
