@@ -144,4 +144,4 @@ class ReplicaRecord:
             replica_id=self.replica_id, deployment=self.spec.deployment, state=self.state.value,
             endpoint=self.endpoint, pid=self.pid, restarts=self.restarts,
             started_at=self.started_at + wall_offset if self.started_at else 0.0,
-            message=self.message, status=self.last_status)
+            message=self.message, status=self.last_status, generation=self.spec.generation)

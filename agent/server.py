@@ -185,11 +185,13 @@ class Agent:
                 self.records[replica_id] = ReplicaRecord(spec, self.config.policy)
                 self._dirty = True
 
-    def _stop_replica(self, replica_id: str) -> None:
-        self.records.pop(replica_id, None)
+    def _stop_replica(self, replica_id: str, drain: bool = True) -> None:
+        rec = self.records.get(replica_id)
         proc = self.procs.pop(replica_id, None)
         if proc is not None:
-            proc.begin_stop(self.config.stop_grace, self.clock())
+            seconds = rec.spec.drain_seconds if rec is not None and drain else 0.0
+            proc.begin_stop(seconds + self.config.stop_grace, self.clock())
+        self.records.pop(replica_id, None)
             self._stopping[replica_id] = proc
         self._dirty = True
 
@@ -262,7 +264,7 @@ class Agent:
     def _stop_all(self) -> None:
         """Graceful shutdown: stop every replica tree, waiting at most stop_grace (+1 s for SIGKILL)."""
         for replica_id in list(self.records):
-            self._stop_replica(replica_id)
+            self._stop_replica(replica_id, drain=False)
         deadline = self.clock() + self.config.stop_grace + 1.0
         while self._stopping and self.clock() < deadline:
             for replica_id, proc in list(self._stopping.items()):

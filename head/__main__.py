@@ -6,6 +6,9 @@ import sys
 
 from head.config import config_from_args
 from head.server import Head
+from head.store import StateStore
+from runtime import parent_guard
+from runtime.credentials import TOKEN_FILE, load_or_create_token, state_dir
 from runtime.logs import setup_logging
 from runtime.stack_config import load_stack
 
@@ -15,14 +18,21 @@ log = logging.getLogger("head")
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
     setup_logging("head", config.log_level)
-    deployments = []
+    if config.parent_pid is not None:
+        parent_guard.install(config.parent_pid)
+    seed = ()
     if config.config_file:
         try:
-            deployments = list(load_stack(config.config_file).deployments)
+            seed = load_stack(config.config_file).deployments
         except ValueError as exc:
             log.error("[startup] %s", exc)
             return 2
-    head = Head(config, deployments)
+    directory = state_dir(config.state_dir)
+    store = StateStore(directory / "head.db" if config.persist else None)
+    token = load_or_create_token(directory)
+    log.info("[startup] state in %s (admin token in %s)", directory if config.persist else "memory",
+             directory / TOKEN_FILE)
+    head = Head(config, store, token, seed)
     try:
         head.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint

@@ -21,6 +21,7 @@ from runtime.stack_config import DeploymentSpec
 log = logging.getLogger(__name__)
 
 ROUTABLE_STATE = "ready"
+DRAIN_DELAY = 1.0  # seconds a retired replica stays assigned after leaving routing (table propagation)
 
 
 @dataclass
@@ -40,11 +41,15 @@ class Placement:
     deployment: str
     agent_id: str
     placed_at: float
+    generation: int = 0
+    draining_since: Optional[float] = None  # retired: out of routing, stopped after DRAIN_DELAY
 
 
 class ClusterState:
-    def __init__(self, deployments: list[DeploymentSpec], agent_timeout: float = 3.0) -> None:
+    def __init__(self, deployments: list[DeploymentSpec], agent_timeout: float = 3.0,
+                 generations: Optional[dict[str, int]] = None) -> None:
         self.deployments: dict[str, DeploymentSpec] = {d.name: d for d in deployments}
+        self.generations: dict[str, int] = {d.name: (generations or {}).get(d.name, 1) for d in deployments}
         self.agent_timeout = agent_timeout
         self.agents: dict[str, AgentRecord] = {}
         self.placements: dict[str, Placement] = {}
@@ -77,7 +82,7 @@ class ClusterState:
             placement = self.placements.get(rep.replica_id)
             if placement is None and adopt and rep.deployment in self.deployments and rep.state != "failed":
                 placement = self.placements[rep.replica_id] = Placement(
-                    rep.replica_id, rep.deployment, agent_id, now)
+                    rep.replica_id, rep.deployment, agent_id, now, rep.generation)
                 log.info("[startup] adopted replica %s of %s on agent %s", rep.replica_id,
                          rep.deployment, agent_id)
             if placement is not None and placement.agent_id == agent_id:
@@ -95,51 +100,123 @@ class ClusterState:
                         self.agent_timeout, len(lost), lost)
         return dead
 
+    # ------------------------------------------------------------------ desired state
+
+    def put_deployment(self, spec: DeploymentSpec) -> tuple[str, int]:
+        """Create or update. Returns (what happened, generation): "created", "unchanged", "scaled" or
+        "updated" (a new generation: its replicas replace the old ones in a rolling update)."""
+        old = self.deployments.get(spec.name)
+        if old is None:
+            self.deployments[spec.name] = spec
+            self.generations[spec.name] = 1
+            return "created", 1
+        self.deployments[spec.name] = spec
+        if old == spec:
+            return "unchanged", self.generations[spec.name]
+        if old.same_but_replicas(spec):
+            return "scaled", self.generations[spec.name]
+        self.generations[spec.name] += 1
+        return "updated", self.generations[spec.name]
+
+    def delete_deployment(self, name: str) -> bool:
+        return self.deployments.pop(name, None) is not None and self.generations.pop(name, None) is not None
+
     # ------------------------------------------------------------------ placement
 
     def reconcile(self, now: float) -> None:
-        """Make placements match deployments: place missing replicas, remove extra ones."""
+        """Make placements converge on the deployments; idempotent, one pass.
+
+        Rolling update: replicas of the current generation are placed first (surge); an old replica is
+        retired only when a new one is READY. Retired (and scaled-down, and deleted) replicas leave
+        routing at once and are unassigned DRAIN_DELAY later; their process then drains in-flight
+        requests for the deployment's drain_seconds before it exits.
+        """
         self.pending_reason = {}
         for replica_id, p in list(self.placements.items()):
-            if p.deployment not in self.deployments:
+            if p.draining_since is None and p.deployment not in self.deployments:
+                p.draining_since = now
+            if p.draining_since is not None and now - p.draining_since >= DRAIN_DELAY:
                 del self.placements[replica_id]
         for dep in self.deployments.values():
-            mine = [p for p in self.placements.values() if p.deployment == dep.name]
-            for p in sorted(mine, key=lambda p: p.placed_at)[dep.replicas:]:
-                del self.placements[p.replica_id]
-            for _ in range(dep.replicas - len(mine)):
-                agent_id = self._choose_agent(dep)
-                if agent_id is None:
-                    self.pending_reason[dep.name] = (
-                        "no agent" if not self.agents else
-                        "no agent has %d free GPU(s)" % dep.gpus)
-                    break
-                replica_id = "%s-%s" % (dep.name, secrets.token_hex(3))
-                self.placements[replica_id] = Placement(replica_id, dep.name, agent_id, now)
-                log.info("placed replica %s of %s on agent %s", replica_id, dep.name, agent_id)
+            self._reconcile_one(dep, self.generations[dep.name], now)
 
-    def _choose_agent(self, dep: DeploymentSpec) -> Optional[str]:
-        """Spread: the agent with the fewest replicas of this deployment, then fewest overall."""
+    def _reconcile_one(self, dep: DeploymentSpec, gen: int, now: float) -> None:
+        live = [p for p in self.placements.values() if p.deployment == dep.name and p.draining_since is None]
+        new = [p for p in live if p.generation == gen]
+        old = [p for p in live if p.generation != gen]
+        # too many of the current generation (scale down): retire those not ready first, then newest
+        surplus = sorted(new, key=lambda p: (self._is_ready(p), -p.placed_at))[:max(0, len(new) - dep.replicas)]
+        for p in surplus:
+            p.draining_since = now
+        for _ in range(dep.replicas - len(new)):
+            agent_id, reason = self._choose_agent(dep)
+            if agent_id is None:
+                self.pending_reason[dep.name] = reason
+                break
+            replica_id = "%s-%s" % (dep.name, secrets.token_hex(3))
+            self.placements[replica_id] = Placement(replica_id, dep.name, agent_id, now, gen)
+            log.info("placed replica %s of %s (generation %d) on agent %s", replica_id, dep.name, gen, agent_id)
+        ready_new = sum(1 for p in new if p.draining_since is None and self._is_ready(p))
+        keep_old = max(0, dep.replicas - ready_new)
+        for p in sorted(old, key=lambda p: (self._is_ready(p), p.placed_at))[:max(0, len(old) - keep_old)]:
+            p.draining_since = now
+            log.info("retiring replica %s of %s (generation %d)", p.replica_id, dep.name, p.generation)
+
+    def _is_ready(self, p: Placement) -> bool:
+        rep = self._report(p)
+        return rep is not None and rep.state == ROUTABLE_STATE
+
+    def _used(self, agent_id: str) -> tuple[int, float, int]:
+        gpus, cpus, mem = 0, 0.0, 0
+        for p in self.placements.values():
+            dep = self.deployments.get(p.deployment)
+            if p.agent_id == agent_id and dep is not None:
+                gpus, cpus, mem = gpus + dep.gpus, cpus + dep.cpus, mem + dep.memory_bytes
+        return gpus, cpus, mem
+
+    def _choose_agent(self, dep: DeploymentSpec) -> tuple[Optional[str], str]:
+        """Where the next replica fits; spread: fewest replicas of this deployment, then fewest overall.
+        Returns (agent id, "") or (None, why nothing fits)."""
+        if not self.agents:
+            return None, "no agent registered"
         best: Optional[tuple[int, int, str]] = None
+        reasons = []
         for agent in self.agents.values():
-            mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id]
-            used_gpus = sum(self.deployments[p.deployment].gpus for p in mine
-                            if p.deployment in self.deployments)
-            if dep.gpus and len(agent.capacity.gpus) - used_gpus < dep.gpus:
+            cap = agent.capacity
+            gpus, cpus, mem = self._used(agent.agent_id)
+            if any(agent.labels.get(k) != v for k, v in dep.placement_labels.items()):
+                reasons.append("%s: labels do not match %s" % (agent.agent_id, dep.placement_labels))
                 continue
+            if dep.gpus and len(cap.gpus) - gpus < dep.gpus:
+                reasons.append("%s: %d of %d GPU(s) free, need %d" % (
+                    agent.agent_id, max(0, len(cap.gpus) - gpus), len(cap.gpus), dep.gpus))
+                continue
+            if dep.cpus and cap.cpus - cpus < dep.cpus:
+                reasons.append("%s: %.1f CPU(s) free, need %.1f" % (agent.agent_id, cap.cpus - cpus, dep.cpus))
+                continue
+            if dep.memory_bytes and cap.memory_bytes - mem < dep.memory_bytes:
+                reasons.append("%s: %.1f GiB free, need %.1f GiB" % (
+                    agent.agent_id, (cap.memory_bytes - mem) / 2**30, dep.memory_bytes / 2**30))
+                continue
+            mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id]
             key = (sum(1 for p in mine if p.deployment == dep.name), len(mine), agent.agent_id)
             if best is None or key < best:
                 best = key
-        return best[2] if best else None
+        if best is None:
+            return None, "no agent fits: " + "; ".join(sorted(reasons))
+        return best[2], ""
 
     def assignment_for(self, agent_id: str) -> list[ReplicaSpec]:
         specs = []
         for p in sorted(self.placements.values(), key=lambda p: p.replica_id):
             if p.agent_id != agent_id:
                 continue
-            dep = self.deployments[p.deployment]
-            specs.append(ReplicaSpec(p.replica_id, dep.name, dep.engine, dep.model, dict(dep.engine_args),
-                                     dep.gpus, dep.max_ongoing_requests))
+            dep = self.deployments.get(p.deployment)
+            if dep is None:  # deleted; the placement is draining and about to go
+                continue
+            specs.append(ReplicaSpec(
+                p.replica_id, dep.name, dep.engine, dep.model, dict(dep.engine_args), dep.gpus,
+                dep.max_ongoing_requests, p.generation, dep.cpus, dep.memory_bytes, dep.drain_seconds))
         return specs
 
     # ------------------------------------------------------------------ views
@@ -154,7 +231,7 @@ class ClusterState:
         for dep in sorted(self.deployments.values(), key=lambda d: d.name):
             replicas = []
             for p in sorted(self.placements.values(), key=lambda p: p.replica_id):
-                rep = self._report(p) if p.deployment == dep.name else None
+                rep = self._report(p) if p.deployment == dep.name and p.draining_since is None else None
                 if rep is None or rep.state != ROUTABLE_STATE or not rep.endpoint:
                     continue
                 st = rep.status
@@ -176,7 +253,8 @@ class ClusterState:
                 st = rep.status if rep else None
                 replicas.append({
                     "replica_id": p.replica_id, "agent": p.agent_id, "host": agent.host if agent else "",
-                    "state": rep.state if rep else "assigned", "endpoint": rep.endpoint if rep else "",
+                    "state": "draining" if p.draining_since is not None else (rep.state if rep else "assigned"),
+                    "generation": p.generation, "endpoint": rep.endpoint if rep else "",
                     "pid": rep.pid if rep else 0, "restarts": rep.restarts if rep else 0,
                     "age_s": round(wall_now - rep.started_at, 1) if rep and rep.started_at else 0.0,
                     "message": rep.message if rep else "",
@@ -186,10 +264,12 @@ class ClusterState:
                     "requests_finished": st.requests_finished if st else 0,
                     "requests_aborted": st.requests_aborted if st else 0,
                 })
-            ready = sum(1 for r in replicas if r["state"] == ROUTABLE_STATE)
+            ready = sum(1 for r in replicas if r["state"] == ROUTABLE_STATE
+                        and r["generation"] == self.generations[dep.name])
             state = "pending" if dep.name in self.pending_reason else (
                 "healthy" if ready >= dep.replicas else "degraded")
             deployments.append({**dep.to_dict(), "state": state, "ready_replicas": ready,
+                                "generation": self.generations[dep.name],
                                 "pending_reason": self.pending_reason.get(dep.name, ""),
                                 "replica_list": replicas})
         agents = [{

@@ -17,6 +17,9 @@ class HeadConfig:
     agent_timeout: float = 3.0
     recovery_grace: float = 2.0
     republish_interval: float = 1.0
+    state_dir: Optional[str] = None  # SQLite state and admin token; see runtime.credentials
+    persist: bool = True
+    parent_pid: Optional[int] = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -42,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without a heartbeat before an agent's replicas leave routing")
     p.add_argument("--recovery-grace", type=float, default=HeadConfig.recovery_grace,
                    help="seconds after start to wait for agents before publishing tables")
+    p.add_argument("--state-dir", default=None,
+                   help="directory for head.db (deployments) and admin.token "
+                        "(default $TOKENRELAY_STATE_DIR or ~/.local/state/tokenrelay)")
+    p.add_argument("--no-persist", action="store_true", help="keep deployments in memory only")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -52,6 +60,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
     try:
         return HeadConfig(control=ns.control, publish=ns.publish, config_file=ns.config_file,
                           agent_timeout=ns.agent_timeout, recovery_grace=ns.recovery_grace,
+                          state_dir=ns.state_dir, persist=not ns.no_persist, parent_pid=ns.parent_pid,
                           log_level=ns.log_level)
     except ValueError as exc:
         parser.error(str(exc))

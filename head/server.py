@@ -9,6 +9,7 @@ Each loop step catches and logs its own errors, so one bad message cannot kill t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -18,25 +19,40 @@ import zmq
 
 from head.cluster import ClusterState
 from head.config import HeadConfig
+from head.store import StateStore
 from head.table import TableVersions
+from runtime import parent_guard
+from runtime.credentials import token_matches
 from runtime.protocol import (
-    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, HeadHello,
-    HeadInfo, ProtocolError, SnapshotRequest, StatusReply, StatusRequest, decode, encode,
+    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
+    DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
+    StatusRequest, decode, encode,
 )
-from runtime.stack_config import DeploymentSpec
+from runtime.stack_config import DeploymentSpec, parse_deployment
 
 log = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between housekeeping passes
+UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN, or run on the head's "
+                "host where the token file in the state directory is readable")
 
 
 class Head:
-    def __init__(self, config: HeadConfig, deployments: list[DeploymentSpec],
-                 clock: Callable[[], float] = time.monotonic, ctx: Optional[zmq.Context] = None) -> None:
+    def __init__(self, config: HeadConfig, store: StateStore, admin_token: str,
+                 seed: tuple[DeploymentSpec, ...] = (), clock: Callable[[], float] = time.monotonic,
+                 ctx: Optional[zmq.Context] = None) -> None:
+        """`store` holds the deployments to restore; `seed` (from a config file) is applied on top."""
         self.config = config
         self.clock = clock
-        self.state = ClusterState(deployments, agent_timeout=config.agent_timeout)
-        self.tables = TableVersions(epoch=int(time.time() * 1000), republish_interval=config.republish_interval)
+        self.store = store
+        self.admin_token = admin_token
+        stored = store.load()
+        self.state = ClusterState([spec for spec, _ in stored], agent_timeout=config.agent_timeout,
+                                  generations={spec.name: gen for spec, gen in stored})
+        for spec in seed:
+            self._put(spec)
+        self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
+        self.reconcile_seconds = 0.0
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
         self._stopping = False
@@ -73,8 +89,12 @@ class Head:
         poller = zmq.Poller()
         poller.register(self._control, zmq.POLLIN)
         next_tick = self.clock()
+        parent = self.config.parent_pid
         try:
             while not self._stopping:
+                if parent is not None and not parent_guard.parent_alive(parent):
+                    log.error("[shutdown] parent %d is gone", parent)
+                    break
                 timeout = max(0.0, next_tick - self.clock())
                 events = dict(poller.poll(timeout * 1000))
                 if self._control in events:
@@ -136,11 +156,52 @@ class Head:
                 self._reply(peer, ControlReply(False, "recovering", "head is starting; retry shortly"))
             else:
                 self._reply(peer, self.tables.current)
-        elif isinstance(msg, StatusRequest):
-            deployments, agents = self.state.status(now, time.time())
-            self._reply(peer, StatusReply(self.tables.epoch, self.tables.version, deployments, agents))
+        elif isinstance(msg, (StatusRequest, DeployRequest, ScaleRequest, DeleteRequest)):
+            if not token_matches(self.admin_token, msg.token):
+                log.warning("refused %s: bad or missing admin token", type(msg).__name__)
+                self._reply(peer, ControlReply(False, "unauthorized", UNAUTHORIZED))
+            else:
+                self._reply(peer, self._admin(msg, now))
         else:
             self._reply(peer, ControlReply(False, "unexpected", "unexpected %s" % type(msg).__name__))
+
+    # ------------------------------------------------------------------ admin commands
+
+    def _put(self, spec: DeploymentSpec) -> tuple[str, int]:
+        result, generation = self.state.put_deployment(spec)
+        if result != "unchanged":
+            self.store.put(spec, generation)  # on disk before anyone is told
+            log.info("deployment %s %s (generation %d, %d replica(s))", spec.name, result, generation,
+                     spec.replicas)
+        return result, generation
+
+    def _admin(self, msg: object, now: float) -> object:
+        if isinstance(msg, StatusRequest):
+            deployments, agents = self.state.status(now, time.time())
+            return StatusReply(self.tables.epoch, self.tables.version, deployments, agents)
+        if isinstance(msg, DeployRequest):
+            try:
+                spec = parse_deployment(msg.spec, "spec")
+            except ValueError as exc:
+                return ControlReply(False, "invalid_spec", str(exc))
+            result, generation = self._put(spec)
+        elif isinstance(msg, ScaleRequest):
+            old = self.state.deployments.get(msg.name)
+            if old is None:
+                return ControlReply(False, "not_found", "no deployment named %r" % msg.name)
+            if msg.replicas < 0:
+                return ControlReply(False, "invalid_spec", "replicas: must be an integer >= 0")
+            result, generation = self._put(dataclasses.replace(old, replicas=msg.replicas))
+        else:
+            assert isinstance(msg, DeleteRequest)
+            if msg.name not in self.state.deployments:
+                return ControlReply(True, data={"result": "absent"})  # idempotent
+            self.store.delete(msg.name)
+            self.state.delete_deployment(msg.name)
+            log.info("deployment %s deleted", msg.name)
+            result, generation = "deleted", 0
+        self._housekeeping()
+        return ControlReply(True, data={"result": result, "generation": generation})
 
     def _reply(self, peer: bytes, msg: object) -> None:
         try:
@@ -156,11 +217,13 @@ class Head:
 
     def _housekeeping(self) -> None:
         now = self.clock()
+        started = time.perf_counter()
         try:
             self.state.expire_agents(now)
             self.state.reconcile(now)
         except Exception:
             log.exception("reconcile pass failed; going on")
+        self.reconcile_seconds = time.perf_counter() - started
         if self.recovering:
             return  # never publish a table that drops replicas we have not heard from yet
         table = self.tables.update(self.state.routes(), now, time.time())

@@ -267,7 +267,7 @@ class VllmEngine:
             self._defaults.get("max_tokens"))
         try:
             sampling = self._vllm.SamplingParams(output_kind=self._vllm.RequestOutputKind.DELTA, **kwargs)
-        except (ValueError, TypeError, OverflowError) as exc:  # VLLMValidationError is a ValueError
+        except (self._vllm.VLLMClientError, ValueError, TypeError, OverflowError) as exc:
             raise EngineRequestError(str(exc), param=param_of_error(exc)) from exc
         task = asyncio.get_running_loop().create_task(
             self._run(req.request_id, prompt_ids, sampling), name="vllm-%s" % req.request_id)

@@ -15,7 +15,9 @@ from typing import Optional
 
 import yaml
 
-from runtime.head_client import HeadRefused, HeadUnreachable, status as head_status
+from runtime import head_client
+from runtime.credentials import client_token
+from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
 from runtime.stack_config import StackConfig, load_stack
 
@@ -84,9 +86,52 @@ def _cmd_models_prepare(ns: argparse.Namespace) -> int:
     return 0 if _prepare(ns.name) else 1
 
 
+def _token(ns: argparse.Namespace) -> str:
+    return client_token(ns.token, ns.state_dir)
+
+
+def _admin_call(ns: argparse.Namespace, fn, *args) -> int:
+    """Run one admin command against the head; print its result (JSON with --json)."""
+    try:
+        data = fn(ns.head, _token(ns), *args, timeout=ns.timeout)
+    except (HeadUnreachable, HeadRefused) as exc:
+        if ns.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        log.error("%s", exc)
+        return 1
+    if ns.json:
+        print(json.dumps({"ok": True, **data}))
+    else:
+        print("%s%s" % (data.get("result", "ok"),
+                        " (generation %d)" % data["generation"] if data.get("generation") else ""))
+    return 0
+
+
+def _cmd_deploy(ns: argparse.Namespace) -> int:
+    try:
+        raw = yaml.safe_load(Path(ns.file).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        log.error("cannot read %s: %s", ns.file, exc)
+        return 2
+    specs = raw if isinstance(raw, list) else (raw.get("deployments") if isinstance(raw, dict)
+                                               and "deployments" in raw else [raw])
+    code = 0
+    for spec in specs:
+        code = max(code, _admin_call(ns, head_client.deploy, spec))
+    return code
+
+
+def _cmd_scale(ns: argparse.Namespace) -> int:
+    return _admin_call(ns, head_client.scale, ns.name, ns.replicas)
+
+
+def _cmd_delete(ns: argparse.Namespace) -> int:
+    return _admin_call(ns, head_client.delete, ns.name)
+
+
 def _cmd_status(ns: argparse.Namespace) -> int:
     try:
-        reply = head_status(ns.head, timeout=ns.timeout)
+        reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout)
     except (HeadUnreachable, HeadRefused) as exc:
         log.error("%s", exc)
         return 1
@@ -118,11 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start head, agent and proxy on this host")
     up.add_argument("--config", help="stack config (default: serve SmolLM2-135M-Instruct with vLLM)")
     up.set_defaults(func=_cmd_up)
-    st = sub.add_parser("status", help="deployments, replicas and agents, from the head")
-    st.add_argument("--head", default=DEFAULT_HEAD)
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--timeout", type=float, default=3.0)
-    st.set_defaults(func=_cmd_status)
+    def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help)
+        cmd.add_argument("--head", default=DEFAULT_HEAD, help="the head's control endpoint")
+        cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
+                                                       "the state directory's admin.token)")
+        cmd.add_argument("--state-dir", default=None, help="where to look for admin.token")
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        cmd.add_argument("--timeout", type=float, default=3.0)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    head_command("status", "deployments, replicas and agents, from the head", _cmd_status)
+    head_command("deploy", "create or update deployments from a spec file", _cmd_deploy).add_argument(
+        "-f", "--file", required=True, help="YAML/JSON: one spec, a list, or {deployments: [...]}")
+    scale = head_command("scale", "set a deployment's replica count", _cmd_scale)
+    scale.add_argument("name")
+    scale.add_argument("replicas", type=int)
+    head_command("delete", "delete a deployment (its replicas drain, then stop)", _cmd_delete).add_argument("name")
     models = sub.add_parser("models", help="model files")
     msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert a packaged model once into the cache")

@@ -9,7 +9,10 @@ from typing import Any
 
 import zmq
 
-from runtime.protocol import PROTOCOL_VERSION, ControlReply, StatusReply, StatusRequest, decode_frames, encode
+from runtime.protocol import (
+    PROTOCOL_VERSION, ControlReply, DeleteRequest, DeployRequest, ScaleRequest, StatusReply, StatusRequest,
+    decode_frames, encode,
+)
 
 
 class HeadUnreachable(RuntimeError):
@@ -37,8 +40,20 @@ def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
     return reply
 
 
-def status(endpoint: str, timeout: float = 3.0) -> StatusReply:
-    reply = request(endpoint, StatusRequest(PROTOCOL_VERSION), timeout)
+def status(endpoint: str, token: str, timeout: float = 3.0) -> StatusReply:
+    reply = request(endpoint, StatusRequest(PROTOCOL_VERSION, token), timeout)
     if not isinstance(reply, StatusReply):
         raise HeadRefused("unexpected reply %s" % type(reply).__name__)
     return reply
+
+
+def deploy(endpoint: str, token: str, spec: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
+    return request(endpoint, DeployRequest(token, spec), timeout).data
+
+
+def scale(endpoint: str, token: str, name: str, replicas: int, timeout: float = 3.0) -> dict[str, Any]:
+    return request(endpoint, ScaleRequest(token, name, replicas), timeout).data
+
+
+def delete(endpoint: str, token: str, name: str, timeout: float = 3.0) -> dict[str, Any]:
+    return request(endpoint, DeleteRequest(token, name), timeout).data

@@ -42,8 +42,10 @@ class Launcher:
         s = self.stack
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
-        self._spawn("head", ["--control", s.head_control, "--publish", s.head_publish,
-                             "--config", str(self.config_path)])
+        head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
+        if s.head_state_dir:
+            head_args += ["--state-dir", s.head_state_dir]
+        self._spawn("head", head_args)
         self._spawn("agent", ["--head", s.head_control.replace("*", "127.0.0.1"), "--host", s.agent_host])
         proxy_args = ["--head", s.head_control, "--bind", s.proxy_bind]
         if s.proxy_workers:

@@ -14,6 +14,8 @@ Sockets and the messages they carry (see README "Architecture"):
                                          proxy DEALER (connects)       HeadHello, SnapshotRequest ->
                                                                        <- HeadInfo, RoutingTable
                                          CLI DEALER (connects)         StatusRequest -> <- StatusReply
+                                                                       Deploy/Scale/DeleteRequest ->
+                                                                       <- ControlReply
   head routing PUB (head, binds)         proxy SUB (connects)          <- RoutingTable (topic b"table")
   agent replica ROUTER (agent, binds)    model_proc DEALER (connects)  ReplicaHello, ReplicaStatus,
                                                                        ReplicaDead ->
@@ -154,6 +156,10 @@ class ReplicaSpec(msgspec.Struct, frozen=True):
     engine_args: dict[str, Any] = {}
     gpus: int = 0
     max_ongoing_requests: int = 64
+    generation: int = 0  # the deployment's spec generation (rolling updates)
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    drain_seconds: float = 10.0
 
 
 class ReplicaReport(msgspec.Struct, frozen=True):
@@ -168,6 +174,7 @@ class ReplicaReport(msgspec.Struct, frozen=True):
     started_at: float = 0.0
     message: str = ""
     status: Optional[ReplicaStatus] = None
+    generation: int = 0
 
 
 class AgentRegister(msgspec.Struct, frozen=True):
@@ -197,6 +204,7 @@ class ControlReply(msgspec.Struct, frozen=True):
     ok: bool
     code: str = ""  # machine-readable reason when not ok, e.g. "unknown_agent", "protocol"
     message: str = ""
+    data: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------- proxy <-> head
@@ -247,6 +255,25 @@ class RoutingTable(msgspec.Struct, frozen=True):
 
 class StatusRequest(msgspec.Struct, frozen=True):
     protocol: int
+    token: str = ""
+
+
+class DeployRequest(msgspec.Struct, frozen=True):
+    """Create or update a deployment (idempotent). `spec` is the deployment spec as plain data."""
+
+    token: str
+    spec: dict[str, Any]
+
+
+class ScaleRequest(msgspec.Struct, frozen=True):
+    token: str
+    name: str
+    replicas: int
+
+
+class DeleteRequest(msgspec.Struct, frozen=True):
+    token: str
+    name: str
 
 
 class StatusReply(msgspec.Struct, frozen=True):
@@ -263,7 +290,7 @@ Message = Union[
     ReplicaHello, ReplicaStatus,
     AgentRegister, AgentHeartbeat, Assignment, ControlReply,
     HeadHello, HeadInfo, SnapshotRequest, RoutingTable,
-    StatusRequest, StatusReply,
+    StatusRequest, StatusReply, DeployRequest, ScaleRequest, DeleteRequest,
 ]
 
 _TYPES: dict[int, type] = {
@@ -284,6 +311,9 @@ _TYPES: dict[int, type] = {
     0x33: RoutingTable,
     0x40: StatusRequest,
     0x41: StatusReply,
+    0x42: DeployRequest,
+    0x43: ScaleRequest,
+    0x44: DeleteRequest,
 }
 _TYPE_BYTES: dict[type, bytes] = {cls: bytes([code]) for code, cls in _TYPES.items()}
 _DECODERS: dict[bytes, msgspec.msgpack.Decoder] = {

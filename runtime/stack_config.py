@@ -6,6 +6,7 @@ naming the field to change (e.g. "deployments[0].replicas: must be an integer >=
     head:
       control: tcp://127.0.0.1:7100     # ROUTER: agents, proxies and the CLI connect here
       publish: tcp://127.0.0.1:7101     # PUB: routing tables to proxies
+      state_dir: /var/lib/tokenrelay    # head.db and admin.token (default ~/.local/state/tokenrelay)
     agent:
       host: 127.0.0.1                   # address replicas bind on (proxies must reach it)
     proxy:
@@ -34,24 +35,41 @@ ENGINES = ("mock", "vllm")
 
 @dataclass(frozen=True)
 class DeploymentSpec:
+    """One deployment. Every field is documented in docs/deployments.md."""
+
     name: str
     engine: str
     model: str
     replicas: int = 1
     engine_args: dict[str, Any] = field(default_factory=dict)
-    gpus: int = 0
+    gpus: int = 0                 # per replica; also its tensor-parallel size
+    cpus: float = 0.0             # CPU cores per replica (0: no reservation)
+    memory_bytes: int = 0         # memory per replica (0: no reservation)
     max_ongoing_requests: int = 64
+    placement_labels: dict[str, str] = field(default_factory=dict)  # agent labels a host must carry
+    drain_seconds: float = 10.0   # in-flight requests may finish this long when a replica is retired
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "engine": self.engine, "model": self.model,
                 "replicas": self.replicas, "engine_args": dict(self.engine_args),
-                "gpus": self.gpus, "max_ongoing_requests": self.max_ongoing_requests}
+                "gpus": self.gpus, "cpus": self.cpus, "memory": self.memory_bytes,
+                "max_ongoing_requests": self.max_ongoing_requests,
+                "placement": {"labels": dict(self.placement_labels)},
+                "drain_seconds": self.drain_seconds}
+
+    def same_but_replicas(self, other: "DeploymentSpec") -> bool:
+        """True if only the replica count differs (a scale, not a rolling update)."""
+        a, b = self.to_dict(), other.to_dict()
+        a.pop("replicas")
+        b.pop("replicas")
+        return a == b
 
 
 @dataclass(frozen=True)
 class StackConfig:
     head_control: str = "tcp://127.0.0.1:7100"
     head_publish: str = "tcp://127.0.0.1:7101"
+    head_state_dir: Optional[str] = None
     agent_host: str = "127.0.0.1"
     proxy_bind: str = "127.0.0.1:8000"
     proxy_workers: Optional[int] = None
@@ -73,7 +91,8 @@ def _str(value: Any, where: str) -> str:
 def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
-    known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "max_ongoing_requests"}
+    known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
+             "max_ongoing_requests", "placement", "drain_seconds"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError("%s: unknown field(s) %s (known: %s)" % (where, unknown, ", ".join(sorted(known))))
@@ -87,14 +106,51 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     engine_args = raw.get("engine_args", {}) or {}
     if not isinstance(engine_args, dict):
         raise ValueError("%s.engine_args: must be a mapping" % where)
-    json.dumps(engine_args)  # must cross the wire as plain data
+    try:
+        json.dumps(engine_args)  # must cross the wire as plain data
+    except (TypeError, ValueError) as exc:
+        raise ValueError("%s.engine_args: must be plain data: %s" % (where, exc)) from None
+    placement = raw.get("placement") or {}
+    if not isinstance(placement, dict) or set(placement) - {"labels"}:
+        raise ValueError("%s.placement: must be a mapping with only 'labels'" % where)
+    labels = placement.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in labels.items()):
+        raise ValueError("%s.placement.labels: must map strings to strings" % where)
     return DeploymentSpec(
         name=name, engine=engine, model=model,
         replicas=_int(raw.get("replicas", 1), where + ".replicas", 0),
         engine_args=engine_args,
         gpus=_int(raw.get("gpus", 0), where + ".gpus", 0),
+        cpus=_number(raw.get("cpus", 0), where + ".cpus"),
+        memory_bytes=parse_size(raw.get("memory", 0), where + ".memory"),
         max_ongoing_requests=_int(raw.get("max_ongoing_requests", 64), where + ".max_ongoing_requests", 1),
+        placement_labels=dict(labels),
+        drain_seconds=_number(raw.get("drain_seconds", 10.0), where + ".drain_seconds"),
     )
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Bytes from an integer or a string like "16Gi", "512M"."""
+    if isinstance(value, bool):
+        raise ValueError("%s: must be a size like 16Gi or a byte count, got %r" % (where, value))
+    if isinstance(value, int) and value >= 0:
+        return value
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError("%s: must be a size like 16Gi or a byte count, got %r" % (where, value))
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("%s: must be a number >= 0, got %r" % (where, value))
+    return float(value)
 
 
 def parse_stack(raw: Any) -> StackConfig:
@@ -123,6 +179,7 @@ def parse_stack(raw: Any) -> StackConfig:
     return StackConfig(
         head_control=_str(head.get("control", StackConfig.head_control), "head.control"),
         head_publish=_str(head.get("publish", StackConfig.head_publish), "head.publish"),
+        head_state_dir=None if head.get("state_dir") is None else _str(head["state_dir"], "head.state_dir"),
         agent_host=_str(agent.get("host", StackConfig.agent_host), "agent.host"),
         proxy_bind=_str(proxy.get("bind", StackConfig.proxy_bind), "proxy.bind"),
         proxy_workers=None if workers is None else _int(workers, "proxy.workers", 1),

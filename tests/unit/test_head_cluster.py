@@ -13,7 +13,7 @@ def _register(state, agent_id, now, gpus=0, replicas=()):
 
 def _ready(replica_id, deployment, endpoint="tcp://h:1", running=0):
     st = ReplicaStatus(replica_id, True, running, 0, 0.0, 1, 0, 0, 0, 0)
-    return ReplicaReport(replica_id, deployment, "ready", endpoint, 10, status=st)
+    return ReplicaReport(replica_id, deployment, "ready", endpoint, 10, status=st, generation=1)
 
 
 def test_replicas_are_spread_across_agents():
@@ -58,14 +58,17 @@ def test_scale_down_removes_extra_and_gpu_shortage_is_pending():
     state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=3)])
     _register(state, "a1", 0.0, replicas=[_ready("d-%d" % i, "d") for i in range(5)])
     state.reconcile(1.0)
-    assert len(state.assignment_for("a1")) == 3
+    assert len(state.routes()[0].replicas) == 3  # the extra two leave routing at once ...
+    assert len(state.assignment_for("a1")) == 5
+    state.reconcile(2.5)
+    assert len(state.assignment_for("a1")) == 3  # ... and are unassigned after the drain delay
     state = ClusterState([DeploymentSpec("g", "vllm", "m", replicas=2, gpus=1)])
     _register(state, "a1", 0.0, gpus=1)
     state.reconcile(0.0)
     assert len(state.assignment_for("a1")) == 1
     deployments, _ = state.status(0.0, 0.0)
     assert deployments[0]["state"] == "pending"
-    assert "free GPU" in deployments[0]["pending_reason"]
+    assert "0 of 1 GPU(s) free, need 1" in deployments[0]["pending_reason"]
 
 
 def test_table_versions_bump_on_change_and_republish_every_interval():
@@ -78,3 +81,56 @@ def test_table_versions_bump_on_change_and_republish_every_interval():
     assert t2.version == 1  # same content, republished
     t3 = tv.update([], 1.1)
     assert t3.version == 2
+
+
+def _make_ready(state, agent_id, now):
+    reports = [_ready(s.replica_id, s.deployment) for s in state.assignment_for(agent_id)]
+    reports = [ReplicaReport(r.replica_id, r.deployment, r.state, r.endpoint, r.pid, status=r.status,
+                             generation=s.generation) for r, s in zip(reports, state.assignment_for(agent_id))]
+    state.heartbeat(AgentHeartbeat(agent_id, 1, reports), now)
+
+
+def test_rolling_update_keeps_old_replicas_until_new_are_ready():
+    spec = DeploymentSpec("d", "mock", "m", replicas=2, engine_args={"v": 1})
+    state = ClusterState([spec])
+    _register(state, "a1", 0.0)
+    state.reconcile(0.0)
+    _make_ready(state, "a1", 0.1)
+    old_ids = {r.replica_id for r in state.routes()[0].replicas}
+    assert len(old_ids) == 2
+    assert state.put_deployment(spec) == ("unchanged", 1)
+    assert state.put_deployment(DeploymentSpec("d", "mock", "m", replicas=2, engine_args={"v": 2})) == ("updated", 2)
+    state.reconcile(1.0)
+    # surge: two new replicas assigned, old ones still routed
+    assert len(state.assignment_for("a1")) == 4
+    assert {r.replica_id for r in state.routes()[0].replicas} == old_ids
+    _make_ready(state, "a1", 1.5)
+    state.reconcile(1.6)
+    routed = {r.replica_id for r in state.routes()[0].replicas}
+    assert routed and routed.isdisjoint(old_ids)
+    state.reconcile(3.0)
+    assert {s.replica_id for s in state.assignment_for("a1")} == routed
+    assert all(s.generation == 2 for s in state.assignment_for("a1"))
+
+
+def test_labels_and_memory_constrain_placement():
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=2, placement_labels={"zone": "b"},
+                                         memory_bytes=10 << 30)])
+    cap = Capacity(8, 16 << 30, [])
+    state.register_agent(AgentRegister(PROTOCOL_VERSION, "a", "a", cap, {"zone": "a"}), 0.0)
+    state.register_agent(AgentRegister(PROTOCOL_VERSION, "b", "b", cap, {"zone": "b"}), 0.0)
+    state.reconcile(0.0)
+    assert len(state.assignment_for("a")) == 0 and len(state.assignment_for("b")) == 1
+    reason = state.status(0.0, 0.0)[0][0]["pending_reason"]
+    assert "labels do not match" in reason and "GiB free" in reason
+
+
+def test_dead_agent_replicas_are_replaced_elsewhere():
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=2)], agent_timeout=3.0)
+    _register(state, "a1", 0.0)
+    _register(state, "a2", 0.0)
+    state.reconcile(0.0)
+    state.heartbeat(AgentHeartbeat("a2", 1, []), 3.0)
+    state.expire_agents(3.5)
+    state.reconcile(3.5)
+    assert len(state.assignment_for("a2")) == 2

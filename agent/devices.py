@@ -1,0 +1,217 @@
+"""Which accelerators and CPU cores this host has, and which of them each replica gets.
+
+Runs in the agent process. Owns no socket and starts nothing: pure functions and one small bookkeeping
+class (`DeviceAllocator`), so placement on a host is testable without hardware. Never raises from
+discovery (a host without NVML simply has no GPUs); allocation raises `ValueError` naming the knob to
+change when a replica does not fit.
+
+A replica's devices reach vLLM only through its environment:
+- GPU replica: `CUDA_VISIBLE_DEVICES` lists its GPUs in NVML (PCI bus) order, with
+  `CUDA_DEVICE_ORDER=PCI_BUS_ID` so CUDA numbers them the same way; its tensor-parallel size is the count.
+- CPU replica: `VLLM_CPU_OMP_THREADS_BIND` pins its OpenMP threads to its own cores (without it every
+  vLLM on the host binds to the same cores and throughput halves), `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes
+  its KV cache, and `CUDA_VISIBLE_DEVICES=""` keeps it off any GPU the host has.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from runtime.protocol import GpuInfo
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def discover_gpus(nvml: Any = None) -> list[GpuInfo]:
+    """The host's NVIDIA GPUs via NVML (`pynvml`, package nvidia-ml-py); [] when there is none or no NVML.
+
+    `nvml` is the module to use (tests pass a fake); by default `pynvml` is imported if installed.
+    """
+    if nvml is None:
+        try:
+            import pynvml as nvml  # type: ignore[import-not-found, no-redef]
+        except ImportError:
+            return []
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: no usable GPU here
+        log.info("agent [devices] NVML unavailable (%s): no GPUs", exc)
+        return []
+    try:
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(handle)
+            if isinstance(name, bytes):  # older pynvml returns bytes
+                name = name.decode("utf-8", "replace")
+            memory = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+            gpus.append(GpuInfo(index=index, name=str(name), memory_bytes=memory))
+        return gpus
+    except Exception as exc:
+        log.warning("agent [devices] NVML query failed (%s): reporting no GPUs", exc)
+        return []
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def host_cpu_cores() -> list[int]:
+    """The CPU ids this process may run on (its affinity mask), sorted."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def format_id_list(ids: Iterable[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the format of VLLM_CPU_OMP_THREADS_BIND)."""
+    ordered = sorted(set(ids))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else "%d-%d" % (ordered[i], ordered[j]))
+        i = j + 1
+    return ",".join(parts)
+
+
+def cores_per_replica(total_cores: int, replicas: int) -> int:
+    """Cores each of `replicas` CPU replicas gets when a host's cores are split evenly (at least 1)."""
+    if replicas < 1:
+        raise ValueError("replicas must be at least 1, got %d" % replicas)
+    if total_cores < replicas:
+        raise ValueError("%d CPU replicas do not fit on %d cores: lower the deployment's replica count "
+                         "or give each host more cores" % (replicas, total_cores))
+    return total_cores // replicas
+
+
+def pick_cores(free: Sequence[int], count: int) -> Optional[list[int]]:
+    """`count` cores from `free`: the lowest contiguous run if there is one, else the lowest ids."""
+    ordered = sorted(free)
+    if count > len(ordered):
+        return None
+    for start in range(len(ordered) - count + 1):
+        window = ordered[start:start + count]
+        if window[-1] - window[0] == count - 1:
+            return window
+    return ordered[:count]
+
+
+# --------------------------------------------------------------------------- allocator
+
+
+@dataclass(frozen=True)
+class Allocation:
+    replica_id: str
+    gpus: tuple[int, ...]
+    cpus: tuple[int, ...]
+    env: dict[str, str]
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return max(1, len(self.gpus))
+
+
+class DeviceAllocator:
+    """Which GPUs and cores each replica on this host holds. Not thread-safe: one owner (the agent loop).
+
+    `allocate` is idempotent for a replica that already holds devices of the same shape (an agent that
+    re-applies the same assignment gets the same env back).
+    """
+
+    def __init__(self, gpu_indices: Iterable[int], cpu_cores: Iterable[int],
+                 kv_cache_gib: Optional[int] = None) -> None:
+        self._gpus = sorted(set(gpu_indices))
+        self._cores = sorted(set(cpu_cores))
+        if kv_cache_gib is not None and kv_cache_gib < 1:
+            raise ValueError("kv_cache_gib must be a whole number of GiB >= 1 (VLLM_CPU_KVCACHE_SPACE), "
+                             "got %r" % kv_cache_gib)
+        self._kv_cache_gib = kv_cache_gib
+        self._held: dict[str, Allocation] = {}
+
+    @property
+    def free_gpus(self) -> list[int]:
+        taken = {g for a in self._held.values() for g in a.gpus}
+        return [g for g in self._gpus if g not in taken]
+
+    @property
+    def free_cores(self) -> list[int]:
+        taken = {c for a in self._held.values() for c in a.cpus}
+        return [c for c in self._cores if c not in taken]
+
+    def get(self, replica_id: str) -> Optional[Allocation]:
+        return self._held.get(replica_id)
+
+    def allocate(self, replica_id: str, gpus: int = 0, cpus: Optional[int] = None) -> Allocation:
+        """Reserve devices for a replica and return them with its environment.
+
+        gpus > 0: that many free GPUs (tensor parallel across them); cores are not pinned.
+        gpus == 0: a CPU replica pinned to `cpus` free cores (default: every free core).
+        """
+        if gpus < 0:
+            raise ValueError("gpus must be >= 0 (deployment gpus), got %d" % gpus)
+        if cpus is not None and cpus < 1:
+            raise ValueError("cpus must be >= 1, got %d" % cpus)
+        held = self._held.get(replica_id)
+        if held is not None:
+            if len(held.gpus) == gpus and (gpus > 0 or cpus is None or len(held.cpus) == cpus):
+                return held
+            raise ValueError("replica %s already holds gpus=%s cpus=%s; release it before asking for "
+                             "a different shape" % (replica_id, list(held.gpus), list(held.cpus)))
+        if gpus > 0:
+            allocation = self._allocate_gpus(replica_id, gpus)
+        else:
+            allocation = self._allocate_cores(replica_id, cpus)
+        self._held[replica_id] = allocation
+        log.info("agent [devices] %s gets gpus=%s cpus=%s", replica_id,
+                 list(allocation.gpus), format_id_list(allocation.cpus))
+        return allocation
+
+    def release(self, replica_id: str) -> None:
+        """Return a replica's devices; unknown ids are ignored (idempotent)."""
+        self._held.pop(replica_id, None)
+
+    def _allocate_gpus(self, replica_id: str, count: int) -> Allocation:
+        free = self.free_gpus
+        if count > len(self._gpus):
+            raise ValueError("replica %s needs %d GPUs but this host has %d: lower the deployment's gpus"
+                             % (replica_id, count, len(self._gpus)))
+        if count > len(free):
+            raise ValueError("replica %s needs %d GPUs but only %d are free (%s held by %s): lower the "
+                             "deployment's gpus or its replica count"
+                             % (replica_id, count, len(free), self._holders("gpus"), self._holder_ids()))
+        chosen = tuple(free[:count])
+        env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+               "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in chosen)}
+        return Allocation(replica_id, chosen, (), env)
+
+    def _allocate_cores(self, replica_id: str, count: Optional[int]) -> Allocation:
+        free = self.free_cores
+        want = len(free) if count is None else count
+        if want < 1 or want > len(free):
+            raise ValueError("replica %s needs %s CPU cores but %d of %d are free: lower the number of "
+                             "CPU replicas per host or their cpus"
+                             % (replica_id, want if count is not None else "some", len(free), len(self._cores)))
+        chosen = tuple(pick_cores(free, want) or ())
+        env = {"VLLM_CPU_OMP_THREADS_BIND": format_id_list(chosen), "CUDA_VISIBLE_DEVICES": ""}
+        if self._kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_gib)
+        return Allocation(replica_id, (), chosen, env)
+
+    def _holders(self, kind: str) -> str:
+        return ",".join(str(x) for a in self._held.values() for x in getattr(a, kind)) or "none"
+
+    def _holder_ids(self) -> str:
+        return ",".join(sorted(self._held)) or "nobody"

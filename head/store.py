@@ -1,0 +1,76 @@
+"""The head's hard state on disk: deployments and the epoch counter, in SQLite (standard library).
+
+Runs in the head process, called from its reactor thread only; owns no socket. Every write is committed
+before the head acknowledges the command that caused it, so an acknowledged deploy survives a crash.
+Soft state (agents, placements, health) is never stored: agents report it again after a restart.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Optional
+
+from runtime.stack_config import DeploymentSpec, parse_deployment
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,          -- JSON of DeploymentSpec.to_dict()
+    generation INTEGER NOT NULL, -- bumped when anything but the replica count changes (rolling update)
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StateStore:
+    def __init__(self, path: Optional[str | Path]) -> None:
+        """`path` None keeps state in memory only (tests, throwaway stacks)."""
+        target = str(path) if path else ":memory:"
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # autocommit with explicit transactions; built in one thread, used by the reactor thread only
+        self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def next_epoch(self) -> int:
+        """A new epoch, larger than any this store handed out before (and than wall-clock ms)."""
+        with self._tx():
+            row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            epoch = max(int(row[0]) + 1 if row else 0, int(time.time() * 1000))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
+        return epoch
+
+    def load(self) -> list[tuple[DeploymentSpec, int]]:
+        rows = self._db.execute("SELECT spec, generation FROM deployments ORDER BY name").fetchall()
+        return [(parse_deployment(json.loads(spec)), gen) for spec, gen in rows]
+
+    def put(self, spec: DeploymentSpec, generation: int) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?)",
+                             (spec.name, json.dumps(spec.to_dict(), sort_keys=True), generation, time.time()))
+
+    def delete(self, name: str) -> None:
+        with self._tx():
+            self._db.execute("DELETE FROM deployments WHERE name=?", (name,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,78 @@
+"""Every prometheus metric of the proxy (prefix `tokenrelay_proxy_`), and the /metrics rendering.
+
+Runs in proxy workers; owns no socket. Under gunicorn this must be imported only after
+PROMETHEUS_MULTIPROC_DIR is set (proxy/__main__ and server.run do that via config.prepare_metrics_dir);
+the master only calls `mark_process_dead` from the child_exit hook. Per-token cost: one histogram
+observe per chunk, nothing else.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess,
+)
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+           120.0, 300.0)
+
+REQUESTS = Counter("tokenrelay_proxy_requests", "Inference requests by final HTTP status",
+                   ["deployment", "status"])
+IN_FLIGHT = Gauge("tokenrelay_proxy_in_flight_requests", "Requests waiting for or streaming tokens",
+                  ["deployment"], multiprocess_mode="livesum")
+TTFT = Histogram("tokenrelay_proxy_time_to_first_token_seconds", "Request start to first token",
+                 ["deployment"], buckets=BUCKETS)
+ITL = Histogram("tokenrelay_proxy_inter_token_latency_seconds", "Gap between consecutive chunks",
+                ["deployment"], buckets=BUCKETS)
+DURATION = Histogram("tokenrelay_proxy_request_duration_seconds", "Request start to end of response",
+                     ["deployment"], buckets=BUCKETS)
+TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
+                  "Seconds since this worker last got a routing table (max over live workers)",
+                  multiprocess_mode="livemax")
+
+
+def count_request(deployment: str, status: int) -> None:
+    REQUESTS.labels(deployment, str(status)).inc()
+
+
+class RequestTracker:
+    """Latency and in-flight metrics of one routed request; `finish` is idempotent."""
+
+    __slots__ = ("deployment", "_clock", "_start", "_last", "_itl", "_done")
+
+    def __init__(self, deployment: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.deployment = deployment
+        self._clock = clock
+        self._start = clock()
+        self._last = 0.0
+        self._itl = None
+        self._done = False
+        IN_FLIGHT.labels(deployment).inc()
+
+    def token(self) -> None:
+        now = self._clock()
+        if self._itl is None:
+            TTFT.labels(self.deployment).observe(now - self._start)
+            self._itl = ITL.labels(self.deployment)
+        else:
+            self._itl.observe(now - self._last)
+        self._last = now
+
+    def finish(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        IN_FLIGHT.labels(self.deployment).dec()
+        DURATION.labels(self.deployment).observe(self._clock() - self._start)
+        count_request(self.deployment, status)
+
+
+def render() -> tuple[bytes, str]:
+    """Exposition bytes for GET /metrics: all live and dead workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,97 @@
+"""Start the proxy: a gunicorn master with gevent workers serving the Falcon app.
+
+`run(config)` runs in the proxy's main process, which becomes the gunicorn master; it owns the listening
+HTTP socket (gunicorn's) and no ZeroMQ socket. Each worker, after fork and gevent's monkey-patching,
+builds its app and Gateway in `load()` and starts the Gateway (zmq.green Context, head subscriber,
+replica DEALERs) in the `post_worker_init` hook. The master must never create a zmq Context, import
+gevent-patched state, or touch prometheus_client before PROMETHEUS_MULTIPROC_DIR is set.
+
+Exit codes (gunicorn's): 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the HTTP socket cannot be
+bound, 3 when a worker fails to boot (e.g. an exception in post_worker_init), 2 for bad CLI args
+(argparse, before this module runs).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+from gunicorn.app.base import BaseApplication
+
+from proxy.config import METRICS_DIR_ENV, ProxyConfig, prepare_metrics_dir
+
+log = logging.getLogger(__name__)
+
+
+class ProxyApplication(BaseApplication):
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.gateway: Optional[Any] = None  # proxy.gateway.Gateway, per worker after load()
+        super().__init__()
+
+    def load_config(self) -> None:
+        c = self.config
+        settings = {
+            "bind": [c.bind],
+            "workers": c.workers,
+            "worker_class": "gevent",
+            "worker_connections": c.worker_connections,
+            "graceful_timeout": int(max(1, c.graceful_timeout)),
+            "timeout": 30,
+            "keepalive": 5,
+            "loglevel": c.log_level.lower(),
+            "errorlog": "-",
+            "accesslog": None,
+            "proc_name": "tokenrelay-proxy",
+            # gunicorn >= 24 starts an asyncio control-socket thread in the master at a fixed path
+            # (~/.gunicorn/gunicorn.ctl): shared between proxies on a host, and a loop we do not want.
+            "control_socket_disable": True,
+            "on_starting": self._on_starting,
+            "post_worker_init": self._post_worker_init,
+            "worker_exit": self._worker_exit,
+            "child_exit": _child_exit,
+        }
+        for key, value in settings.items():
+            if key in self.cfg.settings:  # control_socket_disable only exists in newer gunicorn
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        # Runs in the worker after gevent patched it; the master never imports gevent/zmq code paths.
+        from proxy.app import create_app
+        from proxy.gateway import Gateway
+
+        self.gateway = Gateway(self.config)
+        return create_app(self.gateway, self.config)
+
+    def _on_starting(self, server: Any) -> None:
+        log.info("[startup] proxy on %s with %d gevent worker(s), head %s, metrics in %s",
+                 self.config.bind, self.config.workers, self.config.head, os.environ.get(METRICS_DIR_ENV))
+
+    def _post_worker_init(self, worker: Any) -> None:
+        assert self.gateway is not None, "load() runs before post_worker_init"
+        self.gateway.start()
+
+    def _worker_exit(self, server: Any, worker: Any) -> None:
+        if self.gateway is not None:
+            try:
+                self.gateway.stop()
+            except Exception:
+                log.exception("[shutdown] closing the worker's gateway failed")
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    # In the master, after a worker exited: drop its live gauges from the multiprocess directory.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def run(config: ProxyConfig) -> int:
+    """Serve until SIGTERM/SIGINT. Blocks; gunicorn ends the process via sys.exit with its exit code."""
+    if not os.environ.get(METRICS_DIR_ENV) and "prometheus_client" in sys.modules:
+        log.warning("prometheus_client was imported before %s was set; /metrics covers one worker only",
+                    METRICS_DIR_ENV)
+    prepare_metrics_dir()
+    ProxyApplication(config).run()
+    return 0

@@ -1,0 +1,137 @@
+"""The head's reactor with real sockets in one process: admin commands, auth, persistence, recovery."""
+import threading
+
+import pytest
+import zmq
+
+from head.config import HeadConfig
+from head.server import Head
+from head.store import StateStore
+from runtime import head_client
+from runtime.head_client import HeadRefused
+from runtime.protocol import (
+    PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, HeadHello, HeadInfo,
+    ReplicaReport, ReplicaStatus, RoutingTable, SnapshotRequest, decode_frames, encode,
+)
+
+TOKEN = "s3cret"
+
+
+class RunningHead:
+    def __init__(self, db, recovery_grace=0.0):
+        cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=recovery_grace)
+        self.head = Head(cfg, StateStore(db), TOKEN)
+        self.head.bind()
+        self.endpoint = self.head.control_endpoint
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import signal
+        real = signal.signal
+        signal.signal = lambda *a: None  # only the main thread may install handlers
+        try:
+            self.head.run()
+        finally:
+            signal.signal = real
+
+    def stop(self):
+        self.head.stop()
+        self.thread.join(5)
+        self.head.store.close()
+
+
+@pytest.fixture
+def head(tmp_path):
+    h = RunningHead(tmp_path / "head.db")
+    yield h
+    h.stop()
+
+
+def _dealer(endpoint):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _recv(sock, timeout=3.0):
+    assert sock.poll(timeout * 1000), "no reply"
+    return decode_frames(sock.recv_multipart())
+
+
+def test_admin_commands_need_the_token(head):
+    with pytest.raises(HeadRefused, match="unauthorized"):
+        head_client.status(head.endpoint, "wrong")
+    with pytest.raises(HeadRefused, match="unauthorized"):
+        head_client.deploy(head.endpoint, "", {"name": "x", "engine": "mock"})
+
+
+def test_deploy_validates_and_is_idempotent(head):
+    with pytest.raises(HeadRefused, match=r"invalid_spec: spec.replicas: must be an integer >= 0"):
+        head_client.deploy(head.endpoint, TOKEN, {"name": "x", "engine": "mock", "replicas": -2})
+    spec = {"name": "x", "engine": "mock", "replicas": 1}
+    assert head_client.deploy(head.endpoint, TOKEN, spec)["result"] == "created"
+    assert head_client.deploy(head.endpoint, TOKEN, spec)["result"] == "unchanged"
+    assert head_client.scale(head.endpoint, TOKEN, "x", 3)["result"] == "scaled"
+    with pytest.raises(HeadRefused, match="not_found"):
+        head_client.scale(head.endpoint, TOKEN, "nope", 1)
+    d = {d["name"]: d for d in head_client.status(head.endpoint, TOKEN).deployments}["x"]
+    assert d["replicas"] == 3 and d["state"] == "pending" and d["pending_reason"] == "no agent registered"
+    assert head_client.delete(head.endpoint, TOKEN, "x")["result"] == "deleted"
+    assert head_client.delete(head.endpoint, TOKEN, "x")["result"] == "absent"
+
+
+def test_deployments_survive_a_restart_and_recovery_publishes_nothing(tmp_path):
+    h = RunningHead(tmp_path / "head.db")
+    head_client.deploy(h.endpoint, TOKEN, {"name": "keep", "engine": "mock", "replicas": 2})
+    epoch1 = h.head.tables.epoch
+    h.stop()
+    h2 = RunningHead(tmp_path / "head.db", recovery_grace=30.0)
+    try:
+        assert h2.head.tables.epoch > epoch1
+        names = [d["name"] for d in head_client.status(h2.endpoint, TOKEN).deployments]
+        assert names == ["keep"]
+        proxy = _dealer(h2.endpoint)
+        proxy.send_multipart(encode(HeadHello(PROTOCOL_VERSION, "proxy")))
+        info = _recv(proxy)
+        assert isinstance(info, HeadInfo) and info.epoch == h2.head.tables.epoch
+        proxy.send_multipart(encode(SnapshotRequest(PROTOCOL_VERSION)))
+        reply = _recv(proxy)
+        assert isinstance(reply, ControlReply) and reply.code == "recovering"
+        proxy.close(0)
+    finally:
+        h2.stop()
+
+
+def test_agent_register_heartbeat_and_table(head):
+    head_client.deploy(head.endpoint, TOKEN, {"name": "d", "engine": "mock", "replicas": 1})
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"table")
+    sub.connect(head.head.publish_endpoint)
+    agent = _dealer(head.endpoint)
+    agent.send_multipart(encode(AgentHeartbeat("a1", 1, [])))
+    assert _recv(agent).code == "unknown_agent"
+    agent.send_multipart(encode(AgentRegister(PROTOCOL_VERSION, "a1", "h", Capacity(2, 1 << 30))))
+    assert _recv(agent).ok
+    assignment = _recv(agent)
+    assert isinstance(assignment, Assignment) and len(assignment.replicas) == 1
+    spec = assignment.replicas[0]
+    st = ReplicaStatus(spec.replica_id, True, 0, 0, 0.0, 0, 0, 0, 0, 0)
+    agent.send_multipart(encode(AgentHeartbeat("a1", 2, [ReplicaReport(
+        spec.replica_id, "d", "ready", "tcp://127.0.0.1:9", 1, status=st, generation=spec.generation)])))
+    deadline_tables = []
+    while not deadline_tables:
+        assert sub.poll(3000)
+        table = decode_frames(sub.recv_multipart())
+        assert isinstance(table, RoutingTable)
+        if table.deployments and table.deployments[0].replicas:
+            deadline_tables.append(table)
+    assert deadline_tables[0].deployments[0].replicas[0].endpoint == "tcp://127.0.0.1:9"
+    agent.send_multipart([b"\x99", b"garbage"])
+    reply = _recv(agent)
+    while isinstance(reply, Assignment):  # answers to the heartbeat above
+        reply = _recv(agent)
+    assert reply.code == "protocol"
+    sub.close(0)
+    agent.close(0)

@@ -1,0 +1,121 @@
+"""Start a whole tokenrelay stack (`python -m runtime up`) as real processes, for integration tests.
+
+Logs go to the test's temp dir; teardown always stops the launcher and kills anything left of its tree.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import psutil
+import yaml
+
+from runtime.credentials import client_token
+from runtime.head_client import HeadUnreachable, status
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+class Stack:
+    def __init__(self, tmp: Path, deployments: list[dict], workers: int = 1) -> None:
+        self.tmp = tmp
+        self.http_port = free_port()
+        self.head = "tcp://127.0.0.1:%d" % free_port()
+        self.state_dir = tmp / "state"
+        config = {
+            "head": {"control": self.head, "publish": "tcp://127.0.0.1:%d" % free_port(),
+                     "state_dir": str(self.state_dir)},
+            "agent": {"host": "127.0.0.1"},
+            "proxy": {"bind": "127.0.0.1:%d" % self.http_port, "workers": workers},
+            "deployments": deployments,
+        }
+        self.config_path = tmp / "stack.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / "stack.log"
+        self.base_url = "http://127.0.0.1:%d" % self.http_port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "Stack":
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "up", "--config", str(self.config_path)],
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self.all_ready, timeout, "every replica READY and the proxy /ready")
+        return self
+
+    def status(self) -> dict:
+        reply = status(self.head, self.token, timeout=2.0)
+        return {"deployments": {d["name"]: d for d in reply.deployments}, "agents": reply.agents}
+
+    @property
+    def token(self) -> str:
+        return client_token(None, str(self.state_dir))
+
+    def replicas(self, deployment: str) -> list[dict]:
+        return self.status()["deployments"][deployment]["replica_list"]
+
+    def all_ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError("stack exited with %s; log:\n%s" % (self.proc.returncode, self.log()))
+        try:
+            st = self.status()
+            r = httpx.get(self.base_url + "/ready", timeout=1.0)
+        except (HeadUnreachable, httpx.HTTPError):
+            return False
+        ready = all(d["ready_replicas"] == d["replicas"] for d in st["deployments"].values())
+        return ready and r.status_code == 200
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 15.0) -> tuple[float, list[int]]:
+        """SIGINT the launcher like Ctrl-C would. Returns (seconds until it exited, pids still alive a
+        second later); whatever is still alive is then killed so no test leaves processes behind."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0.0, []
+        start = time.monotonic()
+        tree = self.tree()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+            elapsed = time.monotonic() - start
+        finally:
+            _, alive = psutil.wait_procs(tree, timeout=1.0)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            self._log.close()
+        return elapsed, [p.pid for p in alive]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:]
