@@ -24,6 +24,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     policy: RestartPolicy = RestartPolicy()
     parent_pid: Optional[int] = None
+    curve_dir: Optional[str] = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds with requests pending and no engine progress before unhealthy")
     p.add_argument("--label", action="append", default=[], help="host label key=value (repeatable)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE key directory for the head connection and replicas' data sockets "
+                        "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -75,6 +79,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
         kwargs = dict(head=ns.head, host=ns.host, replica_endpoint=ns.replica_endpoint,
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
+                      curve_dir=ns.curve_dir,
                       log_level=ns.log_level)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id

@@ -25,16 +25,15 @@ log = logging.getLogger(__name__)
 
 class ReplicaProcess:
     def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,
-                 env: Optional[dict[str, str]] = None, parent_guard: bool = True) -> None:
+                 env: Optional[dict[str, str]] = None) -> None:
         cmd = [
             sys.executable, "-m", "model_proc",
             "--replica-id", spec.replica_id, "--engine", spec.engine, "--model", spec.model,
             "--engine-args", json.dumps(spec.engine_args),
             "--bind", "tcp://%s:*" % host, "--agent", agent_endpoint,
             "--drain-seconds", str(spec.drain_seconds),
+            "--parent-pid", str(os.getpid()),  # replicas die with their agent (no orphans)
         ]
-        if parent_guard:
-            cmd += ["--parent-pid", str(os.getpid())]
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.popen = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdin=subprocess.DEVNULL)

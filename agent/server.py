@@ -22,6 +22,7 @@ from agent.config import AgentConfig
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.processes import ReplicaProcess
 from runtime import parent_guard
+from runtime.curve import CURVE_ENV, CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
     ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
@@ -59,6 +60,7 @@ class Agent:
         self._dirty = False
         self._wall_offset = time.time() - clock()
         self.capacity = host_capacity()
+        self._curve = CurveKeys.load(config.curve_dir)
 
     def stop(self) -> None:
         self._shutdown = True
@@ -124,6 +126,8 @@ class Agent:
         self._head = self._ctx.socket(zmq.DEALER)
         self._head.setsockopt(zmq.LINGER, 0)
         self._head.setsockopt(zmq.SNDHWM, 100)
+        if self._curve is not None:
+            self._curve.connect_as_client(self._head)
         self._head.connect(self.config.head)
         self._registered = False
         self._last_head_reply = self.clock()
@@ -235,7 +239,10 @@ class Agent:
         log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
 
     def _replica_env(self, spec: ReplicaSpec) -> dict[str, str]:
-        return {}
+        env = {}
+        if self._curve is not None:
+            env[CURVE_ENV] = str(self._curve.directory)
+        return env
 
     def _on_replica_frames(self, frames: list[bytes]) -> None:
         try:

@@ -20,6 +20,7 @@ class HeadConfig:
     state_dir: Optional[str] = None  # SQLite state and admin token; see runtime.credentials
     persist: bool = True
     parent_pid: Optional[int] = None
+    curve_dir: Optional[str] = None  # CURVE keys (runtime.curve); None: $TOKENRELAY_CURVE_DIR or plain
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $TOKENRELAY_STATE_DIR or ~/.local/state/tokenrelay)")
     p.add_argument("--no-persist", action="store_true", help="keep deployments in memory only")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE key directory: encrypt and authenticate both sockets "
+                        "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -61,6 +65,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
         return HeadConfig(control=ns.control, publish=ns.publish, config_file=ns.config_file,
                           agent_timeout=ns.agent_timeout, recovery_grace=ns.recovery_grace,
                           state_dir=ns.state_dir, persist=not ns.no_persist, parent_pid=ns.parent_pid,
+                          curve_dir=ns.curve_dir,
                           log_level=ns.log_level)
     except ValueError as exc:
         parser.error(str(exc))

@@ -23,6 +23,7 @@ from head.store import StateStore
 from head.table import TableVersions
 from runtime import parent_guard
 from runtime.credentials import token_matches
+from runtime.curve import CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
@@ -67,18 +68,25 @@ class Head:
         return self.clock() - self._started < self.config.recovery_grace
 
     def bind(self) -> None:
+        keys = CurveKeys.load(self.config.curve_dir)
+        self._auth = keys.start_authenticator(self._ctx) if keys else None
         self._control = self._ctx.socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.setsockopt(zmq.SNDHWM, 10_000)
+        if keys:
+            keys.serve(self._control)
         self._control.bind(self.config.control)
         self.control_endpoint = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100)
+        if keys:
+            keys.serve(self._pub)
         self._pub.bind(self.config.publish)
         self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s)", self.control_endpoint,
-                 self.publish_endpoint, self.tables.epoch, len(self.state.deployments))
+        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s), CURVE %s",
+                 self.control_endpoint, self.publish_endpoint, self.tables.epoch, len(self.state.deployments),
+                 "on" if keys else "off")
 
     def run(self) -> int:
         """Serve until stop() or SIGTERM/SIGINT. Returns the exit code."""
@@ -105,6 +113,8 @@ class Head:
         finally:
             self._control.close(0)
             self._pub.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             log.info("[shutdown] head stopped")
         return 0
 

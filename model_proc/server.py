@@ -24,6 +24,7 @@ import zmq.asyncio
 from model_proc.config import EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
 from runtime import parent_guard
+from runtime.curve import CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
@@ -73,6 +74,11 @@ class ReplicaServer:
         self._data.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._data.setsockopt(zmq.RCVHWM, DATA_HWM)
+        keys = CurveKeys.load(None)  # $TOKENRELAY_CURVE_DIR, set by the agent when CURVE is on
+        self._auth = None
+        if keys is not None:
+            self._auth = keys.start_authenticator(zmq.Context.shadow(self._ctx.underlying))
+            keys.serve(self._data)
         self._data.bind(cfg.bind)
         self.endpoint = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
         self._agent: Optional[zmq.asyncio.Socket] = None
@@ -114,6 +120,8 @@ class ReplicaServer:
             self._data.close(0)
             if self._agent is not None:
                 self._agent.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             log.info("[shutdown] replica stopped (exit %d)", self._exit_code)
 
     def _on_signal(self, sig: int) -> None:

@@ -156,7 +156,7 @@ class ReplicaConnection:
                     if self.down:
                         log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
                     self.connected, self.down = True, False
-                elif event == zmq.EVENT_DISCONNECTED:
+                elif False:
                     log.warning("[failover] lost connection to replica %s at %s (%d in flight)",
                                 self.replica_id, self.endpoint, len(self.inflight))
                     self._mark_down("lost connection to replica %s" % self.replica_id)

@@ -129,6 +129,19 @@ def _cmd_delete(ns: argparse.Namespace) -> int:
     return _admin_call(ns, head_client.delete, ns.name)
 
 
+def _cmd_keys_generate(ns: argparse.Namespace) -> int:
+    from runtime.curve import CurveConfigError, generate
+    try:
+        paths = generate(Path(ns.dir))
+    except CurveConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    for path in paths:
+        print(path)
+    print("distribute as described in docs/operations.md, then pass --curve-dir or set TOKENRELAY_CURVE_DIR")
+    return 0
+
+
 def _cmd_status(ns: argparse.Namespace) -> int:
     try:
         reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout)
@@ -181,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("name")
     scale.add_argument("replicas", type=int)
     head_command("delete", "delete a deployment (its replicas drain, then stop)", _cmd_delete).add_argument("name")
+    keys = sub.add_parser("keys", help="CURVE keys for encrypted, authenticated sockets across hosts")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = ksub.add_parser("generate", help="write a server and a client keypair into DIR")
+    gen.add_argument("dir")
+    gen.set_defaults(func=_cmd_keys_generate)
     models = sub.add_parser("models", help="model files")
     msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert a packaged model once into the cache")

@@ -9,6 +9,7 @@ from typing import Any
 
 import zmq
 
+from runtime.curve import CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, ControlReply, DeleteRequest, DeployRequest, ScaleRequest, StatusReply, StatusRequest,
     decode_frames, encode,
@@ -27,6 +28,9 @@ def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    keys = CurveKeys.load(None)  # $TOKENRELAY_CURVE_DIR
+    if keys is not None:
+        keys.connect_as_client(sock)
     try:
         sock.connect(endpoint)
         sock.send_multipart(encode(msg))

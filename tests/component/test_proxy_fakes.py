@@ -139,8 +139,9 @@ class FakeReplica(_Fake):
 class FakeHead(_Fake):
     """Head control ROUTER + routing PUB; republishes the table every `interval` seconds."""
 
-    def __init__(self, epoch: int = 1, interval: float = 0.2) -> None:
+    def __init__(self, epoch: int = 1, interval: float = 0.2, control_port: int = 0) -> None:
         super().__init__("fake-head")
+        self._control_bind = "tcp://127.0.0.1:%s" % (control_port or "*")
         self.epoch = epoch
         self.version = 1
         self.interval = interval
@@ -169,7 +170,7 @@ class FakeHead(_Fake):
         for s in (router, pub):
             s.setsockopt(zmq.LINGER, 0)
         try:
-            router.bind("tcp://127.0.0.1:*")
+            router.bind(self._control_bind)
             pub.bind("tcp://127.0.0.1:*")
             self.control = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.publish = pub.getsockopt_string(zmq.LAST_ENDPOINT)
