@@ -25,6 +25,7 @@ class AgentConfig:
     policy: RestartPolicy = RestartPolicy()
     parent_pid: Optional[int] = None
     curve_dir: Optional[str] = None
+    cpu_kvcache_gib: Optional[int] = None  # VLLM_CPU_KVCACHE_SPACE for CPU replicas
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-dir", default=None,
                    help="CURVE key directory for the head connection and replicas' data sockets "
                         "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+    p.add_argument("--cpu-kvcache-gib", type=int, default=None,
+                   help="KV cache GiB per CPU vLLM replica (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -79,7 +82,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
         kwargs = dict(head=ns.head, host=ns.host, replica_endpoint=ns.replica_endpoint,
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
-                      curve_dir=ns.curve_dir,
+                      curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib,
                       log_level=ns.log_level)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id

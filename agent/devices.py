@@ -201,9 +201,10 @@ class DeviceAllocator:
         free = self.free_cores
         want = len(free) if count is None else count
         if want < 1 or want > len(free):
+            asked = "some" if count is None else str(count)
             raise ValueError("replica %s needs %s CPU cores but %d of %d are free: lower the number of "
                              "CPU replicas per host or their cpus"
-                             % (replica_id, want if count is not None else "some", len(free), len(self._cores)))
+                             % (replica_id, asked, len(free), len(self._cores)))
         chosen = tuple(pick_cores(free, want) or ())
         env = {"VLLM_CPU_OMP_THREADS_BIND": format_id_list(chosen), "CUDA_VISIBLE_DEVICES": ""}
         if self._kv_cache_gib is not None:

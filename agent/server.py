@@ -15,10 +15,12 @@ import signal
 import time
 from typing import Callable, Optional
 
+import msgspec
 import psutil
 import zmq
 
 from agent.config import AgentConfig
+from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.processes import ReplicaProcess
 from runtime import parent_guard
@@ -34,12 +36,7 @@ TICK = 0.05
 
 
 def host_capacity() -> Capacity:
-    try:
-        from agent.devices import discover_gpus
-        gpus = discover_gpus()
-    except ImportError:
-        gpus = []
-    return Capacity(cpus=psutil.cpu_count() or 1, memory_bytes=psutil.virtual_memory().total, gpus=gpus)
+    return Capacity(cpus=len(host_cpu_cores()), memory_bytes=psutil.virtual_memory().total, gpus=discover_gpus())
 
 
 class Agent:
@@ -60,6 +57,8 @@ class Agent:
         self._dirty = False
         self._wall_offset = time.time() - clock()
         self.capacity = host_capacity()
+        self.devices = DeviceAllocator([g.index for g in self.capacity.gpus], host_cpu_cores(),
+                                       config.cpu_kvcache_gib)
         self._curve = CurveKeys.load(config.curve_dir)
 
     def stop(self) -> None:
@@ -197,6 +196,7 @@ class Agent:
             proc.begin_stop(seconds + self.config.stop_grace, self.clock())
         self.records.pop(replica_id, None)
             self._stopping[replica_id] = proc
+        self.devices.release(replica_id)
         self._dirty = True
 
     def _supervise(self, now: float) -> None:
@@ -206,6 +206,7 @@ class Agent:
                 code = proc.poll()
                 if code is not None:
                     del self.procs[replica_id]
+                    self.devices.release(replica_id)
                     was = rec.state
                     rec.exited(code, now)
                     log.warning("[failover] replica %s (pid %d) exited with %d while %s: %s",
@@ -228,7 +229,15 @@ class Agent:
 
     def _start(self, rec: ReplicaRecord, now: float) -> None:
         try:
-            proc = ReplicaProcess(rec.spec, self.config.host, self.replica_endpoint, self._replica_env(rec.spec))
+            spec, env = self._devices_for(rec.spec)
+        except ValueError as exc:
+            rec.state = ReplicaState.FAILED
+            rec.message = "cannot place on this host: %s" % exc
+            log.error("replica %s: %s", rec.replica_id, rec.message)
+            self._dirty = True
+            return
+        try:
+            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env)
         except OSError as exc:
             log.error("cannot start replica %s: %s", rec.replica_id, exc)
             rec.exited(1, now)
@@ -238,11 +247,24 @@ class Agent:
         self._dirty = True
         log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
 
-    def _replica_env(self, spec: ReplicaSpec) -> dict[str, str]:
+    def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
+        """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment."""
         env = {}
         if self._curve is not None:
             env[CURVE_ENV] = str(self._curve.directory)
-        return env
+        if spec.engine != "vllm":
+            return spec, env
+        if spec.gpus:
+            alloc = self.devices.allocate(spec.replica_id, gpus=spec.gpus)
+            if spec.gpus > 1 and "tensor_parallel_size" not in spec.engine_args:
+                spec = msgspec.structs.replace(
+                    spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
+        else:
+            cpu_replicas = sum(1 for r in self.records.values() if r.spec.engine == "vllm" and not r.spec.gpus)
+            cpus = int(spec.cpus) if spec.cpus >= 1 else cores_per_replica(len(host_cpu_cores()), cpu_replicas)
+            alloc = self.devices.allocate(spec.replica_id, cpus=cpus)
+        env.update(alloc.env)
+        return spec, env
 
     def _on_replica_frames(self, frames: list[bytes]) -> None:
         try:

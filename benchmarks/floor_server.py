@@ -130,8 +130,10 @@ class FloorServer:
         return True
 
     async def _generate(self, request: dict[str, Any], chat: bool, writer: asyncio.StreamWriter) -> bool:
-        max_tokens = request.get("max_tokens") or self.tokens
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        max_tokens = request.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = self.tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             writer.write(_error(400, "max_tokens must be a positive integer"))
             return True
         rid = next(self._ids)
@@ -176,7 +178,8 @@ class FloorServer:
             data = _chunk(out)
             if i == len(words) - 1:
                 empty = b'"delta":{}' if chat else b'"text":""'
-                data += _chunk(head + b'{"index":0,' + empty + b',"logprobs":null,"finish_reason":"length"}]}\n\n')
+                data += _chunk(head + b'{"index":0,' + empty
+                               + b',"logprobs":null,"finish_reason":"length"}]}\n\n')
                 if usage:
                     data += _chunk(head + b'],"usage":' + json.dumps(_usage(len(words))).encode() + b"}\n\n")
                 data += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"

@@ -21,7 +21,6 @@ import logging
 import platform
 import resource
 import sys
-import threading
 import time
 from array import array
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +31,7 @@ from urllib.parse import urlsplit
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.floor_server import FloorServer, install_uvloop  # noqa: E402
+from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.http_client import Connection, build_request  # noqa: E402
 from benchmarks.stats import RequestRecord, format_summary, summarize  # noqa: E402
 
@@ -107,6 +106,8 @@ class _Run:
         self.window_start = self.t0 + cfg.ramp
         self.window_end = self.window_start + cfg.duration if cfg.duration is not None else None
         self.issued = 0  # measured requests started (requests mode)
+        self.cpu_start: Optional[float] = None
+        self.cpu_used: Optional[float] = None
 
     def _may_start(self) -> bool:
         now = time.perf_counter()
@@ -151,10 +152,18 @@ class _Run:
 
     async def window_hooks(self, on_start: Optional[Hook], on_end: Optional[Hook]) -> None:
         await asyncio.sleep(max(0.0, self.window_start - time.perf_counter()))
+        self.cpu_start = time.process_time()
         if on_start:
             on_start()
         if self.window_end is not None:
             await asyncio.sleep(max(0.0, self.window_end - time.perf_counter()))
+            self.window_closed(on_end)
+
+    def window_closed(self, on_end: Optional[Hook]) -> None:
+        """Once per run: note the generator's own CPU use over the window (to show it was not the
+        bottleneck) and run the end hook, if the window has started."""
+        if self.cpu_start is not None and self.cpu_used is None:
+            self.cpu_used = time.process_time() - self.cpu_start
             if on_end:
                 on_end()
 
@@ -173,12 +182,14 @@ async def run_level(cfg: LoadConfig, on_window_start: Optional[Hook] = None,
     try:
         await asyncio.gather(*(run.client(i) for i in range(cfg.concurrency)))
     finally:
-        if cfg.duration is None and on_window_end:
-            on_window_end()
+        run.window_closed(on_window_end)  # requests mode, or every client ended before the end timer
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
     summary = summarize(run.records, run.gaps, run.window_start, run.window_end)
+    if run.cpu_used is not None:
+        # CPU seconds of this whole process per second of window: near 1.0 means the generator saturates
+        summary["loadgen_cpu_util"] = round(run.cpu_used / max(summary["window_s"], 1e-9), 3)
     return {"concurrency": cfg.concurrency, "summary": summary,
             "events": sum(r.events for r in run.records)}
 
@@ -186,58 +197,9 @@ async def run_level(cfg: LoadConfig, on_window_start: Optional[Hook] = None,
 def raise_fd_limit() -> None:
     """Each client holds a socket: lift the soft open-files limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536,) * 2)
-
-
-# --------------------------------------------------------------------------- self-test
-
-
-def self_test(concurrency: int = 64, duration: float = 5.0, tokens: int = 64) -> dict[str, Any]:
-    """The generator's ceiling: load an in-process floor (zero delays, in its own thread and loop)."""
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    def serve() -> None:
-        loop = asyncio.new_event_loop()
-        server = FloorServer(port=0, ttft_ms=0, itl_ms=0, tokens=tokens)
-        loop.run_until_complete(server.start())
-        box.update(port=server.port, loop=loop, cpu0=time.thread_time())
-        ready.set()
-        loop.run_forever()
-        box["server_cpu"] = time.thread_time() - box["cpu0"]
-        loop.run_until_complete(server.stop())
-        loop.close()
-
-    thread = threading.Thread(target=serve, name="floor", daemon=True)
-    thread.start()
-    ready.wait(10)
-    cfg = LoadConfig(url="http://127.0.0.1:%d" % box["port"], concurrency=concurrency, duration=duration,
-                     max_tokens=tokens, progress=0)
-    cpu0 = time.thread_time()
-    level = asyncio.run(run_level(cfg))
-    client_cpu = time.thread_time() - cpu0
-    box["loop"].call_soon_threadsafe(box["loop"].stop)
-    thread.join(10)
-    s = level["summary"]
-    per_event_us = 1e6 * client_cpu / max(level["events"], 1)
-    return {"concurrency": concurrency, "tokens_per_request": tokens, "window_s": s["window_s"],
-            "events_per_s": s["output_tokens_per_s"], "requests_per_s": s["rps"],
-            "failed": s["requests"]["failed"], "client_cpu_s": round(client_cpu, 3),
-            "server_cpu_s": round(box.get("server_cpu", float("nan")), 3),
-            "client_cpu_us_per_event": round(per_event_us, 2),
-            "client_events_per_cpu_s": round(1e6 / per_event_us) if per_event_us else None}
-
-
-def _print_self_test(res: dict[str, Any]) -> None:
-    print("loadgen self-test: %d clients, %d-token streams, zero-delay in-process floor, %.1f s window"
-          % (res["concurrency"], res["tokens_per_request"], res["window_s"]))
-    print("  consumed          %10.0f events/s  %8.0f requests/s  (failed %d)"
-          % (res["events_per_s"], res["requests_per_s"], res["failed"]))
-    print("  client CPU        %10.2f us/event  -> ceiling ~%d events/s per core for the client alone"
-          % (res["client_cpu_us_per_event"], res["client_events_per_cpu_s"] or 0))
-    print("  CPU seconds       client %.2f, floor server %.2f (one process, one GIL)"
-          % (res["client_cpu_s"], res["server_cpu_s"]))
+    target = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -282,7 +244,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     uv = install_uvloop()
     raise_fd_limit()
     if ns.self_test:
-        _print_self_test(self_test())
+        from benchmarks.selftest import print_self_test, self_test
+        print_self_test(self_test())
         return 0
     try:
         levels = parse_levels(ns.concurrency)
@@ -309,8 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in results:
             s = r["summary"]
             print("%8d %9.1f %10.0f %10s %10s %10s %10d" % (
-                r["concurrency"], s["rps"], s["output_tokens_per_s"], s["ttft_ms"]["p50"], s["ttft_ms"]["p99"],
-                s["itl_ms"]["p99"], s["requests"]["failed"]))
+                r["concurrency"], s["rps"], s["output_tokens_per_s"], s["ttft_ms"]["p50"],
+                s["ttft_ms"]["p99"], s["itl_ms"]["p99"], s["requests"]["failed"]))
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         config = asdict(base)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-_SERIES = (("ttft_ms", "p50", "TTFT p50"), ("ttft_ms", "p99", "TTFT p99"), ("itl_ms", "p50", "inter-token p50"),
-           ("itl_ms", "p99", "inter-token p99"), ("e2e_ms", "p50", "e2e p50"), ("e2e_ms", "p99", "e2e p99"))
+_SERIES = (("ttft_ms", "p50", "TTFT p50"), ("ttft_ms", "p99", "TTFT p99"),
+           ("itl_ms", "p50", "inter-token p50"), ("itl_ms", "p99", "inter-token p99"),
+           ("e2e_ms", "p50", "e2e p50"), ("e2e_ms", "p99", "e2e p99"))
 
 
 def plot_levels(levels: Sequence[dict[str, Any]], path: str, title: str = "tokenrelay load") -> None:

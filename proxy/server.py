@@ -69,7 +69,8 @@ class ProxyApplication(BaseApplication):
                  self.config.bind, self.config.workers, self.config.head, os.environ.get(METRICS_DIR_ENV))
 
     def _post_worker_init(self, worker: Any) -> None:
-        assert self.gateway is not None, "load() runs before post_worker_init"
+        if self.gateway is None:
+            raise RuntimeError("post_worker_init before load(): the worker has no gateway")
         self.gateway.start()
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
@@ -93,5 +94,9 @@ def run(config: ProxyConfig) -> int:
         log.warning("prometheus_client was imported before %s was set; /metrics covers one worker only",
                     METRICS_DIR_ENV)
     prepare_metrics_dir()
+    if not logging.getLogger().handlers:  # started without proxy/__main__
+        from proxy.logs import setup_logging
+
+        setup_logging(config.log_level)
     ProxyApplication(config).run()
     return 0

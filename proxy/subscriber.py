@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 TICK = 0.25  # seconds between staleness checks when nothing arrives
 
 
+def connectable_endpoint(publish: str, head: str) -> str:
+    """The head may report its PUB bind address (tcp://0.0.0.0:P or tcp://*:P): use the head's host then."""
+    scheme, sep, rest = publish.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if scheme == "tcp" and sep and colon and host in ("*", "0.0.0.0", "[::]", "::"):
+        head_host = head.partition("://")[2].rpartition(":")[0]
+        if head_host:
+            return "tcp://%s:%s" % (head_host, port)
+    return publish
+
+
 class TableSubscriber:
     def __init__(self, ctx: zmq_green.Context, head: str, state: TableState, pool: ReplicaPool,
                  timeout: float, timeout_max: float, clock: Callable[[], float] = time.monotonic,
@@ -61,16 +72,17 @@ class TableSubscriber:
     def run(self) -> None:
         log.info("[startup] routing-table subscriber for head %s", self._head)
         try:
-            self._start_hello(self._clock())
             while True:
                 try:
+                    if self._dealer is None:
+                        self._start_hello(self._clock())
                     self._step()
-                except (gevent.GreenletExit, KeyboardInterrupt):
+                except gevent.GreenletExit:
                     raise
                 except Exception:
                     log.exception("routing-table subscriber step failed; reconnecting to the head")
+                    self._close_dealer()  # the next iteration starts over with HeadHello
                     gevent.sleep(self._backoff.next())
-                    self._start_hello(self._clock())
         except gevent.GreenletExit:
             pass
         finally:
@@ -89,8 +101,11 @@ class TableSubscriber:
             self._drain(self._dealer)
         now = self._clock()
         if self._awaiting is not None and now >= self._deadline:
-            log.warning("no %s reply from head %s within %.1fs; retrying with a new socket",
-                        self._awaiting, self._head, self._deadline - self._sent_at)
+            # Warn on the first miss and then every 10th, so a long head outage is not a log flood.
+            misses = self._backoff.attempts
+            log.log(logging.WARNING if misses <= 1 or misses % 10 == 0 else logging.DEBUG,
+                    "no %s reply from head %s within %.1fs (attempt %d); retrying with a new socket",
+                    self._awaiting, self._head, self._deadline - self._sent_at, misses)
             self._start_hello(now)
         elif self._awaiting is None and self._state.is_stale(now) and now - self._hello_at > self._state.stale_after:
             self._start_hello(now)
@@ -128,7 +143,7 @@ class TableSubscriber:
     def _offer(self, table: RoutingTable) -> None:
         offer = self._state.offer(table, self._clock())
         if offer.applied:
-            level = logging.DEBUG if offer.reason == "next" else logging.INFO
+            level = {"next": logging.DEBUG, "gap": logging.WARNING}.get(offer.reason, logging.INFO)
             log.log(level, "routing table epoch %d version %d applied (%s): %d deployment(s), %d replica(s)",
                     table.epoch, table.version, offer.reason, len(table.deployments),
                     sum(len(d.replicas) for d in table.deployments))
@@ -148,8 +163,9 @@ class TableSubscriber:
         if self._epoch != info.epoch:
             log.info("[startup] head %s epoch %d publishes on %s", self._head, info.epoch, info.publish_endpoint)
             self._epoch = info.epoch
-        if info.publish_endpoint != self._sub_endpoint:
-            self._open_sub(info.publish_endpoint)
+        endpoint = connectable_endpoint(info.publish_endpoint, self._head)
+        if endpoint != self._sub_endpoint:
+            self._open_sub(endpoint)
         self._request_snapshot()
 
     def _start_hello(self, now: float) -> None:

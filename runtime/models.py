@@ -13,6 +13,7 @@ Never downloads anything: every byte comes from locally installed packages. Heav
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
@@ -102,8 +103,18 @@ def prepare_model(name: str, cache_dir: Optional[Path] = None, progress: Progres
         return dest
     gguf_path = _find_packaged_gguf(known)
     _require_modules(["torch", "transformers", "gguf", "accelerate"], known)
-    progress("converting %s into %s (once; ~30 s)" % (gguf_path.name, dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas starting together on one host convert once: the others wait here, then reuse it.
+    with open(dest.parent / (".%s.lock" % dest.name), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_prepared(dest):
+            progress("converting %s into %s (once; ~30 s)" % (gguf_path.name, dest))
+            _convert_atomically(known, gguf_path, dest)
+            progress("prepared %s in %s" % (name, dest))
+    return dest
+
+
+def _convert_atomically(known: KnownModel, gguf_path: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".%s-" % dest.name, dir=dest.parent))
     try:
         _convert_gguf(gguf_path, tmp)
@@ -115,18 +126,14 @@ def prepare_model(name: str, cache_dir: Optional[Path] = None, progress: Progres
         try:
             os.rename(tmp, dest)  # atomic; replaces an empty directory, never a full one
         except OSError as exc:
-            if not is_prepared(dest):
-                raise ModelPrepareError("cannot write %s (%s): remove that directory or choose another "
-                                        "cache dir (%s)" % (dest, exc, CACHE_DIR_ENV)) from exc
-            # else another process won the race: keep its copy
+            raise ModelPrepareError("cannot write %s (%s): remove that directory or choose another "
+                                    "cache dir (%s)" % (dest, exc, CACHE_DIR_ENV)) from exc
+    except ModelPrepareError:
+        raise
     except Exception as exc:
-        if isinstance(exc, ModelPrepareError):
-            raise
         raise ModelPrepareError("converting %s failed: %s" % (gguf_path, exc)) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    progress("prepared %s in %s" % (name, dest))
-    return dest
 
 
 def _make_readable(directory: Path) -> None:

@@ -83,6 +83,7 @@ class FakeReplica(_Fake):
                 if sock.poll(20):
                     frames = sock.recv_multipart()
                     if self._handle(sock, frames[0], decode_frames(frames)) == "die":
+                        sock.close(linger=2000)  # flush the delta, then drop the connection unannounced
                         return
                 self._tick(sock)
         except BaseException as exc:  # surfaced by tests that check .error
@@ -170,7 +171,7 @@ class FakeHead(_Fake):
         for s in (router, pub):
             s.setsockopt(zmq.LINGER, 0)
         try:
-            router.bind(self._control_bind)
+            self._bind_with_retry(router, self._control_bind)
             pub.bind("tcp://127.0.0.1:*")
             self.control = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.publish = pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -191,6 +192,19 @@ class FakeHead(_Fake):
         finally:
             router.close(linger=0)
             pub.close(linger=0)
+
+    @staticmethod
+    def _bind_with_retry(sock: zmq.Socket, endpoint: str) -> None:
+        # A head restarted on its old port: libzmq may still be releasing the previous listener.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                sock.bind(endpoint)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _answer(self, router: zmq.Socket, peer: bytes, msg: object) -> None:
         if isinstance(msg, HeadHello):

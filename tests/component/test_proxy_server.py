@@ -346,7 +346,7 @@ def test_new_head_epoch_on_new_publish_endpoint(cluster: Cluster) -> None:
     old.stop()
     new = FakeHead(epoch=2, control_port=control_port).start_and_wait()
     cluster.head = new
-    new.set_deployments(cluster.deps(tiny2=["r1"]))
+    new.set_deployments(cluster.deps(tiny=[], tiny2=["r1"]))
     wait_for(lambda: "tiny2" in {m["id"] for m in httpx.get(cluster.base + "/v1/models").json()["data"]},
              20, 0.05, "the new head's table")
     assert new.hellos >= 1 and new.publish != old.publish

@@ -108,7 +108,8 @@ def test_two_cpu_replicas_on_two_cores_get_one_core_each() -> None:
     alloc = DeviceAllocator(gpu_indices=[], cpu_cores=[0, 1], kv_cache_gib=2)
     a = alloc.allocate("r0", gpus=0, cpus=1)
     b = alloc.allocate("r1", gpus=0, cpus=1)
-    assert a.env == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "CUDA_VISIBLE_DEVICES": ""}
+    assert a.env == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+                     "CUDA_VISIBLE_DEVICES": ""}
     assert b.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert alloc.free_cores == []
     with pytest.raises(ValueError, match="r2 needs 1 CPU cores but 0 of 2 are free"):

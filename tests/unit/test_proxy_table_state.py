@@ -115,3 +115,15 @@ def test_backoff_rejects_bad_bounds() -> None:
         Backoff(0, 1)
     with pytest.raises(ValueError):
         Backoff(2, 1)
+
+
+@pytest.mark.parametrize("publish,expected", [
+    ("tcp://10.0.0.5:7001", "tcp://10.0.0.5:7001"),
+    ("tcp://0.0.0.0:7001", "tcp://head.example:7001"),
+    ("tcp://*:7001", "tcp://head.example:7001"),
+    ("ipc:///tmp/pub", "ipc:///tmp/pub"),
+])
+def test_publish_endpoint_made_connectable(publish: str, expected: str) -> None:
+    from proxy.subscriber import connectable_endpoint
+
+    assert connectable_endpoint(publish, "tcp://head.example:7000") == expected

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,8 @@ from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams
 
 def test_importing_the_engine_module_does_not_import_vllm() -> None:
     code = "import sys, model_proc.vllm_engine; print('vllm' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"
 
 
@@ -86,7 +88,8 @@ def test_nonpositive_max_tokens_is_a_400_on_max_tokens() -> None:
 
 def test_chat_messages_become_template_dicts() -> None:
     req = GenerateRequest("r", messages=[ChatMessage("system", "be brief"), ChatMessage("user", "hi")])
-    assert chat_messages(req) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert chat_messages(req) == [{"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": "hi"}]
 
 
 class _NamedError(ValueError):
@@ -144,6 +147,14 @@ def test_factory_rejects_bad_arguments_with_value_error() -> None:
         VllmEngine("", {})
     with pytest.raises(ValueError):
         VllmEngine("m", ["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+def test_the_engine_registry_builds_it_without_vllm() -> None:
+    from model_proc.engine import create_engine
+
+    engine = create_engine("vllm", "smollm2", {"max_model_len": 1024})
+    assert isinstance(engine, VllmEngine) and engine.name == "vllm"
+    assert engine.engine_args == {"max_model_len": 1024}
 
 
 def test_add_request_before_start_is_a_503() -> None:

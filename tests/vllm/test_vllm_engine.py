@@ -201,6 +201,13 @@ def test_concurrent_requests_batch_and_each_finish(eng: EngineHarness) -> None:
     print("\n8 concurrent x 48 tokens: %.2f s, %.0f tok/s" % (elapsed, 8 * 48 / elapsed))
 
 
+def test_stats_are_cheap_enough_for_a_250_ms_status_loop(eng: EngineHarness) -> None:
+    started = time.perf_counter()
+    for _ in range(1000):
+        eng.engine.stats()
+    assert time.perf_counter() - started < 0.1  # 1000 calls; the status loop makes 4 a second
+
+
 def test_single_stream_speed_is_reported(eng: EngineHarness) -> None:
     started = time.monotonic()
     final = eng.generate(req("speed", max_tokens=128, **GREEDY))

@@ -1,0 +1,214 @@
+"""Serving-path benchmark: tokenrelay with the mock engine against the floor (no proxy), same load and timing.
+
+Runs as a script in its own process: starts a `python -m runtime up` stack on free 127.0.0.1 ports,
+measures it with the load generator (benchmarks.loadgen, in this process's event loop), stops it, then
+does the same with benchmarks/floor_server.py, and prints what tokenrelay adds: TTFT and inter-token
+latency, failures, throughput, and the proxy's CPU seconds per 1,000 streamed tokens (the proxy process
+tree: the `-m proxy` gunicorn master and its workers). Stops only what it started.
+
+    python benchmarks/serving_path.py --preset issue2 --duration 15 --out results/issue2.json
+    python benchmarks/serving_path.py --replicas 2 --ttft-ms 20 --itl-ms 10 --tokens 64 \
+        --concurrency 100 --duration 20 --ramp 2 --workers 2
+Presets: issue2 (2 replicas, TTFT 20 ms, 10 ms between tokens, 64 tokens, 100 clients) and scale1000
+(2 replicas, TTFT 50 ms, 50 ms between tokens, 128 tokens, 1000 clients, 20 s ramp, 60 s measured).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.floor_server import install_uvloop  # noqa: E402
+from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
+from benchmarks.stack import CpuMeter, FloorProcess, MockStack, per_1k_tokens  # noqa: E402
+from benchmarks.stats import format_summary  # noqa: E402
+
+log = logging.getLogger("bench")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "issue2": {"replicas": 2, "ttft_ms": 20.0, "itl_ms": 10.0, "tokens": 64, "concurrency": 100,
+               "ramp": 2.0, "duration": 20.0},
+    "scale1000": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 50.0, "tokens": 128, "concurrency": 1000,
+                  "ramp": 20.0, "duration": 60.0},
+}
+DEFAULTS: dict[str, Any] = dict(PRESETS["issue2"], workers=None, endpoint="completions", timeout=60.0)
+
+
+def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter]) -> dict[str, Any]:
+    """One load level with every meter sampled at the measured window's start and end."""
+    def start() -> None:
+        for m in meters.values():
+            m.start()
+
+    def stop() -> None:
+        for m in meters.values():
+            m.stop()
+
+    result = asyncio.run(run_level(cfg, on_window_start=start, on_window_end=stop))
+    s = result["summary"]
+    tokens = s["output_tokens_per_s"] * s["window_s"]
+    result["cpu"] = {name: {"cpu_s": None if m.seconds is None else round(m.seconds, 3),
+                            "cpu_s_per_1k_tokens": per_1k_tokens(m.seconds, tokens),
+                            "processes": m.processes}
+                     for name, m in meters.items()}
+    return result
+
+
+def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
+    max_ongoing = max(64, math.ceil(ns.concurrency / max(ns.replicas, 1)) + 8)  # the benchmark, not a cap
+    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.workers, max_ongoing)
+    try:
+        stack.start()
+        stack.wait_ready()
+        meters = {"proxy": CpuMeter(stack.proxy_roots), "head_agent_replicas": CpuMeter(stack.others_roots)}
+        if not stack.proxy_roots():
+            log.warning("bench [cpu] no `-m proxy` process found under the launcher: no proxy CPU numbers")
+        result = _measure(LoadConfig(**{**cfg.__dict__, "url": stack.url}), meters)
+        result["logs"] = str(stack.log_path)
+        return result
+    except RuntimeError:
+        print(stack.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+
+
+def run_floor(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
+    floor = FloorProcess(ns.ttft_ms, ns.itl_ms, ns.tokens)
+    floor.start()
+    try:
+        return _measure(LoadConfig(**{**cfg.__dict__, "url": floor.url}), {"floor": CpuMeter(floor.roots)})
+    finally:
+        floor.stop()
+
+
+def _get(summary: Optional[dict[str, Any]], key: str, pct: str) -> Optional[float]:
+    return None if summary is None else summary[key][pct]
+
+
+def _cell(value: Optional[float], fmt: str = "%.2f") -> str:
+    return "-" if value is None else fmt % value
+
+
+def _failures(summary: Optional[dict[str, Any]]) -> str:
+    if summary is None:
+        return "-"
+    req = summary["requests"]
+    kinds = ",".join("%s=%d" % kv for kv in sorted(req["failures"].items()))
+    return "%d/%d%s" % (req["failed"], req["ok"] + req["failed"], " (%s)" % kinds if kinds else "")
+
+
+Row = tuple[str, str, str, str]
+
+
+def comparison(stack: Optional[dict[str, Any]], floor: Optional[dict[str, Any]]) -> list[Row]:
+    """Rows (metric, floor, tokenrelay, added by tokenrelay)."""
+    ss = stack["summary"] if stack else None
+    fs = floor["summary"] if floor else None
+    rows = []
+    for key, pct, name in (("ttft_ms", "p50", "TTFT p50 ms"), ("ttft_ms", "p99", "TTFT p99 ms"),
+                           ("itl_ms", "p50", "inter-token p50 ms"), ("itl_ms", "p99", "inter-token p99 ms"),
+                           ("e2e_ms", "p50", "e2e p50 ms"), ("e2e_ms", "p99", "e2e p99 ms")):
+        f, s = _get(fs, key, pct), _get(ss, key, pct)
+        added = _cell(s - f, "%+.2f") if f is not None and s is not None else "-"
+        rows.append((name, _cell(f), _cell(s), added))
+    for key, name, fmt in (("rps", "requests/s", "%.1f"), ("output_tokens_per_s", "output tokens/s", "%.0f")):
+        f = fs[key] if fs else None
+        s = ss[key] if ss else None
+        added = _cell(s - f, "%+.1f") if f is not None and s is not None else "-"
+        rows.append((name, _cell(f, fmt), _cell(s, fmt), added))
+    rows.append(("failed/measured", _failures(fs), _failures(ss), ""))
+    proxy = stack["cpu"]["proxy"]["cpu_s_per_1k_tokens"] if stack else None
+    others = stack["cpu"]["head_agent_replicas"]["cpu_s_per_1k_tokens"] if stack else None
+    fcpu = floor["cpu"]["floor"]["cpu_s_per_1k_tokens"] if floor else None
+    rows.append(("proxy CPU s / 1k tokens", "", _cell(proxy, "%.4f"), _cell(proxy, "%.4f")))
+    rows.append(("server CPU s / 1k tokens", _cell(fcpu, "%.4f") + " (floor)",
+                 _cell(others, "%.4f") + " (head+agent+replicas)", ""))
+    rows.append(("load generator CPU (cores)", _cell(fs.get("loadgen_cpu_util") if fs else None),
+                 _cell(ss.get("loadgen_cpu_util") if ss else None), ""))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("metric", "floor (no proxy)", "tokenrelay", "added")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    line = "  ".join("%%-%ds" % w for w in widths)
+    return "\n".join([line % header, line % tuple("-" * w for w in widths)] + [line % r for r in rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="tokenrelay serving path vs the no-proxy floor.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="defaults for every option below")
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--ttft-ms", type=float)
+    p.add_argument("--itl-ms", type=float)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--duration", type=float, help="measured seconds after the ramp")
+    p.add_argument("--ramp", type=float)
+    p.add_argument("--workers", type=int, help="proxy workers (default: the proxy's own default)")
+    p.add_argument("--endpoint", choices=("completions", "chat"))
+    p.add_argument("--timeout", type=float, help="seconds per request")
+    p.add_argument("--only", choices=("stack", "floor"), help="measure one side only")
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def resolve(ns: argparse.Namespace) -> argparse.Namespace:
+    """Command line over preset over defaults."""
+    base = dict(DEFAULTS, **PRESETS.get(ns.preset or "", {}))
+    for key, value in base.items():
+        if getattr(ns, key, None) is None:
+            setattr(ns, key, value)
+    return ns
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = resolve(build_parser().parse_args(argv))
+    logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    uv = install_uvloop()
+    raise_fd_limit()
+    cfg = LoadConfig(endpoint=ns.endpoint, model="mock", max_tokens=ns.tokens, concurrency=ns.concurrency,
+                     ramp=ns.ramp, duration=ns.duration, timeout=ns.timeout)
+    stack = floor = None
+    try:
+        if ns.only != "floor":
+            stack = run_stack(ns, cfg)
+            print("== tokenrelay (%d replicas, proxy workers %s)" % (ns.replicas, ns.workers or "default"))
+            print(format_summary(stack["summary"], "  "))
+        if ns.only != "stack":
+            floor = run_floor(ns, cfg)
+            print("== floor (no proxy)")
+            print(format_summary(floor["summary"], "  "))
+    except RuntimeError as exc:
+        log.error("bench %s", exc)
+        return 1
+    print("\nserving path: %d clients, TTFT %g ms, %g ms between tokens, %d tokens, %d replicas, "
+          "%g s measured" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration))
+    rows = comparison(stack, floor)
+    print(format_table(rows))
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        keys = ("preset", "replicas", "ttft_ms", "itl_ms", "tokens", "concurrency", "duration", "ramp",
+                "workers", "endpoint", "timeout")
+        settings = {k: getattr(ns, k) for k in keys}
+        Path(ns.out).write_text(json.dumps({
+            "settings": settings, "event_loop": "uvloop" if uv else "asyncio",
+            "python": platform.python_version(), "tokenrelay": stack, "floor": floor,
+            "table": [dict(zip(("metric", "floor", "tokenrelay", "added"), r)) for r in rows]}, indent=2))
+        log.info("bench [done] wrote %s", ns.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

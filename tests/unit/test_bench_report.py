@@ -1,0 +1,74 @@
+"""Pure parts of the benchmark scripts: load config, presets, and the serving-path comparison table."""
+import pytest
+
+from benchmarks.loadgen import LoadConfig, parse_levels
+from benchmarks.serving_path import build_parser, comparison, format_table, resolve
+from benchmarks.stack import _is_proxy, per_1k_tokens
+
+
+def summary(ttft_p50, itl_p99, rps, failures=None):
+    dist = {"p50": ttft_p50, "p90": None, "p99": itl_p99, "max": None, "count": 1}
+    failures = failures or {}
+    return {"ttft_ms": dist, "itl_ms": dist, "e2e_ms": dist, "rps": rps, "output_tokens_per_s": rps * 64,
+            "requests": {"ok": 10, "failed": sum(failures.values()), "failures": failures},
+            "loadgen_cpu_util": 0.2}
+
+
+def test_load_config_paths_and_body():
+    cfg = LoadConfig(url="http://127.0.0.1:9000/v1", endpoint="chat", max_tokens=5)
+    assert cfg.target() == ("127.0.0.1", 9000, "/v1/chat/completions")
+    body = cfg.body()
+    assert body["messages"][0]["role"] == "user" and body["max_tokens"] == 5
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert LoadConfig(url="http://h").target() == ("h", 80, "/v1/completions")
+    assert "messages" not in LoadConfig(include_usage=False).body()
+
+
+@pytest.mark.parametrize("kwargs", [{"endpoint": "embeddings"}, {"concurrency": 0},
+                                    {"duration": None}, {"duration": 5.0, "requests": 10}])
+def test_load_config_rejects(kwargs):
+    with pytest.raises(ValueError):
+        LoadConfig(**kwargs)
+
+
+def test_load_config_rejects_https():
+    with pytest.raises(ValueError):
+        LoadConfig(url="https://example.com").target()
+
+
+def test_parse_levels():
+    assert parse_levels("1,16, 64") == [1, 16, 64]
+    for bad in ("", "0", "a,b"):
+        with pytest.raises(ValueError):
+            parse_levels(bad)
+
+
+def test_presets_fill_only_what_the_command_line_left_out():
+    ns = resolve(build_parser().parse_args(["--preset", "scale1000", "--duration", "5"]))
+    assert (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.ramp, ns.duration) == (1000, 50, 50, 128, 20, 5)
+    ns = resolve(build_parser().parse_args([]))
+    assert (ns.replicas, ns.concurrency, ns.tokens) == (2, 100, 64)
+
+
+def test_comparison_rows_show_what_tokenrelay_adds():
+    stack = {"summary": summary(25.0, 30.0, 100.0, {"truncated": 2}),
+             "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.05},
+                     "head_agent_replicas": {"cpu_s_per_1k_tokens": 0.02}}}
+    floor = {"summary": summary(20.0, 12.5, 110.0), "cpu": {"floor": {"cpu_s_per_1k_tokens": 0.01}}}
+    rows = {r[0]: r for r in comparison(stack, floor)}
+    assert rows["TTFT p50 ms"][1:] == ("20.00", "25.00", "+5.00")
+    assert rows["inter-token p99 ms"][3] == "+17.50"
+    assert rows["requests/s"][3] == "-10.0"
+    assert rows["failed/measured"][1:3] == ("0/10", "2/12 (truncated=2)")
+    assert rows["proxy CPU s / 1k tokens"][2] == "0.0500"
+    text = format_table(comparison(None, floor))
+    assert "floor (no proxy)" in text and "TTFT p50 ms" in text
+
+
+def test_proxy_detection_and_cpu_normalisation():
+    assert _is_proxy(["/usr/bin/python", "-m", "proxy", "--bind", "x"])
+    assert _is_proxy(["gunicorn: master [tokenrelay-proxy]", ""])
+    assert not _is_proxy(["/usr/bin/python", "-m", "agent"])
+    assert not _is_proxy([])
+    assert per_1k_tokens(0.5, 10000) == 0.05
+    assert per_1k_tokens(None, 10) is None and per_1k_tokens(1.0, 0) is None

@@ -1,0 +1,55 @@
+"""Unit tests for proxy.config: CLI parsing, env fallback, validation (exit code 2), to_argv round trip."""
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import ENV_PREFIX, ProxyConfig, default_workers
+
+
+def test_defaults() -> None:
+    c = ProxyConfig.from_args(["--head", "tcp://10.0.0.1:5555"])
+    assert c.head == "tcp://10.0.0.1:5555" and c.bind == "127.0.0.1:8000"
+    assert c.workers == default_workers() >= 1
+    assert (c.worker_connections, c.stale_after, c.log_level) == (2000, 3.0, "INFO")
+
+
+def test_all_options_and_round_trip() -> None:
+    argv = ["--head", "tcp://h:1", "--bind", "0.0.0.0:9000", "--workers", "3", "--worker-connections", "50",
+            "--stale-after", "1.5", "--first-token-timeout", "7", "--idle-timeout", "8",
+            "--graceful-timeout", "2", "--log-level", "debug"]
+    c = ProxyConfig.from_args(argv)
+    assert (c.bind, c.workers, c.worker_connections, c.stale_after, c.log_level) == (
+        "0.0.0.0:9000", 3, 50, 1.5, "DEBUG")
+    assert (c.first_token_timeout, c.idle_timeout, c.graceful_timeout) == (7.0, 8.0, 2.0)
+    assert ProxyConfig.from_args(c.to_argv()) == c
+
+
+def test_env_fallback_and_cli_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_PREFIX + "HEAD", "tcp://envhead:1")
+    monkeypatch.setenv(ENV_PREFIX + "WORKERS", "5")
+    assert ProxyConfig.from_args([]).workers == 5
+    assert ProxyConfig.from_args(["--workers", "2"]).workers == 2
+    assert ProxyConfig.from_args([]).head == "tcp://envhead:1"
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--head", "localhost:5555"],
+    ["--head", "tcp://h:1", "--bind", "8000"],
+    ["--head", "tcp://h:1", "--bind", "h:99999"],
+    ["--head", "tcp://h:1", "--workers", "0"],
+    ["--head", "tcp://h:1", "--workers", "two"],
+    ["--head", "tcp://h:1", "--stale-after", "0"],
+    ["--head", "tcp://h:1", "--log-level", "LOUD"],
+    ["--head", "tcp://h:1", "--no-such-flag"],
+])
+def test_bad_args_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        ProxyConfig.from_args(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_direct_construction_validates_with_knob_name() -> None:
+    with pytest.raises(ValueError, match="--worker-connections"):
+        ProxyConfig(head="tcp://h:1", worker_connections=0)
