@@ -194,8 +194,8 @@ class Agent:
         if proc is not None:
             seconds = rec.spec.drain_seconds if rec is not None and drain else 0.0
             proc.begin_stop(seconds + self.config.stop_grace, self.clock())
-        self.records.pop(replica_id, None)
             self._stopping[replica_id] = proc
+        self.records.pop(replica_id, None)
         self.devices.release(replica_id)
         self._dirty = True
 

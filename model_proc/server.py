@@ -72,6 +72,8 @@ class ReplicaServer:
         self._data = self._ctx.socket(zmq.ROUTER)
         self._data.setsockopt(zmq.LINGER, 0)
         self._data.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a proxy that reconnects with the same identity takes over its old (possibly half-open) pipe
+        self._data.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._data.setsockopt(zmq.RCVHWM, DATA_HWM)
         keys = CurveKeys.load(None)  # $TOKENRELAY_CURVE_DIR, set by the agent when CURVE is on

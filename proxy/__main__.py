@@ -2,7 +2,7 @@
 
 Runs in the proxy's main process (it becomes the gunicorn master). Owns no socket itself. Must set
 PROMETHEUS_MULTIPROC_DIR before anything imports prometheus_client, so it imports nothing heavy at the
-top. Exit codes: 2 bad arguments; otherwise gunicorn's (see proxy/server.py).
+top. Exit codes: 2 bad arguments or unusable CURVE keys; otherwise gunicorn's (see proxy/server.py).
 """
 from __future__ import annotations
 
@@ -14,11 +14,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from proxy.config import ProxyConfig, prepare_metrics_dir
 
     config = ProxyConfig.from_args(argv)  # exits 2 on bad arguments
+    from runtime.curve import CurveConfigError, CurveKeys
+
+    try:
+        keys = CurveKeys.load(config.curve_dir)  # fail now, not in every worker
+        if keys is not None and keys.client_secret is None:
+            raise CurveConfigError("curve dir %s: a proxy needs client.key_secret" % keys.directory)
+    except CurveConfigError as exc:
+        print("python -m proxy: error: %s" % exc, file=sys.stderr)
+        return 2
     prepare_metrics_dir()  # before prometheus_client is imported anywhere in this process tree
 
     from proxy.logs import setup_logging
 
     setup_logging(config.log_level)
+    if config.parent_pid is not None:
+        from runtime import parent_guard
+        parent_guard.install(config.parent_pid)  # SIGTERM (gunicorn's graceful stop) when it dies
     from proxy.server import run
 
     return run(config)

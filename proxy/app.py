@@ -23,7 +23,7 @@ from proxy.bodies import PlainBody, SseBody, as_error, collect, timeout_error
 from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, text_completion_body
 from proxy.config import ProxyConfig
 from proxy.errors import (
-    BodyTooLarge, ModelNotFound, ProxyError, UpstreamError, error_body, error_type_for,
+    BodyTooLarge, ModelNotFound, NoHealthyReplica, ProxyError, UpstreamError, error_body, error_type_for,
 )
 from proxy.openai_request import CHAT, parse_chat, parse_completion, parse_plain
 from proxy.streams import Item, RequestStream
@@ -39,6 +39,7 @@ class Backend(Protocol):
     started_at: int
 
     def next_request_id(self) -> str: ...
+    def has_table(self) -> bool: ...
     def has_deployment(self, name: str) -> bool: ...
     def deployments(self) -> list[DeploymentRoute]: ...
     def readiness(self) -> tuple[bool, str]: ...
@@ -115,13 +116,19 @@ class _Inference:
         """Route and send the request, then wait for the replica's first event (headers not sent yet)."""
         ctx = req.context
         if not self._backend.has_deployment(deployment):
+            if not self._backend.has_table():  # the model may well exist: say "later", not "never"
+                raise NoHealthyReplica("no routing table received from the head yet")
             raise ModelNotFound(deployment)
         ctx.deployment = deployment
         stream = self._backend.open_stream(deployment, request)
         ctx.tracker = metrics.RequestTracker(deployment)
         log.debug("req=%s -> replica %s of %s", ctx.request_id, stream.replica_id, deployment)
         timeout = self._config.first_token_timeout
-        first = stream.get(timeout)
+        try:
+            first = stream.get(timeout)
+        except BaseException:  # e.g. the worker is being killed: never leak an in-flight entry
+            stream.close()
+            raise
         if first is None:
             first = timeout_error(stream, timeout, True)
         err = as_error(first)

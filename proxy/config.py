@@ -7,6 +7,7 @@ PROMETHEUS_MULTIPROC_DIR, and the gunicorn master must stay free of event loops.
 Every environment variable the proxy reads is declared here:
   TOKENRELAY_PROXY_<OPTION>  default for each CLI option (e.g. TOKENRELAY_PROXY_HEAD, ..._WORKERS)
   PROMETHEUS_MULTIPROC_DIR   prometheus-client multiprocess directory; a fresh temp dir if unset
+  TOKENRELAY_CURVE_DIR       CURVE keys when --curve-dir is not given (read by runtime.curve)
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class ProxyConfig:
     graceful_timeout: float = 10.0  # gunicorn: time for in-flight requests on shutdown
     hwm: int = 100_000  # SNDHWM/RCVHWM of every replica DEALER
     max_body_bytes: int = 16 * 1024 * 1024
+    curve_dir: Optional[str] = None  # CURVE keys (runtime.curve); None: $TOKENRELAY_CURVE_DIR or plain
+    parent_pid: Optional[int] = None  # exit (gracefully) when this process dies; set by `tokenrelay up`
 
     def __post_init__(self) -> None:
         if "://" not in self.head:
@@ -76,7 +79,7 @@ class ProxyConfig:
                 head=ns.head, bind=ns.bind, workers=ns.workers, worker_connections=ns.worker_connections,
                 stale_after=ns.stale_after, log_level=ns.log_level.upper(),
                 first_token_timeout=ns.first_token_timeout, idle_timeout=ns.idle_timeout,
-                graceful_timeout=ns.graceful_timeout,
+                graceful_timeout=ns.graceful_timeout, curve_dir=ns.curve_dir, parent_pid=ns.parent_pid,
             )
         except ValueError as exc:
             parser.error(str(exc))
@@ -90,7 +93,8 @@ class ProxyConfig:
             "--worker-connections", str(self.worker_connections), "--stale-after", repr(self.stale_after),
             "--first-token-timeout", repr(self.first_token_timeout), "--idle-timeout", repr(self.idle_timeout),
             "--graceful-timeout", repr(self.graceful_timeout), "--log-level", self.log_level,
-        ]
+        ] + (["--curve-dir", self.curve_dir] if self.curve_dir else []) + (
+            ["--parent-pid", str(self.parent_pid)] if self.parent_pid is not None else [])
 
 
 def _env(name: str, default: object) -> object:
@@ -118,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest silence mid-stream before the request fails (default %(default)s)")
     p.add_argument("--graceful-timeout", type=float, default=_env("graceful-timeout", 10.0),
                    help="seconds workers get to finish requests on shutdown (default %(default)s)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process dies (set by `tokenrelay up`)")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE key directory (see `tokenrelay keys generate`); default $TOKENRELAY_CURVE_DIR, "
+                        "plain sockets when neither is set")
     p.add_argument("--log-level", default=_env("log-level", "INFO"), type=str.upper, choices=LOG_LEVELS)
     return p
 

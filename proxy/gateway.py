@@ -26,6 +26,7 @@ from proxy.replicas import ReplicaPool, ReplicaUnavailable
 from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber
 from proxy.table_state import TableState
+from runtime.curve import CurveKeys
 from runtime.protocol import DeploymentRoute, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,16 @@ class Gateway:
         self._subscriber: Optional[gevent.Greenlet] = None
 
     def start(self) -> None:
+        keys = CurveKeys.load(self.config.curve_dir)
+        secure = keys.connect_as_client if keys is not None else None
         self._ctx = zmq_green.Context()
-        self._pool = ReplicaPool(self._ctx, self.identity, self.config.hwm)
+        self._pool = ReplicaPool(self._ctx, self.identity, self.config.hwm, secure=secure)
         sub = TableSubscriber(self._ctx, self.config.head, self.state, self._pool,
                               self.config.head_timeout, self.config.head_timeout_max, clock=self._clock,
-                              on_tick=metrics.TABLE_AGE.set)
+                              on_tick=metrics.TABLE_AGE.set, secure=secure)
         self._subscriber = gevent.spawn(sub.run)
-        log.info("[startup] worker %s identity %s", self.worker_tag, self.identity.decode())
+        log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(),
+                 " (CURVE client)" if keys is not None else "")
 
     def stop(self) -> None:
         if self._subscriber is not None:
@@ -71,6 +75,9 @@ class Gateway:
 
     def next_request_id(self) -> str:
         return "%s-%d" % (self.worker_tag, next(self._ids))
+
+    def has_table(self) -> bool:
+        return self.state.table is not None
 
     def has_deployment(self, name: str) -> bool:
         return self.state.deployment(name) is not None

@@ -22,7 +22,7 @@ Must never block in a reader (it serves every request on the replica) nor raise 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import gevent
 import zmq
@@ -38,6 +38,8 @@ from runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
+Secure = Callable[[zmq.Socket], None]  # configures a socket before connect (CURVE client keys)
+
 _DRAIN = 1000  # messages handled per wakeup before yielding to request greenlets
 
 
@@ -47,7 +49,7 @@ class ReplicaUnavailable(Exception):
 
 class ReplicaConnection:
     def __init__(self, ctx: zmq_green.Context, identity: bytes, deployment: str, route: ReplicaRoute,
-                 hwm: int) -> None:
+                 hwm: int, secure: Optional[Secure] = None) -> None:
         self.deployment = deployment
         self.replica_id = route.replica_id
         self.endpoint = route.endpoint
@@ -66,6 +68,8 @@ class ReplicaConnection:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._monitor.setsockopt(zmq.LINGER, 0)
+        if secure is not None:
+            secure(sock)  # CURVE client keys, before connect
         sock.connect(self.endpoint)
         self._sock = sock
         self._reader = gevent.spawn(self._read_loop)
@@ -217,8 +221,9 @@ class ReplicaPool:
     """All replica connections of one worker, kept in step with the routing table."""
 
     def __init__(self, ctx: zmq_green.Context, identity: bytes, hwm: int,
-                 router: Optional[LeastInFlightRouter] = None) -> None:
+                 router: Optional[LeastInFlightRouter] = None, secure: Optional[Secure] = None) -> None:
         self._ctx = ctx
+        self._secure = secure
         self._identity = identity
         self._hwm = hwm
         self._router = router or LeastInFlightRouter()
@@ -250,7 +255,8 @@ class ReplicaPool:
             if rid not in self._by_id:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
                 identity = self._identity_for(route.endpoint)
-                self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm)
+                self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm,
+                                                     self._secure)
         by_dep: dict[str, list[ReplicaConnection]] = {}
         for conn in self._by_id.values():
             by_dep.setdefault(conn.deployment, []).append(conn)

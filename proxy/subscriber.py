@@ -24,7 +24,7 @@ import zmq
 import zmq.green as zmq_green
 
 from proxy.backoff import Backoff
-from proxy.replicas import ReplicaPool
+from proxy.replicas import ReplicaPool, Secure
 from proxy.table_state import TableState
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, HeadHello, HeadInfo, ProtocolError, RoutingTable, SnapshotRequest,
@@ -50,8 +50,9 @@ def connectable_endpoint(publish: str, head: str) -> str:
 class TableSubscriber:
     def __init__(self, ctx: zmq_green.Context, head: str, state: TableState, pool: ReplicaPool,
                  timeout: float, timeout_max: float, clock: Callable[[], float] = time.monotonic,
-                 on_tick: Optional[Callable[[float], None]] = None) -> None:
+                 on_tick: Optional[Callable[[float], None]] = None, secure: Optional[Secure] = None) -> None:
         self._ctx = ctx
+        self._secure = secure
         self._head = head
         self._state = state
         self._pool = pool
@@ -172,6 +173,8 @@ class TableSubscriber:
         self._close_dealer()
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self._secure is not None:
+            self._secure(dealer)
         dealer.connect(self._head)
         self._dealer = dealer
         self._poller.register(dealer, zmq.POLLIN)
@@ -202,6 +205,8 @@ class TableSubscriber:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 1000)
         sub.setsockopt(zmq.SUBSCRIBE, TABLE_TOPIC)
+        if self._secure is not None:
+            self._secure(sub)
         sub.connect(endpoint)
         self._sub = sub
         self._sub_endpoint = endpoint

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import zmq
 
@@ -42,9 +42,13 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.01, what: str = "c
 
 
 class _Fake(threading.Thread):
-    def __init__(self, name: str) -> None:
+    """`keys` (runtime.curve.CurveKeys): serve CURVE on every bound socket; give a `ctx` with a ZAP
+    authenticator then."""
+
+    def __init__(self, name: str, ctx: Optional[zmq.Context] = None, keys: Any = None) -> None:
         super().__init__(name=name, daemon=True)
-        self._ctx = zmq.Context.instance()
+        self._ctx = ctx or zmq.Context.instance()
+        self._keys = keys
         self._up = threading.Event()
         self._halt = threading.Event()
         self.error: Optional[BaseException] = None
@@ -58,10 +62,17 @@ class _Fake(threading.Thread):
         self._halt.set()
         self.join(5)
 
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.serve(sock)
+        return sock
+
 
 class FakeReplica(_Fake):
-    def __init__(self, replica_id: str) -> None:
-        super().__init__("fake-replica-" + replica_id)
+    def __init__(self, replica_id: str, ctx: Optional[zmq.Context] = None, keys: Any = None) -> None:
+        super().__init__("fake-replica-" + replica_id, ctx, keys)
         self.replica_id = replica_id
         self.endpoint = ""
         self.requests: list[GenerateRequest] = []
@@ -73,8 +84,7 @@ class FakeReplica(_Fake):
         return ReplicaRoute(self.replica_id, self.endpoint, 0, 0, 0.0, 64)
 
     def run(self) -> None:
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self._socket(zmq.ROUTER)
         try:
             sock.bind("tcp://127.0.0.1:*")
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -140,8 +150,9 @@ class FakeReplica(_Fake):
 class FakeHead(_Fake):
     """Head control ROUTER + routing PUB; republishes the table every `interval` seconds."""
 
-    def __init__(self, epoch: int = 1, interval: float = 0.2, control_port: int = 0) -> None:
-        super().__init__("fake-head")
+    def __init__(self, epoch: int = 1, interval: float = 0.2, control_port: int = 0,
+                 ctx: Optional[zmq.Context] = None, keys: Any = None) -> None:
+        super().__init__("fake-head", ctx, keys)
         self._control_bind = "tcp://127.0.0.1:%s" % (control_port or "*")
         self.epoch = epoch
         self.version = 1
@@ -166,10 +177,8 @@ class FakeHead(_Fake):
             return RoutingTable(self.epoch, self.version, time.time(), list(self.deployments))
 
     def run(self) -> None:
-        router = self._ctx.socket(zmq.ROUTER)
-        pub = self._ctx.socket(zmq.PUB)
-        for s in (router, pub):
-            s.setsockopt(zmq.LINGER, 0)
+        router = self._socket(zmq.ROUTER)
+        pub = self._socket(zmq.PUB)
         try:
             self._bind_with_retry(router, self._control_bind)
             pub.bind("tcp://127.0.0.1:*")

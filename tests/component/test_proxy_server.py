@@ -61,6 +61,37 @@ def _ready(base: str) -> bool:
         return False
 
 
+def start_proxy(head_control: str, port: int, log_path: Path, metrics_dir: Path,
+                *extra: str) -> subprocess.Popen:
+    """`python -m proxy` with one worker, logging to `log_path`; returns once /ready is 200."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    env.pop("TOKENRELAY_CURVE_DIR", None)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--head", head_control, "--bind", "127.0.0.1:%d" % port,
+             "--workers", "1", "--stale-after", str(STALE_AFTER), "--first-token-timeout", "10",
+             "--log-level", "DEBUG", *extra],
+            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    base = "http://127.0.0.1:%d" % port
+    try:
+        wait_for(lambda: proc.poll() is not None or _ready(base), 30, 0.05, "proxy /ready")
+        assert proc.poll() is None, "proxy exited with %s" % proc.returncode
+    except BaseException:
+        stop_proxy(proc)
+        print(log_path.read_text(errors="replace"))
+        raise
+    return proc
+
+
+def stop_proxy(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     replicas = {rid: FakeReplica(rid).start_and_wait() for rid in ("r1", "r2", "r3", "r4")}
@@ -69,28 +100,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
     c = Cluster(head, replicas, "http://127.0.0.1:%d" % port, port, log_path)
     head.set_deployments(c.deps())
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path_factory.mktemp("metrics")))
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--head", head.control, "--bind", "127.0.0.1:%d" % port,
-             "--workers", "1", "--stale-after", str(STALE_AFTER), "--first-token-timeout", "10",
-             "--log-level", "DEBUG"],
-            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
+        proc = start_proxy(head.control, port, log_path, tmp_path_factory.mktemp("metrics"))
         try:
-            wait_for(lambda: proc.poll() is not None or _ready(c.base), 30, 0.05, "proxy /ready")
-            assert proc.poll() is None, "proxy exited with %s" % proc.returncode
-        except AssertionError:
-            print(c.log())
-            raise
-        yield c
+            yield c
+        finally:
+            stop_proxy(proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
         c.head.stop()
         for r in replicas.values():
             r.stop()
@@ -353,3 +369,39 @@ def test_new_head_epoch_on_new_publish_endpoint(cluster: Cluster) -> None:
     r = httpx.post(cluster.base + "/v1/chat/completions", json=chat(model="tiny2"))
     assert r.status_code == 200
     assert "epoch 2" in cluster.log()
+
+
+def test_curve_keys_encrypt_every_proxy_socket(tmp_path: Path) -> None:
+    """With --curve-dir the proxy is a CURVE client of the head (DEALER + SUB) and of replicas."""
+    import zmq
+    from runtime.curve import CurveKeys, generate
+
+    generate(tmp_path / "keys")
+    keys = CurveKeys.load(str(tmp_path / "keys"))
+    ctx = zmq.Context()
+    auth = keys.start_authenticator(ctx)
+    replica = FakeReplica("rc", ctx=ctx, keys=keys).start_and_wait()
+    head = FakeHead(ctx=ctx, keys=keys).start_and_wait()
+    try:
+        head.set_deployments([DeploymentRoute("secure", "fake", "m", [replica.route()])])
+        port = free_port()
+        proc = start_proxy(head.control, port, tmp_path / "proxy.log", tmp_path / "metrics",
+                           "--curve-dir", str(tmp_path / "keys"))
+        try:
+            r = httpx.post("http://127.0.0.1:%d/v1/chat/completions" % port, json=chat(model="secure"))
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == TEXT
+        finally:
+            stop_proxy(proc)
+        assert "(CURVE client)" in (tmp_path / "proxy.log").read_text()
+    finally:
+        head.stop()
+        replica.stop()
+        auth.stop()
+        ctx.destroy(linger=0)
+
+
+def test_bad_curve_dir_exits_2(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "proxy", "--head", "tcp://127.0.0.1:1",
+                          "--curve-dir", str(tmp_path / "missing")],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "server.key is missing" in out.stderr

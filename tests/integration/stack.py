@@ -18,7 +18,7 @@ import psutil
 import yaml
 
 from runtime.credentials import client_token
-from runtime.head_client import HeadUnreachable, status
+from runtime.head_client import HeadRefused, HeadUnreachable, status
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +84,7 @@ class Stack:
         try:
             st = self.status()
             r = httpx.get(self.base_url + "/ready", timeout=1.0)
-        except (HeadUnreachable, httpx.HTTPError):
+        except (HeadUnreachable, HeadRefused, httpx.HTTPError):
             return False
         ready = all(d["ready_replicas"] == d["replicas"] for d in st["deployments"].values())
         return ready and r.status_code == 200

@@ -27,7 +27,7 @@ class FakeBackend:
     started_at = 123
 
     def __init__(self) -> None:
-        self.deps = {"tiny": DeploymentRoute("tiny", "fake", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)]),
+        self.deps: Optional[dict[str, DeploymentRoute]] = {"tiny": DeploymentRoute("tiny", "fake", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)]),
                      "empty": DeploymentRoute("empty", "fake", "m", [])}
         self.script = ok_script
         self.requests: list[GenerateRequest] = []
@@ -40,8 +40,11 @@ class FakeBackend:
         self._n += 1
         return "wt-%d" % self._n
 
+    def has_table(self) -> bool:
+        return self.deps is not None
+
     def has_deployment(self, name: str) -> bool:
-        return name in self.deps
+        return self.deps is not None and name in self.deps
 
     def deployments(self) -> list[DeploymentRoute]:
         return list(self.deps.values())
@@ -193,6 +196,14 @@ def test_unknown_model_404(client: falcon.testing.TestClient) -> None:
 
 def test_no_replica_503_with_retry_after(client: falcon.testing.TestClient) -> None:
     r = client.simulate_post("/v1/chat/completions", json=chat_body(model="empty"))
+    assert_openai_error(r, 503, code="no_healthy_replica")
+    assert r.headers["retry-after"] == "1"
+
+
+def test_before_the_first_table_every_model_is_503_not_404(client: falcon.testing.TestClient,
+                                                            backend: FakeBackend) -> None:
+    backend.deps = None
+    r = client.simulate_post("/v1/chat/completions", json=chat_body(model="anything"))
     assert_openai_error(r, 503, code="no_healthy_replica")
     assert r.headers["retry-after"] == "1"
 

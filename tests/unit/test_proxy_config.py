@@ -16,11 +16,12 @@ def test_defaults() -> None:
 def test_all_options_and_round_trip() -> None:
     argv = ["--head", "tcp://h:1", "--bind", "0.0.0.0:9000", "--workers", "3", "--worker-connections", "50",
             "--stale-after", "1.5", "--first-token-timeout", "7", "--idle-timeout", "8",
-            "--graceful-timeout", "2", "--log-level", "debug"]
+            "--graceful-timeout", "2", "--log-level", "debug", "--curve-dir", "/etc/tokenrelay/keys"]
     c = ProxyConfig.from_args(argv)
     assert (c.bind, c.workers, c.worker_connections, c.stale_after, c.log_level) == (
         "0.0.0.0:9000", 3, 50, 1.5, "DEBUG")
     assert (c.first_token_timeout, c.idle_timeout, c.graceful_timeout) == (7.0, 8.0, 2.0)
+    assert c.curve_dir == "/etc/tokenrelay/keys"
     assert ProxyConfig.from_args(c.to_argv()) == c
 
 
