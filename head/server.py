@@ -157,7 +157,8 @@ class Head:
                      msg.agent_id, msg.host, msg.capacity.cpus, len(msg.capacity.gpus), len(msg.replicas))
             self.state.register_agent(msg, now)
             self._reply(peer, ControlReply(True))
-            self.state.reconcile(now)
+            if not self.recovering:
+                self.state.reconcile(now)
             self._send_assignment(peer, msg.agent_id)
         elif isinstance(msg, HeadHello):
             self._reply(peer, HeadInfo(PROTOCOL_VERSION, self.tables.epoch, self.publish_endpoint))
@@ -230,7 +231,8 @@ class Head:
         started = time.perf_counter()
         try:
             self.state.expire_agents(now)
-            self.state.reconcile(now)
+            if not self.recovering:  # let every agent re-register (and report) before placing anything
+                self.state.reconcile(now)
         except Exception:
             log.exception("reconcile pass failed; going on")
         self.reconcile_seconds = time.perf_counter() - started
