@@ -57,6 +57,7 @@ class ReplicaConnection:
         self.connected = False
         self.down = False
         self.closed = False
+        self.retired = False  # left the routing table; closes when its last request is released
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
@@ -94,6 +95,8 @@ class ReplicaConnection:
                 log.info("req=%s aborted on replica %s", stream.request_id, self.replica_id)
             except ReplicaUnavailable as exc:
                 log.debug("req=%s abort not sent to %s: %s", stream.request_id, self.replica_id, exc)
+        if self.retired and not self.inflight:
+            self.close("replica %s retired and drained" % self.replica_id)
 
     def _send(self, msg: object) -> None:
         if self.closed:
@@ -199,6 +202,14 @@ class ReplicaConnection:
             log.warning("[failover] failed %d in-flight request(s) on replica %s: %s",
                         len(streams), self.replica_id, message)
 
+    def retire(self) -> None:
+        """The replica left the routing table: take no new requests, let in-flight ones finish (the
+        replica drains them), close once the last one is released. A replica that dies meanwhile is
+        still noticed by the monitor; a silent one by the stream's idle timeout."""
+        self.retired = True
+        if not self.inflight:
+            self.close("replica %s left the routing table" % self.replica_id)
+
     def close(self, reason: str) -> None:
         """Stop the greenlets, fail what is in flight, close both sockets. Idempotent."""
         if self.closed:
@@ -230,6 +241,7 @@ class ReplicaPool:
         self._by_id: dict[str, ReplicaConnection] = {}
         self._by_deployment: dict[str, list[ReplicaConnection]] = {}
         self._opened: dict[str, int] = {}  # endpoint -> connections opened to it so far
+        self._retired: dict[str, ReplicaConnection] = {}  # left the table, still draining
 
     def _identity_for(self, endpoint: str) -> bytes:
         """The worker's identity; suffixed when reopening a connection to an endpoint we used before.
@@ -243,15 +255,29 @@ class ReplicaPool:
         return self._identity if n == 0 else self._identity + b".%d" % n
 
     def sync(self, table: RoutingTable) -> None:
-        """Open connections to new replicas, close those that left the table (or moved endpoint)."""
+        """Open connections to new replicas; retire those that left the table (they close once their
+        in-flight requests are done: a replica leaving routing is drained, not cut); close at once those
+        that moved endpoint."""
         wanted = {r.replica_id: (d.name, r) for d in table.deployments for r in d.replicas}
+        self._retired = {rid: c for rid, c in self._retired.items() if not c.closed}
         for rid, conn in list(self._by_id.items()):
             want = wanted.get(rid)
             if want is None or want[0] != conn.deployment or want[1].endpoint != conn.endpoint:
-                log.info("replica %s (%s) left the routing table; closing", rid, conn.endpoint)
                 del self._by_id[rid]
-                conn.close("replica %s left the routing table" % rid)
+                if want is None and conn.inflight:
+                    log.info("replica %s (%s) left the routing table; draining %d request(s)", rid,
+                             conn.endpoint, len(conn.inflight))
+                    self._retired[rid] = conn
+                    conn.retire()
+                else:
+                    log.info("replica %s (%s) left the routing table; closing", rid, conn.endpoint)
+                    conn.close("replica %s left the routing table" % rid)
         for rid, (deployment, route) in wanted.items():
+            back = self._retired.get(rid)
+            if back is not None and rid not in self._by_id and back.endpoint == route.endpoint \
+                    and not back.closed:
+                back.retired = False  # it came back before it drained: route to it again
+                self._by_id[rid] = self._retired.pop(rid)
             if rid not in self._by_id:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
                 identity = self._identity_for(route.endpoint)
@@ -270,10 +296,11 @@ class ReplicaPool:
         return None if rid is None else self._by_id[rid]
 
     def in_flight(self) -> int:
-        return sum(len(c.inflight) for c in self._by_id.values())
+        return sum(len(c.inflight) for c in list(self._by_id.values()) + list(self._retired.values()))
 
     def close_all(self) -> None:
-        for conn in self._by_id.values():
+        for conn in list(self._by_id.values()) + list(self._retired.values()):
             conn.close("proxy worker is shutting down")
         self._by_id.clear()
+        self._retired.clear()
         self._by_deployment = {}
