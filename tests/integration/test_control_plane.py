@@ -1,0 +1,136 @@
+"""Operating a running stack through the CLI: deploy, scale, delete, rolling updates, failed replicas."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.stack import ROOT, Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+BASE = {"name": "svc", "engine": "mock", "model": "mock", "replicas": 2,
+        "engine_args": {"ttft_ms": 10, "itl_ms": 10, "tokens": 30}, "drain_seconds": 3}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("cp"), [BASE], workers=2)
+    s.start()
+    yield s
+    s.stop()
+
+
+def cli(stack, *args, token=True):
+    cmd = [sys.executable, "-m", "runtime", *args, "--head", stack.head, "--json"]
+    if token:
+        cmd += ["--state-dir", str(stack.state_dir)]
+    else:
+        cmd += ["--state-dir", str(stack.tmp / "nowhere")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    return out.returncode, (json.loads(out.stdout) if out.stdout.strip().startswith(("{", "[")) else out.stdout), out.stderr
+
+
+def write_spec(stack, name, spec):
+    path = stack.tmp / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_commands_need_the_admin_token(stack):
+    code, out, err = cli(stack, "status", token=False)
+    assert code == 1 and "admin token required" in err
+
+
+def test_deploy_scale_delete_are_idempotent_with_json(stack):
+    spec = dict(BASE, name="extra", replicas=1)
+    path = write_spec(stack, "extra.yaml", spec)
+    code, out, _ = cli(stack, "deploy", "-f", path)
+    assert code == 0 and out == {"ok": True, "result": "created", "generation": 1}
+    code, out, _ = cli(stack, "deploy", "-f", path)
+    assert code == 0 and out["result"] == "unchanged"
+    wait_for(lambda: stack.status()["deployments"]["extra"]["ready_replicas"] == 1, 15, "extra ready")
+    code, out, _ = cli(stack, "scale", "extra", "2")
+    assert code == 0 and out["result"] == "scaled"
+    wait_for(lambda: stack.status()["deployments"]["extra"]["ready_replicas"] == 2, 15, "scaled up")
+    r = httpx.post(stack.base_url + "/v1/completions", json={"model": "extra", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+    code, out, _ = cli(stack, "status")
+    assert code == 0 and {d["name"] for d in out["deployments"]} == {"svc", "extra"}
+    assert out["agents"][0]["cpus"] >= 1 and out["agents"][0]["last_heartbeat_s"] < 2
+    code, out, _ = cli(stack, "delete", "extra")
+    assert code == 0 and out["result"] == "deleted"
+    code, out, _ = cli(stack, "delete", "extra")
+    assert code == 0 and out["result"] == "absent"
+    wait_for(lambda: httpx.post(stack.base_url + "/v1/completions",
+                                json={"model": "extra", "prompt": "x"}).status_code == 404, 5, "extra gone")
+
+
+def test_bad_spec_is_rejected_with_field_and_reason(stack):
+    path = write_spec(stack, "bad.yaml", dict(BASE, name="bad", replicas="many"))
+    code, out, err = cli(stack, "deploy", "-f", path)
+    assert code == 1 and "spec.replicas: must be an integer >= 0" in out["error"]
+    code, out, err = cli(stack, "scale", "nope", "3")
+    assert code == 1 and "not_found" in out["error"]
+
+
+def test_rolling_update_under_load_fails_no_request(stack):
+    old = {r["replica_id"] for r in stack.replicas("svc")}
+    outcomes: Counter = Counter()
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    with http.stream("POST", stack.base_url + "/v1/completions",
+                                     json={"model": "svc", "prompt": "u", "max_tokens": 30, "stream": True}) as r:
+                        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+                        ok = r.status_code == 200 and lines[-1] == "data: [DONE]" and \
+                            not any('"error"' in x for x in lines)
+                        outcomes["ok" if ok else "failed:%d" % r.status_code] += 1
+                except httpx.HTTPError as exc:
+                    outcomes["failed:%s" % type(exc).__name__] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: outcomes["ok"] >= 20, 20, "traffic")
+    path = write_spec(stack, "v2.yaml", dict(BASE, engine_args=dict(BASE["engine_args"], tokens=31)))
+    started = time.monotonic()
+    code, out, _ = cli(stack, "deploy", "-f", path)
+    assert code == 0 and out == {"ok": True, "result": "updated", "generation": 2}
+
+    def rolled():
+        reps = stack.replicas("svc")
+        return len(reps) == 2 and all(r["generation"] == 2 and r["state"] == "ready" for r in reps)
+    wait_for(rolled, 30, "the rolling update to finish")
+    took = time.monotonic() - started
+    count_at_end = sum(outcomes.values())
+    wait_for(lambda: sum(outcomes.values()) >= count_at_end + 16, 20, "traffic on the new generation")
+    stop.set()
+    for t in threads:
+        t.join(30)
+    print("\n[rolling update] %.2fs, outcomes %s" % (took, dict(outcomes)))
+    assert set(outcomes) == {"ok"}, outcomes
+    assert not old & {r["replica_id"] for r in stack.replicas("svc")}
+
+
+def test_replica_that_cannot_load_is_failed_not_restarted_forever(stack):
+    path = write_spec(stack, "broken.yaml", dict(BASE, name="broken", replicas=1, engine_args={"warp": 9}))
+    assert cli(stack, "deploy", "-f", path)[0] == 0
+    rep = wait_for(lambda: [r for r in stack.replicas("broken") if r["state"] == "failed"], 20,
+                   "the broken replica to be marked failed")[0]
+    assert "cannot start" in rep["message"] and rep["restarts"] >= 1
+    code, out, _ = cli(stack, "status")
+    assert [r["state"] for d in out["deployments"] if d["name"] == "broken" for r in d["replica_list"]] == ["failed"]
+    time.sleep(1.5)  # observe: no further restarts once failed
+    assert stack.replicas("broken")[0]["restarts"] == rep["restarts"]
+    assert cli(stack, "delete", "broken")[0] == 0
