@@ -22,6 +22,8 @@ from runtime.stack_config import StackConfig
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 8.0  # seconds between SIGTERM and SIGKILL; the agent's own replica grace fits inside
+MAX_CRASHES = 5
+CRASH_WINDOW = 60.0
 
 
 class Launcher:
@@ -30,9 +32,12 @@ class Launcher:
         self.config_path = config_path
         self.log_level = log_level
         self.children: dict[str, subprocess.Popen] = {}
+        self._args: dict[str, list[str]] = {}
+        self._crashes: dict[str, list[float]] = {}
         self._stop = threading.Event()
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        self._args[name] = args
         cmd = [sys.executable, "-m", name] + args + ["--log-level", self.log_level,
                                                     "--parent-pid", str(os.getpid())]
         self.children[name] = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
@@ -56,14 +61,25 @@ class Launcher:
         return code
 
     def _watch(self) -> int:
+        """Supervise until Ctrl-C: a component that crashes is restarted (the head restores its state
+        from SQLite, agents re-register); one that exits with 2 (bad configuration) or crashes more than
+        MAX_CRASHES times within CRASH_WINDOW seconds stops the stack."""
         url = "http://%s/ready" % self.stack.proxy_bind
         announced = False
         while not self._stop.wait(0.25):
-            for name, child in self.children.items():
+            for name, child in list(self.children.items()):
                 rc = child.poll()
-                if rc is not None:
-                    log.error("[shutdown] %s exited with code %d; stopping the stack", name, rc)
+                if rc is None:
+                    continue
+                now = time.monotonic()
+                crashes = [t for t in self._crashes.get(name, []) if now - t < CRASH_WINDOW] + [now]
+                self._crashes[name] = crashes
+                if rc == 2 or len(crashes) > MAX_CRASHES:
+                    log.error("[shutdown] %s exited with code %d (%d time(s) in %.0fs); stopping the stack",
+                              name, rc, len(crashes), CRASH_WINDOW)
                     return 1
+                log.warning("[restart] %s exited with code %d; restarting it", name, rc)
+                self._spawn(name, self._args[name])
             if not announced and _ready(url):
                 announced = True
                 log.info("[startup] serving on http://%s (OpenAI API under /v1); Ctrl-C stops",

@@ -191,3 +191,16 @@ def test_shutdown_stops_every_process_within_10s(tmp_path):
     assert leftovers == []
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in tree)
     assert "[shutdown] stack stopped" in s.log()
+
+
+def test_launcher_restarts_a_crashed_component(tmp_path):
+    s = Stack(tmp_path, [dict(MOCK, replicas=1)], workers=1).start()
+    try:
+        head = [p for p in s.tree() if "head" in " ".join(p.cmdline()[1:4])][0]
+        head.kill()
+        wait_for(lambda: "[restart] head exited" in s.log(), 10, "the launcher to restart the head")
+        wait_for(s.all_ready, 20, "the stack to be ready again")
+        r = httpx.post(s.base_url + "/v1/completions", json={"model": "mock", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        s.stop()
