@@ -6,6 +6,8 @@ request mapping, unit-tested without vLLM; vLLM is imported by `VllmEngine.start
 
 - `start` builds `AsyncLLM` (CPU-safe defaults only where the config is silent) in a worker thread so
   the loop keeps heartbeating, then generates one token: ready means the engine produced a token.
+  Before that it pins a CPU replica to its assigned cores and gives vLLM a private IPC directory
+  (model_proc.vllm_process_env).
 - Requests are tokenized here, so the context check is exact and the counts we report are the engine's;
   one asyncio task per request iterates `AsyncLLM.generate` in DELTA mode and feeds the sink.
 - Scheduler stats come from a custom vLLM stat logger whose `record` vLLM calls with every step's
@@ -24,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError, EngineStats
+from model_proc.vllm_process_env import pin_to_assigned_cores, use_private_rpc_dir
 from runtime.protocol import GenerateRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -193,9 +196,15 @@ class VllmEngine:
 
     async def start(self, sink: DeltaSink) -> None:
         self._sink = sink
+        use_private_rpc_dir()
         self._vllm = _import_vllm()
         model = await asyncio.to_thread(_resolve_model_path, self.model)
         on_cpu = self._vllm.current_platform.is_cpu()
+        if on_cpu:
+            try:  # before vLLM starts any thread or process: they inherit the cores
+                pin_to_assigned_cores()
+            except ValueError as exc:
+                raise EngineLoadError(str(exc)) from exc
         args = engine_arguments(model, self.engine_args, on_cpu)
         if on_cpu and "kv_cache_memory_bytes" in self.engine_args and os.environ.get(CPU_KV_CACHE_ENV):
             log.warning("vllm_engine [startup] %s=%s overrides engine_args.kv_cache_memory_bytes",

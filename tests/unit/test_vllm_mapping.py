@@ -167,3 +167,70 @@ def test_abort_and_stats_before_start_are_harmless() -> None:
     engine = VllmEngine("m", {})
     engine.abort("nope")
     assert engine.stats() == EngineStats(0, 0, 0.0)
+
+
+# --------------------------------------------------------------------------- process env (vllm_process_env)
+
+
+@pytest.mark.parametrize("value, cores", [
+    ("0", {0}), ("1", {1}), ("0-3", {0, 1, 2, 3}), ("0,2-3", {0, 2, 3}), (" 4-5|6-7 ", {4, 5, 6, 7}),
+    ("", None), ("auto", None), ("nobind", None), ("all", None),
+])
+def test_core_lists_are_parsed(value: str, cores) -> None:
+    from model_proc.vllm_process_env import parse_core_list
+
+    assert parse_core_list(value) == cores
+
+
+@pytest.mark.parametrize("value", ["x", "1-", "3-1", "-1", "0,,1"])
+def test_bad_core_lists_name_the_variable(value: str) -> None:
+    from model_proc.vllm_process_env import parse_core_list
+
+    with pytest.raises(ValueError, match="VLLM_CPU_OMP_THREADS_BIND"):
+        parse_core_list(value)
+
+
+def test_pinning_restricts_every_thread_and_children_inherit_it() -> None:
+    """In a child process (pinning is process-wide): threads started before and after are pinned."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    core = min(os.sched_getaffinity(0))
+    code = (
+        "import os, threading, subprocess, sys\n"
+        "from model_proc.vllm_process_env import pin_to_assigned_cores\n"
+        "ev = threading.Event(); t = threading.Thread(target=ev.wait); t.start()\n"
+        "print(sorted(pin_to_assigned_cores({'VLLM_CPU_OMP_THREADS_BIND': '%d'})))\n"
+        "print(sorted(os.sched_getaffinity(t.native_id)))\n"
+        "ev.set(); t.join()\n"
+        "print(subprocess.run(['cat', '/proc/self/status'], capture_output=True, text=True).stdout"
+        ".split('Cpus_allowed_list:')[1].split()[0])\n" % core)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split("\n")[:3] == ["[%d]" % core, "[%d]" % core, str(core)]
+
+
+def test_pinning_outside_the_allowed_cores_is_an_error_naming_the_variable() -> None:
+    import os
+
+    from model_proc.vllm_process_env import pin_to_assigned_cores
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    with pytest.raises(ValueError, match="VLLM_CPU_OMP_THREADS_BIND=4096"):
+        pin_to_assigned_cores({"VLLM_CPU_OMP_THREADS_BIND": "4096"})
+    assert pin_to_assigned_cores({}) is None
+    assert pin_to_assigned_cores({"VLLM_CPU_OMP_THREADS_BIND": "auto"}) is None
+
+
+def test_private_rpc_dir_only_when_unset(tmp_path: Path) -> None:
+    from model_proc.vllm_process_env import use_private_rpc_dir
+
+    assert use_private_rpc_dir({"VLLM_RPC_BASE_PATH": str(tmp_path)}) is None
+    environ: dict[str, str] = {}
+    path = use_private_rpc_dir(environ)
+    try:
+        assert path and Path(path).is_dir() and environ["VLLM_RPC_BASE_PATH"] == path
+    finally:
+        Path(path).rmdir()
