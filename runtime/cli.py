@@ -6,12 +6,13 @@ operation failed (head unreachable, refused), 2 bad command line or config.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -42,28 +43,25 @@ def _cmd_up(ns: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("%s", exc)
             return 2
-    else:
-        path, stack = _default_stack()
-        if stack is None:
-            return 1
+        return _prepare_and_run(stack, path, ns.log_level, Launcher)
+    if importlib.util.find_spec("vllm") is None:  # find_spec: importing vllm here would cost ~8 s
+        log.error("the vLLM engine is not installed: run `bash scripts/install.sh` (vLLM for this "
+                  "machine), or start the mock stack with --config examples/mock.yaml")
+        return 1
+    # No --config: serve the default real model (SmolLM2-135M-Instruct) with the vLLM engine. The head
+    # reads its --config once at start, so the temporary file lives exactly as long as the stack.
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-up-") as tmp:
+        path = Path(tmp) / "stack.yaml"
+        path.write_text(yaml.safe_dump(DEFAULT_STACK))
+        return _prepare_and_run(load_stack(path), path, ns.log_level, Launcher)
+
+
+def _prepare_and_run(stack: StackConfig, path: Path, log_level: str, launcher: Any) -> int:
+    """Convert known models once before any process starts (so progress shows here), then run."""
     for dep in stack.deployments:
         if dep.engine == "vllm" and not _prepare(dep.model):
             return 1
-    return Launcher(stack, path, ns.log_level).run()
-
-
-def _default_stack() -> tuple[Path, Optional[StackConfig]]:
-    """No --config: serve the default real model (SmolLM2-135M-Instruct) with the vLLM engine."""
-    try:
-        import vllm  # noqa: F401  (only checking it is installed)
-    except ImportError:
-        log.error("the vLLM engine is not installed: run `pip install -e '.[cpu]'` (or '.[gpu]' on CUDA "
-                  "hosts), or start the mock stack with --config examples/mock.yaml")
-        return Path(), None
-    fd, name = tempfile.mkstemp(prefix="tokenrelay-", suffix=".yaml")
-    with open(fd, "w") as fh:
-        yaml.safe_dump(DEFAULT_STACK, fh)
-    return Path(name), load_stack(name)
+    return launcher(stack, path, log_level).run()
 
 
 def _prepare(model: str) -> bool:
@@ -159,13 +157,20 @@ def _cmd_status(ns: argparse.Namespace) -> int:
         if d.get("pending_reason"):
             print("    pending: %s" % d["pending_reason"])
         for r in d["replica_list"]:
-            print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% restarts=%d age=%.0fs %s" % (
-                r["replica_id"], r["state"], r["host"], r["running"], r["waiting"],
-                100 * r["kv_cache_usage"], r["restarts"], r["age_s"], r["message"]))
+            print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
+                  "age=%.0fs %s" % (
+                      r["replica_id"], r["state"], r["host"], r["running"], r["waiting"],
+                      100 * r["kv_cache_usage"], r.get("cpu_percent", 0.0), r.get("rss_bytes", 0) / 2**20,
+                      r["restarts"], r["age_s"], r["message"]))
     print("AGENTS")
     for a in reply.agents:
-        print("    %-22s host=%-15s cpus=%d gpus=%d replicas=%d last_heartbeat=%.1fs ago" % (
-            a["agent_id"], a["host"], a["cpus"], len(a["gpus"]), a["replicas"], a["last_heartbeat_s"]))
+        print("    %-22s host=%-15s cpus=%d gpus=%d replicas=%d cpu=%.0f%% rss=%.0fMiB last_heartbeat=%.1fs ago"
+              % (a["agent_id"], a["host"], a["cpus"], len(a["gpus"]), a["replicas"], a.get("cpu_percent", 0.0),
+                 a.get("rss_bytes", 0) / 2**20, a["last_heartbeat_s"]))
+        for g in a.get("gpu_usage", []):  # cpu/rss: the agent and its replicas' process trees
+            print("        gpu%d util=%.0f%% mem=%.0f/%.0fMiB" % (g["index"], 100 * g["utilization"],
+                                                            g["memory_used_bytes"] / 2**20,
+                                                            g["memory_total_bytes"] / 2**20))
     return 0
 
 
