@@ -26,6 +26,7 @@ class AgentConfig:
     parent_pid: Optional[int] = None
     curve_dir: Optional[str] = None
     cpu_kvcache_gib: Optional[int] = None  # VLLM_CPU_KVCACHE_SPACE for CPU replicas
+    metrics_port: int = 0  # Prometheus /metrics on --host (agent.metrics); 0 picks a free port, < 0: off
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
     p.add_argument("--cpu-kvcache-gib", type=int, default=None,
                    help="KV cache GiB per CPU vLLM replica (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics HTTP port on --host (0: a free one, -1: off)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -83,7 +86,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
                       curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib,
-                      log_level=ns.log_level)
+                      metrics_port=ns.metrics_port, log_level=ns.log_level)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id
         return AgentConfig(**kwargs)

@@ -22,6 +22,7 @@ import zmq
 from agent.config import AgentConfig
 from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
+from agent.metrics import AgentMetrics
 from agent.processes import ReplicaProcess
 from runtime import parent_guard
 from runtime.curve import CURVE_ENV, CurveKeys
@@ -60,6 +61,7 @@ class Agent:
         self.devices = DeviceAllocator([g.index for g in self.capacity.gpus], host_cpu_cores(),
                                        config.cpu_kvcache_gib)
         self._curve = CurveKeys.load(config.curve_dir)
+        self.metrics = AgentMetrics(config.metrics_port)
 
     def stop(self) -> None:
         self._shutdown = True
@@ -72,6 +74,7 @@ class Agent:
         self._replicas.setsockopt(zmq.LINGER, 0)
         self._replicas.bind(cfg.replica_endpoint)
         self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.metrics.start(cfg.host)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus", cfg.agent_id,
@@ -88,6 +91,7 @@ class Agent:
             for proc in list(self.procs.values()) + list(self._stopping.values()):
                 proc.kill_now()
             self._replicas.close(0)
+            self.metrics.close()
             if self._head is not None:
                 self._head.close(0)
             log.info("[shutdown] agent stopped")
@@ -105,6 +109,7 @@ class Agent:
             if self._head in events:
                 self._drain(self._head, self._on_head_frames)
             self._supervise(now)
+            self.metrics.update(now, self.records, self._registered)
             self._talk_to_head(now)
         except Exception:
             log.exception("agent step failed; going on")
@@ -131,7 +136,8 @@ class Agent:
         self._registered = False
         self._last_head_reply = self.clock()
         self._send_head(AgentRegister(PROTOCOL_VERSION, self.config.agent_id, self.config.host,
-                                      self.capacity, self.config.labels, self._reports()))
+                                      self.capacity, self.config.labels, self._reports(),
+                                      metrics_endpoint=self.metrics.address))
 
     def _send_head(self, msg: object) -> None:
         try:
@@ -149,7 +155,8 @@ class Agent:
             self._dirty = False
             self._next_heartbeat = now + self.config.heartbeat_interval
             self._seq += 1
-            self._send_head(AgentHeartbeat(self.config.agent_id, self._seq, self._reports()))
+            self._send_head(AgentHeartbeat(self.config.agent_id, self._seq, self._reports(),
+                                           usage=self.metrics.usage()))
 
     def _on_head_frames(self, frames: list[bytes]) -> None:
         try:
@@ -167,12 +174,13 @@ class Agent:
             elif msg.code == "unknown_agent":
                 log.info("[failover] head does not know us (restarted?); registering again")
                 self._send_head(AgentRegister(PROTOCOL_VERSION, self.config.agent_id, self.config.host,
-                                              self.capacity, self.config.labels, self._reports()))
+                                              self.capacity, self.config.labels, self._reports(),
+                                              metrics_endpoint=self.metrics.address))
             else:
                 log.error("head refused: %s %s", msg.code, msg.message)
 
     def _reports(self) -> list:
-        return [r.report(self._wall_offset) for r in self.records.values()]
+        return [self.metrics.report(r.report(self._wall_offset)) for r in self.records.values()]
 
     # ------------------------------------------------------------------ replicas
 
@@ -282,6 +290,7 @@ class Agent:
                 self._dirty = True
         elif isinstance(msg, ReplicaHello):
             rec.hello(msg.endpoint, now)
+            self.metrics.hello(msg)
             self._dirty = True
         elif isinstance(msg, ReplicaDead):
             log.error("[failover] replica %s says it is dead: %s", rec.replica_id, msg.reason)

@@ -21,6 +21,10 @@ class HeadConfig:
     persist: bool = True
     parent_pid: Optional[int] = None
     curve_dir: Optional[str] = None  # CURVE keys (runtime.curve); None: $TOKENRELAY_CURVE_DIR or plain
+    metrics_port: int = 0  # Prometheus /metrics (head.metrics); 0 picks a free port, < 0 turns it off
+    metrics_host: Optional[str] = None  # bind/advertise host for it; None: the control endpoint's host
+    prometheus_sd_file: Optional[str] = None  # file_sd list of every process's metrics endpoint
+    proxy_metrics: tuple[str, ...] = ()  # proxies' HOST:PORT listed in that file
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -54,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-dir", default=None,
                    help="CURVE key directory: encrypt and authenticate both sockets "
                         "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
+    p.add_argument("--metrics-host", default=None,
+                   help="host the metrics port binds and is advertised on (default: the --control host)")
+    p.add_argument("--prometheus-sd-file", default=None,
+                   help="keep a Prometheus file_sd JSON list of every process's metrics endpoint here")
+    p.add_argument("--proxy-metrics", default="",
+                   help="comma-separated HOST:PORT of proxies to list in the SD file (proxies that say "
+                        "their address in HeadHello are added by themselves)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -65,7 +78,9 @@ def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
         return HeadConfig(control=ns.control, publish=ns.publish, config_file=ns.config_file,
                           agent_timeout=ns.agent_timeout, recovery_grace=ns.recovery_grace,
                           state_dir=ns.state_dir, persist=not ns.no_persist, parent_pid=ns.parent_pid,
-                          curve_dir=ns.curve_dir,
+                          curve_dir=ns.curve_dir, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
+                          prometheus_sd_file=ns.prometheus_sd_file,
+                          proxy_metrics=tuple(p.strip() for p in ns.proxy_metrics.split(",") if p.strip()),
                           log_level=ns.log_level)
     except ValueError as exc:
         parser.error(str(exc))

@@ -19,10 +19,12 @@ import zmq
 
 from head.cluster import ClusterState
 from head.config import HeadConfig
+from head.metrics import HeadMetrics
 from head.store import StateStore
 from head.table import TableVersions
 from runtime import parent_guard
 from runtime.credentials import token_matches
+from runtime.metrics_http import endpoint_host
 from runtime.curve import CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
@@ -54,6 +56,7 @@ class Head:
             self._put(spec)
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
+        self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
         self._stopping = False
@@ -84,6 +87,8 @@ class Head:
             keys.serve(self._pub)
         self._pub.bind(self.config.publish)
         self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        host = self.config.metrics_host
+        self.metrics.start(*((host, host) if host else endpoint_host(self.control_endpoint)))
         log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s), CURVE %s",
                  self.control_endpoint, self.publish_endpoint, self.tables.epoch, len(self.state.deployments),
                  "on" if keys else "off")
@@ -115,6 +120,7 @@ class Head:
             self._pub.close(0)
             if self._auth is not None:
                 self._auth.stop()
+            self.metrics.close()
             log.info("[shutdown] head stopped")
         return 0
 
@@ -142,6 +148,7 @@ class Head:
             log.warning("dropping bad control message: %s", exc)
             self._reply(peer, ControlReply(False, "protocol", str(exc)))
             return
+        self.metrics.note(msg)
         now = self.clock()
         if isinstance(msg, AgentHeartbeat):
             if self.state.heartbeat(msg, now):
@@ -189,6 +196,7 @@ class Head:
     def _admin(self, msg: object, now: float) -> object:
         if isinstance(msg, StatusRequest):
             deployments, agents = self.state.status(now, time.time())
+            self.metrics.enrich_status(self.state, deployments, agents)
             return StatusReply(self.tables.epoch, self.tables.version, deployments, agents)
         if isinstance(msg, DeployRequest):
             try:
@@ -236,6 +244,8 @@ class Head:
         except Exception:
             log.exception("reconcile pass failed; going on")
         self.reconcile_seconds = time.perf_counter() - started
+        self.metrics.observe_reconcile(self.reconcile_seconds)
+        self.metrics.update(self, now)
         if self.recovering:
             return  # never publish a table that drops replicas we have not heard from yet
         table = self.tables.update(self.state.routes(), now, time.time())

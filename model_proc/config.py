@@ -28,6 +28,7 @@ class ReplicaConfig:
     status_interval: float = 0.25
     parent_pid: Optional[int] = None
     drain_seconds: float = 3.0
+    metrics_port: int = 0  # Prometheus /metrics on the bind host; 0 picks a free port, < 0 turns it off
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when this process (the agent) dies; omit to allow adoption")
     p.add_argument("--drain-seconds", type=float, default=3.0,
                    help="on SIGTERM, how long in-flight requests may finish")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics HTTP port on the bind host (0: a free one, -1: off)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -75,7 +78,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
         return ReplicaConfig(
             replica_id=ns.replica_id, engine=ns.engine, model=ns.model, engine_args=engine_args,
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
-            parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, log_level=ns.log_level)
+            parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, metrics_port=ns.metrics_port,
+            log_level=ns.log_level)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable

@@ -21,9 +21,10 @@ from typing import Optional
 import zmq
 import zmq.asyncio
 
+from model_proc import metrics
 from model_proc.config import EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
-from runtime import parent_guard
+from runtime import metrics_http, parent_guard
 from runtime.curve import CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
@@ -64,6 +65,8 @@ class ReplicaServer:
         self.requests_finished = 0
         self.requests_aborted = 0
         self.errors = 0
+        self.batches_sent = 0
+        self.last_status: Optional[ReplicaStatus] = None  # read by model_proc.metrics at scrape time
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -92,8 +95,11 @@ class ReplicaServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        log.info("[startup] data endpoint %s, engine %s, model %s", self.endpoint, cfg.engine, cfg.model)
-        self._send_agent(ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid()))
+        exporter = metrics.start(self, metrics_http.endpoint_host(cfg.bind)[0], cfg.metrics_port)
+        log.info("[startup] data endpoint %s, engine %s, model %s, metrics port %s", self.endpoint, cfg.engine,
+                 cfg.model, exporter.port if exporter else "off")
+        self._send_agent(ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
+                                      metrics_port=exporter.port if exporter else 0))
         status_task = asyncio.ensure_future(self._status_loop())
         recv_task: Optional[asyncio.Future] = None
         try:
@@ -124,6 +130,8 @@ class ReplicaServer:
                 self._agent.close(0)
             if self._auth is not None:
                 self._auth.stop()
+            if exporter is not None:
+                exporter.close()
             log.info("[shutdown] replica stopped (exit %d)", self._exit_code)
 
     def _on_signal(self, sig: int) -> None:
@@ -268,6 +276,7 @@ class ReplicaServer:
             return
         self.steps += 1
         outbox, self._outbox = self._outbox, {}
+        self.batches_sent += len(outbox)
         for peer, deltas in outbox.items():
             self._send(peer, TokenBatch(deltas))
 
@@ -293,4 +302,5 @@ class ReplicaServer:
             requests_aborted=self.requests_aborted, errors=self.errors)
 
     def _send_status(self) -> None:
-        self._send_agent(self.status())
+        self.last_status = self.status()
+        self._send_agent(self.last_status)

@@ -50,8 +50,12 @@ class Launcher:
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
             head_args += ["--state-dir", s.head_state_dir]
+        head_args += ["--metrics-port", str(s.head_metrics_port), "--proxy-metrics", s.proxy_bind]
+        if s.head_prometheus_sd_file:
+            head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
-        self._spawn("agent", ["--head", s.head_control.replace("*", "127.0.0.1"), "--host", s.agent_host])
+        self._spawn("agent", ["--head", s.head_control.replace("*", "127.0.0.1"), "--host", s.agent_host,
+                             "--metrics-port", str(s.agent_metrics_port)])
         proxy_args = ["--head", s.head_control, "--bind", s.proxy_bind]
         if s.proxy_workers:
             proxy_args += ["--workers", str(s.proxy_workers)]

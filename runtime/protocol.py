@@ -114,6 +114,7 @@ class ReplicaHello(msgspec.Struct, frozen=True):
     replica_id: str
     endpoint: str  # the data ROUTER endpoint proxies connect to
     pid: int
+    metrics_port: int = 0  # the replica's Prometheus /metrics HTTP port on its host (0: none)
 
 
 class ReplicaStatus(msgspec.Struct, frozen=True):
@@ -175,6 +176,9 @@ class ReplicaReport(msgspec.Struct, frozen=True):
     message: str = ""
     status: Optional[ReplicaStatus] = None
     generation: int = 0
+    metrics_endpoint: str = ""  # HOST:PORT of the replica's /metrics ("": none)
+    cpu_percent: float = 0.0  # the replica's process tree, % of one core, over the last sample
+    rss_bytes: int = 0  # resident memory of the replica's process tree
 
 
 class AgentRegister(msgspec.Struct, frozen=True):
@@ -184,12 +188,29 @@ class AgentRegister(msgspec.Struct, frozen=True):
     capacity: Capacity
     labels: dict[str, str] = {}
     replicas: list[ReplicaReport] = []
+    metrics_endpoint: str = ""  # HOST:PORT of the agent's /metrics ("": none)
+
+
+class GpuUsage(msgspec.Struct, frozen=True):
+    index: int
+    utilization: float  # 0.0 - 1.0 over NVML's last sample period
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+class AgentUsage(msgspec.Struct, frozen=True):
+    """The agent's and its replicas' resource use (agent.metrics samples it); GPUs when NVML works."""
+
+    cpu_percent: float  # agent + replica process trees, % of one core
+    rss_bytes: int
+    gpus: list[GpuUsage] = []
 
 
 class AgentHeartbeat(msgspec.Struct, frozen=True):
     agent_id: str
     seq: int
     replicas: list[ReplicaReport] = []
+    usage: Optional[AgentUsage] = None
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -213,6 +234,7 @@ class ControlReply(msgspec.Struct, frozen=True):
 class HeadHello(msgspec.Struct, frozen=True):
     protocol: int
     role: str  # "proxy", "cli"
+    http_endpoint: str = ""  # a proxy's HTTP HOST:PORT (its /metrics), listed in the head's Prometheus SD file
 
 
 class HeadInfo(msgspec.Struct, frozen=True):

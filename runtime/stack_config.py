@@ -70,7 +70,10 @@ class StackConfig:
     head_control: str = "tcp://127.0.0.1:7100"
     head_publish: str = "tcp://127.0.0.1:7101"
     head_state_dir: Optional[str] = None
+    head_metrics_port: int = 0  # head /metrics; 0 picks a free port, -1 turns it off (docs/metrics.md)
+    head_prometheus_sd_file: Optional[str] = None  # Prometheus file_sd list the head keeps up to date
     agent_host: str = "127.0.0.1"
+    agent_metrics_port: int = 0
     proxy_bind: str = "127.0.0.1:8000"
     proxy_workers: Optional[int] = None
     deployments: tuple[DeploymentSpec, ...] = ()
@@ -180,7 +183,11 @@ def parse_stack(raw: Any) -> StackConfig:
         head_control=_str(head.get("control", StackConfig.head_control), "head.control"),
         head_publish=_str(head.get("publish", StackConfig.head_publish), "head.publish"),
         head_state_dir=None if head.get("state_dir") is None else _str(head["state_dir"], "head.state_dir"),
+        head_metrics_port=_int(head.get("metrics_port", 0), "head.metrics_port", -1),
+        head_prometheus_sd_file=None if head.get("prometheus_sd_file") is None
+        else _str(head["prometheus_sd_file"], "head.prometheus_sd_file"),
         agent_host=_str(agent.get("host", StackConfig.agent_host), "agent.host"),
+        agent_metrics_port=_int(agent.get("metrics_port", 0), "agent.metrics_port", -1),
         proxy_bind=_str(proxy.get("bind", StackConfig.proxy_bind), "proxy.bind"),
         proxy_workers=None if workers is None else _int(workers, "proxy.workers", 1),
         deployments=deployments,
