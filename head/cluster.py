@@ -238,7 +238,7 @@ class ClusterState:
                 replicas.append(ReplicaRoute(
                     rep.replica_id, rep.endpoint, st.running if st else 0, st.waiting if st else 0,
                     st.kv_cache_usage if st else 0.0, dep.max_ongoing_requests))
-            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas))
+            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts))
         return out
 
     def status(self, now: float, wall_now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

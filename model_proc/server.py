@@ -3,8 +3,11 @@
 Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only from that loop:
 - data ROUTER (binds `config.bind`): proxies' DEALERs send GenerateRequest/Abort; we answer with one
   TokenBatch per proxy worker per loop iteration (all new deltas of that worker's requests), RequestError
-  for a failed request, ReplicaDead when the engine dies. ROUTER_MANDATORY makes a vanished proxy an
-  error we act on (its requests are aborted) instead of tokens silently dropped.
+  for a failed request, ReplicaDead when the engine dies. Every TokenBatch carries the replica's load
+  (requests it holds), and when that load changes every known proxy worker gets an empty TokenBatch with
+  it, at most every LOAD_PUSH_INTERVAL, so proxies admit against a fresh count, not a 1 s old table.
+  ROUTER_MANDATORY makes a vanished proxy an error we act on (its requests are aborted) instead of tokens
+  silently dropped.
 - agent DEALER (connects `config.agent`): ReplicaHello once, then ReplicaStatus every status interval from
   the loop itself, so a stuck loop stops the heartbeat.
 Must never block the loop and never queue without bound: sends are non-blocking and a peer whose queue
@@ -34,6 +37,7 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 
 DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is treated as gone
+LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
 
 
 class _Route:
@@ -55,6 +59,9 @@ class ReplicaServer:
         self._flush_scheduled = False
         self._peers: set[bytes] = set()
         self._ready = False
+        self._pushed_load = 0
+        self._pushed_at = float("-inf")
+        self._push_handle: Optional[asyncio.TimerHandle] = None
         self._draining = False
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -118,6 +125,8 @@ class ReplicaServer:
             return self._exit_code
         finally:
             status_task.cancel()
+            if self._push_handle is not None:
+                self._push_handle.cancel()
             if recv_task is not None:
                 recv_task.cancel()
             try:
@@ -187,6 +196,7 @@ class ReplicaServer:
         except Exception as exc:  # an engine bug must fail this request, not the replica
             log.exception("request %s: engine refused it", rid)
             self.error(rid, 500, "engine error: %s" % exc)
+        self._load_changed()
 
     def _on_abort(self, peer: bytes, msg: Abort) -> None:
         for rid in msg.request_ids:
@@ -196,6 +206,7 @@ class ReplicaServer:
                 self.engine.abort(rid)
                 self.requests_aborted += 1
                 log.debug("request %s aborted by its proxy", rid)
+        self._load_changed()
 
     def _send(self, peer: bytes, msg: object) -> bool:
         """Non-blocking send to one proxy; on failure abort everything of that proxy."""
@@ -217,6 +228,7 @@ class ReplicaServer:
             del self._routes[rid]
             self.engine.abort(rid)
             self.requests_aborted += 1
+        self._load_changed()
 
     def _send_agent(self, msg: object) -> None:
         if self._agent is None:
@@ -261,6 +273,7 @@ class ReplicaServer:
         etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
         self._flush()  # deltas before the error must arrive first
         self._send(route.peer, RequestError(request_id, status, message, etype, param))
+        self._load_changed()
 
     def fatal(self, reason: str) -> None:
         log.error("[failover] engine died: %s", reason)
@@ -277,8 +290,29 @@ class ReplicaServer:
         self.steps += 1
         outbox, self._outbox = self._outbox, {}
         self.batches_sent += len(outbox)
+        load = len(self._routes)
         for peer, deltas in outbox.items():
-            self._send(peer, TokenBatch(deltas))
+            self._send(peer, TokenBatch(deltas, load))
+        self._load_changed()
+
+    def _load_changed(self) -> None:
+        """Schedule a load push to every proxy worker, no sooner than LOAD_PUSH_INTERVAL after the last."""
+        if self._push_handle is not None or len(self._routes) == self._pushed_load:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._pushed_at + LOAD_PUSH_INTERVAL - loop.time())
+        self._push_handle = loop.call_later(delay, self._push_load)
+
+    def _push_load(self) -> None:
+        self._push_handle = None
+        load = len(self._routes)
+        if load == self._pushed_load:
+            return
+        self._pushed_load = load
+        self._pushed_at = asyncio.get_running_loop().time()
+        report = TokenBatch([], load)
+        for peer in list(self._peers):
+            self._send(peer, report)
 
     # ------------------------------------------------------------------ status / heartbeat
 

@@ -84,9 +84,16 @@ class Delta(msgspec.Struct, frozen=True, array_like=True):
 
 
 class TokenBatch(msgspec.Struct, frozen=True, array_like=True):
-    """replica -> proxy: every new delta for one proxy worker from one engine step."""
+    """replica -> proxy: every new delta for one proxy worker from one engine step.
+
+    `load` is the number of requests the replica holds (running + waiting, from every proxy) when it sent
+    the batch; None from replicas that predate it. A batch with no deltas is a pure load report: a replica
+    pushes one to every known proxy worker when its load changed (rate-limited). Both directions stay
+    compatible: older decoders ignore the trailing field, and an empty batch carries no delta to act on.
+    """
 
     deltas: list[Delta]
+    load: Optional[int] = None
 
 
 class RequestError(msgspec.Struct, frozen=True):
@@ -256,11 +263,35 @@ class ReplicaRoute(msgspec.Struct, frozen=True, array_like=True):
     max_ongoing_requests: int
 
 
+ROUTING_POLICIES = ("p2c", "prefix")
+
+
+class RoutingSettings(msgspec.Struct, frozen=True):
+    """How proxies pick a replica and queue requests for one deployment (docs/api.md, "Routing")."""
+
+    policy: str = "p2c"  # p2c: power of two choices by load; prefix: same prompt prefix, same replica
+    prefix_chars: int = 256  # prefix policy: characters of the rendered prompt that are hashed
+    max_imbalance: int = 8  # prefix/session target kept while its load <= least loaded + this
+    session_affinity: bool = True  # X-Session-ID picks the replica (with the same load guard)
+    queue_size: int = 32  # requests one proxy worker holds waiting for a free replica
+    queue_timeout_s: float = 2.0  # longest wait in that queue before 429
+
+
+class TimeoutSettings(msgspec.Struct, frozen=True):
+    """Per-deployment request timeouts in seconds; None: the proxy's own default (its CLI flags)."""
+
+    first_token_s: Optional[float] = None
+    idle_s: Optional[float] = None
+    total_s: Optional[float] = None
+
+
 class DeploymentRoute(msgspec.Struct, frozen=True):
     name: str
     engine: str
     model: str
     replicas: list[ReplicaRoute]
+    routing: RoutingSettings = RoutingSettings()  # absent from older heads: the defaults
+    timeouts: TimeoutSettings = TimeoutSettings()
 
 
 class RoutingTable(msgspec.Struct, frozen=True):

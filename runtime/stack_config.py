@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import msgspec
 import yaml
+
+from runtime.protocol import ROUTING_POLICIES, RoutingSettings, TimeoutSettings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ENGINES = ("mock", "vllm")
@@ -48,6 +51,8 @@ class DeploymentSpec:
     max_ongoing_requests: int = 64
     placement_labels: dict[str, str] = field(default_factory=dict)  # agent labels a host must carry
     drain_seconds: float = 10.0   # in-flight requests may finish this long when a replica is retired
+    routing: RoutingSettings = RoutingSettings()    # read by proxies (policy, queue)
+    timeouts: TimeoutSettings = TimeoutSettings()   # read by proxies; None: the proxy's default
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "engine": self.engine, "model": self.model,
@@ -55,7 +60,9 @@ class DeploymentSpec:
                 "gpus": self.gpus, "cpus": self.cpus, "memory": self.memory_bytes,
                 "max_ongoing_requests": self.max_ongoing_requests,
                 "placement": {"labels": dict(self.placement_labels)},
-                "drain_seconds": self.drain_seconds}
+                "drain_seconds": self.drain_seconds,
+                "routing": msgspec.structs.asdict(self.routing),
+                "timeouts": msgspec.structs.asdict(self.timeouts)}
 
     def same_but_replicas(self, other: "DeploymentSpec") -> bool:
         """True if only the replica count differs (a scale, not a rolling update)."""
@@ -95,7 +102,7 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
     known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
-             "max_ongoing_requests", "placement", "drain_seconds"}
+             "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError("%s: unknown field(s) %s (known: %s)" % (where, unknown, ", ".join(sorted(known))))
@@ -130,7 +137,53 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
         max_ongoing_requests=_int(raw.get("max_ongoing_requests", 64), where + ".max_ongoing_requests", 1),
         placement_labels=dict(labels),
         drain_seconds=_number(raw.get("drain_seconds", 10.0), where + ".drain_seconds"),
+        routing=_routing(raw.get("routing"), where + ".routing"),
+        timeouts=_timeouts(raw.get("timeouts"), where + ".timeouts"),
     )
+
+
+def _fields(raw: Any, where: str, struct: type) -> dict[str, Any]:
+    """A mapping whose keys are fields of `struct`; None or absent means every default."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ValueError("%s: must be a mapping" % where)
+    known = struct.__struct_fields__
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError("%s: unknown field(s) %s (known: %s)" % (where, unknown, ", ".join(known)))
+    return raw
+
+
+def _routing(raw: Any, where: str) -> RoutingSettings:
+    raw = _fields(raw, where, RoutingSettings)
+    d = RoutingSettings()
+    policy = raw.get("policy", d.policy)
+    if policy not in ROUTING_POLICIES:
+        raise ValueError("%s.policy: must be one of %s, got %r" % (where, ", ".join(ROUTING_POLICIES), policy))
+    affinity = raw.get("session_affinity", d.session_affinity)
+    if not isinstance(affinity, bool):
+        raise ValueError("%s.session_affinity: must be true or false, got %r" % (where, affinity))
+    timeout = _number(raw.get("queue_timeout_s", d.queue_timeout_s), where + ".queue_timeout_s")
+    return RoutingSettings(
+        policy=policy,
+        prefix_chars=_int(raw.get("prefix_chars", d.prefix_chars), where + ".prefix_chars", 1),
+        max_imbalance=_int(raw.get("max_imbalance", d.max_imbalance), where + ".max_imbalance", 0),
+        session_affinity=affinity,
+        queue_size=_int(raw.get("queue_size", d.queue_size), where + ".queue_size", 0),
+        queue_timeout_s=timeout,
+    )
+
+
+def _timeouts(raw: Any, where: str) -> TimeoutSettings:
+    raw = _fields(raw, where, TimeoutSettings)
+    out: dict[str, Optional[float]] = {}
+    for name in TimeoutSettings.__struct_fields__:
+        value = raw.get(name)
+        if value is not None and (_number(value, "%s.%s" % (where, name)) <= 0):
+            raise ValueError("%s.%s: must be a number > 0 (or null for the proxy's default), got %r"
+                             % (where, name, value))
+        out[name] = None if value is None else float(value)
+    return TimeoutSettings(**out)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
