@@ -2,10 +2,11 @@
 
 Runs in the proxy's main process (it becomes the gunicorn master). Owns no socket itself. Must set
 PROMETHEUS_MULTIPROC_DIR before anything imports prometheus_client, so it imports nothing heavy at the
-top. Exit codes: 2 bad arguments or unusable CURVE keys; otherwise gunicorn's (see proxy/server.py).
+top. Exit codes: 2 bad arguments, unusable CURVE keys or an unreadable API keys file; otherwise gunicorn's (see proxy/server.py).
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional, Sequence
 
@@ -23,11 +24,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CurveConfigError as exc:
         print("python -m proxy: error: %s" % exc, file=sys.stderr)
         return 2
+    from proxy.access import load_api_keys
+
+    try:  # a bad keys file must stop the proxy here, not fail every worker's boot
+        api_keys = load_api_keys(config.api_keys_file)
+    except ValueError as exc:
+        print("python -m proxy: error: API keys: %s" % exc, file=sys.stderr)
+        return 2
     prepare_metrics_dir()  # before prometheus_client is imported anywhere in this process tree
 
     from proxy.logs import setup_logging
 
     setup_logging(config.log_level)
+    if api_keys.enabled:
+        logging.getLogger("proxy").info("[startup] %d API key(s): /v1 requires Authorization: Bearer%s",
+                                        len(api_keys), " (health and metrics too)" if config.protect_health else "")
     if config.parent_pid is not None:
         from runtime import parent_guard
         parent_guard.install(config.parent_pid)  # SIGTERM (gunicorn's graceful stop) when it dies

@@ -1,33 +1,40 @@
 """The proxy's Falcon WSGI app: OpenAI-compatible routes, request ids, errors in OpenAI's shape.
 
 Runs in each proxy worker, one greenlet per HTTP request. Owns no socket: routing and replica I/O go
-through the injected Backend (gateway.Gateway in production, a fake in unit tests). Must never answer
-with a hang or a 200 without a body, and must wait for the replica's first event before sending
-headers so errors before the first token get a real HTTP status.
+through the injected Backend (gateway.Gateway in production, a fake in unit tests) and a Dispatch per
+request (dispatch.py). Must never answer with a hang or a 200 without a body. Headers wait for the
+replica's first token, so errors before it get a real HTTP status; only a stream that waited
+`keepalive_interval` without a token gets its headers early, then SSE keep-alive comments, and any
+later failure becomes an SSE error event.
 
 Routes:
   POST /v1/chat/completions   POST /v1/completions   POST /v1/chat/{deployment} (legacy plain text)
-  GET /v1/models   GET /health   GET /ready   GET /metrics
+  GET /v1/models   GET /health   GET /ready   GET /metrics   GET /openapi.json
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import falcon
 import msgspec
 
 from proxy import metrics
-from proxy.bodies import PlainBody, SseBody, as_error, collect, timeout_error
+from proxy.access import ApiKeys, RateLimiter, load_api_keys
+from proxy.bodies import BodyLimits, PlainBody, SseBody, collect
 from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, text_completion_body
 from proxy.config import ProxyConfig
+from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    BodyTooLarge, ModelNotFound, NoHealthyReplica, ProxyError, UpstreamError, error_body, error_type_for,
+    BodyTooLarge, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType, error_body,
+    error_type_for,
 )
+from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import CHAT, parse_chat, parse_completion, parse_plain
-from proxy.streams import Item, RequestStream
-from runtime.protocol import DeploymentRoute, GenerateRequest
+from proxy.openapi import SPEC
+from proxy.router import route_key
+from runtime.protocol import Delta, DeploymentRoute, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +42,22 @@ _json = msgspec.json.encode
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class Backend(Protocol):
+class Backend(Cluster, Protocol):
     started_at: int
+    clock: Callable[[], float]
 
     def next_request_id(self) -> str: ...
     def has_table(self) -> bool: ...
-    def has_deployment(self, name: str) -> bool: ...
+    def deployment(self, name: str) -> Optional[DeploymentRoute]: ...
     def deployments(self) -> list[DeploymentRoute]: ...
     def readiness(self) -> tuple[bool, str]: ...
-    def open_stream(self, deployment: str, request: GenerateRequest) -> RequestStream: ...
 
 
-def create_app(backend: Backend, config: ProxyConfig) -> falcon.App:
-    app = falcon.App(middleware=[RequestContext(backend)])
+def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = None) -> falcon.App:
+    keys = load_api_keys(config.api_keys_file) if keys is None else keys
+    access = AccessControl(keys, RateLimiter(config.workers), config.rate_limit, config.protect_health,
+                           backend.clock)
+    app = falcon.App(middleware=[RequestContext(backend.next_request_id, backend.clock), access])
     app.add_route("/v1/chat/completions", OpenAIResource(backend, config, CHAT))
     app.add_route("/v1/completions", OpenAIResource(backend, config, "completion"))
     app.add_route("/v1/chat/{deployment}", PlainResource(backend, config))
@@ -55,44 +65,12 @@ def create_app(backend: Backend, config: ProxyConfig) -> falcon.App:
     app.add_route("/health", HealthResource())
     app.add_route("/ready", ReadyResource(backend))
     app.add_route("/metrics", MetricsResource())
+    app.add_route("/openapi.json", OpenApiResource())
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(falcon.HTTPError, _on_http_error)
     app.add_error_handler(ProxyError, _on_proxy_error)
     app.set_error_serializer(_serialize_http_error)
     return app
-
-
-# --------------------------------------------------------------------------- middleware
-
-
-class RequestContext:
-    """Gives every request an id (X-Request-ID echoed or generated) and counts inference results."""
-
-    def __init__(self, backend: Backend) -> None:
-        self._backend = backend
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ctx = req.context
-        ctx.request_id = self._backend.next_request_id()
-        client = req.get_header("X-Request-ID")
-        valid = client is not None and 0 < len(client) <= 200 and client.isprintable()
-        ctx.client_request_id = client if valid else ctx.request_id
-        if valid and client != ctx.request_id:
-            log.debug("req=%s client request id %s", ctx.request_id, client)
-        ctx.deployment = None  # inference routes set it: the requests_total label
-        ctx.tracker = None
-        ctx.streaming = False  # the streaming body finishes the tracker itself
-
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
-        ctx = req.context
-        resp.set_header("X-Request-ID", getattr(ctx, "client_request_id", None) or "-")
-        if getattr(ctx, "streaming", False):
-            return
-        if getattr(ctx, "tracker", None) is not None:
-            ctx.tracker.finish(resp.status_code)
-        elif getattr(ctx, "deployment", None) is not None:
-            metrics.count_request(ctx.deployment, resp.status_code)
 
 
 # --------------------------------------------------------------------------- inference
@@ -107,35 +85,50 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     return data
 
 
+def require_media(req: falcon.Request, accepted: tuple[str, ...]) -> None:
+    """415 unless the Content-Type (when there is one) is one of `accepted` (`text/*` style allowed)."""
+    if req.content_type is None:
+        return
+    media = req.content_type.split(";", 1)[0].strip().lower()
+    if any(media == a or (a.endswith("/*") and media.startswith(a[:-1])) for a in accepted):
+        return
+    raise UnsupportedMediaType("Content-Type %r is not supported here; send %s" % (media, " or ".join(accepted)))
+
+
 class _Inference:
     def __init__(self, backend: Backend, config: ProxyConfig) -> None:
         self._backend = backend
         self._config = config
 
-    def _start(self, req: falcon.Request, deployment: str, request: GenerateRequest) -> tuple[RequestStream, Item]:
-        """Route and send the request, then wait for the replica's first event (headers not sent yet)."""
+    def _start(self, req: falcon.Request, deployment: str, request: GenerateRequest, prompt: str,
+               streaming: bool) -> tuple[Dispatch, Optional[Delta], BodyLimits]:
+        """Admit, route and send the request, then wait for its first token (headers not sent yet).
+        The first token is None only when `streaming` and none came within the keep-alive interval."""
         ctx = req.context
-        if not self._backend.has_deployment(deployment):
+        route = self._backend.deployment(deployment)
+        if route is None:
             if not self._backend.has_table():  # the model may well exist: say "later", not "never"
                 raise NoHealthyReplica("no routing table received from the head yet")
             raise ModelNotFound(deployment)
         ctx.deployment = deployment
-        stream = self._backend.open_stream(deployment, request)
+        cfg, timeouts, rs = self._config, route.timeouts, route.routing
+        limits = Limits(first_token=timeouts.first_token_s or cfg.first_token_timeout,
+                        total=timeouts.total_s or cfg.total_timeout, max_attempts=cfg.max_attempts,
+                        retry_window=cfg.retry_window)
+        body_limits = BodyLimits(idle=timeouts.idle_s or cfg.idle_timeout, keepalive=cfg.keepalive_interval,
+                                 max_chunk=cfg.max_chunk_chars)
+        key = route_key(rs.policy, rs.prefix_chars, rs.session_affinity, req.get_header("X-Session-ID"), prompt)
+        dispatch = Dispatch(self._backend, deployment, request, key, limits, self._backend.clock,
+                            client_probe(req.env), started_at=ctx.started)
         ctx.tracker = metrics.RequestTracker(deployment)
-        log.debug("req=%s -> replica %s of %s", ctx.request_id, stream.replica_id, deployment)
-        timeout = self._config.first_token_timeout
         try:
-            first = stream.get(timeout)
+            dispatch.admit()
+            log.debug("req=%s -> replica %s of %s", ctx.request_id, dispatch.stream.replica_id, deployment)
+            first = dispatch.first(cfg.keepalive_interval if streaming else None)
         except BaseException:  # e.g. the worker is being killed: never leak an in-flight entry
-            stream.close()
+            dispatch.close()
             raise
-        if first is None:
-            first = timeout_error(stream, timeout, True)
-        err = as_error(first)
-        if err is not None:
-            stream.close()  # aborts at the replica if it never finished (timeout)
-            raise UpstreamError.from_message(err)
-        return stream, first
+        return dispatch, first, body_limits
 
 
 class OpenAIResource(_Inference):
@@ -148,23 +141,25 @@ class OpenAIResource(_Inference):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         ctx = req.context
         ctx.deployment = ""  # until the model is known to exist
+        require_media(req, ("application/json",))
         body = read_body(req, self._config.max_body_bytes)
         parsed = parse_chat(body) if self._kind == CHAT else parse_completion(body)
         rid = ctx.request_id
-        stream, first = self._start(req, parsed.model, parsed.to_generate(rid))
+        dispatch, first, limits = self._start(req, parsed.model, parsed.to_generate(rid), parsed.routing_text(),
+                                              parsed.stream)
         created = int(time.time())
         if parsed.stream:
             chunks = (ChatChunks if self._kind == CHAT else CompletionChunks)(rid, parsed.model, created)
             resp.content_type = "text/event-stream"
             resp.set_headers(SSE_HEADERS)
-            resp.stream = SseBody(stream, first, self._config.idle_timeout, ctx.tracker, chunks,
-                                  parsed.include_usage)
+            resp.stream = SseBody(dispatch, first, limits, ctx.tracker, chunks, parsed.include_usage)
             ctx.streaming = True  # from here on the body's close() owns the stream
             return
+        assert first is not None
         try:
-            text, last = collect(stream, first, self._config.idle_timeout, ctx.tracker)
+            text, last = collect(dispatch, first, limits, ctx.tracker)
         finally:
-            stream.close()
+            dispatch.close()
         render = chat_completion_body if self._kind == CHAT else text_completion_body
         resp.content_type = falcon.MEDIA_JSON
         resp.data = render(rid, parsed.model, created, text, last.finish_reason, last.prompt_tokens,
@@ -176,14 +171,15 @@ class PlainResource(_Inference):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, deployment: str) -> None:
         req.context.deployment = ""
+        require_media(req, ("text/*", "application/octet-stream"))
         body = read_body(req, self._config.max_body_bytes)
         prompt, params = parse_plain(body, req.get_param("max_tokens"))
         request = GenerateRequest(request_id=req.context.request_id, prompt=prompt, params=params)
-        stream, first = self._start(req, deployment, request)
+        dispatch, first, limits = self._start(req, deployment, request, prompt, False)
         req.context.streaming = True
         resp.content_type = "text/plain; charset=utf-8"
         resp.set_header("X-Accel-Buffering", "no")
-        resp.stream = PlainBody(stream, first, self._config.idle_timeout, req.context.tracker)
+        resp.stream = PlainBody(dispatch, first, limits, req.context.tracker)
 
 
 # --------------------------------------------------------------------------- the rest
@@ -225,6 +221,15 @@ class MetricsResource:
         data, content_type = metrics.render()
         resp.content_type = content_type
         resp.data = data
+
+
+class OpenApiResource:
+    def __init__(self) -> None:
+        self._data = _json(SPEC)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._data
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,49 +1,58 @@
 """WSGI response bodies that stream a replica's deltas to the client.
 
-Runs in proxy workers, on the request's greenlet; owns no socket (sends go through the RequestStream's
-connection). The server iterates the body and always calls `close()` — at the end, on an error, or when
-the client went away (the next write fails). `close()` unregisters the request and, if the replica has
-not finished it, sends Abort: a dropped client must stop generation. Must never raise out of `__iter__`
-once headers are sent: failures become an SSE error event (or a plain `[error]` line) and a clean end.
+Runs in proxy workers, on the request's greenlet; owns no socket (sends go through the Dispatch's
+RequestStream connection). The server iterates the body and always calls `close()` — at the end, on an
+error, or when the client went away (the next write fails). `close()` unregisters the request and, if the
+replica has not finished it, sends Abort: a dropped client must stop generation. Must never raise out of
+`__iter__` once headers are sent: failures become an SSE error event (or a plain `[error]` line) and a
+clean end.
+
+Headers may go out before the first token (SSE only): then the body first sends `: keep-alive` comments
+every `keepalive` seconds while the Dispatch keeps waiting (and retrying) for the first token.
+
+Slow readers: every write takes whatever the replica sent meanwhile, up to `max_chunk` characters, as
+one chunk, so a client that reads slowly gets fewer, larger chunks; one that falls further behind than
+the stream's bound is cut off by the replica connection (see replicas.py) and gets an error event.
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Union
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
 
 from proxy.chunks import DONE, ChatChunks, CompletionChunks, sse_error
-from proxy.errors import UpstreamError, error_body
+from proxy.dispatch import Dispatch
+from proxy.errors import ProxyError, UpstreamError
 from proxy.metrics import RequestTracker
-from proxy.streams import Item, RequestStream, is_terminal
+from proxy.streams import Item, as_error, is_terminal
 from runtime.protocol import Delta, RequestError
 
 log = logging.getLogger(__name__)
 
 Chunks = Union[ChatChunks, CompletionChunks]
+KEEPALIVE = b": keep-alive\n\n"
 
 
-def as_error(item: Item) -> Optional[RequestError]:
-    """The failure an item stands for, if any. A replica-side abort counts as one: we never asked."""
-    if isinstance(item, RequestError):
-        return item
-    if item.finish_reason == "abort":
-        return RequestError(item.request_id, 503, "request was aborted by the replica", "server_error")
-    return None
+@dataclass(frozen=True)
+class BodyLimits:
+    idle: float  # longest silence between two events mid-stream
+    keepalive: float = 1.5  # seconds between keep-alive comments before the first token
+    max_chunk: int = 65536  # characters of text coalesced into one write
 
 
-def timeout_error(stream: RequestStream, seconds: float, first: bool) -> RequestError:
-    what = "first token" if first else "next token"
-    return RequestError(stream.request_id, 504, "no %s from replica %s within %.0fs"
-                        % (what, stream.replica_id, seconds), "server_error")
+def _error_item(request_id: str, exc: ProxyError) -> RequestError:
+    return RequestError(request_id, exc.status, exc.message, exc.type, exc.param)
 
 
 class _StreamBody:
-    def __init__(self, stream: RequestStream, first: Item, idle_timeout: float,
-                 tracker: RequestTracker) -> None:
-        self._stream = stream
+    def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
+                 tracker: RequestTracker, clock: Callable[[], float] = time.monotonic) -> None:
+        self._dispatch = dispatch
         self._first = first
-        self._idle_timeout = idle_timeout
+        self._limits = limits
         self._tracker = tracker
+        self._clock = clock
         self._status = 499  # nginx's "client closed request" until we know better
         self._gen: Optional[Iterator[bytes]] = None
 
@@ -51,19 +60,40 @@ class _StreamBody:
         self._gen = self._render()
         return self._gen
 
-    def _items(self) -> Iterator[Item]:
-        item = self._first
+    def _batches(self) -> Iterator[Union[bytes, list[Item]]]:
+        """KEEPALIVE while waiting for the first token, then lists of items (the last one terminal)."""
+        d = self._dispatch
+        first: Optional[Item] = self._first
+        while first is None:
+            yield KEEPALIVE
+            try:
+                first = d.first(self._limits.keepalive)
+            except ProxyError as exc:
+                first = _error_item(d.request_id, exc)
+        stream = d.stream
+        assert stream is not None
+        batch = [first]
         while True:
-            yield item
-            if is_terminal(item):
+            if not is_terminal(batch[-1]):
+                batch += stream.drain(self._limits.max_chunk)
+            yield batch
+            if is_terminal(batch[-1]):
                 return
-            nxt = self._stream.get(self._idle_timeout)
-            item = nxt if nxt is not None else timeout_error(self._stream, self._idle_timeout, False)
+            left = d.deadline - self._clock()
+            wait = min(self._limits.idle, left)
+            item = stream.get(max(0.0, wait))
+            if item is None:
+                total = left <= self._limits.idle
+                item = RequestError(d.request_id, 504, "request took longer than %gs in all"
+                                    % d.limits.total if total else "no token from replica %s for %gs"
+                                    % (stream.replica_id, self._limits.idle), "server_error")
+            batch = [item]
 
     def _failed(self, err: RequestError) -> None:
         self._status = err.status
-        log.warning("req=%s failed mid-stream on replica %s: %d %s", self._stream.request_id,
-                    self._stream.replica_id, err.status, err.message)
+        replica = self._dispatch.stream.replica_id if self._dispatch.stream else "-"
+        log.warning("req=%s failed mid-stream on replica %s: %d %s", self._dispatch.request_id, replica,
+                    err.status, err.message)
 
     def _render(self) -> Iterator[bytes]:
         raise NotImplementedError
@@ -71,42 +101,65 @@ class _StreamBody:
     def close(self) -> None:
         if self._gen is not None:
             self._gen.close()
-        if not self._stream.closed:
-            if not self._stream.finished:
-                log.info("req=%s stream closed before the replica finished (client gone?)",
-                         self._stream.request_id)
-            self._stream.close()
+        stream = self._dispatch.stream
+        if stream is not None and not stream.closed and not stream.finished:
+            log.info("req=%s stream closed before the replica finished (client gone?)", stream.request_id)
+        self._dispatch.close()
         self._tracker.finish(self._status)
+
+
+def _split(batch: list[Item]) -> tuple[str, Optional[Delta], Optional[RequestError]]:
+    """(text of all deltas, the finishing delta if any, the error if any) of one batch."""
+    texts = []
+    last: Optional[Delta] = None
+    for item in batch:
+        err = as_error(item)
+        if err is not None:
+            return "".join(texts), None, err
+        assert isinstance(item, Delta)
+        texts.append(item.text)
+        last = item
+    return "".join(texts), (last if last is not None and last.finish_reason is not None else None), None
+
+
+def _count_tokens(tracker: RequestTracker, batch: list[Item]) -> None:
+    """One TTFT / inter-token observation per delta, as if each had been its own chunk (coalesced ones
+    reached the client together, so their gaps are ~0: what the client saw)."""
+    for item in batch:
+        if isinstance(item, Delta) and item.finish_reason != "abort":
+            tracker.token()
 
 
 class SseBody(_StreamBody):
     """OpenAI server-sent events for chat or text completions."""
 
-    def __init__(self, stream: RequestStream, first: Item, idle_timeout: float, tracker: RequestTracker,
-                 chunks: Chunks, include_usage: bool) -> None:
-        super().__init__(stream, first, idle_timeout, tracker)
+    def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
+                 tracker: RequestTracker, chunks: Chunks, include_usage: bool) -> None:
+        super().__init__(dispatch, first, limits, tracker)
         self._chunks = chunks
         self._include_usage = include_usage
 
     def _render(self) -> Iterator[bytes]:
         chunks = self._chunks
         first = True
-        for item in self._items():
-            err = as_error(item)
+        for batch in self._batches():
+            if isinstance(batch, bytes):
+                yield batch
+                continue
+            text, last, err = _split(batch)
+            _count_tokens(self._tracker, batch)
+            out = b""
+            if text or (first and err is None):
+                out = chunks.content(text, first)
+                first = False
             if err is not None:
                 self._failed(err)
-                yield sse_error(error_body(err.message, err.type, err.param)) + DONE
+                yield out + sse_error(UpstreamError.from_message(err).body()) + DONE
                 return
-            assert isinstance(item, Delta)
-            self._tracker.token()
-            out = b""
-            if item.text or first:
-                out = chunks.content(item.text, first)
-                first = False
-            if item.finish_reason is not None:
-                out += chunks.finish(item.finish_reason)
+            if last is not None:
+                out += chunks.finish(last.finish_reason or "stop")
                 if self._include_usage:
-                    out += chunks.usage(item.prompt_tokens, item.completion_tokens)
+                    out += chunks.usage(last.prompt_tokens, last.completion_tokens)
                 self._status = 200
                 yield out + DONE
                 return
@@ -115,37 +168,37 @@ class SseBody(_StreamBody):
 
 
 class PlainBody(_StreamBody):
-    """The legacy plain-text stream: one body chunk per delta, `\\n[error] ...\\n` on failure."""
+    """The legacy plain-text stream: one body chunk per batch, `\\n[error] ...\\n` on failure."""
 
     def _render(self) -> Iterator[bytes]:
-        for item in self._items():
-            err = as_error(item)
+        for batch in self._batches():
+            if isinstance(batch, bytes):
+                continue  # never: plain streams send headers only with the first token
+            text, last, err = _split(batch)
+            _count_tokens(self._tracker, batch)
             if err is not None:
                 self._failed(err)
-                yield ("\n[error] %s\n" % err.message).encode()
+                yield text.encode() + ("\n[error] %s\n" % err.message).encode()
                 return
-            assert isinstance(item, Delta)
-            self._tracker.token()
-            if item.text:
-                yield item.text.encode()
-            if item.finish_reason is not None:
+            if text:
+                yield text.encode()
+            if last is not None:
                 self._status = 200
                 return
 
 
-def collect(stream: RequestStream, first: Item, idle_timeout: float,
-            tracker: RequestTracker) -> tuple[str, Delta]:
+def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: RequestTracker,
+            clock: Callable[[], float] = time.monotonic) -> tuple[str, Delta]:
     """Gather a whole response for stream=false; raises UpstreamError on failure."""
+    body = _StreamBody(dispatch, first, limits, tracker, clock)
     parts: list[str] = []
-    item = first
-    while True:
-        err = as_error(item)
+    for batch in body._batches():
+        assert not isinstance(batch, bytes)
+        text, last, err = _split(batch)
+        _count_tokens(tracker, batch)
+        parts.append(text)
         if err is not None:
             raise UpstreamError.from_message(err)
-        assert isinstance(item, Delta)
-        tracker.token()
-        parts.append(item.text)
-        if item.finish_reason is not None:
-            return "".join(parts), item
-        nxt = stream.get(idle_timeout)
-        item = nxt if nxt is not None else timeout_error(stream, idle_timeout, False)
+        if last is not None:
+            return "".join(parts), last
+    raise AssertionError("unreachable: a stream always ends with a terminal item")

@@ -5,11 +5,16 @@ app.py translates these (and Falcon's own HTTPError) into `{"error": {message, t
 
     ProxyError (status, message, type, param, code, headers)
      +-- InvalidRequest        400  invalid_request_error   bad JSON, bad field type/value (param names it)
-     +-- BodyTooLarge          413  invalid_request_error
+     +-- Unauthorized          401  invalid_request_error   code invalid_api_key (missing or unknown key)
+     +-- BodyTooLarge          413  invalid_request_error   code body_too_large
+     +-- UnsupportedMediaType  415  invalid_request_error   code unsupported_media_type
      +-- ModelNotFound         404  invalid_request_error   code model_not_found
+     +-- Overloaded            429  rate_limit_error        Retry-After; code overloaded (queue full/timeout)
+     +-- RateLimited           429  rate_limit_error        Retry-After; code rate_limit_exceeded (API key)
      +-- NoHealthyReplica      503  server_error            Retry-After: 1; code no_healthy_replica
      +-- UpstreamError         any  from a replica's RequestError / ReplicaDead / lost connection
-     +-- UpstreamTimeout       504  server_error            no answer within the first-token/idle timeout
+     +-- UpstreamTimeout       504  server_error            code timeout: first token, idle or total time
+     +-- ClientGone            499  (nobody reads it)       the client left while its request waited
 """
 from __future__ import annotations
 
@@ -21,7 +26,13 @@ from runtime.protocol import RequestError
 
 
 def error_type_for(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
     return "invalid_request_error" if status < 500 else "server_error"
+
+
+# codes of failures that reach the client as a replica-style RequestError (SSE error events included)
+_UPSTREAM_CODES = {504: "timeout", 408: "slow_reader"}
 
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -65,6 +76,34 @@ class BodyTooLarge(ProxyError):
     code = "body_too_large"
 
 
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class Overloaded(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: str) -> None:
+        super().__init__(message, headers={"Retry-After": retry_after})
+
+
+class RateLimited(Overloaded):
+    code = "rate_limit_exceeded"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
@@ -89,10 +128,26 @@ class UpstreamError(ProxyError):
     @classmethod
     def from_message(cls, err: RequestError) -> "UpstreamError":
         headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-        return cls(err.message, status=err.status, type_=err.type, param=err.param, headers=headers)
+        return cls(err.message, status=err.status, type_=err.type, param=err.param, headers=headers,
+                   code=_UPSTREAM_CODES.get(err.status))
+
+
+class ClientGone(ProxyError):
+    """The client closed its connection while the request waited; the status is nginx's 499, for logs
+    and metrics only."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the response started")
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+    def as_request_error(self, request_id: str) -> RequestError:
+        return RequestError(request_id, self.status, self.message, self.type)

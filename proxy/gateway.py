@@ -5,6 +5,10 @@ worker); `start()` runs from the `post_worker_init` hook and creates the worker'
 ReplicaPool and the TableSubscriber greenlet. It owns no socket itself: the subscriber greenlet owns the
 head sockets and each ReplicaConnection its own. Must never create a zmq Context at import time or in the
 gunicorn master (the master never imports this module).
+
+It is the Cluster a Dispatch works against (dispatch.py): replica choice (router.Router over the pool's
+load views, with each replica's circuit breaker), sends, the per-deployment admission queues, and the
+breaker bookkeeping. Queued requests are woken when the pool reports that room may have appeared.
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ import gevent
 import zmq.green as zmq_green
 
 from proxy import metrics
+from proxy.admission import AdmissionQueue
+from proxy.breaker import Breaker
 from proxy.config import ProxyConfig
-from proxy.errors import ModelNotFound, NoHealthyReplica
 from proxy.replicas import ReplicaPool, ReplicaUnavailable
+from proxy.router import NONE, Decision, Policy, Router
 from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber
 from proxy.table_state import TableState
@@ -33,9 +39,10 @@ log = logging.getLogger(__name__)
 
 
 class Gateway:
-    def __init__(self, config: ProxyConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: ProxyConfig, clock: Callable[[], float] = time.monotonic,
+                 router: Optional[Router] = None) -> None:
         self.config = config
-        self._clock = clock
+        self.clock = clock
         pid = os.getpid()
         rand = secrets.token_hex(2)
         self.worker_tag = "w%d-%s" % (pid, rand)
@@ -43,6 +50,9 @@ class Gateway:
         self._ids = itertools.count(1)
         self.state = TableState(config.stale_after)
         self.started_at = int(time.time())
+        self._router = router or Router()
+        self._breakers: dict[str, Breaker] = {}
+        self._queues: dict[str, AdmissionQueue] = {}
         self._ctx: Optional[zmq_green.Context] = None
         self._pool: Optional[ReplicaPool] = None
         self._subscriber: Optional[gevent.Greenlet] = None
@@ -51,9 +61,10 @@ class Gateway:
         keys = CurveKeys.load(self.config.curve_dir)
         secure = keys.connect_as_client if keys is not None else None
         self._ctx = zmq_green.Context()
-        self._pool = ReplicaPool(self._ctx, self.identity, self.config.hwm, secure=secure)
+        self._pool = ReplicaPool(self._ctx, self.identity, self.config.hwm, secure=secure, clock=self.clock,
+                                 on_capacity=self._on_capacity)
         sub = TableSubscriber(self._ctx, self.config.head, self.state, self._pool,
-                              self.config.head_timeout, self.config.head_timeout_max, clock=self._clock,
+                              self.config.head_timeout, self.config.head_timeout_max, clock=self.clock,
                               on_tick=metrics.TABLE_AGE.set, secure=secure)
         self._subscriber = gevent.spawn(sub.run)
         log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(),
@@ -79,8 +90,8 @@ class Gateway:
     def has_table(self) -> bool:
         return self.state.table is not None
 
-    def has_deployment(self, name: str) -> bool:
-        return self.state.deployment(name) is not None
+    def deployment(self, name: str) -> Optional[DeploymentRoute]:
+        return self.state.deployment(name)
 
     def deployments(self) -> list[DeploymentRoute]:
         return self.state.deployments()
@@ -88,21 +99,64 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         if self._pool is None:
             return False, "proxy worker is starting"
-        return self.state.readiness(self._clock())
+        return self.state.readiness(self.clock())
 
-    def open_stream(self, deployment: str, request: GenerateRequest) -> RequestStream:
-        """Pick a replica, register the request and send it. Raises ModelNotFound / NoHealthyReplica."""
+    # ----------------------------------------------------------------- Cluster (see dispatch.py)
+
+    def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision:
         route = self.state.deployment(deployment)
-        if route is None:
-            raise ModelNotFound(deployment)
-        if not route.replicas:
-            raise NoHealthyReplica("deployment %r has no healthy replica" % deployment)
-        conn = self._pool.choose(deployment) if self._pool is not None else None
+        if route is None or self._pool is None:
+            return Decision(NONE)
+        now = self.clock()
+        views = [c.view(self._breaker(c.replica_id).allow(now)) for c in self._pool.connections(deployment)]
+        policy = Policy(route.routing.policy, route.routing.max_imbalance, self.config.load_stale_after)
+        return self._router.choose(views, policy, now, key, exclude)
+
+    def send(self, replica_id: str, request: GenerateRequest) -> RequestStream:
+        conn = self._pool.get(replica_id) if self._pool is not None else None
         if conn is None:
-            raise NoHealthyReplica("no reachable replica for deployment %r" % deployment)
-        stream = RequestStream(request.request_id, conn.replica_id, on_close=conn.release)
-        try:
-            conn.submit(stream, request)
-        except ReplicaUnavailable as exc:
-            raise NoHealthyReplica(str(exc)) from None
+            raise ReplicaUnavailable("replica %s is no longer in the routing table" % replica_id)
+        stream = RequestStream(request.request_id, replica_id, on_close=conn.release,
+                               max_pending=self.config.max_pending_chars)
+        conn.submit(stream, request)
+        if self._breaker(replica_id).on_send(self.clock()):
+            log.info("[failover] req=%s probes ejected replica %s", request.request_id, replica_id)
         return stream
+
+    def queue(self, deployment: str) -> AdmissionQueue:
+        route = self.state.deployment(deployment)
+        size, timeout = (route.routing.queue_size, route.routing.queue_timeout_s) if route else (0, 0.0)
+        q = self._queues.get(deployment)
+        if q is None:
+            q = self._queues[deployment] = AdmissionQueue(size, timeout)
+        elif (q.size, q.timeout) != (size, timeout):
+            q.resize(size, timeout)
+        return q
+
+    def record(self, replica_id: str, ok: bool) -> None:
+        breaker = self._breaker(replica_id)
+        now = self.clock()
+        if ok:
+            if breaker.state(now) != "closed":
+                log.info("[failover] replica %s answered again; back in rotation", replica_id)
+            breaker.success(now)
+        elif breaker.failure(now):
+            conn = self._pool.get(replica_id) if self._pool is not None else None
+            deployment = conn.deployment if conn is not None else "-"
+            metrics.EJECTIONS.labels(deployment).inc()
+            log.warning("[failover] replica %s of %s ejected for %.1fs after repeated failures", replica_id,
+                        deployment, breaker.current_cooldown)
+
+    def _breaker(self, replica_id: str) -> Breaker:
+        b = self._breakers.get(replica_id)
+        if b is None:
+            if len(self._breakers) > 4096:  # replicas come and go: forget those long gone
+                live = set(self._pool.replica_ids()) if self._pool is not None else set()
+                self._breakers = {k: v for k, v in self._breakers.items() if k in live}
+            b = self._breakers[replica_id] = Breaker(self.config.breaker_failures, self.config.breaker_cooldown)
+        return b
+
+    def _on_capacity(self, deployment: str) -> None:
+        q = self._queues.get(deployment)
+        if q is not None:
+            q.wake_first()

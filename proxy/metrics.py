@@ -30,6 +30,17 @@ ITL = Histogram("tokenrelay_proxy_inter_token_latency_seconds", "Gap between con
                 ["deployment"], buckets=BUCKETS)
 DURATION = Histogram("tokenrelay_proxy_request_duration_seconds", "Request start to end of response",
                      ["deployment"], buckets=BUCKETS)
+QUEUE_WAIT = Histogram("tokenrelay_proxy_queue_wait_seconds",
+                       "Time requests waited in the admission queue for a free replica", ["deployment"],
+                       buckets=BUCKETS)
+REJECTED = Counter("tokenrelay_proxy_rejected_requests",
+                   "Requests refused by admission control (reject_full, reject_timeout) or the rate limit",
+                   ["deployment", "reason"])
+RETRIES = Counter("tokenrelay_proxy_retries", "Requests retried on another replica before the first token",
+                  ["deployment"])
+EJECTIONS = Counter("tokenrelay_proxy_replica_ejections",
+                    "Circuit breaker openings: a replica ejected after repeated failures", ["deployment"])
+AUTH_FAILURES = Counter("tokenrelay_proxy_auth_failures", "Requests refused with 401 (missing or unknown key)")
 TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
                   "Seconds since this worker last got a routing table (max over live workers)",
                   multiprocess_mode="livemax")

@@ -5,6 +5,7 @@ Pure logic; runs in proxy workers; owns no socket and does no I/O. Raises Invali
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -15,6 +16,8 @@ from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams
 
 CHAT = "chat"
 COMPLETION = "completion"
+INT32_MAX = 2**31 - 1  # counts (max_tokens, top_k): more is never meant and must stay encodable
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seed
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,13 @@ class ParsedRequest:
     params: SamplingParams
     prompt: Optional[str] = None
     messages: Optional[tuple[ChatMessage, ...]] = None
+
+    def routing_text(self) -> str:
+        """The prompt as routing sees it: the completion prompt, or the chat turns in order (the
+        replica's chat template is not known here, but a shared conversation start renders the same)."""
+        if self.kind == CHAT:
+            return "".join("%s: %s\n" % (m.role, m.content) for m in self.messages or ())
+        return self.prompt or ""
 
     def to_generate(self, request_id: str) -> GenerateRequest:
         if self.kind == CHAT:
@@ -81,8 +91,8 @@ def parse_plain(body: bytes, max_tokens: Optional[str]) -> tuple[str, SamplingPa
             limit = int(max_tokens)
         except ValueError:
             raise InvalidRequest("max_tokens must be an integer", param="max_tokens") from None
-        if limit < 1:
-            raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
+        if not 1 <= limit <= INT32_MAX:
+            raise InvalidRequest("max_tokens must be between 1 and %d" % INT32_MAX, param="max_tokens")
     return prompt, SamplingParams(max_tokens=limit)
 
 
@@ -172,7 +182,7 @@ def _sampling(obj: dict[str, Any]) -> SamplingParams:
         top_p=_opt_float(obj, "top_p", 0.0, 1.0, open_low=True),
         top_k=_opt_int(obj, "top_k", -1),
         stop=_stop(obj.get("stop")),
-        seed=_opt_int(obj, "seed", None),
+        seed=_opt_int(obj, "seed", INT64_MIN, INT64_MAX),
         presence_penalty=_opt_float(obj, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_opt_float(obj, "frequency_penalty", -2.0, 2.0),
     )
@@ -185,7 +195,7 @@ def _opt_bool(obj: dict[str, Any], name: str) -> Optional[bool]:
     return value
 
 
-def _opt_int(obj: dict[str, Any], name: str, minimum: Optional[int]) -> Optional[int]:
+def _opt_int(obj: dict[str, Any], name: str, minimum: int, maximum: int = INT32_MAX) -> Optional[int]:
     value = obj.get(name)
     if value is None:
         return None
@@ -193,8 +203,10 @@ def _opt_int(obj: dict[str, Any], name: str, minimum: Optional[int]) -> Optional
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest("'%s' must be an integer, got %s" % (name, _kind(value)), param=name)
-    if minimum is not None and value < minimum:
+    if value < minimum:
         raise InvalidRequest("'%s' must be >= %d, got %d" % (name, minimum, value), param=name)
+    if value > maximum:
+        raise InvalidRequest("'%s' must be <= %d, got %d" % (name, maximum, value), param=name)
     return value
 
 
@@ -205,7 +217,12 @@ def _opt_float(obj: dict[str, Any], name: str, low: Optional[float], high: Optio
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest("'%s' must be a number, got %s" % (name, _kind(value)), param=name)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
+    if not math.isfinite(value):
+        raise InvalidRequest("'%s' must be a finite number" % name, param=name)
     too_low = low is not None and (value <= low if open_low else value < low)
     if too_low or (high is not None and value > high):
         bounds = "%s%s, %s]" % ("(" if open_low else "[", low, high if high is not None else "inf")

@@ -18,10 +18,21 @@ for up to zmq.green's 1.33 s safety poll. A blocking green recv is woken by ever
 Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
 catch a vanished host) and leaving the routing table all fail every in-flight request on that replica.
 Must never block in a reader (it serves every request on the replica) nor raise out of a greenlet silently.
+
+Load: each connection keeps the replica's latest load report (router.ReplicaView): from the TokenBatches
+it sends (`TokenBatch.load`, made when sent, so dated on receipt) or from the routing table (made up to
+TABLE_REPORT_LAG before the table arrived: the replica's 250 ms status, the agent's 500 ms heartbeat and
+the head's tick). The newer report wins. `on_capacity(deployment)` is called whenever room may have
+appeared (a request of this worker ended, the replica reported a lower load, the table changed), so
+requests queued for that deployment retry at once.
+
+Slow clients: a stream that refuses a delta (its pending text is over the bound) is aborted at the
+replica at once and failed with SLOW_READER_STATUS, so neither the proxy nor the replica buffers more.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional
 
 import gevent
@@ -29,7 +40,7 @@ import zmq
 import zmq.green as zmq_green
 from zmq.utils.monitor import recv_monitor_message
 
-from proxy.router import LeastInFlightRouter, ReplicaLoad
+from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
     Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, RoutingTable,
@@ -41,19 +52,30 @@ log = logging.getLogger(__name__)
 Secure = Callable[[zmq.Socket], None]  # configures a socket before connect (CURVE client keys)
 
 _DRAIN = 1000  # messages handled per wakeup before yielding to request greenlets
+TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
+SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
 
 
 class ReplicaUnavailable(Exception):
     """Sending to the replica failed (socket closed, or its send queue is full)."""
 
 
+Capacity = Callable[[str], None]  # called with a deployment name when room may have appeared there
+
+
 class ReplicaConnection:
     def __init__(self, ctx: zmq_green.Context, identity: bytes, deployment: str, route: ReplicaRoute,
-                 hwm: int, secure: Optional[Secure] = None) -> None:
+                 hwm: int, secure: Optional[Secure] = None, clock: Callable[[], float] = time.monotonic,
+                 on_capacity: Capacity = lambda deployment: None) -> None:
         self.deployment = deployment
         self.replica_id = route.replica_id
         self.endpoint = route.endpoint
-        self.inflight: dict[str, RequestStream] = {}
+        self.max_ongoing = route.max_ongoing_requests
+        self.reported = 0
+        self.reported_at = float("-inf")
+        self._clock = clock
+        self._on_capacity = on_capacity
+        self.inflight: dict[str, RequestStream] = {}  # in send order (sent_at grows)
         self.connected = False
         self.down = False
         self.closed = False
@@ -79,6 +101,7 @@ class ReplicaConnection:
     # ----------------------------------------------------------------- request greenlets
 
     def submit(self, stream: RequestStream, request: GenerateRequest) -> None:
+        stream.sent_at = self._clock()
         self.inflight[stream.request_id] = stream
         try:
             self._send(request)
@@ -88,7 +111,8 @@ class ReplicaConnection:
 
     def release(self, stream: RequestStream) -> None:
         """A request is done with this replica: unregister it, and abort it if still running there."""
-        self.inflight.pop(stream.request_id, None)
+        if self.inflight.pop(stream.request_id, None) is not None:
+            self._on_capacity(self.deployment)
         if not stream.finished and not self.closed:
             try:
                 self._send(Abort(request_ids=[stream.request_id]))
@@ -138,21 +162,65 @@ class ReplicaConnection:
             return
         if isinstance(msg, TokenBatch):
             inflight = self.inflight
+            ended = False
             for delta in msg.deltas:
                 stream = inflight.get(delta.request_id)
-                if stream is not None:
-                    stream.push(delta)
-                    if delta.finish_reason is not None:
-                        del inflight[delta.request_id]
+                if stream is None:
+                    continue
+                if not stream.push(delta):
+                    self._cut_off(stream)
+                elif delta.finish_reason is not None:
+                    del inflight[delta.request_id]
+                    ended = True
+            if msg.load is not None:
+                ended = self.report(msg.load, self._clock()) or ended
+            if ended:
+                self._on_capacity(self.deployment)
         elif isinstance(msg, RequestError):
             stream = self.inflight.pop(msg.request_id, None)
             if stream is not None:
                 stream.push(msg)
+                self._on_capacity(self.deployment)
         elif isinstance(msg, ReplicaDead):
             log.error("[failover] replica %s says it is dead: %s", self.replica_id, msg.reason)
             self._mark_down("replica %s died: %s" % (self.replica_id, msg.reason))
         else:
             log.warning("replica %s sent unexpected %s", self.replica_id, type(msg).__name__)
+
+    def _cut_off(self, stream: RequestStream) -> None:
+        """The client reads too slowly: stop the replica now, then tell the client (when it reads)."""
+        del self.inflight[stream.request_id]
+        try:
+            self._send(Abort(request_ids=[stream.request_id]))
+        except ReplicaUnavailable as exc:
+            log.debug("req=%s abort not sent to %s: %s", stream.request_id, self.replica_id, exc)
+        log.warning("req=%s client reads too slowly (%d chars pending); aborted on replica %s",
+                    stream.request_id, stream.pending, self.replica_id)
+        stream.fail(SLOW_READER_STATUS, "the client read the stream too slowly: more than %d characters "
+                    "were waiting; the response was cut off" % stream.max_pending, drop_pending=True)
+
+    # ----------------------------------------------------------------- load
+
+    def report(self, load: int, made_at: float) -> bool:
+        """Take a load report made at `made_at` unless we hold a newer one; True if it went down."""
+        if made_at < self.reported_at:
+            return False
+        lower = load < self.reported
+        self.reported, self.reported_at = load, made_at
+        return lower
+
+    def table_update(self, route: ReplicaRoute, received_at: float) -> None:
+        self.max_ongoing = route.max_ongoing_requests
+        self.report(route.running + route.waiting, received_at - TABLE_REPORT_LAG)
+
+    def view(self, allowed: bool = True) -> ReplicaView:
+        since = 0
+        for stream in reversed(self.inflight.values()):  # newest first: stop at the first older one
+            if stream.sent_at <= self.reported_at:
+                break
+            since += 1
+        return ReplicaView(self.replica_id, self.max_ongoing, self.reported, self.reported_at,
+                           len(self.inflight), since, self.connected, self.down, allowed)
 
     # ----------------------------------------------------------------- watcher greenlet
 
@@ -192,6 +260,7 @@ class ReplicaConnection:
         self.connected = False
         self.down = True
         self.fail_all(503, message)
+        self._on_capacity(self.deployment)  # queued requests must learn there is one replica fewer
 
     def fail_all(self, status: int, message: str) -> None:
         streams = list(self.inflight.values())
@@ -224,20 +293,19 @@ class ReplicaConnection:
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
-    def load(self) -> ReplicaLoad:
-        return ReplicaLoad(self.replica_id, len(self.inflight), self.connected, self.down)
-
 
 class ReplicaPool:
     """All replica connections of one worker, kept in step with the routing table."""
 
-    def __init__(self, ctx: zmq_green.Context, identity: bytes, hwm: int,
-                 router: Optional[LeastInFlightRouter] = None, secure: Optional[Secure] = None) -> None:
+    def __init__(self, ctx: zmq_green.Context, identity: bytes, hwm: int, secure: Optional[Secure] = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_capacity: Capacity = lambda deployment: None) -> None:
         self._ctx = ctx
         self._secure = secure
         self._identity = identity
         self._hwm = hwm
-        self._router = router or LeastInFlightRouter()
+        self._clock = clock
+        self._on_capacity = on_capacity
         self._by_id: dict[str, ReplicaConnection] = {}
         self._by_deployment: dict[str, list[ReplicaConnection]] = {}
         self._opened: dict[str, int] = {}  # endpoint -> connections opened to it so far
@@ -257,7 +325,8 @@ class ReplicaPool:
     def sync(self, table: RoutingTable) -> None:
         """Open connections to new replicas; retire those that left the table (they close once their
         in-flight requests are done: a replica leaving routing is drained, not cut); close at once those
-        that moved endpoint."""
+        that moved endpoint. Then take the table's loads and limits."""
+        now = self._clock()
         wanted = {r.replica_id: (d.name, r) for d in table.deployments for r in d.replicas}
         self._retired = {rid: c for rid, c in self._retired.items() if not c.closed}
         for rid, conn in list(self._by_id.items()):
@@ -278,22 +347,37 @@ class ReplicaPool:
                     and not back.closed:
                 back.retired = False  # it came back before it drained: route to it again
                 self._by_id[rid] = self._retired.pop(rid)
-            if rid not in self._by_id:
+            conn = self._by_id.get(rid)
+            if conn is None:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
                 identity = self._identity_for(route.endpoint)
-                self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm,
-                                                     self._secure)
+                conn = self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm,
+                                                            self._secure, self._clock, self._on_capacity)
+            conn.table_update(route, now)
         by_dep: dict[str, list[ReplicaConnection]] = {}
         for conn in self._by_id.values():
             by_dep.setdefault(conn.deployment, []).append(conn)
         self._by_deployment = by_dep
+        for deployment in {d.name for d in table.deployments}:
+            self._on_capacity(deployment)
 
-    def choose(self, deployment: str) -> Optional[ReplicaConnection]:
-        conns = self._by_deployment.get(deployment)
-        if not conns:
-            return None
-        rid = self._router.choose([c.load() for c in conns])
-        return None if rid is None else self._by_id[rid]
+    def refresh(self, table: RoutingTable) -> None:
+        """The head republished the same table: its loads are still current, as of now."""
+        now = self._clock()
+        for d in table.deployments:
+            for route in d.replicas:
+                conn = self._by_id.get(route.replica_id)
+                if conn is not None and conn.endpoint == route.endpoint:
+                    conn.table_update(route, now)
+
+    def connections(self, deployment: str) -> list[ReplicaConnection]:
+        return self._by_deployment.get(deployment, [])
+
+    def get(self, replica_id: str) -> Optional[ReplicaConnection]:
+        return self._by_id.get(replica_id)
+
+    def replica_ids(self) -> list[str]:
+        return list(self._by_id)
 
     def in_flight(self) -> int:
         return sum(len(c.inflight) for c in list(self._by_id.values()) + list(self._retired.values()))

@@ -1,41 +1,132 @@
-"""Replica choice for one request: least in-flight (as counted by this worker), random tie-break.
+"""Replica choice for one request: power of two choices by load, prefix and session affinity.
 
-Pure logic, runs inside each proxy worker; owns no socket, never does I/O or reads the clock. The RNG is
-injected so tests are deterministic.
+Pure logic, runs inside each proxy worker; owns no socket, never does I/O or reads the clock (callers
+pass `now`). The RNG is injected so tests are deterministic.
 
-Only replicas the routing table lists are candidates (the head lists healthy ones only). Among them a
-replica whose connection is known to be down (disconnected, or said ReplicaDead) is skipped, and one
-that is connected is preferred over one still connecting, so a replica that never comes up does not eat
-requests while others can serve.
+A candidate is described by a ReplicaView: the replica's own reported load (requests it holds, from
+every proxy worker: piggybacked on its TokenBatches and pushed on change, else the routing table) and
+this worker's in-flight requests to it. The load a worker counts for a replica (`estimated_load`):
+
+    load = max(reported, mine sent before the report) + mine sent after the report
+
+so requests this worker sent since the report are never forgotten, and other workers' requests are
+known as of the report. A replica has room while load < max_ongoing_requests.
+
+Choice (`Router.choose`), over the replicas that are usable (not down, breaker closed or probing, not
+already tried by this request):
+  * none usable                           -> NONE (the caller answers 503)
+  * with room: fresh reports first; a report older than `stale_after` is only used when no fresh
+    replica has room
+  * no replica with room                  -> FULL (the caller queues, then 429)
+  * a key (X-Session-ID, or the prompt prefix under the prefix policy) picks its replica by rendezvous
+    hashing over the usable replicas (consistent: only the keys of a replica that leaves move); it is
+    taken when it has room and its load <= the least loaded candidate's + max_imbalance
+  * otherwise power of two choices: two random candidates, the less loaded wins
+Connected replicas are preferred over ones still connecting, so one that never comes up eats nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
+
+ROUTE = "route"
+FULL = "full"
+NONE = "none"
 
 
 @dataclass(frozen=True)
-class ReplicaLoad:
+class ReplicaView:
     replica_id: str
-    in_flight: int
+    max_ongoing: int
+    reported: int = 0  # requests the replica said it holds (all proxies)
+    reported_at: float = float("-inf")  # when that report was made, on this worker's clock
+    mine: int = 0  # this worker's requests in flight to it
+    mine_since_report: int = 0  # of those, sent after the report was made
     connected: bool = True  # False: still connecting (never seen EVENT_CONNECTED)
-    down: bool = False  # disconnected or dead: never chosen
+    down: bool = False  # disconnected or said ReplicaDead
+    allowed: bool = True  # the circuit breaker lets a request through
 
 
-class LeastInFlightRouter:
+@dataclass(frozen=True)
+class Policy:
+    name: str = "p2c"  # "p2c" or "prefix"
+    max_imbalance: int = 8
+    stale_after: float = 3.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # ROUTE, FULL or NONE
+    replica_id: Optional[str] = None
+    how: str = ""  # "p2c", "key", "single": for logs and metrics
+
+
+def estimated_load(v: ReplicaView) -> int:
+    before = max(0, v.mine - v.mine_since_report)
+    return max(v.reported, before) + v.mine_since_report
+
+
+def has_room(v: ReplicaView) -> bool:
+    return estimated_load(v) < v.max_ongoing
+
+
+def key_score(key_digest: bytes, replica_id: str) -> int:
+    """Rendezvous (highest random weight) score of a replica for a key."""
+    h = hashlib.blake2b(key_digest, digest_size=8, key=replica_id.encode()[:64])
+    return int.from_bytes(h.digest(), "big")
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class Router:
     def __init__(self, rng: Optional[random.Random] = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, loads: Sequence[ReplicaLoad]) -> Optional[str]:
-        """Return the replica_id to use, or None when no candidate can take the request."""
-        usable = [r for r in loads if not r.down]
-        connected = [r for r in usable if r.connected]
-        pool = connected or usable
-        if not pool:
-            return None
-        least = min(r.in_flight for r in pool)
-        best = [r for r in pool if r.in_flight == least]
-        if len(best) == 1:
-            return best[0].replica_id
-        return self._rng.choice(best).replica_id
+    def choose(self, views: Sequence[ReplicaView], policy: Policy, now: float, key: Optional[str] = None,
+               exclude: Collection[str] = ()) -> Decision:
+        usable = [v for v in views if not v.down and v.allowed and v.replica_id not in exclude]
+        usable = [v for v in usable if v.connected] or usable
+        if not usable:
+            return Decision(NONE)
+        roomy = [v for v in usable if has_room(v)]
+        if not roomy:
+            return Decision(FULL)
+        fresh = [v for v in roomy if now - v.reported_at <= policy.stale_after]
+        pool = fresh or roomy
+        if key is not None:
+            target = self._by_key(usable, key)
+            least = min(estimated_load(v) for v in pool)
+            if has_room(target) and estimated_load(target) <= least + policy.max_imbalance:
+                return Decision(ROUTE, target.replica_id, "key")
+        return self._p2c(pool)
+
+    @staticmethod
+    def _by_key(usable: Sequence[ReplicaView], key: str) -> ReplicaView:
+        digest = key_digest(key)
+        return max(usable, key=lambda v: (key_score(digest, v.replica_id), v.replica_id))
+
+    def _p2c(self, pool: Sequence[ReplicaView]) -> Decision:
+        if len(pool) == 1:
+            return Decision(ROUTE, pool[0].replica_id, "single")
+        a, b = self._rng.sample(list(pool), 2)
+        la, lb = estimated_load(a), estimated_load(b)
+        if la == lb:  # ties: prefer the one with fewer of this worker's own requests, then either
+            pick = a if (a.mine, self._rng.random()) <= (b.mine, 0.5) else b
+        else:
+            pick = a if la < lb else b
+        return Decision(ROUTE, pick.replica_id, "p2c")
+
+
+def route_key(policy_name: str, prefix_chars: int, session_affinity: bool, session_id: Optional[str],
+              prompt: str) -> Optional[str]:
+    """The affinity key of a request: its session id when affinity is on, else under the prefix policy
+    the first `prefix_chars` characters of the rendered prompt, else None (plain power of two)."""
+    if session_affinity and session_id:
+        return "session:" + session_id
+    if policy_name == "prefix" and prompt:
+        return "prefix:" + prompt[:prefix_chars]
+    return None

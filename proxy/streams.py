@@ -1,11 +1,16 @@
 """Per-request event queue between a replica's reader greenlet and the request's greenlet.
 
 Runs in proxy workers (gevent); owns no socket. A deque plus a gevent Event: `push` is called by the
-reader greenlet (producer), `get` only by the request greenlet (single consumer). Both run in the one
-OS thread of the worker, so there is no lock: a greenlet switch only happens inside `Event.wait`.
+reader greenlet (producer), `get`/`drain` only by the request greenlet (single consumer). Both run in the
+one OS thread of the worker, so there is no lock: a greenlet switch only happens inside `Event.wait`.
 
 Items are `Delta` (running) or `RequestError` (terminal). A Delta with a finish_reason is terminal too.
 Never block in `push`: it runs on the reader greenlet that serves every request on the replica.
+
+Bounded: text waiting for a slow client is counted, and `push` refuses a delta that would take it past
+`max_pending` characters; the replica connection then aborts the request at the replica and fails the
+stream (`fail` always gets through and drops what was pending), so a slow reader costs at most that much
+memory, never more.
 """
 from __future__ import annotations
 
@@ -18,33 +23,59 @@ from runtime.protocol import Delta, RequestError
 
 Item = Union[Delta, RequestError]
 
+DEFAULT_MAX_PENDING = 1 << 20
+
 
 def is_terminal(item: Item) -> bool:
     return not isinstance(item, Delta) or item.finish_reason is not None
 
 
+def as_error(item: Item) -> Optional[RequestError]:
+    """The failure an item stands for, if any. A replica-side abort counts as one: we never asked."""
+    if isinstance(item, RequestError):
+        return item
+    if item.finish_reason == "abort":
+        return RequestError(item.request_id, 503, "request was aborted by the replica", "server_error")
+    return None
+
+
 class RequestStream:
-    __slots__ = ("request_id", "replica_id", "finished", "closed", "_items", "_event", "_on_close")
+    __slots__ = ("request_id", "replica_id", "finished", "closed", "sent_at", "pending", "max_pending",
+                 "_items", "_event", "_on_close")
 
     def __init__(self, request_id: str, replica_id: str,
-                 on_close: Optional[Callable[["RequestStream"], None]] = None) -> None:
+                 on_close: Optional[Callable[["RequestStream"], None]] = None, sent_at: float = 0.0,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.request_id = request_id
         self.replica_id = replica_id
         self.finished = False  # a terminal item was pushed: the replica is done with this request
         self.closed = False
+        self.sent_at = sent_at  # when the request was sent to the replica (worker clock)
+        self.pending = 0  # characters of text queued and not yet taken by the request greenlet
+        self.max_pending = max_pending
         self._items: deque[Item] = deque()
         self._event = Event()
         self._on_close = on_close
 
-    def push(self, item: Item) -> None:
+    def push(self, item: Item) -> bool:
+        """Queue an item; False (nothing queued) when a delta would exceed `max_pending`."""
         if self.finished:  # e.g. a late ReplicaDead after the final delta: first terminal wins
-            return
+            return True
+        if isinstance(item, Delta):
+            size = len(item.text)
+            if self.pending + size > self.max_pending and self._items:
+                return False
+            self.pending += size
         if is_terminal(item):
             self.finished = True
         self._items.append(item)
         self._event.set()
+        return True
 
-    def fail(self, status: int, message: str, type_: str = "server_error") -> None:
+    def fail(self, status: int, message: str, type_: str = "server_error", drop_pending: bool = False) -> None:
+        if drop_pending and not self.finished:
+            self._items.clear()
+            self.pending = 0
         self.push(RequestError(request_id=self.request_id, status=status, message=message, type=type_))
 
     def get(self, timeout: Optional[float]) -> Optional[Item]:
@@ -53,7 +84,29 @@ class RequestStream:
             self._event.clear()
             if not self._event.wait(timeout):
                 return None
-        return self._items.popleft()
+        return self._take()
+
+    def drain(self, max_chars: int) -> list[Item]:
+        """Items already queued, without waiting, up to about `max_chars` of text (at least one item
+        if any is queued), stopping after a terminal one."""
+        out: list[Item] = []
+        chars = 0
+        while self._items:
+            nxt = self._items[0]
+            size = len(nxt.text) if isinstance(nxt, Delta) else 0
+            if out and chars + size > max_chars:
+                break
+            out.append(self._take())
+            chars += size
+            if is_terminal(nxt):
+                break
+        return out
+
+    def _take(self) -> Item:
+        item = self._items.popleft()
+        if isinstance(item, Delta):
+            self.pending -= len(item.text)
+        return item
 
     def close(self) -> None:
         """Unregister from the replica (and abort it there if unfinished). Idempotent."""

@@ -149,6 +149,8 @@ class TableSubscriber:
                     table.epoch, table.version, offer.reason, len(table.deployments),
                     sum(len(d.replicas) for d in table.deployments))
             self._pool.sync(table)
+        elif offer.reason == "republish":
+            self._pool.refresh(table)  # the same loads, still current: keeps their reports fresh
         if offer.resync and self._awaiting is None:
             self._request_snapshot()
 

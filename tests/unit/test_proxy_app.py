@@ -6,15 +6,17 @@ app closes and aborts, so the HTTP layer is tested through Falcon's WSGI interfa
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Optional
 
 import falcon
 import falcon.testing
 import pytest
 
+from proxy.admission import AdmissionQueue
 from proxy.app import create_app
 from proxy.config import ProxyConfig
-from proxy.errors import NoHealthyReplica
+from proxy.router import NONE, ROUTE, Decision
 from proxy.streams import Item, RequestStream
 from runtime.protocol import Delta, DeploymentRoute, GenerateRequest, ReplicaRoute, RequestError
 
@@ -24,9 +26,14 @@ def ok_script(rid: str) -> list[Item]:
 
 
 class FakeBackend:
+    """The app's Backend (and the Dispatch's Cluster): one replica "r1" per deployment that has any."""
+
     started_at = 123
 
     def __init__(self) -> None:
+        self.recorded: list[tuple[str, bool]] = []
+        self.streams: list[RequestStream] = []
+        self.keys: list[Optional[str]] = []
         self.deps: Optional[dict[str, DeploymentRoute]] = {"tiny": DeploymentRoute("tiny", "fake", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)]),
                      "empty": DeploymentRoute("empty", "fake", "m", [])}
         self.script = ok_script
@@ -43,8 +50,11 @@ class FakeBackend:
     def has_table(self) -> bool:
         return self.deps is not None
 
-    def has_deployment(self, name: str) -> bool:
-        return self.deps is not None and name in self.deps
+    def clock(self) -> float:
+        return time.monotonic()  # Dispatch waits on gevent events: its clock must move with them
+
+    def deployment(self, name: str) -> Optional[DeploymentRoute]:
+        return None if self.deps is None else self.deps.get(name)
 
     def deployments(self) -> list[DeploymentRoute]:
         return list(self.deps.values())
@@ -52,11 +62,22 @@ class FakeBackend:
     def readiness(self) -> tuple[bool, str]:
         return self.ready
 
-    def open_stream(self, deployment: str, request: GenerateRequest) -> RequestStream:
-        if not self.deps[deployment].replicas:
-            raise NoHealthyReplica("deployment %r has no healthy replica" % deployment)
+    def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision:
+        self.keys.append(key)
+        if not self.deps[deployment].replicas or "r1" in exclude:
+            return Decision(NONE)
+        return Decision(ROUTE, "r1")
+
+    def queue(self, deployment: str) -> AdmissionQueue:
+        return AdmissionQueue(0, 0.0)
+
+    def record(self, replica_id: str, ok: bool) -> None:
+        self.recorded.append((replica_id, ok))
+
+    def send(self, replica_id: str, request: GenerateRequest) -> RequestStream:
         self.requests.append(request)
         stream = RequestStream(request.request_id, "r1", on_close=self._on_close)
+        self.streams.append(stream)
         for item in self.script(request.request_id):
             stream.push(item)
         return stream
@@ -119,7 +140,8 @@ def test_chat_stream_sse(client: falcon.testing.TestClient, backend: FakeBackend
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert {c["id"] for c in chunks} == {"chatcmpl-wt-1"}
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
+    # everything the replica had sent by the time the client could take it leaves as one chunk
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hello!"}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello!"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 6
@@ -220,7 +242,7 @@ def test_replica_error_before_first_token_keeps_its_status(client: falcon.testin
 def test_first_token_timeout_is_504_and_aborts(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
     backend.script = lambda rid: []
     r = client.simulate_post("/v1/chat/completions", json=chat_body(stream=True))
-    assert_openai_error(r, 504)
+    assert_openai_error(r, 504, code="timeout")
     assert backend.aborted == ["wt-1"]
 
 
@@ -285,7 +307,7 @@ def test_client_going_away_aborts(backend: FakeBackend) -> None:
     body = app(env, lambda status, headers, exc_info=None: started.append(status))
     assert started == ["200 OK"]
     first = next(iter(body))
-    assert b'"content":"a"' in first
+    assert b'"content":"ab"' in first  # both deltas were waiting: one chunk
     body.close()  # what the WSGI server does when a write to the client fails
     assert backend.aborted == ["wt-1"] and backend.closed == ["wt-1"]
     body.close()

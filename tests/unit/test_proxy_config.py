@@ -54,3 +54,32 @@ def test_bad_args_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) ->
 def test_direct_construction_validates_with_knob_name() -> None:
     with pytest.raises(ValueError, match="--worker-connections"):
         ProxyConfig(head="tcp://h:1", worker_connections=0)
+
+
+def test_limits_and_access_flags_round_trip(tmp_path) -> None:
+    argv = ["--head", "tcp://h:1", "--total-timeout", "30", "--keepalive-interval", "0.5", "--max-attempts", "2",
+            "--retry-window", "4", "--breaker-failures", "3", "--breaker-cooldown", "2.5",
+            "--load-stale-after", "1.5", "--max-body-bytes", "1000", "--max-pending-chars", "5000",
+            "--max-chunk-chars", "700", "--api-keys-file", str(tmp_path / "keys"), "--protect-health",
+            "--rate-limit", "60"]
+    c = ProxyConfig.from_args(argv)
+    assert (c.total_timeout, c.keepalive_interval, c.max_attempts, c.retry_window) == (30.0, 0.5, 2, 4.0)
+    assert (c.breaker_failures, c.breaker_cooldown, c.load_stale_after) == (3, 2.5, 1.5)
+    assert (c.max_body_bytes, c.max_pending_chars, c.max_chunk_chars) == (1000, 5000, 700)
+    assert c.api_keys_file == str(tmp_path / "keys") and c.protect_health and c.rate_limit == 60
+    assert ProxyConfig.from_args(c.to_argv()) == c
+    defaults = ProxyConfig.from_args(["--head", "tcp://h:1"])
+    assert not defaults.protect_health and defaults.rate_limit == 0 and defaults.api_keys_file is None
+
+
+@pytest.mark.parametrize("argv, knob", [
+    (["--max-attempts", "0"], "--max-attempts"),
+    (["--total-timeout", "0"], "--total-timeout"),
+    (["--keepalive-interval", "-1"], "--keepalive-interval"),
+    (["--rate-limit", "-5"], "--rate-limit"),
+    (["--max-pending-chars", "0"], "--max-pending-chars"),
+])
+def test_bad_limits_name_the_flag(argv: list[str], knob: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ProxyConfig.from_args(["--head", "tcp://h:1"] + argv)
+    assert knob in capsys.readouterr().err

@@ -1,0 +1,205 @@
+"""One request's way to a replica: admission (wait in the queue), choice, send, first token, retries.
+
+Runs in proxy workers on the request's greenlet (gevent); owns no socket: it goes through the injected
+Cluster (gateway.Gateway in production, a fake in unit tests). Must never wait without a deadline and
+never retry once the first token was handed to the caller.
+
+    admit()      route now, or wait in the deployment's bounded queue (FIFO, only the first ticket tries),
+                 or raise: 429 queue full / waited too long, 503 no usable replica
+    first(t)     wait up to t seconds for the first token; None when t passed with nothing yet (the caller
+                 may send SSE keep-alives and call again). A failure before the first token that the
+                 replica caused and that another replica may not have (503/429: refused, overloaded, dead,
+                 unreachable, connection lost) is retried on another replica, at most `max_attempts` sends
+                 in all and only within `retry_window` seconds of the start; a 4xx is the request's fault:
+                 never retried and never held against the replica. Final failures raise ProxyError.
+Every outcome feeds the replica's circuit breaker through `Cluster.record`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+from gevent.event import Event
+
+from proxy import metrics
+from proxy.admission import (
+    ADMIT, REJECT_FULL, REJECT_NONE, REJECT_TIMEOUT, AdmissionQueue, Ticket, decide, retry_after,
+)
+from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, ProxyError, UpstreamError, UpstreamTimeout
+from proxy.replicas import ReplicaUnavailable
+from proxy.router import FULL, NONE, Decision
+from proxy.streams import RequestStream, as_error
+from runtime.protocol import Delta, GenerateRequest, RequestError
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (429, 503)  # the replica refused or is gone: another one may well serve it
+SLICE = 0.25  # seconds between checks that the client is still there while we wait
+
+
+@dataclass(frozen=True)
+class Limits:
+    first_token: float  # seconds from the first send to the first token
+    total: float  # seconds from the request's start to its end
+    max_attempts: int = 3  # sends to replicas, the first one included
+    retry_window: float = 10.0  # no retry starts later than this after the request's start
+
+
+class Cluster(Protocol):
+    def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision: ...
+    def send(self, replica_id: str, request: GenerateRequest) -> RequestStream: ...
+    def queue(self, deployment: str) -> AdmissionQueue: ...
+    def record(self, replica_id: str, ok: bool) -> None: ...
+
+
+class Dispatch:
+    def __init__(self, cluster: Cluster, deployment: str, request: GenerateRequest, key: Optional[str],
+                 limits: Limits, clock: Callable[[], float], client_gone: Callable[[], bool] = lambda: False,
+                 started_at: Optional[float] = None) -> None:
+        self._cluster = cluster
+        self.deployment = deployment
+        self._request = request
+        self._key = key
+        self.limits = limits
+        self._clock = clock
+        self._client_gone = client_gone
+        self.started_at = clock() if started_at is None else started_at
+        self.deadline = self.started_at + limits.total
+        self.stream: Optional[RequestStream] = None
+        self.attempts = 0
+        self._tried: set[str] = set()
+        self._first_deadline = float("inf")
+        self._last_error: Optional[RequestError] = None
+        self.queued_s = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    # ----------------------------------------------------------------- admission
+
+    def admit(self) -> None:
+        """Send the request to a replica, waiting in the queue if every replica is full."""
+        queue = self._cluster.queue(self.deployment)
+        event = Event()
+        ticket: Optional[Ticket] = None
+        start = self._clock()
+        try:
+            while True:
+                now = self._clock()
+                mine = ticket is None or queue.is_first(ticket)
+                outcome = self._try_send() if mine else FULL
+                verdict = decide(outcome, ticket, queue, now)
+                if verdict == ADMIT:
+                    return
+                if verdict == REJECT_NONE:
+                    raise self._no_replica()
+                if verdict in (REJECT_FULL, REJECT_TIMEOUT):
+                    raise self._overloaded(verdict, queue)
+                if ticket is None:
+                    ticket = queue.join(now, event.set)
+                    if ticket is None:  # decide() saw room a moment ago; nothing yields in between
+                        raise self._overloaded(REJECT_FULL, queue)
+                event.clear()
+                event.wait(max(0.0, min(SLICE, ticket.deadline - now, self.deadline - now)))
+                if self._client_gone():
+                    raise ClientGone()
+                if self._clock() >= self.deadline:
+                    raise UpstreamTimeout("request %s took longer than %gs in all" % (
+                        self.request_id, self.limits.total))
+        finally:
+            if ticket is not None:
+                queue.leave(ticket)
+                self.queued_s = self._clock() - start
+                metrics.QUEUE_WAIT.labels(self.deployment).observe(self.queued_s)
+
+    def _try_send(self) -> str:
+        """Choose and send; returns the router outcome (ROUTE once sent)."""
+        while True:
+            decision = self._cluster.choose(self.deployment, self._key, frozenset(self._tried))
+            if decision.replica_id is None:
+                return decision.outcome
+            rid = decision.replica_id
+            self._tried.add(rid)
+            self.attempts += 1
+            try:
+                self.stream = self._cluster.send(rid, self._request)
+            except ReplicaUnavailable as exc:
+                log.warning("req=%s [failover] replica %s unreachable: %s", self.request_id, rid, exc)
+                self._cluster.record(rid, False)
+                if not self._may_retry():
+                    self._last_error = RequestError(self.request_id, 503, str(exc))
+                    return NONE
+                continue
+            if self.attempts == 1:
+                self._first_deadline = self._clock() + self.limits.first_token
+            return decision.outcome
+
+    def _no_replica(self) -> ProxyError:
+        if self._last_error is not None:
+            return UpstreamError.from_message(self._last_error)
+        return NoHealthyReplica("no healthy replica of %r can take the request" % self.deployment)
+
+    def _overloaded(self, verdict: str, queue: AdmissionQueue) -> ProxyError:
+        metrics.REJECTED.labels(self.deployment, verdict).inc()
+        if verdict == REJECT_FULL:
+            why = "every replica of %r is busy and the wait queue is full" % self.deployment
+        else:
+            why = "every replica of %r stayed busy for %.1fs" % (self.deployment, queue.timeout)
+        return Overloaded(why, retry_after(queue.timeout))
+
+    def _may_retry(self) -> bool:
+        return (self.attempts < self.limits.max_attempts
+                and self._clock() - self.started_at < self.limits.retry_window)
+
+    # ----------------------------------------------------------------- first token
+
+    def first(self, timeout: Optional[float]) -> Optional[Delta]:
+        """The first token, retrying on another replica when this one failed; None after `timeout`."""
+        until = float("inf") if timeout is None else self._clock() + timeout
+        while True:
+            assert self.stream is not None, "admit() first"
+            now = self._clock()
+            limit = min(self._first_deadline, self.deadline)
+            if now >= limit:
+                self._fail_current(None)
+                if limit == self.deadline:
+                    raise UpstreamTimeout("request %s took longer than %gs in all"
+                                          % (self.request_id, self.limits.total))
+                raise UpstreamTimeout("no first token from replica %s within %gs" % (
+                    self.stream.replica_id, self.limits.first_token))
+            if now >= until:
+                return None
+            item = self.stream.get(max(0.0, min(SLICE, until - now, limit - now)))
+            if item is None:
+                if self._client_gone():
+                    raise ClientGone()
+                continue
+            err = as_error(item)
+            if err is None:
+                self._cluster.record(self.stream.replica_id, True)
+                assert isinstance(item, Delta)
+                return item
+            self._fail_current(err)
+            if err.status not in RETRYABLE or not self._may_retry():
+                raise UpstreamError.from_message(err)
+            log.warning("req=%s [failover] replica %s failed before the first token (%d %s); retrying",
+                        self.request_id, self.stream.replica_id, err.status, err.message)
+            metrics.RETRIES.labels(self.deployment).inc()
+            self._last_error = err
+            self.admit()
+
+    def _fail_current(self, err: Optional[RequestError]) -> None:
+        """Let go of the current attempt; count it against the replica unless the request was at fault."""
+        stream = self.stream
+        assert stream is not None
+        stream.close()  # aborts at the replica if it had not finished
+        if err is None or err.status >= 500 or err.status == 429:
+            self._cluster.record(stream.replica_id, False)
+        else:
+            self._cluster.record(stream.replica_id, True)  # it answered: a 4xx is the request's fault
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()

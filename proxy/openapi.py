@@ -1,0 +1,216 @@
+"""The OpenAPI 3.1 document of the proxy's HTTP API, served at GET /openapi.json.
+
+Pure data, built once at import; runs in proxy workers; owns no socket. It must say exactly what the
+proxy accepts and answers (tests/integration/test_proxy_fuzz.py fuzzes a running proxy against it with
+schemathesis): request fields mirror openai_request.py's checks (null means absent; unknown fields are
+ignored), and every error is the OpenAI error object. Keep both in step when either changes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.openai_request import INT32_MAX, INT64_MAX, INT64_MIN
+
+Schema = dict[str, Any]
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": "#/components/schemas/%s" % name}
+
+
+_INT_COUNT = {"type": "integer", "minimum": 1, "maximum": INT32_MAX}
+
+SAMPLING: dict[str, Schema] = {
+    "max_tokens": _nullable(dict(_INT_COUNT, description="most tokens to generate")),
+    "max_completion_tokens": _nullable(dict(_INT_COUNT, description="wins over max_tokens")),
+    "temperature": _nullable({"type": "number", "minimum": 0}),
+    "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+    "top_k": _nullable({"type": "integer", "minimum": -1, "maximum": INT32_MAX}),
+    "stop": _nullable({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    "seed": _nullable({"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}),
+    "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+    "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+    "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1 is supported"}),
+    "stream": _nullable({"type": "boolean"}),
+    "stream_options": _nullable({"type": "object", "properties": {
+        "include_usage": _nullable({"type": "boolean"})}}),
+}
+
+CONTENT_PART: Schema = {
+    "type": "object", "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+
+MESSAGE: Schema = {
+    "type": "object", "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "minLength": 1, "examples": ["user"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": CONTENT_PART}, {"type": "null"}]},
+    },
+}
+
+MODEL: Schema = {"type": "string", "minLength": 1, "description": "a deployment name (GET /v1/models)",
+                 "examples": ["mock"]}
+
+CHAT_REQUEST: Schema = {
+    "type": "object", "required": ["model", "messages"],
+    "properties": dict(SAMPLING, model=MODEL, messages={"type": "array", "minItems": 1, "items": MESSAGE}),
+    "examples": [{"model": "mock", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}],
+}
+
+COMPLETION_REQUEST: Schema = {
+    "type": "object", "required": ["model", "prompt"],
+    "properties": dict(SAMPLING, model=MODEL, prompt={"type": "string", "description": "one prompt"}),
+    "examples": [{"model": "mock", "prompt": "Once upon a time", "max_tokens": 8}],
+}
+
+USAGE: Schema = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+                 "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens",
+                                                                  "total_tokens")}}
+
+ERROR: Schema = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+
+_FINISH = {"type": ["string", "null"], "examples": ["stop", "length"]}
+
+CHAT_COMPLETION: Schema = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": USAGE,
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "finish_reason": _FINISH,
+            "message": {"type": "object", "properties": {"role": {"const": "assistant"},
+                                                         "content": {"type": "string"}}}}}},
+    },
+}
+
+TEXT_COMPLETION: Schema = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": USAGE,
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "finish_reason": _FINISH, "text": {"type": "string"}}}},
+    },
+}
+
+SSE: Schema = {"type": "string", "description": (
+    "server-sent events: `data: {chunk}` per piece of text (chat.completion.chunk or text_completion), a "
+    "chunk with finish_reason, a usage chunk when stream_options.include_usage, then `data: [DONE]`. "
+    "`: keep-alive` comments may come first while the request waits for its first token; a failure after "
+    "the headers is a `data: {\"error\": {...}}` event followed by `data: [DONE]`.")}
+
+REQUEST_ID = {"description": "the client's X-Request-ID if it sent a printable one (<= 200 chars), "
+                             "else the proxy's id of the request", "required": True,
+              "schema": {"type": "string"}}
+RETRY_AFTER = {"description": "seconds to wait before retrying", "required": True,
+               "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+
+ERRORS: dict[str, str] = {
+    "400": "malformed JSON, not an object, or a field of the wrong type or value (`param` names it)",
+    "401": "API keys are configured and the request has no valid `Authorization: Bearer KEY`",
+    "404": "unknown model (code model_not_found) or unknown path (code not_found)",
+    "405": "method not allowed on this path",
+    "413": "request body larger than --max-body-bytes (code body_too_large)",
+    "415": "unsupported Content-Type (code unsupported_media_type)",
+    "429": "every replica is busy and the wait queue is full or the wait timed out (code overloaded), or "
+           "the API key's rate limit (code rate_limit_exceeded)",
+    "503": "no healthy replica, or the replica failed before the first token (code no_healthy_replica)",
+    "504": "no first token in time, or the request took longer than its total timeout (code timeout)",
+}
+
+
+def _error(status: str) -> Schema:
+    headers: Schema = {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}}
+    if status in ("429", "503"):
+        headers["Retry-After"] = {"$ref": "#/components/headers/RetryAfter"}
+    return {"description": ERRORS[status], "headers": headers,
+            "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def _ok(description: str, content: dict[str, Schema]) -> Schema:
+    return {"description": description, "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+            "content": {media: {"schema": schema} for media, schema in content.items()}}
+
+
+def _errors(*statuses: str) -> dict[str, Schema]:
+    return {s: _error(s) for s in statuses}
+
+
+_SESSION = {"name": "X-Session-ID", "in": "header", "required": False, "schema": {"type": "string"},
+            "description": "requests with the same session id go to the same replica while it is not "
+                           "overloaded (deployment routing.session_affinity)"}
+_INFERENCE_ERRORS = ("400", "401", "404", "413", "415", "429", "503", "504")
+
+
+def _inference(summary: str, request: str, response: str) -> Schema:
+    return {"post": {
+        "summary": summary, "parameters": [_SESSION],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+        "responses": dict({"200": _ok("the completion (JSON), or with stream: true server-sent events",
+                                      {"application/json": _ref(response), "text/event-stream": SSE})},
+                          **_errors(*_INFERENCE_ERRORS)),
+    }}
+
+
+SPEC: Schema = {
+    "openapi": "3.1.0",
+    "info": {"title": "tokenrelay proxy", "version": "1.0.0",
+             "description": "OpenAI-compatible streaming API in front of tokenrelay replicas (docs/api.md)."},
+    "security": [{}, {"bearerAuth": []}],
+    "paths": {
+        "/v1/chat/completions": _inference("chat completion", "ChatRequest", "ChatCompletion"),
+        "/v1/completions": _inference("text completion", "CompletionRequest", "TextCompletion"),
+        "/v1/chat/{deployment}": {"post": {
+            "summary": "legacy plain interface: the raw prompt in, the text streamed back as plain chunks",
+            "parameters": [
+                {"name": "deployment", "in": "path", "required": True, "schema": {"type": "string",
+                                                                                  "minLength": 1}},
+                {"name": "max_tokens", "in": "query", "required": False, "schema": _INT_COUNT}, _SESSION],
+            "requestBody": {"required": True, "content": {"text/plain": {"schema": {
+                "type": "string", "minLength": 1}}}},
+            "responses": dict({"200": _ok("generated text, chunked; a failure mid-stream appends a line "
+                                          "`[error] message`", {"text/plain": {"type": "string"}})},
+                              **_errors(*_INFERENCE_ERRORS)),
+        }},
+        "/v1/models": {"get": {"summary": "deployments, OpenAI list format", "responses": dict({
+            "200": _ok("the models", {"application/json": _ref("ModelList")})}, **_errors("401", "429"))}},
+        "/health": {"get": {"summary": "200 while the process runs", "security": [{}], "responses": dict({
+            "200": _ok("alive", {"application/json": {"type": "object"}})}, **_errors("401"))}},
+        "/ready": {"get": {"summary": "200 with a fresh routing table and a healthy replica, else 503",
+                           "security": [{}], "responses": {
+            "200": _ok("ready", {"application/json": {"type": "object"}}),
+            "401": _error("401"),
+            "503": _ok("not ready", {"application/json": {"type": "object", "properties": {
+                "status": {"const": "not_ready"}, "reason": {"type": "string"}}}})}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics of all workers", "security": [{}], "responses": dict({
+            "200": _ok("metrics", {"text/plain": {"type": "string"}})}, **_errors("401"))}},
+        "/openapi.json": {"get": {"summary": "this document", "security": [{}], "responses": {
+            "200": _ok("OpenAPI 3.1", {"application/json": {"type": "object"}})}}},
+    },
+    "components": {
+        "schemas": {
+            "ChatRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST,
+            "ChatCompletion": CHAT_COMPLETION, "TextCompletion": TEXT_COMPLETION, "Error": ERROR,
+            "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+                "object": {"const": "list"}, "data": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "object", "created", "owned_by"],
+                    "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                                   "created": {"type": "integer"}, "owned_by": {"type": "string"}}}}}},
+        },
+        "headers": {"RequestId": REQUEST_ID, "RetryAfter": RETRY_AFTER},
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                           "description": "required on /v1 when API keys are configured"}},
+    },
+}

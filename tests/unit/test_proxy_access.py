@@ -1,0 +1,61 @@
+"""Unit tests for proxy.access: API key parsing and checks, per-key token buckets (times passed in)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.access import ApiKeys, RateLimiter, load_api_keys
+
+
+def test_keys_from_file_and_env_with_per_key_limits(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nsk-alpha 120\n\nsk-beta   # no limit of its own\n")
+    keys = load_api_keys(str(path), env="sk-gamma, sk-alpha ,")
+    assert keys.enabled and len(keys) == 3
+    alpha = keys.check("Bearer sk-alpha")
+    assert alpha is not None and keys.limit_of(alpha, 10) == 120
+    beta = keys.check("bearer   sk-beta")
+    assert beta is not None and keys.limit_of(beta, 10) == 10
+    assert keys.check("Bearer sk-gamma") is not None
+
+
+@pytest.mark.parametrize("header", [None, "", "sk-alpha", "Basic sk-alpha", "Bearer ", "Bearer sk-alph",
+                                    "Bearer sk-alpha2"])
+def test_bad_or_missing_authorization_is_refused(header: str) -> None:
+    keys = ApiKeys.parse("sk-alpha", None)
+    assert keys.check(header) is None
+
+
+def test_no_keys_means_disabled_and_bad_files_name_the_line(tmp_path: Path) -> None:
+    assert not ApiKeys.parse(None, None).enabled
+    assert not ApiKeys.parse("# only comments\n", " , ").enabled
+    with pytest.raises(ValueError, match="line 2"):
+        ApiKeys.parse("ok\nkey 12 extra\n", None)
+    with pytest.raises(ValueError, match="line 1"):
+        ApiKeys.parse("key lots\n", None)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_api_keys(str(tmp_path / "missing"), env="")
+
+
+def test_keys_are_kept_as_digests_only() -> None:
+    keys = ApiKeys.parse("sk-secret-value", None)
+    assert b"sk-secret-value" not in b"".join(keys.limits)
+
+
+def test_rate_limit_bucket_allows_the_per_worker_share_then_refills() -> None:
+    limiter = RateLimiter(workers=2)  # 60/min for the proxy: 30/min for this worker, burst 30
+    key = b"k"
+    assert all(limiter.allow(key, 60, 0.0)[0] for _ in range(30))
+    ok, wait = limiter.allow(key, 60, 0.0)
+    assert not ok and wait == pytest.approx(2.0)  # one token per 2 s
+    assert not limiter.allow(key, 60, 1.9)[0]
+    assert limiter.allow(key, 60, 2.1)[0]
+    assert limiter.allow(b"other", 60, 2.1)[0]  # buckets are per key
+
+
+def test_rate_limit_zero_is_unlimited_and_tiny_limits_allow_one() -> None:
+    limiter = RateLimiter(workers=8)
+    assert all(limiter.allow(b"k", 0, 0.0)[0] for _ in range(1000))
+    assert limiter.allow(b"s", 3, 0.0)[0]  # 3/min over 8 workers: each still allows one
+    assert not limiter.allow(b"s", 3, 0.0)[0]

@@ -1,0 +1,265 @@
+"""Unit tests for proxy.dispatch: admission waits, retries before the first token, timeouts.
+
+No sockets: a FakeCluster hands out RequestStreams pre-filled with scripted replica events. Waits are
+gevent waits of tens of milliseconds (the Dispatch sleeps on gevent events), so the clock is the real
+monotonic one; every decision underneath is covered with a fake clock in test_proxy_admission.py.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import gevent
+import pytest
+
+from proxy.admission import AdmissionQueue
+from proxy.dispatch import Dispatch, Limits
+from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, UpstreamError, UpstreamTimeout
+from proxy.replicas import ReplicaUnavailable
+from proxy.router import FULL, NONE, ROUTE, Decision
+from proxy.streams import Item, RequestStream
+from runtime.protocol import Delta, GenerateRequest, RequestError
+
+Script = Callable[[str], list[Item]]
+
+
+def ok(rid: str) -> list[Item]:
+    return [Delta(rid, "hi", None, 1, 1), Delta(rid, "!", "stop", 1, 2)]
+
+
+def refuse(rid: str) -> list[Item]:
+    return [RequestError(rid, 503, "replica is overloaded")]
+
+
+class FakeCluster:
+    def __init__(self, scripts: dict[str, Script], capacity: int = 10, queue_size: int = 4,
+                 queue_timeout: float = 1.0) -> None:
+        self.scripts = scripts
+        self.free = {rid: capacity for rid in scripts}
+        self.unreachable: set[str] = set()
+        self.q = AdmissionQueue(queue_size, queue_timeout)
+        self.sent: list[str] = []
+        self.records: list[tuple[str, bool]] = []
+        self.streams: list[RequestStream] = []
+
+    def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision:
+        usable = [r for r in self.scripts if r not in exclude]
+        if not usable:
+            return Decision(NONE)
+        roomy = [r for r in usable if self.free[r] > 0]
+        return Decision(ROUTE, roomy[0]) if roomy else Decision(FULL)
+
+    def send(self, replica_id: str, request: GenerateRequest) -> RequestStream:
+        self.sent.append(replica_id)
+        if replica_id in self.unreachable:
+            raise ReplicaUnavailable("send queue to replica %s is full" % replica_id)
+        self.free[replica_id] -= 1
+        stream = RequestStream(request.request_id, replica_id, on_close=self._release)
+        for item in self.scripts[replica_id](request.request_id):
+            stream.push(item)
+        self.streams.append(stream)
+        return stream
+
+    def _release(self, stream: RequestStream) -> None:
+        self.free[stream.replica_id] += 1
+        self.q.wake_first()
+
+    def queue(self, deployment: str) -> AdmissionQueue:
+        return self.q
+
+    def record(self, replica_id: str, ok: bool) -> None:
+        self.records.append((replica_id, ok))
+
+
+LIMITS = Limits(first_token=0.3, total=5.0, max_attempts=3, retry_window=5.0)
+
+
+def dispatch(cluster: FakeCluster, limits: Limits = LIMITS, rid: str = "q1",
+             client_gone: Callable[[], bool] = lambda: False) -> Dispatch:
+    return Dispatch(cluster, "dep", GenerateRequest(rid, prompt="x"), None, limits, time.monotonic, client_gone)
+
+
+# --------------------------------------------------------------------------- happy path and retries
+
+
+def test_first_token_from_the_chosen_replica() -> None:
+    c = FakeCluster({"r1": ok})
+    d = dispatch(c)
+    d.admit()
+    first = d.first(None)
+    assert first is not None and first.text == "hi" and d.stream.replica_id == "r1"
+    assert c.records == [("r1", True)] and d.attempts == 1
+
+
+def test_refused_before_the_first_token_is_retried_on_another_replica() -> None:
+    c = FakeCluster({"r1": refuse, "r2": ok})
+    d = dispatch(c)
+    d.admit()
+    first = d.first(None)
+    assert first is not None and d.stream.replica_id == "r2"
+    assert c.sent == ["r1", "r2"]
+    assert c.records == [("r1", False), ("r2", True)]
+    assert c.streams[0].closed  # the failed attempt was let go
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_a_client_error_is_never_retried_nor_held_against_the_replica(status: int) -> None:
+    c = FakeCluster({"r1": lambda rid: [RequestError(rid, status, "bad prompt", "invalid_request_error", "prompt")],
+                     "r2": ok})
+    d = dispatch(c)
+    d.admit()
+    with pytest.raises(UpstreamError) as info:
+        d.first(None)
+    assert info.value.status == status and info.value.param == "prompt"
+    assert c.sent == ["r1"] and c.records == [("r1", True)]
+
+
+def test_a_server_error_that_is_not_a_refusal_is_not_retried() -> None:
+    c = FakeCluster({"r1": lambda rid: [RequestError(rid, 500, "engine exploded")], "r2": ok})
+    d = dispatch(c)
+    d.admit()
+    with pytest.raises(UpstreamError) as info:
+        d.first(None)
+    assert info.value.status == 500 and c.sent == ["r1"] and c.records == [("r1", False)]
+
+
+def test_retries_are_bounded_by_attempts() -> None:
+    c = FakeCluster({"r1": refuse, "r2": refuse, "r3": refuse, "r4": ok})
+    d = dispatch(c, Limits(first_token=1.0, total=5.0, max_attempts=2))
+    d.admit()
+    with pytest.raises(UpstreamError) as info:
+        d.first(None)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "1"
+    assert c.sent == ["r1", "r2"]
+
+
+def test_retries_are_bounded_by_the_retry_window() -> None:
+    c = FakeCluster({"r1": refuse, "r2": ok})
+    d = dispatch(c, Limits(first_token=1.0, total=5.0, max_attempts=3, retry_window=0.0))
+    d.admit()
+    with pytest.raises(UpstreamError):
+        d.first(None)
+    assert c.sent == ["r1"]
+
+
+def test_every_replica_failed_gives_the_last_error() -> None:
+    c = FakeCluster({"r1": refuse, "r2": lambda rid: [Delta(rid, "", "abort", 1, 0)]})
+    d = dispatch(c)
+    d.admit()
+    with pytest.raises(UpstreamError) as info:
+        d.first(None)
+    assert info.value.status == 503 and "aborted by the replica" in info.value.message
+    assert c.sent == ["r1", "r2"]
+
+
+def test_unreachable_replica_on_send_moves_on() -> None:
+    c = FakeCluster({"r1": ok, "r2": ok})
+    c.unreachable.add("r1")
+    d = dispatch(c)
+    d.admit()
+    assert d.stream.replica_id == "r2" and c.records == [("r1", False)]
+
+
+def test_no_replica_at_all_is_503() -> None:
+    with pytest.raises(NoHealthyReplica) as info:
+        dispatch(FakeCluster({})).admit()
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "1"
+
+
+# --------------------------------------------------------------------------- first token timing
+
+
+def test_first_returns_none_after_its_timeout_and_the_token_later() -> None:
+    c = FakeCluster({"r1": lambda rid: []})
+    d = dispatch(c)
+    d.admit()
+    t0 = time.monotonic()
+    assert d.first(0.05) is None
+    assert 0.04 < time.monotonic() - t0 < 0.5
+    gevent.spawn_later(0.05, d.stream.push, Delta("q1", "late", None, 1, 1))
+    assert d.first(1.0).text == "late"
+
+
+def test_first_token_timeout_aborts_and_counts_against_the_replica() -> None:
+    c = FakeCluster({"r1": lambda rid: [], "r2": ok})
+    d = dispatch(c, Limits(first_token=0.1, total=5.0))
+    d.admit()
+    with pytest.raises(UpstreamTimeout) as info:
+        d.first(None)
+    assert info.value.status == 504 and "first token" in info.value.message
+    assert c.streams[0].closed and not c.streams[0].finished  # closed unfinished: Abort at the replica
+    assert c.records == [("r1", False)] and c.sent == ["r1"]  # a timeout is not retried
+
+
+def test_client_gone_while_waiting_for_the_first_token() -> None:
+    c = FakeCluster({"r1": lambda rid: []})
+    gone = {"now": False}
+    d = dispatch(c, client_gone=lambda: gone["now"])
+    d.admit()
+    gevent.spawn_later(0.05, gone.__setitem__, "now", True)
+    with pytest.raises(ClientGone):
+        d.first(None)
+
+
+# --------------------------------------------------------------------------- admission queue
+
+
+def test_full_without_a_queue_is_429_at_once() -> None:
+    c = FakeCluster({"r1": ok}, capacity=0, queue_size=0)
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        dispatch(c).admit()
+    assert time.monotonic() - t0 < 0.05
+    assert info.value.status == 429 and info.value.code == "overloaded" and info.value.headers["Retry-After"]
+
+
+def test_queued_request_is_admitted_when_room_appears() -> None:
+    c = FakeCluster({"r1": ok}, capacity=1, queue_size=4, queue_timeout=2.0)
+    busy = dispatch(c, rid="busy")
+    busy.admit()
+    gevent.spawn_later(0.05, busy.close)  # its stream ends: the release wakes the queue
+    d = dispatch(c, rid="waiter")
+    t0 = time.monotonic()
+    d.admit()
+    assert d.stream.replica_id == "r1" and 0.04 < time.monotonic() - t0 < 0.2
+    assert 0.04 < d.queued_s < 0.2 and len(c.q) == 0
+
+
+def test_queued_request_times_out_with_429() -> None:
+    c = FakeCluster({"r1": ok}, capacity=0, queue_size=4, queue_timeout=0.1)
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        dispatch(c).admit()
+    assert 0.09 < time.monotonic() - t0 < 0.4
+    assert "stayed busy" in info.value.message and len(c.q) == 0
+
+
+def test_queue_full_rejects_newcomers_at_once_and_keeps_fifo_order() -> None:
+    c = FakeCluster({"r1": ok}, capacity=0, queue_size=2, queue_timeout=1.0)
+    order: list[str] = []
+
+    def wait(name: str) -> None:
+        d = dispatch(c, rid=name)
+        d.admit()
+        order.append(name)
+
+    waiters = [gevent.spawn(wait, "a"), gevent.spawn(wait, "b")]
+    gevent.sleep(0.02)
+    assert len(c.q) == 2
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded):
+        dispatch(c, rid="c").admit()
+    assert time.monotonic() - t0 < 0.05
+    c.free["r1"] = 2
+    c.q.wake_first()
+    gevent.joinall(waiters, timeout=2)
+    assert order == ["a", "b"]
+
+
+def test_client_gone_while_queued_leaves_the_queue() -> None:
+    c = FakeCluster({"r1": ok}, capacity=0, queue_size=4, queue_timeout=2.0)
+    gone = {"now": False}
+    gevent.spawn_later(0.05, gone.__setitem__, "now", True)
+    with pytest.raises(ClientGone):
+        dispatch(c, client_gone=lambda: gone["now"]).admit()
+    assert len(c.q) == 0
