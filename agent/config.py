@@ -27,6 +27,7 @@ class AgentConfig:
     curve_dir: Optional[str] = None
     cpu_kvcache_gib: Optional[int] = None  # VLLM_CPU_KVCACHE_SPACE for CPU replicas
     metrics_port: int = 0  # Prometheus /metrics on --host (agent.metrics); 0 picks a free port, < 0: off
+    adopt: bool = False  # replicas outlive the agent; a restarted agent adopts them (fixed replica endpoint)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -36,6 +37,9 @@ class AgentConfig:
             raise ValueError("--heartbeat-interval must be between 0.05 and 10 seconds")
         if self.stop_grace < 0:
             raise ValueError("--stop-grace must be >= 0")
+        if self.adopt and self.replica_endpoint.endswith(":*"):
+            raise ValueError("--adopt needs a fixed --replica-endpoint (e.g. tcp://127.0.0.1:7200 or "
+                             "ipc:///run/tokenrelay/agent.sock) so replicas find the restarted agent")
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-dir", default=None,
                    help="CURVE key directory for the head connection and replicas' data sockets "
                         "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+    p.add_argument("--adopt", action="store_true",
+                   help="let replicas outlive the agent and adopt them when it restarts "
+                        "(needs a fixed --replica-endpoint); default: replicas exit with their agent")
     p.add_argument("--cpu-kvcache-gib", type=int, default=None,
                    help="KV cache GiB per CPU vLLM replica (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--metrics-port", type=int, default=0,
@@ -85,7 +92,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
         kwargs = dict(head=ns.head, host=ns.host, replica_endpoint=ns.replica_endpoint,
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
-                      curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib,
+                      curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib, adopt=ns.adopt,
                       metrics_port=ns.metrics_port, log_level=ns.log_level)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id

@@ -23,27 +23,17 @@ from runtime.protocol import ReplicaSpec
 log = logging.getLogger(__name__)
 
 
-class ReplicaProcess:
-    def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,
-                 env: Optional[dict[str, str]] = None) -> None:
-        cmd = [
-            sys.executable, "-m", "model_proc",
-            "--replica-id", spec.replica_id, "--engine", spec.engine, "--model", spec.model,
-            "--engine-args", json.dumps(spec.engine_args),
-            "--bind", "tcp://%s:*" % host, "--agent", agent_endpoint,
-            "--drain-seconds", str(spec.drain_seconds),
-            "--parent-pid", str(os.getpid()),  # replicas die with their agent (no orphans)
-        ]
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.popen = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdin=subprocess.DEVNULL)
-        self.pid = self.popen.pid
+class _Tree:
+    """Two-phase, non-blocking stop of a process tree; subclasses say how to tell the root ended."""
+
+    pid: int
+
+    def __init__(self) -> None:
         self._stopping_tree: Optional[list[psutil.Process]] = None
         self._kill_at = 0.0
 
     def poll(self) -> Optional[int]:
-        """Exit code if the main process ended (reaped), else None."""
-        return self.popen.poll()
+        raise NotImplementedError
 
     def begin_stop(self, grace: float, now: float) -> None:
         if self._stopping_tree is not None:
@@ -55,7 +45,7 @@ class ReplicaProcess:
     def poll_stop(self, now: float) -> bool:
         """Advance a stop; True once the whole tree is gone."""
         tree = self._stopping_tree or []
-        self.popen.poll()
+        self.poll()
         alive = [p for p in tree if _alive(p)]
         if not alive:
             return True
@@ -71,7 +61,47 @@ class ReplicaProcess:
         tree = self._stopping_tree or collect_tree(self.pid)
         signal_all(tree, signal.SIGKILL)
         psutil.wait_procs(tree, timeout=2)
-        self.popen.poll()
+        self.poll()
+
+
+class AdoptedProcess(_Tree):
+    """A replica started by a previous agent on this host (adopt mode): not our child, so its exit
+    code is unknown (reported as -1) and it is watched through psutil."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+        try:
+            self._proc: Optional[psutil.Process] = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self._proc = None
+
+    def poll(self) -> Optional[int]:
+        return None if self._proc is not None and _alive(self._proc) else -1
+
+
+class ReplicaProcess(_Tree):
+    def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,
+                 env: Optional[dict[str, str]] = None, guard: bool = True) -> None:
+        super().__init__()
+        cmd = [
+            sys.executable, "-m", "model_proc",
+            "--replica-id", spec.replica_id, "--engine", spec.engine, "--model", spec.model,
+            "--engine-args", json.dumps(spec.engine_args),
+            "--bind", "tcp://%s:*" % host, "--agent", agent_endpoint,
+            "--drain-seconds", str(spec.drain_seconds),
+            "--deployment", spec.deployment, "--generation", str(spec.generation),
+        ]
+        if guard:  # replicas die with their agent (no orphans), unless the agent runs in adopt mode
+            cmd += ["--parent-pid", str(os.getpid())]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.pid = self.popen.pid
+
+    def poll(self) -> Optional[int]:
+        """Exit code if the main process ended (reaped), else None."""
+        return self.popen.poll()
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -23,7 +23,7 @@ from agent.config import AgentConfig
 from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
-from agent.processes import ReplicaProcess
+from agent.processes import AdoptedProcess, ReplicaProcess
 from runtime import parent_guard
 from runtime.curve import CURVE_ENV, CurveKeys
 from runtime.protocol import (
@@ -34,6 +34,7 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 
 TICK = 0.05
+ADOPT_WAIT = 1.0  # adopt mode: listen this long for surviving replicas (hello + status) before registering
 
 
 def host_capacity() -> Capacity:
@@ -47,8 +48,8 @@ class Agent:
         self.clock = clock
         self._ctx = ctx or zmq.Context.instance()
         self.records: dict[str, ReplicaRecord] = {}
-        self.procs: dict[str, ReplicaProcess] = {}
-        self._stopping: dict[str, ReplicaProcess] = {}
+        self.procs: dict[str, ReplicaProcess | AdoptedProcess] = {}
+        self._stopping: dict[str, ReplicaProcess | AdoptedProcess] = {}
         self._shutdown = False
         self._head: Optional[zmq.Socket] = None
         self._registered = False
@@ -79,14 +80,21 @@ class Agent:
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus", cfg.agent_id,
                  cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus))
-        self._connect_head()
         try:
+            if cfg.adopt:
+                self._wait_for_survivors()
+            self._connect_head()
             while not self._shutdown:
                 self._step()
                 if cfg.parent_pid is not None and not parent_guard.parent_alive(cfg.parent_pid):
                     log.error("[shutdown] parent %d is gone", cfg.parent_pid)
                     break
-            self._stop_all()
+            if cfg.adopt:
+                log.info("[shutdown] adopt mode: leaving %d replica(s) running for the next agent",
+                         len(self.procs))
+                self.procs.clear()
+            else:
+                self._stop_all()
         finally:
             for proc in list(self.procs.values()) + list(self._stopping.values()):
                 proc.kill_now()
@@ -96,6 +104,26 @@ class Agent:
                 self._head.close(0)
             log.info("[shutdown] agent stopped")
         return 0
+
+    def _wait_for_survivors(self) -> None:
+        """Adopt mode: replicas of a previous agent reconnect to our fixed endpoint and say hello."""
+        deadline = self.clock() + ADOPT_WAIT
+        while self.clock() < deadline and not self._shutdown:
+            if self._replicas.poll(TICK * 1000):
+                self._drain(self._replicas, self._on_replica_frames)
+        if self.records:
+            log.info("[startup] adopted %d running replica(s): %s", len(self.records), sorted(self.records))
+
+    def _adopt(self, hello: ReplicaHello, now: float) -> None:
+        spec = ReplicaSpec(hello.replica_id, hello.deployment, "", "", generation=hello.generation)
+        rec = ReplicaRecord(spec, self.config.policy)
+        rec.launched(hello.pid, now)
+        rec.hello(hello.endpoint, now)
+        self.records[hello.replica_id] = rec
+        self.procs[hello.replica_id] = AdoptedProcess(hello.pid)
+        self._dirty = True
+        log.info("adopted replica %s of %s (pid %d, %s)", hello.replica_id, hello.deployment, hello.pid,
+                 hello.endpoint)
 
     def _step(self) -> None:
         poller = zmq.Poller()
@@ -191,6 +219,9 @@ class Agent:
                 log.info("replica %s no longer assigned; stopping", replica_id)
                 self._stop_replica(replica_id)
         for replica_id, spec in wanted.items():
+            rec = self.records.get(replica_id)
+            if rec is not None and not rec.spec.engine:  # adopted: now we know its full spec
+                rec.spec = spec
             if replica_id not in self.records:
                 log.info("assigned replica %s (%s, engine %s)", replica_id, spec.deployment, spec.engine)
                 self.records[replica_id] = ReplicaRecord(spec, self.config.policy)
@@ -245,7 +276,7 @@ class Agent:
             self._dirty = True
             return
         try:
-            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env)
+            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt)
         except OSError as exc:
             log.error("cannot start replica %s: %s", rec.replica_id, exc)
             rec.exited(1, now)
@@ -283,7 +314,10 @@ class Agent:
         now = self.clock()
         rec = self.records.get(getattr(msg, "replica_id", ""))
         if rec is None:
-            return  # a replica we are stopping, or a stranger
+            if self.config.adopt and isinstance(msg, ReplicaHello) and msg.deployment \
+                    and msg.replica_id not in self._stopping:
+                self._adopt(msg, now)
+            return  # otherwise a replica we are stopping, or a stranger
         if isinstance(msg, ReplicaStatus):
             if rec.status(msg, now):
                 log.info("replica %s is %s", rec.replica_id, rec.state.value)

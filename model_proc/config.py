@@ -28,6 +28,8 @@ class ReplicaConfig:
     status_interval: float = 0.25
     parent_pid: Optional[int] = None
     drain_seconds: float = 3.0
+    deployment: str = ""
+    generation: int = 0
     metrics_port: int = 0  # Prometheus /metrics on the bind host; 0 picks a free port, < 0 turns it off
     log_level: str = "INFO"
 
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight requests may finish")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics HTTP port on the bind host (0: a free one, -1: off)")
+    p.add_argument("--deployment", default="", help="deployment this replica belongs to (for adoption)")
+    p.add_argument("--generation", type=int, default=0, help="the deployment's spec generation")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -78,7 +82,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
         return ReplicaConfig(
             replica_id=ns.replica_id, engine=ns.engine, model=ns.model, engine_args=engine_args,
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
-            parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, metrics_port=ns.metrics_port,
+            parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
+            generation=ns.generation, metrics_port=ns.metrics_port,
             log_level=ns.log_level)
     except ValueError as exc:
         parser.error(str(exc))

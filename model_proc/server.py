@@ -36,6 +36,7 @@ from runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
+HELLO_EVERY = 2  # status reports between two ReplicaHello (a restarted agent learns of us within 0.5 s)
 DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is treated as gone
 LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
 
@@ -105,8 +106,10 @@ class ReplicaServer:
         exporter = metrics.start(self, metrics_http.endpoint_host(cfg.bind)[0], cfg.metrics_port)
         log.info("[startup] data endpoint %s, engine %s, model %s, metrics port %s", self.endpoint, cfg.engine,
                  cfg.model, exporter.port if exporter else "off")
-        self._send_agent(ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
-                                      metrics_port=exporter.port if exporter else 0))
+        # resent every HELLO_EVERY statuses, so a restarted agent (adopt mode) learns who we are
+        self._hello = ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
+                                   exporter.port if exporter else 0, cfg.deployment, cfg.generation)
+        self._send_agent(self._hello)
         status_task = asyncio.ensure_future(self._status_loop())
         recv_task: Optional[asyncio.Future] = None
         try:
@@ -318,7 +321,11 @@ class ReplicaServer:
 
     async def _status_loop(self) -> None:
         parent = self.config.parent_pid
+        sent = 0
         while True:
+            sent += 1
+            if sent % HELLO_EVERY == 0:
+                self._send_agent(self._hello)
             self._send_status()
             if parent is not None and not parent_guard.parent_alive(parent):
                 log.error("[shutdown] agent (pid %d) is gone; exiting", parent)

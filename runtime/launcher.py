@@ -54,9 +54,9 @@ class Launcher:
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
-        self._spawn("agent", ["--head", s.head_control.replace("*", "127.0.0.1"), "--host", s.agent_host,
+        self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
                              "--metrics-port", str(s.agent_metrics_port)])
-        proxy_args = ["--head", s.head_control, "--bind", s.proxy_bind]
+        proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind]
         if s.proxy_workers:
             proxy_args += ["--workers", str(s.proxy_workers)]
         self._spawn("proxy", proxy_args)
@@ -109,6 +109,13 @@ class Launcher:
             signal_all(procs, signal.SIGKILL)  # whatever is left, including re-parented descendants
             child.poll()
         log.info("[shutdown] stack stopped in %.1fs", time.monotonic() - start)
+
+
+def local_endpoint(endpoint: str) -> str:
+    """How a process on this host reaches an endpoint the head binds (wildcard hosts -> loopback)."""
+    for wildcard in ("//*:", "//0.0.0.0:"):
+        endpoint = endpoint.replace(wildcard, "//127.0.0.1:")
+    return endpoint
 
 
 def _ready(url: str) -> bool:

@@ -122,6 +122,8 @@ class ReplicaHello(msgspec.Struct, frozen=True):
     endpoint: str  # the data ROUTER endpoint proxies connect to
     pid: int
     metrics_port: int = 0  # the replica's Prometheus /metrics HTTP port on its host (0: none)
+    deployment: str = ""  # with generation: lets a restarted agent adopt a replica that outlived it
+    generation: int = 0
 
 
 class ReplicaStatus(msgspec.Struct, frozen=True):

@@ -203,3 +203,36 @@ def test_sigkill_agent_replicas_move_to_the_other_host(cluster):
     assert {r["agent"] for r in reps} == {"a2"} and all(r["endpoint"].startswith("tcp://127.0.0.3:") for r in reps)
     assert set(after) == {"ok"}
     assert outcomes["ok"] > 0
+
+
+def test_adopt_mode_replicas_survive_an_agent_restart(tmp_path):
+    """With --adopt, replicas outlive a killed agent; the restarted agent adopts them (no restart)."""
+    from tests.integration.stack import free_port
+    c = Cluster(tmp_path, [dict(MOCK, replicas=2)], proxy_workers=1)
+    endpoint = "tcp://127.0.0.1:%d" % free_port()
+    args = ["--adopt", "--replica-endpoint", endpoint]
+    try:
+        c.start_head()
+        c._spawn("agent-a1", ["agent", "--head", c.head, "--host", "127.0.0.2", "--agent-id", "a1"] + args)
+        c.start_proxy()
+        c.wait_ready("mock", 2)
+        before = {r["replica_id"]: r["pid"] for r in c.replicas("mock")}
+        load = StreamingClients(c.base_url, 4).start()
+        wait_for(lambda: sum(load.outcomes.values()) >= 8, 20, "traffic")
+        c.kill("agent-a1")
+        time.sleep(1.0)  # the agent stays dead a moment; replicas keep serving meanwhile
+        c._spawn("agent-a1", ["agent", "--head", c.head, "--host", "127.0.0.2", "--agent-id", "a1"] + args)
+        wait_for(lambda: "adopted 2 running replica(s)" in c.log("agent-a1"), 15, "the new agent to adopt")
+        c.wait_ready("mock", 2)
+        outcomes = load.stop()
+        after = {r["replica_id"]: r["pid"] for r in c.replicas("mock")}
+        report("agent restart in adopt mode", outcomes=dict(outcomes))
+        assert after == before
+        assert set(outcomes) == {"ok"}, outcomes
+    finally:
+        c.stop_all()
+        for pid in before.values() if "before" in locals() else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
