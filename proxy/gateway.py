@@ -109,7 +109,8 @@ class Gateway:
             return Decision(NONE)
         now = self.clock()
         views = [c.view(self._breaker(c.replica_id).allow(now)) for c in self._pool.connections(deployment)]
-        policy = Policy(route.routing.policy, route.routing.max_imbalance, self.config.load_stale_after)
+        policy = Policy(route.routing.policy, route.routing.max_imbalance, self.config.load_stale_after,
+                        self.config.workers)
         return self._router.choose(views, policy, now, key, exclude)
 
     def send(self, replica_id: str, request: GenerateRequest) -> RequestStream:

@@ -23,7 +23,7 @@ Load: each connection keeps the replica's latest load report (router.ReplicaView
 it sends (`TokenBatch.load`, made when sent, so dated on receipt) or from the routing table (made up to
 TABLE_REPORT_LAG before the table arrived: the replica's 250 ms status, the agent's 500 ms heartbeat and
 the head's tick). The newer report wins. `on_capacity(deployment)` is called whenever room may have
-appeared (a request of this worker ended, the replica reported a lower load, the table changed), so
+appeared (a request of this worker ended, the replica sent a new load report, the table changed), so
 requests queued for that deployment retry at once.
 
 Slow clients: a stream that refuses a delta (its pending text is over the bound) is aborted at the
@@ -172,7 +172,7 @@ class ReplicaConnection:
                 elif delta.finish_reason is not None:
                     del inflight[delta.request_id]
                     ended = True
-            if msg.load is not None:
+            if msg.load is not None:  # a new report renews every worker's share: queued requests retry
                 ended = self.report(msg.load, self._clock()) or ended
             if ended:
                 self._on_capacity(self.deployment)
@@ -202,12 +202,11 @@ class ReplicaConnection:
     # ----------------------------------------------------------------- load
 
     def report(self, load: int, made_at: float) -> bool:
-        """Take a load report made at `made_at` unless we hold a newer one; True if it went down."""
+        """Take a load report made at `made_at` unless we hold a newer one; True if taken."""
         if made_at < self.reported_at:
             return False
-        lower = load < self.reported
         self.reported, self.reported_at = load, made_at
-        return lower
+        return True
 
     def table_update(self, route: ReplicaRoute, received_at: float) -> None:
         self.max_ongoing = route.max_ongoing_requests

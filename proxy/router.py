@@ -10,7 +10,11 @@ this worker's in-flight requests to it. The load a worker counts for a replica (
     load = max(reported, mine sent before the report) + mine sent after the report
 
 so requests this worker sent since the report are never forgotten, and other workers' requests are
-known as of the report. A replica has room while load < max_ongoing_requests.
+known as of the report. Capacity is split between the proxy's `workers`, which all act on the same
+reports: between two reports a worker sends a replica at most its share of what was free at the
+report, ceil((max_ongoing_requests - load at the report) / workers). All workers together then send
+at most free + workers - 1 before the next report shows it, so a replica holds at most its limit plus
+workers - 1 (per proxy; reports come with every TokenBatch and are pushed within 25 ms of a change).
 
 Choice (`Router.choose`), over the replicas that are usable (not down, breaker closed or probing, not
 already tried by this request):
@@ -54,6 +58,7 @@ class Policy:
     name: str = "p2c"  # "p2c" or "prefix"
     max_imbalance: int = 8
     stale_after: float = 3.0
+    workers: int = 1  # proxy workers sharing each replica's free capacity
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,13 @@ def estimated_load(v: ReplicaView) -> int:
     return max(v.reported, before) + v.mine_since_report
 
 
-def has_room(v: ReplicaView) -> bool:
-    return estimated_load(v) < v.max_ongoing
+def has_room(v: ReplicaView, workers: int = 1) -> bool:
+    """This worker may send one more: its sends since the report are below its share of the capacity
+    that was free at the report (the whole of it when it is the only worker)."""
+    at_report = max(v.reported, v.mine - v.mine_since_report)
+    free = v.max_ongoing - at_report
+    share = -(-free // max(1, workers)) if free > 0 else 0  # ceil
+    return v.mine_since_report < share
 
 
 def key_score(key_digest: bytes, replica_id: str) -> int:
@@ -92,7 +102,7 @@ class Router:
         usable = [v for v in usable if v.connected] or usable
         if not usable:
             return Decision(NONE)
-        roomy = [v for v in usable if has_room(v)]
+        roomy = [v for v in usable if has_room(v, policy.workers)]
         if not roomy:
             return Decision(FULL)
         fresh = [v for v in roomy if now - v.reported_at <= policy.stale_after]
@@ -100,7 +110,7 @@ class Router:
         if key is not None:
             target = self._by_key(usable, key)
             least = min(estimated_load(v) for v in pool)
-            if has_room(target) and estimated_load(target) <= least + policy.max_imbalance:
+            if has_room(target, policy.workers) and estimated_load(target) <= least + policy.max_imbalance:
                 return Decision(ROUTE, target.replica_id, "key")
         return self._p2c(pool)
 

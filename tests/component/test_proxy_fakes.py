@@ -11,6 +11,8 @@ Fake replica script, chosen by the prompt (for chat: the last message's content)
   "die"           one delta, then the ROUTER closes without a word (like SIGKILL)
   "dead"          one delta, then ReplicaDead
   anything else   "Hello", ",", " world", "!" in two TokenBatches, finish_reason "stop"
+A replica made with `refuse=True` answers every request with RequestError 503 (an overloaded or
+broken replica that is still in the routing table).
 """
 from __future__ import annotations
 
@@ -71,9 +73,11 @@ class _Fake(threading.Thread):
 
 
 class FakeReplica(_Fake):
-    def __init__(self, replica_id: str, ctx: Optional[zmq.Context] = None, keys: Any = None) -> None:
+    def __init__(self, replica_id: str, ctx: Optional[zmq.Context] = None, keys: Any = None,
+                 refuse: bool = False) -> None:
         super().__init__("fake-replica-" + replica_id, ctx, keys)
         self.replica_id = replica_id
+        self.refuse = refuse
         self.endpoint = ""
         self.requests: list[GenerateRequest] = []
         self.aborts: list[str] = []
@@ -116,7 +120,9 @@ class FakeReplica(_Fake):
         rid = msg.request_id
         prompt = msg.prompt if msg.prompt is not None else (msg.messages or [])[-1].content
         ptoks = len(prompt.split())
-        if prompt == "error-before":
+        if self.refuse:
+            self._send(sock, peer, RequestError(rid, 503, "replica %s is overloaded" % self.replica_id))
+        elif prompt == "error-before":
             self._send(sock, peer, RequestError(rid, 400, "the replica rejects this prompt",
                                                 "invalid_request_error", "prompt"))
         elif prompt == "error-mid":

@@ -44,6 +44,34 @@ def test_room_is_load_below_the_limit() -> None:
     assert not has_room(view("a", reported=9, limit=4))
 
 
+@pytest.mark.parametrize("reported, mine, since, workers, room", [
+    (0, 0, 0, 2, True),    # 10 free, share 5
+    (0, 5, 5, 2, False),   # share used up until the next report
+    (0, 4, 4, 2, True),
+    (7, 0, 0, 2, True),    # 3 free: share 2 (ceil)
+    (7, 2, 2, 2, False),
+    (9, 0, 0, 4, True),    # 1 free: every worker may take it (overshoot <= workers - 1)
+    (9, 1, 1, 4, False),
+    (10, 0, 0, 1, False),
+    (0, 9, 9, 1, True),    # a lone worker may use all of it
+])
+def test_workers_share_the_free_capacity_between_reports(reported: int, mine: int, since: int, workers: int,
+                                                          room: bool) -> None:
+    assert has_room(view("a", reported, mine, since, limit=10), workers) is room
+
+
+def test_all_workers_together_overshoot_by_at_most_workers_minus_one() -> None:
+    for workers in (1, 2, 3, 8):
+        for reported in range(0, 11):
+            sends = 0
+            for _ in range(workers):  # every worker acts on the same report before the next one
+                since = 0
+                while has_room(view("a", reported, since, since, limit=10), workers):
+                    since += 1
+                sends += since
+            assert reported + sends <= max(10, reported) + workers - 1, (workers, reported, sends)
+
+
 # --------------------------------------------------------------------------- power of two choices
 
 
