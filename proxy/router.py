@@ -12,9 +12,10 @@ this worker's in-flight requests to it. The load a worker counts for a replica (
 so requests this worker sent since the report are never forgotten, and other workers' requests are
 known as of the report. Capacity is split between the proxy's `workers`, which all act on the same
 reports: between two reports a worker sends a replica at most its share of what was free at the
-report, ceil((max_ongoing_requests - load at the report) / workers). All workers together then send
-at most free + workers - 1 before the next report shows it, so a replica holds at most its limit plus
-workers - 1 (per proxy; reports come with every TokenBatch and are pushed within 25 ms of a change).
+report, ceil((max_ongoing_requests - load at the report) / workers). Acting on one report, all workers
+together send at most free + workers - 1, so a replica holds at most its limit plus workers - 1 (per
+proxy), plus what races a report on the wire (reports come with every TokenBatch and are pushed within
+25 ms of a change, so that window is short; docs/api.md gives the measured overshoot).
 
 Choice (`Router.choose`), over the replicas that are usable (not down, breaker closed or probing, not
 already tried by this request):

@@ -3,7 +3,7 @@
 Capacity: 2 replicas x max_ongoing_requests 2 = 4 requests; each proxy worker may queue 2 more per
 deployment for 0.5 s. 40 concurrent streams must split into admitted ones that complete in about their
 normal time and rejected ones that get 429 + Retry-After quickly, and no replica may hold more than its
-limit plus the documented overshoot (proxy workers - 1).
+limit plus the documented overshoot (docs/api.md, "Admission and overload").
 """
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def test_ten_times_capacity_admits_some_and_rejects_the_rest_fast(stack: Stack) 
     assert max(r["elapsed"] for r in rejected) < 0.5 + 0.5  # at worst the queue timeout
     # admitted requests waited at most the queue timeout on top of their normal time
     assert max(r["elapsed"] for r in ok) < normal["elapsed"] + 0.5 + 0.5
-    assert peaks and max(peaks.values()) <= LIMIT + (WORKERS - 1), peaks
+    # workers - 1 from sharing one report, one more for a report racing a request on the wire (docs/api.md)
+    assert peaks and max(peaks.values()) <= LIMIT + WORKERS, peaks
     metrics = httpx.get(stack.base_url + "/metrics").text
     assert 'tokenrelay_proxy_rejected_requests_total{deployment="small",reason="reject_full"}' in metrics
 
