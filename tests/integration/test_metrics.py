@@ -173,3 +173,44 @@ def test_a_restarted_replica_is_listed_at_its_new_port(stack):
     wait_for(lambda: value(scrape(roles["agent"][0]["targets"][0]), "tokenrelay_agent_replica_restarts_total",
                            replica=replica_id, deployment="mock") >= 1, 5.0, "the restart to be counted")
     assert agent  # scraped while the replica restarted: the agent kept serving
+
+
+@pytest.mark.vllm
+def test_vllm_replica_serves_vllm_metrics_next_to_ours(tmp_path):
+    """A vLLM replica's endpoint also carries vLLM's own `vllm:*` metrics (the default registry)."""
+    pytest.importorskip("vllm")
+    from runtime.models import build_tiny_model
+    from tests.integration.stack import free_port
+
+    root = tmp_path / "vllm"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_CACHE_ROOT=str(root / "cache"), TMPDIR=str(root / "tmp"),
+               VLLM_RPC_BASE_PATH=str(root / "rpc"), VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    for sub in ("cache", "tmp", "rpc"):
+        (root / sub).mkdir(parents=True)
+    model = build_tiny_model(root / "tiny-llama")
+    port = free_port()
+    log = open(tmp_path / "replica.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "model_proc", "--replica-id", "v1", "--engine", "vllm",
+                             "--model", str(model), "--engine-args", json.dumps({"max_model_len": 256}),
+                             "--metrics-port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def ready():
+            try:
+                s = scrape("127.0.0.1:%d" % port)
+            except httpx.HTTPError:
+                return None
+            return s if s.get(("tokenrelay_replica_ready", ())) == 1 else None
+
+        s = wait_for(ready, 180.0, "the vLLM replica to be ready")
+        assert value(s, "tokenrelay_replica_info", replica="v1", engine="vllm", model=str(model)) == 1
+        names = {name for name, _ in s}
+        assert "vllm:num_requests_running" in names and "vllm:kv_cache_usage_perc" in names, sorted(names)[:50]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
