@@ -132,7 +132,7 @@ class Dispatch:
                     self._last_error = RequestError(self.request_id, 503, str(exc))
                     return NONE
                 continue
-            if self.attempts == 1:
+            if self._first_deadline == float("inf"):  # the first send that went out starts the clock
                 self._first_deadline = self._clock() + self.limits.first_token
             return decision.outcome
 

@@ -160,6 +160,17 @@ def test_unreachable_replica_on_send_moves_on() -> None:
     assert d.stream.replica_id == "r2" and c.records == [("r1", False)]
 
 
+def test_first_token_timeout_still_applies_after_an_unreachable_first_choice() -> None:
+    c = FakeCluster({"r1": ok, "r2": lambda rid: []})
+    c.unreachable.add("r1")
+    d = dispatch(c, Limits(first_token=0.1, total=5.0))
+    d.admit()
+    t0 = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        d.first(None)
+    assert time.monotonic() - t0 < 1.0
+
+
 def test_no_replica_at_all_is_503() -> None:
     with pytest.raises(NoHealthyReplica) as info:
         dispatch(FakeCluster({})).admit()
