@@ -8,6 +8,7 @@ a replica is routable only while its agent is alive and reports it ready.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -103,8 +104,9 @@ class ClusterState:
     # ------------------------------------------------------------------ desired state
 
     def put_deployment(self, spec: DeploymentSpec) -> tuple[str, int]:
-        """Create or update. Returns (what happened, generation): "created", "unchanged", "scaled" or
-        "updated" (a new generation: its replicas replace the old ones in a rolling update)."""
+        """Create or update. Returns (what happened, generation): "created", "unchanged", "scaled" (only
+        the replica count changed), "configured" (routing, timeouts or admission limit: the routing
+        table changes, replicas stay) or "updated" (a new generation: a rolling update)."""
         old = self.deployments.get(spec.name)
         if old is None:
             self.deployments[spec.name] = spec
@@ -113,8 +115,9 @@ class ClusterState:
         self.deployments[spec.name] = spec
         if old == spec:
             return "unchanged", self.generations[spec.name]
-        if old.same_but_replicas(spec):
-            return "scaled", self.generations[spec.name]
+        if old.same_replicas_as(spec):
+            changed = "scaled" if dataclasses.replace(old, replicas=spec.replicas) == spec else "configured"
+            return changed, self.generations[spec.name]
         self.generations[spec.name] += 1
         return "updated", self.generations[spec.name]
 

@@ -36,6 +36,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ENGINES = ("mock", "vllm")
 
 
+# fields replicas never see: changing them updates the routing table, not the replicas
+PROXY_SIDE_FIELDS = ("replicas", "routing", "timeouts", "max_ongoing_requests")
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     """One deployment. Every field is documented in docs/deployments.md."""
@@ -64,11 +68,13 @@ class DeploymentSpec:
                 "routing": msgspec.structs.asdict(self.routing),
                 "timeouts": msgspec.structs.asdict(self.timeouts)}
 
-    def same_but_replicas(self, other: "DeploymentSpec") -> bool:
-        """True if only the replica count differs (a scale, not a rolling update)."""
+    def same_replicas_as(self, other: "DeploymentSpec") -> bool:
+        """True if replicas of `self` serve `other` unchanged: only fields the head and proxies act on
+        differ (count, routing, timeouts, admission limit), so no rolling restart is needed."""
         a, b = self.to_dict(), other.to_dict()
-        a.pop("replicas")
-        b.pop("replicas")
+        for key in PROXY_SIDE_FIELDS:
+            a.pop(key, None)
+            b.pop(key, None)
         return a == b
 
 

@@ -134,3 +134,13 @@ def test_dead_agent_replicas_are_replaced_elsewhere():
     state.expire_agents(3.5)
     state.reconcile(3.5)
     assert len(state.assignment_for("a2")) == 2
+
+
+def test_routing_and_limits_changes_need_no_rolling_restart():
+    spec = DeploymentSpec("d", "mock", "m", replicas=1)
+    state = ClusterState([spec])
+    import dataclasses
+    assert state.put_deployment(dataclasses.replace(spec, replicas=3)) == ("scaled", 1)
+    assert state.put_deployment(dataclasses.replace(spec, replicas=3, max_ongoing_requests=7)) == ("configured", 1)
+    assert state.put_deployment(dataclasses.replace(spec, replicas=3, max_ongoing_requests=7,
+                                                    model="other")) == ("updated", 2)
