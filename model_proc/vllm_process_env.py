@@ -2,11 +2,12 @@
 which CPU cores the replica runs on.
 
 Runs in model_proc (called by `VllmEngine.start`, before vLLM spawns its engine-core process, which
-inherits both). Owns no socket and imports no vLLM. Never touches another process.
+inherits both). Owns no socket and imports no vLLM. Never touches another process (it only looks whether
+the pid in a leftover directory's name is alive).
 
 - IPC: vLLM binds its ZeroMQ IPC sockets under VLLM_RPC_BASE_PATH (default: the shared temp dir) and never
   removes them (~7 files per engine start). Unless the operator set it, each replica gets a private
-  directory, removed when the replica exits.
+  directory, removed when the replica exits (or, if it was killed, by the next replica on the host).
 - Cores: the agent gives each CPU replica its cores in VLLM_CPU_OMP_THREADS_BIND. vLLM applies that only
   to the worker process of its multiprocess executor; with VLLM_ENABLE_V1_MULTIPROCESSING=0 (one engine
   process, ~10 s faster start) it is silently ignored and every replica's threads float over every core.
@@ -25,6 +26,7 @@ from typing import Mapping, Optional
 log = logging.getLogger(__name__)
 
 RPC_DIR_ENV = "VLLM_RPC_BASE_PATH"
+RPC_DIR_PREFIX = "tokenrelay-vllm-rpc-"  # then the replica's pid
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _NOT_A_CORE_LIST = ("", "auto", "nobind", "all")
 
@@ -33,16 +35,41 @@ def use_private_rpc_dir(environ: Optional[dict[str, str]] = None) -> Optional[st
     """Point VLLM_RPC_BASE_PATH at a new private directory unless it is set; returns the new directory.
 
     Set once per process (vLLM caches its environment once an engine is up); the directory is removed
-    at exit by the process that created it (vLLM's children run atexit handlers too).
+    at exit by the process that created it (vLLM's children run atexit handlers too). A replica that was
+    SIGKILLed cannot do that: the directory carries its pid, and the next replica removes those of dead
+    processes.
     """
     environ = os.environ if environ is None else environ
     if environ.get(RPC_DIR_ENV):
         return None
-    path = tempfile.mkdtemp(prefix="tokenrelay-vllm-rpc-")
-    environ[RPC_DIR_ENV] = path
+    remove_stale_rpc_dirs(tempfile.gettempdir())
     pid = os.getpid()
+    path = tempfile.mkdtemp(prefix="%s%d-" % (RPC_DIR_PREFIX, pid))
+    environ[RPC_DIR_ENV] = path
     atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
     return path
+
+
+def remove_stale_rpc_dirs(parent: str) -> list[str]:
+    """Remove the private IPC directories in `parent` whose replica process is gone; returns them."""
+    removed = []
+    for name in os.listdir(parent):
+        pid_text = name[len(RPC_DIR_PREFIX):].split("-", 1)[0]
+        if not name.startswith(RPC_DIR_PREFIX) or not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def parse_core_list(value: str) -> Optional[set[int]]:

@@ -234,3 +234,19 @@ def test_private_rpc_dir_only_when_unset(tmp_path: Path) -> None:
         assert path and Path(path).is_dir() and environ["VLLM_RPC_BASE_PATH"] == path
     finally:
         Path(path).rmdir()
+
+
+def test_stale_rpc_dirs_of_dead_replicas_are_removed(tmp_path: Path) -> None:
+    import os
+
+    from model_proc.vllm_process_env import remove_stale_rpc_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in ("tokenrelay-vllm-rpc-%d-abc" % dead.pid, "tokenrelay-vllm-rpc-%d-def" % os.getpid(),
+                 "tokenrelay-vllm-rpc-xyz", "someone-else-%d" % dead.pid):
+        (tmp_path / name).mkdir()
+    (tmp_path / ("tokenrelay-vllm-rpc-%d-abc" % dead.pid) / "socket").write_text("")
+    assert remove_stale_rpc_dirs(str(tmp_path)) == ["tokenrelay-vllm-rpc-%d-abc" % dead.pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "tokenrelay-vllm-rpc-%d-def" % os.getpid(), "tokenrelay-vllm-rpc-xyz", "someone-else-%d" % dead.pid])
