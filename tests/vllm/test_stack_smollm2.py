@@ -75,6 +75,13 @@ def stop_and_check(s: Stack) -> tuple[float, list[str]]:
         time.sleep(0.05)
 
 
+def alive_pid(pid: int) -> bool:
+    try:
+        return alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
 def alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -218,7 +225,7 @@ def test_two_tiny_replicas_each_pinned_to_its_own_core_serve_concurrently(stack:
     smol_pid = smol_replica(stack)["pid"]
     head_client.scale(stack.head, stack.token, "smollm2", 0)
     wait_for(lambda: not stack.replicas("smollm2"), 15.0, "SmolLM2 to be retired")
-    psutil.wait_procs([psutil.Process(smol_pid)] if psutil.pid_exists(smol_pid) else [], timeout=15)
+    wait_for(lambda: not alive_pid(smol_pid), 15.0, "the SmolLM2 replica process to exit")  # frees its cores
     head_client.scale(stack.head, stack.token, "tiny", 2)
     started = time.monotonic()
     reps = wait_for(lambda: all_ready(stack.replicas("tiny"), 2), 120.0, "two tiny replicas READY")
