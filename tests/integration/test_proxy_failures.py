@@ -181,7 +181,7 @@ def test_disconnect_while_waiting_for_the_first_token_aborts_too(stack: Stack) -
 def test_slow_reader_is_cut_off_and_the_replica_stops(stack: Stack) -> None:
     before = totals(stack, "flood")
     sock = raw_request(stack, {"model": "flood", "prompt": "x", "stream": True}, rcvbuf=2048)
-    wait_for(lambda: totals(stack, "flood")["requests_aborted"] > before["requests_aborted"], 10,
+    wait_for(lambda: totals(stack, "flood")["requests_aborted"] > before["requests_aborted"], 30,
              "the proxy to abort the request of the client that does not read")
     body = read_all(sock)
     sock.close()
