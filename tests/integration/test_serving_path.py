@@ -159,7 +159,10 @@ def test_sigkill_replica_mid_stream(stack):
     with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=10) as resp:
         lines = resp.iter_lines()
         next(lines)
-        victim = wait_for(lambda: [r for r in stack.replicas("mock") if r["running"] > 0], 5.0, "busy replica")[0]
+        def busy():  # exactly our stream running: status lags, so wait until it shows only ours
+            reps = stack.replicas("mock")
+            return [r for r in reps if r["running"] == 1] if sum(r["running"] for r in reps) == 1 else []
+        victim = wait_for(busy, 10.0, "the replica running our stream")[0]
         os.kill(victim["pid"], signal.SIGKILL)
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
