@@ -22,7 +22,7 @@ endpoint also serves prometheus-client's default registry, where vLLM registers 
   tokenrelay_replica_engine_errors_total        counter  kind     request (one request failed) |
                                                                   fatal (the engine died)
   tokenrelay_replica_engine_steps_total         counter           loop iterations that flushed tokens
-  tokenrelay_replica_token_batches_total        counter           TokenBatch messages sent to proxies
+  tokenrelay_replica_token_batches_total        counter           TokenBatch messages with tokens sent
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class ReplicaCollector(Collector):
         yield errors
         yield CounterMetricFamily(PREFIX + "engine_steps", "Loop iterations that flushed tokens to proxies",
                                   value=st.steps)
-        yield CounterMetricFamily(PREFIX + "token_batches", "TokenBatch messages sent to proxies",
+        yield CounterMetricFamily(PREFIX + "token_batches", "TokenBatch messages with tokens sent to proxies",
                                   value=getattr(s, "batches_sent", 0))
 
 
