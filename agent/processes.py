@@ -2,8 +2,8 @@
 
 Runs in the agent process; owns no socket. Each replica runs in its own session (process group) so a
 terminal's Ctrl-C reaches the agent, which then stops replicas in order. Stopping is two-phase and
-non-blocking: SIGTERM to the whole tree now, SIGKILL to what is left after the grace period, checked
-from the agent's loop (`poll_stop`).
+non-blocking: SIGTERM to model_proc now (it stops its own engine processes), SIGKILL to whatever is
+left of the tree after the grace period, checked from the agent's loop (`poll_stop`).
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ class _Tree:
     def begin_stop(self, grace: float, now: float) -> None:
         if self._stopping_tree is not None:
             return
+        # SIGTERM only to model_proc: it shuts its engine down in order (vLLM's engine processes hang
+        # when they get SIGTERM at the same time); the whole tree gets SIGKILL after the grace period
         self._stopping_tree = collect_tree(self.pid)
-        signal_all(self._stopping_tree, signal.SIGTERM)
+        signal_all(self._stopping_tree[:1], signal.SIGTERM)
         self._kill_at = now + grace
 
     def poll_stop(self, now: float) -> bool:

@@ -181,7 +181,7 @@ def test_sigkill_head_serving_goes_on_and_state_returns(cluster):
     report("head SIGKILL", outage_s=down_for, ready_503_after_s=round(stale, 3),
            recovered_after_restart_s=round(recovered, 3), outcomes_during=dict(during), outcomes=dict(outcomes))
     assert set(outcomes) == {"ok"}, outcomes
-    assert during["ok"] > 100
+    assert during["ok"] >= 5 * down_for  # ten clients kept streaming all along
     assert after == before  # same replicas, same processes: adopted, not restarted
     assert all(r["restarts"] == 0 or r["replica_id"] in before for r in cluster.replicas("mock"))
 
