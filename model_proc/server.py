@@ -118,6 +118,7 @@ class ReplicaServer:
             except EngineLoadError as exc:
                 log.error("[startup] engine cannot load: %s", exc)
                 self._broadcast_dead("engine failed to load: %s" % exc)
+                self._exit_code = EXIT_LOAD_ERROR
                 return EXIT_LOAD_ERROR
             self._ready = True
             log.info("[startup] ready")

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -182,7 +185,8 @@ def test_vllm_replica_serves_vllm_metrics_next_to_ours(tmp_path):
     from runtime.models import build_tiny_model
     from tests.integration.stack import free_port
 
-    root = tmp_path / "vllm"
+    # vLLM's IPC socket paths must fit in 107 bytes: pytest's tmp_path can be too deep for that
+    root = Path(tempfile.mkdtemp(prefix="trv-", dir="/tmp"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_CACHE_ROOT=str(root / "cache"), TMPDIR=str(root / "tmp"),
                VLLM_RPC_BASE_PATH=str(root / "rpc"), VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1",
                VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
@@ -196,6 +200,9 @@ def test_vllm_replica_serves_vllm_metrics_next_to_ours(tmp_path):
                              "--metrics-port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         def ready():
+            if proc.poll() is not None:
+                raise AssertionError("the replica exited with %s: %s" % (
+                    proc.returncode, (tmp_path / "replica.log").read_text()[-3000:]))
             try:
                 s = scrape("127.0.0.1:%d" % port)
             except httpx.HTTPError:
@@ -213,4 +220,5 @@ def test_vllm_replica_serves_vllm_metrics_next_to_ours(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
         log.close()
