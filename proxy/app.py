@@ -152,14 +152,15 @@ class OpenAIResource(_Inference):
             chunks = (ChatChunks if self._kind == CHAT else CompletionChunks)(rid, parsed.model, created)
             resp.content_type = "text/event-stream"
             resp.set_headers(SSE_HEADERS)
-            resp.stream = SseBody(dispatch, first, limits, ctx.tracker, chunks, parsed.include_usage)
+            environ = req.env if self._config.direct_writes else None
+            resp.stream = SseBody(dispatch, first, limits, ctx.tracker, chunks, parsed.include_usage, environ)
             ctx.streaming = True  # from here on the body's close() owns the stream
             return
         assert first is not None
         try:
             text, last = collect(dispatch, first, limits, ctx.tracker)
         finally:
-            dispatch.close()
+            dispatch.close("error")  # only an unfinished (failed) request is aborted
         render = chat_completion_body if self._kind == CHAT else text_completion_body
         resp.content_type = falcon.MEDIA_JSON
         resp.data = render(rid, parsed.model, created, text, last.finish_reason, last.prompt_tokens,
@@ -179,7 +180,8 @@ class PlainResource(_Inference):
         req.context.streaming = True
         resp.content_type = "text/plain; charset=utf-8"
         resp.set_header("X-Accel-Buffering", "no")
-        resp.stream = PlainBody(dispatch, first, limits, req.context.tracker)
+        environ = req.env if self._config.direct_writes else None
+        resp.stream = PlainBody(dispatch, first, limits, req.context.tracker, environ)
 
 
 # --------------------------------------------------------------------------- the rest

@@ -13,25 +13,34 @@ every `keepalive` seconds while the Dispatch keeps waiting (and retrying) for th
 Slow readers: every write takes whatever the replica sent meanwhile, up to `max_chunk` characters, as
 one chunk, so a client that reads slowly gets fewer, larger chunks; one that falls further behind than
 the stream's bound is cut off by the replica connection (see replicas.py) and gets an error event.
+
+Direct writes (gunicorn, HTTP/1.1, `ProxyConfig.direct_writes`): after the first batch has gone out with
+the headers, the body parks with a `client_sink.ClientSink` attached to its stream, and the replica reader
+writes the following tokens straight to the client; the body wakes for the final token, an error, the
+idle timeout, a partial write (it sends the rest, then coalesces as above) or a client that is gone.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
+from proxy.client_sink import ClientSink
 from proxy.chunks import DONE, ChatChunks, CompletionChunks, sse_error
 from proxy.dispatch import Dispatch
 from proxy.errors import ProxyError, UpstreamError
+from proxy import metrics
 from proxy.metrics import RequestTracker
-from proxy.streams import Item, as_error, is_terminal
+from proxy.replicas import SLOW_READER_STATUS
+from proxy.streams import Item, RequestStream, as_error, is_terminal
 from runtime.protocol import Delta, RequestError
 
 log = logging.getLogger(__name__)
 
 Chunks = Union[ChatChunks, CompletionChunks]
 KEEPALIVE = b": keep-alive\n\n"
+ABORT_REASONS = {499: "client_gone", 504: "timeout", SLOW_READER_STATUS: "slow_reader"}  # by final status
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,10 @@ def _error_item(request_id: str, exc: ProxyError) -> RequestError:
 
 class _StreamBody:
     def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
-                 tracker: RequestTracker, clock: Callable[[], float] = time.monotonic) -> None:
+                 tracker: RequestTracker, clock: Callable[[], float] = time.monotonic,
+                 sink: Optional[ClientSink] = None) -> None:
         self._dispatch = dispatch
+        self._sink = sink
         self._first = first
         self._limits = limits
         self._tracker = tracker
@@ -61,7 +72,8 @@ class _StreamBody:
         return self._gen
 
     def _batches(self) -> Iterator[Union[bytes, list[Item]]]:
-        """KEEPALIVE while waiting for the first token, then lists of items (the last one terminal)."""
+        """KEEPALIVE while waiting for the first token, then lists of items (the last one terminal). Ends
+        early, with no terminal item, when a direct write found the client gone."""
         d = self._dispatch
         first: Optional[Item] = self._first
         while first is None:
@@ -79,15 +91,42 @@ class _StreamBody:
             yield batch
             if is_terminal(batch[-1]):
                 return
-            left = d.deadline - self._clock()
-            wait = min(self._limits.idle, left)
-            item = stream.get(max(0.0, wait))
+            item = self._next(stream)
             if item is None:
-                total = left <= self._limits.idle
-                item = RequestError(d.request_id, 504, "request took longer than %gs in all"
-                                    % d.limits.total if total else "no token from replica %s for %gs"
-                                    % (stream.replica_id, self._limits.idle), "server_error")
+                return
             batch = [item]
+
+    def _next(self, stream: RequestStream) -> Optional[Item]:
+        """The next queued item, or a 504 error after `idle` seconds without a token or at the request's
+        deadline; None when the client is gone. While this waits with nothing queued, the sink (if any)
+        writes tokens straight to the client; each of those counts as activity."""
+        d = self._dispatch
+        sink = self._sink
+        since = self._clock()  # the idle clock starts at the last token we know of
+        while True:
+            if sink is not None and not stream.queued:
+                stream.sink = sink
+            now = self._clock()
+            left = d.deadline - now
+            idle_left = self._limits.idle - (now - since)
+            item = stream.get(max(0.0, min(idle_left, left)))
+            stream.sink = None  # from here until the next wait, only this greenlet writes to the client
+            if item is not None:
+                return item
+            if sink is not None:
+                since = max(since, sink.last_at)
+                if sink.unsent:
+                    sink.flush()
+                if sink.error is not None:
+                    log.info("req=%s client gone (%s); ending the stream", d.request_id, sink.error)
+                    return None
+            now = self._clock()
+            if now >= d.deadline:
+                return RequestError(d.request_id, 504, "request took longer than %gs in all" % d.limits.total,
+                                    "server_error")
+            if now - since >= self._limits.idle:
+                return RequestError(d.request_id, 504, "no token from replica %s for %gs"
+                                    % (stream.replica_id, self._limits.idle), "server_error")
 
     def _failed(self, err: RequestError) -> None:
         self._status = err.status
@@ -104,7 +143,9 @@ class _StreamBody:
         stream = self._dispatch.stream
         if stream is not None and not stream.closed and not stream.finished:
             log.info("req=%s stream closed before the replica finished (client gone?)", stream.request_id)
-        self._dispatch.close()
+        self._dispatch.close(ABORT_REASONS.get(self._status, "error"))
+        if self._sink is not None and self._sink.chunks:
+            metrics.DIRECT_CHUNKS.labels(self._tracker.deployment).inc(self._sink.chunks)
         self._tracker.finish(self._status)
 
 
@@ -134,8 +175,10 @@ class SseBody(_StreamBody):
     """OpenAI server-sent events for chat or text completions."""
 
     def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
-                 tracker: RequestTracker, chunks: Chunks, include_usage: bool) -> None:
-        super().__init__(dispatch, first, limits, tracker)
+                 tracker: RequestTracker, chunks: Chunks, include_usage: bool,
+                 environ: Optional[dict[str, Any]] = None) -> None:
+        sink = None if environ is None else ClientSink.for_environ(environ, _later_chunks(chunks), tracker)
+        super().__init__(dispatch, first, limits, tracker, sink=sink)
         self._chunks = chunks
         self._include_usage = include_usage
 
@@ -167,8 +210,23 @@ class SseBody(_StreamBody):
                 yield out
 
 
+def _later_chunks(chunks: Chunks) -> Callable[[str], bytes]:
+    """Render for the sink: content chunks after the first (the first goes out with the headers)."""
+    content = chunks.content
+    return lambda text: content(text, False)
+
+
+def _plain_text(text: str) -> bytes:
+    return text.encode()
+
+
 class PlainBody(_StreamBody):
     """The legacy plain-text stream: one body chunk per batch, `\\n[error] ...\\n` on failure."""
+
+    def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
+                 tracker: RequestTracker, environ: Optional[dict[str, Any]] = None) -> None:
+        sink = ClientSink.for_environ(environ, _plain_text, tracker) if environ is not None else None
+        super().__init__(dispatch, first, limits, tracker, sink=sink)
 
     def _render(self) -> Iterator[bytes]:
         for batch in self._batches():

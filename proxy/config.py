@@ -54,6 +54,7 @@ class ProxyConfig:
     load_stale_after: float = 3.0  # a load report older than this is avoided while fresh ones exist
     max_pending_chars: int = 1 << 20  # text buffered for a slow client before its stream is cut off
     max_chunk_chars: int = 1 << 16  # text coalesced into one write for a client that lags behind
+    direct_writes: bool = True  # the replica reader writes SSE chunks straight to the client (client_sink.py)
     api_keys_file: Optional[str] = None  # one key per line, optional per-key requests/minute
     protect_health: bool = False  # /health, /ready and /metrics need a key too
     rate_limit: int = 0  # requests per minute per API key (0: none); a key's own line wins
@@ -104,6 +105,7 @@ class ProxyConfig:
                 load_stale_after=ns.load_stale_after, max_body_bytes=ns.max_body_bytes,
                 max_pending_chars=ns.max_pending_chars, max_chunk_chars=ns.max_chunk_chars,
                 api_keys_file=ns.api_keys_file, protect_health=ns.protect_health, rate_limit=ns.rate_limit,
+                direct_writes=not ns.no_direct_writes,
             )
         except ValueError as exc:
             parser.error(str(exc))
@@ -126,6 +128,7 @@ class ProxyConfig:
         ] + (["--curve-dir", self.curve_dir] if self.curve_dir else []) + (
             ["--api-keys-file", self.api_keys_file] if self.api_keys_file else []) + (
             ["--protect-health"] if self.protect_health else []) + (
+            [] if self.direct_writes else ["--no-direct-writes"]) + (
             ["--parent-pid", str(self.parent_pid)] if self.parent_pid is not None else [])
 
 
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chunk-chars", type=int,
                    default=_env("max-chunk-chars", d["max_chunk_chars"].default),
                    help="text coalesced into one write for a client that lags (default %(default)s)")
+    p.add_argument("--no-direct-writes", action="store_true", default=bool(_env("no-direct-writes", "")),
+                   help="write every SSE chunk from the request's own greenlet through gunicorn instead of "
+                        "straight from the replica reader (slower; for comparison and as an escape hatch)")
     p.add_argument("--api-keys-file", default=_env("api-keys-file", None),
                    help="file of API keys, one per line, each optionally followed by its requests/minute; "
                         "with keys (here or in $%s) every /v1 request needs 'Authorization: Bearer KEY'"

@@ -194,12 +194,12 @@ class Dispatch:
         """Let go of the current attempt; count it against the replica unless the request was at fault."""
         stream = self.stream
         assert stream is not None
-        stream.close()  # aborts at the replica if it had not finished
+        stream.close("first_token_timeout" if err is None else "error")  # aborts it there if unfinished
         if err is None or err.status >= 500 or err.status == 429:
             self._cluster.record(stream.replica_id, False)
         else:
             self._cluster.record(stream.replica_id, True)  # it answered: a 4xx is the request's fault
 
-    def close(self) -> None:
+    def close(self, reason: str = "client_gone") -> None:
         if self.stream is not None:
-            self.stream.close()
+            self.stream.close(reason)

@@ -40,6 +40,7 @@ import zmq
 import zmq.green as zmq_green
 from zmq.utils.monitor import recv_monitor_message
 
+from proxy import metrics
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
@@ -116,7 +117,9 @@ class ReplicaConnection:
         if not stream.finished and not self.closed:
             try:
                 self._send(Abort(request_ids=[stream.request_id]))
-                log.info("req=%s aborted on replica %s", stream.request_id, self.replica_id)
+                metrics.ABORTS.labels(self.deployment, stream.close_reason or "client_gone").inc()
+                log.info("req=%s aborted on replica %s (%s)", stream.request_id, self.replica_id,
+                         stream.close_reason)
             except ReplicaUnavailable as exc:
                 log.debug("req=%s abort not sent to %s: %s", stream.request_id, self.replica_id, exc)
         if self.retired and not self.inflight:
@@ -192,6 +195,7 @@ class ReplicaConnection:
         del self.inflight[stream.request_id]
         try:
             self._send(Abort(request_ids=[stream.request_id]))
+            metrics.ABORTS.labels(self.deployment, "slow_reader").inc()
         except ReplicaUnavailable as exc:
             log.debug("req=%s abort not sent to %s: %s", stream.request_id, self.replica_id, exc)
         log.warning("req=%s client reads too slowly (%d chars pending); aborted on replica %s",

@@ -11,15 +11,23 @@ Bounded: text waiting for a slow client is counted, and `push` refuses a delta t
 `max_pending` characters; the replica connection then aborts the request at the replica and fails the
 stream (`fail` always gets through and drops what was pending), so a slow reader costs at most that much
 memory, never more.
+
+Direct writes: while the request greenlet is parked with nothing queued it may attach a
+`client_sink.ClientSink` (`sink`); `push` then hands each non-final delta to it instead of queueing, and
+wakes the consumer only when the sink gives up (partial write, client gone). Terminal items and errors are
+always queued, so the consumer (never the reader) ends the response.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from gevent.event import Event
 
 from runtime.protocol import Delta, RequestError
+
+if TYPE_CHECKING:
+    from proxy.client_sink import ClientSink
 
 Item = Union[Delta, RequestError]
 
@@ -41,7 +49,7 @@ def as_error(item: Item) -> Optional[RequestError]:
 
 class RequestStream:
     __slots__ = ("request_id", "replica_id", "finished", "closed", "sent_at", "pending", "max_pending",
-                 "_items", "_event", "_on_close")
+                 "sink", "close_reason", "_items", "_event", "_on_close")
 
     def __init__(self, request_id: str, replica_id: str,
                  on_close: Optional[Callable[["RequestStream"], None]] = None, sent_at: float = 0.0,
@@ -53,6 +61,8 @@ class RequestStream:
         self.sent_at = sent_at  # when the request was sent to the replica (worker clock)
         self.pending = 0  # characters of text queued and not yet taken by the request greenlet
         self.max_pending = max_pending
+        self.close_reason = ""  # why it was closed: the abort reason when it had not finished
+        self.sink: Optional[ClientSink] = None  # attached only while the consumer waits with nothing queued
         self._items: deque[Item] = deque()
         self._event = Event()
         self._on_close = on_close
@@ -61,6 +71,14 @@ class RequestStream:
         """Queue an item; False (nothing queued) when a delta would exceed `max_pending`."""
         if self.finished:  # e.g. a late ReplicaDead after the final delta: first terminal wins
             return True
+        sink = self.sink
+        if sink is not None:
+            if type(item) is Delta and item.finish_reason is None:
+                if not sink.offer(item):  # it took the delta but needs the consumer: wake it
+                    self.sink = None
+                    self._event.set()
+                return True
+            self.sink = None  # a terminal item: the consumer ends the response
         if isinstance(item, Delta):
             size = len(item.text)
             if self.pending + size > self.max_pending and self._items:
@@ -79,12 +97,17 @@ class RequestStream:
         self.push(RequestError(request_id=self.request_id, status=status, message=message, type=type_))
 
     def get(self, timeout: Optional[float]) -> Optional[Item]:
-        """Next item, waiting up to `timeout` seconds; None on timeout."""
+        """Next item, waiting up to `timeout` seconds; None on timeout, or when an attached sink gave up
+        (the caller looks at the sink)."""
         if not self._items:
             self._event.clear()
-            if not self._event.wait(timeout):
+            if not self._event.wait(timeout) or not self._items:
                 return None
         return self._take()
+
+    @property
+    def queued(self) -> bool:
+        return bool(self._items)
 
     def drain(self, max_chars: int) -> list[Item]:
         """Items already queued, without waiting, up to about `max_chars` of text (at least one item
@@ -108,10 +131,12 @@ class RequestStream:
             self.pending -= len(item.text)
         return item
 
-    def close(self) -> None:
-        """Unregister from the replica (and abort it there if unfinished). Idempotent."""
+    def close(self, reason: str = "client_gone") -> None:
+        """Unregister from the replica (and abort it there if unfinished, counted under `reason`).
+        Idempotent."""
         if self.closed:
             return
         self.closed = True
+        self.close_reason = reason
         if self._on_close is not None:
             self._on_close(self)

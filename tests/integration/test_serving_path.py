@@ -12,6 +12,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.stack import ROOT, Stack, wait_for
 
@@ -135,6 +136,13 @@ def test_client_disconnect_stops_generation(stack):
     tokens_after_abort = _replica_totals(stack)[0]
     threading.Event().wait(0.5)
     assert _replica_totals(stack)[0] == tokens_after_abort
+    assert _proxy_aborts(stack, "client_gone") >= 1
+
+
+def _proxy_aborts(stack, reason: str) -> float:
+    text = httpx.get(stack.base_url + "/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "tokenrelay_proxy_aborts_total" and s.labels.get("reason") == reason)
 
 
 def test_concurrent_streams_complete(stack):
