@@ -177,7 +177,7 @@ class SseBody(_StreamBody):
     def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
                  tracker: RequestTracker, chunks: Chunks, include_usage: bool,
                  environ: Optional[dict[str, Any]] = None) -> None:
-        sink = None if environ is None else ClientSink.for_environ(environ, _later_chunks(chunks), tracker)
+        sink = None if environ is None else ClientSink.for_environ(environ, chunks.template(), tracker)
         super().__init__(dispatch, first, limits, tracker, sink=sink)
         self._chunks = chunks
         self._include_usage = include_usage
@@ -210,14 +210,7 @@ class SseBody(_StreamBody):
                 yield out
 
 
-def _later_chunks(chunks: Chunks) -> Callable[[str], bytes]:
-    """Render for the sink: content chunks after the first (the first goes out with the headers)."""
-    content = chunks.content
-    return lambda text: content(text, False)
-
-
-def _plain_text(text: str) -> bytes:
-    return text.encode()
+PLAIN_TEMPLATE = (b"", str.encode, b"")  # the legacy stream's chunks are the text itself
 
 
 class PlainBody(_StreamBody):
@@ -225,7 +218,7 @@ class PlainBody(_StreamBody):
 
     def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
                  tracker: RequestTracker, environ: Optional[dict[str, Any]] = None) -> None:
-        sink = ClientSink.for_environ(environ, _plain_text, tracker) if environ is not None else None
+        sink = ClientSink.for_environ(environ, PLAIN_TEMPLATE, tracker) if environ is not None else None
         super().__init__(dispatch, first, limits, tracker, sink=sink)
 
     def _render(self) -> Iterator[bytes]:

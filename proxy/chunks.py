@@ -16,7 +16,7 @@ Chunk shapes (OpenAI):
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgspec
 
@@ -54,6 +54,10 @@ class ChatChunks:
     def content(self, text: str, first: bool) -> bytes:
         return (self._first if first else self._next) + _enc(text) + self._tail
 
+    def template(self) -> tuple[bytes, Callable[[str], bytes], bytes]:
+        """(head, encode, tail) of every content chunk after the first: head + encode(text) + tail."""
+        return self._next, _enc, self._tail
+
     def finish(self, reason: str) -> bytes:
         return self._head + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":' + _enc(reason) + b"}]}" + _END
 
@@ -74,6 +78,10 @@ class CompletionChunks:
 
     def content(self, text: str, first: bool) -> bytes:
         return self._text + _enc(text) + self._tail
+
+    def template(self) -> tuple[bytes, Callable[[str], bytes], bytes]:
+        """(head, encode, tail) of every content chunk: head + encode(text) + tail."""
+        return self._text, _enc, self._tail
 
     def finish(self, reason: str) -> bytes:
         return self._text + b'"","logprobs":null,"finish_reason":' + _enc(reason) + b"}]}" + _END

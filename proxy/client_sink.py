@@ -38,16 +38,18 @@ from runtime.protocol import Delta
 
 log = logging.getLogger(__name__)
 
-Render = Callable[[str], bytes]  # delta text -> the response bytes for it (an SSE event, or the text)
+Encode = Callable[[str], bytes]  # delta text -> bytes; the response bytes are head + encode(text) + tail
 
 
 class ClientSink:
-    __slots__ = ("_sock", "_raw", "_render", "_tracker", "unsent", "error", "chunks", "last_at")
+    __slots__ = ("_sock", "_raw", "_head", "_encode", "_tail", "_fixed", "_tracker", "unsent", "error", "chunks",
+                 "last_at")
 
-    def __init__(self, sock: Any, raw: Any, render: Render, tracker: RequestTracker) -> None:
+    def __init__(self, sock: Any, raw: Any, template: tuple[bytes, Encode, bytes], tracker: RequestTracker) -> None:
         self._sock = sock  # gevent's socket: the request greenlet's blocking (green) sendall
         self._raw = raw  # the kernel socket under it: with MSG_DONTWAIT its send never waits
-        self._render = render
+        self._head, self._encode, self._tail = template  # e.g. b'data: {..."text":', json, b'...}\n\n'
+        self._fixed = len(self._head) + len(self._tail)
         self._tracker = tracker
         self.unsent = b""  # the tail of a chunk the socket did not take; sent by the request greenlet
         self.error: Optional[OSError] = None
@@ -55,7 +57,7 @@ class ClientSink:
         self.last_at = float("-inf")  # when the last token went out here (the tracker's clock)
 
     @classmethod
-    def for_environ(cls, environ: dict[str, Any], render: Render,
+    def for_environ(cls, environ: dict[str, Any], template: tuple[bytes, Encode, bytes],
                     tracker: RequestTracker) -> Optional["ClientSink"]:
         """A sink for this request's connection, or None where direct writes are not safe."""
         sock = environ.get("gunicorn.socket")
@@ -64,16 +66,17 @@ class ClientSink:
         raw = getattr(sock, "_sock", sock)  # gevent's socket wraps the real one (see middleware.client_probe)
         if not isinstance(raw, _socket.socket):  # the C base of both (gevent's patching replaces SocketType)
             return None
-        return cls(sock, raw, render, tracker)
+        return cls(sock, raw, template, tracker)
 
     def offer(self, delta: Delta) -> bool:
         """Write one non-final delta; False when the request greenlet must take over (see module doc).
         The delta is consumed either way."""
-        data = self._render(delta.text)
-        if not data:  # an empty chunk would end the chunked body
+        body = self._encode(delta.text)
+        size = self._fixed + len(body)
+        if not size:  # an empty chunk would end the chunked body
             self.last_at = self._tracker.token()
             return True
-        frame = b"%X\r\n%b\r\n" % (len(data), data)
+        frame = b"%X\r\n%b%b%b\r\n" % (size, self._head, body, self._tail)
         try:
             sent = self._raw.send(frame, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

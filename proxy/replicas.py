@@ -170,6 +170,11 @@ class ReplicaConnection:
                 stream = inflight.get(delta.request_id)
                 if stream is None:
                     continue
+                sink = stream.sink  # direct writes: RequestStream.push's fast path, inlined (per token)
+                if sink is not None and delta.finish_reason is None:
+                    if not sink.offer(delta):
+                        stream.wake_consumer()
+                    continue
                 if not stream.push(delta):
                     self._cut_off(stream)
                 elif delta.finish_reason is not None:

@@ -74,9 +74,8 @@ class RequestStream:
         sink = self.sink
         if sink is not None:
             if type(item) is Delta and item.finish_reason is None:
-                if not sink.offer(item):  # it took the delta but needs the consumer: wake it
-                    self.sink = None
-                    self._event.set()
+                if not sink.offer(item):  # it took the delta but needs the consumer
+                    self.wake_consumer()
                 return True
             self.sink = None  # a terminal item: the consumer ends the response
         if isinstance(item, Delta):
@@ -89,6 +88,11 @@ class RequestStream:
         self._items.append(item)
         self._event.set()
         return True
+
+    def wake_consumer(self) -> None:
+        """The sink gave up (it took its last delta): detach it and wake the request greenlet."""
+        self.sink = None
+        self._event.set()
 
     def fail(self, status: int, message: str, type_: str = "server_error", drop_pending: bool = False) -> None:
         if drop_pending and not self.finished:

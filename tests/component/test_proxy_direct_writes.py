@@ -183,7 +183,7 @@ def test_sink_counts_tokens_and_never_writes_an_empty_chunk() -> None:
     mine, peer = socket.socketpair()
     tracker = RequestTracker("direct-test")
     tracker.token()  # the first token went out with the headers
-    sink = ClientSink(mine, mine, lambda text: text.encode(), tracker)
+    sink = ClientSink(mine, mine, (b"", str.encode, b""), tracker)
     stream = RequestStream("rq", "r1")
     stream.sink = sink
     assert stream.push(Delta("rq", "", None, 1, 1)) and stream.push(Delta("rq", "hi", None, 1, 2))
@@ -200,7 +200,8 @@ def test_for_environ_only_for_plain_http_1_1_gunicorn_sockets(http_version: str,
     mine, peer = socket.socketpair()
     env = {"gunicorn.socket": mine, "SERVER_PROTOCOL": "HTTP/" + http_version}
     tracker = RequestTracker("direct-test")
-    assert (ClientSink.for_environ(env, str.encode, tracker) is not None) is expected
-    assert ClientSink.for_environ({"SERVER_PROTOCOL": "HTTP/1.1"}, str.encode, tracker) is None
+    template = (b"", str.encode, b"")
+    assert (ClientSink.for_environ(env, template, tracker) is not None) is expected
+    assert ClientSink.for_environ({"SERVER_PROTOCOL": "HTTP/1.1"}, template, tracker) is None
     mine.close()
     peer.close()

@@ -72,3 +72,11 @@ def test_whole_bodies(render: Any, obj: str) -> None:
         assert got["id"] == "chatcmpl-r1" and choice["message"] == {"role": "assistant", "content": TRICKY}
     else:
         assert got["id"] == "cmpl-r1" and choice["text"] == TRICKY
+
+
+@pytest.mark.parametrize("cls", [ChatChunks, CompletionChunks])
+@pytest.mark.parametrize("text", ["", "plain", 'quote " and \\ backslash', "ünïcode ✓ \n new line"])
+def test_direct_write_template_renders_the_same_bytes_as_content(cls, text) -> None:
+    chunks = cls("rid-1", "m", 1700000000)
+    head, encode, tail = chunks.template()
+    assert head + encode(text) + tail == chunks.content(text, False)
