@@ -38,6 +38,15 @@ from runtime.protocol import DeploymentRoute, GenerateRequest
 log = logging.getLogger(__name__)
 
 
+def advertised_endpoint(bind: str) -> str:
+    """HOST:PORT where others reach this proxy's HTTP port (and /metrics): the bind address, or this
+    host's name when it binds every interface."""
+    host, _, port = bind.rpartition(":")
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.getfqdn()
+    return "%s:%s" % (host, port)
+
+
 class Gateway:
     def __init__(self, config: ProxyConfig, clock: Callable[[], float] = time.monotonic,
                  router: Optional[Router] = None) -> None:
@@ -65,7 +74,8 @@ class Gateway:
                                  on_capacity=self._on_capacity)
         sub = TableSubscriber(self._ctx, self.config.head, self.state, self._pool,
                               self.config.head_timeout, self.config.head_timeout_max, clock=self.clock,
-                              on_tick=metrics.TABLE_AGE.set, secure=secure)
+                              on_tick=metrics.TABLE_AGE.set, secure=secure,
+                              http_endpoint=advertised_endpoint(self.config.bind))
         self._subscriber = gevent.spawn(sub.run)
         log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(),
                  " (CURVE client)" if keys is not None else "")

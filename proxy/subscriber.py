@@ -50,8 +50,10 @@ def connectable_endpoint(publish: str, head: str) -> str:
 class TableSubscriber:
     def __init__(self, ctx: zmq_green.Context, head: str, state: TableState, pool: ReplicaPool,
                  timeout: float, timeout_max: float, clock: Callable[[], float] = time.monotonic,
-                 on_tick: Optional[Callable[[float], None]] = None, secure: Optional[Secure] = None) -> None:
+                 on_tick: Optional[Callable[[float], None]] = None, secure: Optional[Secure] = None,
+                 http_endpoint: str = "") -> None:
         self._ctx = ctx
+        self._http_endpoint = http_endpoint  # announced in HeadHello: the head lists it for Prometheus
         self._secure = secure
         self._head = head
         self._state = state
@@ -180,7 +182,8 @@ class TableSubscriber:
         dealer.connect(self._head)
         self._dealer = dealer
         self._poller.register(dealer, zmq.POLLIN)
-        dealer.send_multipart(encode(HeadHello(protocol=PROTOCOL_VERSION, role="proxy")), flags=zmq.NOBLOCK)
+        hello = HeadHello(protocol=PROTOCOL_VERSION, role="proxy", http_endpoint=self._http_endpoint)
+        dealer.send_multipart(encode(hello), flags=zmq.NOBLOCK)
         self._await("hello", now, self._backoff.next())
         self._hello_at = now
 

@@ -167,6 +167,7 @@ class FakeHead(_Fake):
         self.control = ""
         self.publish = ""
         self.hellos = 0
+        self.hello_endpoints: list[str] = []  # HeadHello.http_endpoint of each hello
         self.snapshots = 0
         self.paused = threading.Event()  # set: answer nothing, publish nothing (head down)
         self._lock = threading.Lock()
@@ -224,6 +225,7 @@ class FakeHead(_Fake):
     def _answer(self, router: zmq.Socket, peer: bytes, msg: object) -> None:
         if isinstance(msg, HeadHello):
             self.hellos += 1
+            self.hello_endpoints.append(msg.http_endpoint)
             reply: object = HeadInfo(PROTOCOL_VERSION, self.epoch, self.publish)
         elif isinstance(msg, SnapshotRequest):
             self.snapshots += 1

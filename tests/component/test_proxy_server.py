@@ -368,6 +368,7 @@ def test_new_head_epoch_on_new_publish_endpoint(cluster: Cluster) -> None:
     wait_for(lambda: "tiny2" in {m["id"] for m in httpx.get(cluster.base + "/v1/models").json()["data"]},
              20, 0.05, "the new head's table")
     assert new.hellos >= 1 and new.publish != old.publish
+    assert set(new.hello_endpoints) == {cluster.base.split("//")[1]}  # listed for Prometheus discovery
     r = httpx.post(cluster.base + "/v1/chat/completions", json=chat(model="tiny2"))
     assert r.status_code == 200
     assert "epoch 2" in cluster.log()

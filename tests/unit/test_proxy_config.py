@@ -83,3 +83,20 @@ def test_bad_limits_name_the_flag(argv: list[str], knob: str, capsys: pytest.Cap
     with pytest.raises(SystemExit):
         ProxyConfig.from_args(["--head", "tcp://h:1"] + argv)
     assert knob in capsys.readouterr().err
+
+
+def test_a_proxy_advertises_its_bind_address_or_its_host_name_for_wildcards() -> None:
+    import socket
+
+    from proxy.gateway import advertised_endpoint
+    assert advertised_endpoint("127.0.0.1:8000") == "127.0.0.1:8000"
+    assert advertised_endpoint("10.1.2.3:80") == "10.1.2.3:80"
+    assert advertised_endpoint("0.0.0.0:8000") == "%s:8000" % socket.getfqdn()
+    assert advertised_endpoint("[::]:8000") == "%s:8000" % socket.getfqdn()
+
+
+def test_direct_writes_are_on_by_default_and_survive_the_argv_round_trip() -> None:
+    assert ProxyConfig(head="tcp://h:1").direct_writes is True
+    off = ProxyConfig(head="tcp://h:1", direct_writes=False)
+    assert ProxyConfig.from_args(off.to_argv()).direct_writes is False
+    assert ProxyConfig.from_args(ProxyConfig(head="tcp://h:1").to_argv()).direct_writes is True
