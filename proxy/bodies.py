@@ -109,8 +109,10 @@ class _StreamBody:
             now = self._clock()
             left = d.deadline - now
             idle_left = self._limits.idle - (now - since)
-            item = stream.get(max(0.0, min(idle_left, left)))
-            stream.sink = None  # from here until the next wait, only this greenlet writes to the client
+            try:
+                item = stream.get(max(0.0, min(idle_left, left)))
+            finally:  # also when the wait is interrupted (worker shutdown): never leave the sink attached
+                stream.sink = None  # from here until the next wait, only this greenlet writes to the client
             if item is not None:
                 return item
             if sink is not None:
@@ -141,6 +143,8 @@ class _StreamBody:
         if self._gen is not None:
             self._gen.close()
         stream = self._dispatch.stream
+        if stream is not None:
+            stream.sink = None  # the response is over: nothing may reach this connection any more
         if stream is not None and not stream.closed and not stream.finished:
             log.info("req=%s stream closed before the replica finished (client gone?)", stream.request_id)
         self._dispatch.close(ABORT_REASONS.get(self._status, "error"))
@@ -222,6 +226,7 @@ class PlainBody(_StreamBody):
         super().__init__(dispatch, first, limits, tracker, sink=sink)
 
     def _render(self) -> Iterator[bytes]:
+        first = True
         for batch in self._batches():
             if isinstance(batch, bytes):
                 continue  # never: plain streams send headers only with the first token
@@ -231,7 +236,8 @@ class PlainBody(_StreamBody):
                 self._failed(err)
                 yield text.encode() + ("\n[error] %s\n" % err.message).encode()
                 return
-            if text:
+            if text or first:  # the first write sends the headers, even with no text: a sink may follow
+                first = False
                 yield text.encode()
             if last is not None:
                 self._status = 200

@@ -205,3 +205,23 @@ def test_for_environ_only_for_plain_http_1_1_gunicorn_sockets(http_version: str,
     assert ClientSink.for_environ({"SERVER_PROTOCOL": "HTTP/1.1"}, template, tracker) is None
     mine.close()
     peer.close()
+
+
+def test_plain_stream_whose_first_delta_is_empty_sends_headers_before_any_direct_write() -> None:
+    """The legacy endpoint: an empty first delta still goes through the WSGI response (gunicorn sends the
+    headers with the first part, even an empty one), so the sink's chunks come after the headers."""
+    backend = FakeBackend()
+    backend.script = lambda rid: [Delta(rid, "", None, 1, 1)]
+    mine, peer = socket.socketpair()
+    feed(backend, ["one ", "two "], final="three")
+    app = create_app(backend, ProxyConfig(**CONFIG))
+    environ = falcon.testing.create_environ(method="POST", path="/v1/chat/tiny", body="hi",
+                                            headers={"Content-Type": "text/plain"})
+    environ["gunicorn.socket"] = mine
+    body = iter(app(environ, lambda status, headers: None))
+    assert next(body) == b""  # the headers' write: nothing went to the socket before it
+    assert read_all(peer, 0.05) == b""
+    rest = list(body)
+    assert parse_chunks(read_all(peer, 0.2)) == [b"one ", b"two "] and rest == [b"three"]
+    mine.close()
+    peer.close()
