@@ -157,7 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--py-spy", action="store_true", help="profile the replica over the measured window")
     p.add_argument("--rate", type=int, default=100)
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--out", default=".", help="directory for the .folded stacks and replica.json")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="directory for the .folded stacks and replica.json (default %(default)s, git-ignored)")
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     Path(ns.out).mkdir(parents=True, exist_ok=True)
