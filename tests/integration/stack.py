@@ -96,9 +96,9 @@ class Stack:
         except psutil.NoSuchProcess:
             return []
 
-    def stop(self, timeout: float = 15.0) -> tuple[float, list[int]]:
-        """SIGINT the launcher like Ctrl-C would. Returns (seconds until it exited, pids still alive a
-        second later); whatever is still alive is then killed so no test leaves processes behind."""
+    def stop(self, timeout: float = 15.0) -> tuple[float, list[str]]:
+        """SIGINT the launcher like Ctrl-C would. Returns (seconds until it exited, "pid command" of what
+        was still alive a second later); that is then killed so no test leaves processes behind."""
         if self.proc is None or self.proc.poll() is not None:
             return 0.0, []
         start = time.monotonic()
@@ -109,13 +109,17 @@ class Stack:
             elapsed = time.monotonic() - start
         finally:
             _, alive = psutil.wait_procs(tree, timeout=1.0)
+            names = []
             for p in alive:
                 try:
+                    if p.status() == psutil.STATUS_ZOMBIE:
+                        continue  # dead; killed grandchildren wait for PID 1 to reap them, slower under load
+                    names.append("%d %s" % (p.pid, " ".join(p.cmdline()[:4])))
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
             self._log.close()
-        return elapsed, [p.pid for p in alive]
+        return elapsed, names
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
