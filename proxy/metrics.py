@@ -13,11 +13,16 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import psutil
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess,
 )
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from proxy.config import METRICS_DIR_ENV
 
@@ -159,11 +164,42 @@ class RequestTracker:
         count_request(self.deployment, status)
 
 
+class ProxyProcesses(Collector):
+    """CPU seconds and resident memory of the gunicorn master and each of its workers, read with psutil at
+    scrape time (prometheus_client's own process metrics are not available in multiprocess mode)."""
+
+    def __init__(self, master_pid: int) -> None:
+        self._master = master_pid
+
+    def collect(self) -> Iterator[Any]:
+        cpu = CounterMetricFamily("tokenrelay_proxy_cpu_seconds", "CPU seconds (user + system) of the "
+                                  "proxy's gunicorn master and each worker", labels=["role", "pid"])
+        rss = GaugeMetricFamily("tokenrelay_proxy_resident_memory_bytes", "Resident memory of the proxy's "
+                                "gunicorn master and each worker", labels=["role", "pid"])
+        try:
+            master = psutil.Process(self._master)
+            procs = [("master", master)] + [("worker", p) for p in master.children()]
+        except psutil.Error:
+            procs = []
+        for role, proc in procs:
+            try:
+                with proc.oneshot():
+                    times, mem = proc.cpu_times(), proc.memory_info().rss
+            except psutil.Error:  # a worker that just exited
+                continue
+            cpu.add_metric([role, str(proc.pid)], times.user + times.system)
+            rss.add_metric([role, str(proc.pid)], mem)
+        yield cpu
+        yield rss
+
+
 def render() -> tuple[bytes, str]:
-    """Exposition bytes for GET /metrics: all live and dead workers in multiprocess mode."""
+    """Exposition bytes for GET /metrics: all live and dead workers in multiprocess mode (then this is a
+    gunicorn worker and its parent is the master), plus the CPU and memory of the master and workers."""
     _ITL_BATCHES.flush_all(time.monotonic())
     if os.environ.get(METRICS_DIR_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(ProxyProcesses(os.getppid()))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

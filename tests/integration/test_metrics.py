@@ -107,6 +107,9 @@ def test_sd_file_lists_every_process_and_each_serves_sane_metrics(stack):
     # all but the first and the last token of each stream went straight from the replica reader to the client
     direct = value(proxy, "tokenrelay_proxy_direct_chunks_total", deployment="mock")
     assert REQUESTS * 3 <= direct < REQUESTS * 8
+    cpu = {labels: v for (name, labels), v in proxy.items() if name == "tokenrelay_proxy_cpu_seconds_total"}
+    cpu_roles = sorted(dict(labels)["role"] for labels in cpu)
+    assert cpu_roles == ["master", "worker", "worker"] and all(v > 0 for v in cpu.values())  # two workers
 
     def replicas_caught_up():  # the status a replica's metrics read is at most 250 ms old
         scraped = [scrape(t["targets"][0]) for t in roles["replica"]]
