@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
-from proxy.client_sink import ClientSink
+from proxy import metrics
 from proxy.chunks import DONE, ChatChunks, CompletionChunks, sse_error
+from proxy.client_sink import ClientSink
 from proxy.dispatch import Dispatch
 from proxy.errors import ProxyError, UpstreamError
-from proxy import metrics
 from proxy.metrics import RequestTracker
 from proxy.replicas import SLOW_READER_STATUS
 from proxy.streams import Item, RequestStream, as_error, is_terminal

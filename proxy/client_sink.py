@@ -29,23 +29,21 @@ None otherwise (another WSGI server, TLS, HTTP/1.0), and the stream then uses th
 from __future__ import annotations
 
 import _socket
-import logging
 import socket
 from typing import Any, Callable, Optional
 
 from proxy.metrics import RequestTracker
 from runtime.protocol import Delta
 
-log = logging.getLogger(__name__)
-
 Encode = Callable[[str], bytes]  # delta text -> bytes; the response bytes are head + encode(text) + tail
 
 
 class ClientSink:
-    __slots__ = ("_sock", "_raw", "_head", "_encode", "_tail", "_fixed", "_tracker", "unsent", "error", "chunks",
-                 "last_at")
+    __slots__ = ("_sock", "_raw", "_head", "_encode", "_tail", "_fixed", "_tracker", "unsent", "error",
+                 "chunks", "last_at")
 
-    def __init__(self, sock: Any, raw: Any, template: tuple[bytes, Encode, bytes], tracker: RequestTracker) -> None:
+    def __init__(self, sock: Any, raw: Any, template: tuple[bytes, Encode, bytes],
+                 tracker: RequestTracker) -> None:
         self._sock = sock  # gevent's socket: the request greenlet's blocking (green) sendall
         self._raw = raw  # the kernel socket under it: with MSG_DONTWAIT its send never waits
         self._head, self._encode, self._tail = template  # e.g. b'data: {..."text":', json, b'...}\n\n'
@@ -53,7 +51,7 @@ class ClientSink:
         self._tracker = tracker
         self.unsent = b""  # the tail of a chunk the socket did not take; sent by the request greenlet
         self.error: Optional[OSError] = None
-        self.chunks = 0  # chunks written here (tests and debugging)
+        self.chunks = 0  # chunks written here (tokenrelay_proxy_direct_chunks_total at close)
         self.last_at = float("-inf")  # when the last token went out here (the tracker's clock)
 
     @classmethod

@@ -53,7 +53,8 @@ ABORTS = Counter("tokenrelay_proxy_aborts",
                  "Requests the proxy aborted at the replica before they finished, by reason (client_gone, "
                  "timeout, first_token_timeout, slow_reader, error)", ["deployment", "reason"])
 DIRECT_CHUNKS = Counter("tokenrelay_proxy_direct_chunks",
-                        "Response chunks the replica reader wrote straight to the client socket (direct writes)",
+                        "Response chunks the replica reader wrote straight to the client socket "
+                        "(direct writes)",
                         ["deployment"])
 AUTH_FAILURES = Counter("tokenrelay_proxy_auth_failures", "Requests refused with 401 (missing or unknown key)")
 TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
