@@ -16,11 +16,9 @@ from bisect import bisect_left
 from typing import Any, Callable, Iterator
 
 import psutil
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess,
 )
-
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
