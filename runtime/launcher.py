@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 from runtime.proctree import collect_tree, signal_all
-from runtime.stack_config import StackConfig
+from runtime.stack_config import StackConfig, single_host_proxy_workers
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ class Launcher:
         self._spawn("head", head_args)
         self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
                              "--metrics-port", str(s.agent_metrics_port)])
-        proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind]
-        if s.proxy_workers:
-            proxy_args += ["--workers", str(s.proxy_workers)]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = s.proxy_workers or single_host_proxy_workers(cores)
+        proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
         self._spawn("proxy", proxy_args)
         code = self._watch()
         self.shutdown()

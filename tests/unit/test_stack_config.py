@@ -39,3 +39,9 @@ def test_unreadable_and_invalid_files(tmp_path):
     bad.write_text("deployments: [\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_stack(bad)
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (64, 4)])
+def test_single_host_stack_leaves_most_cores_to_the_replicas(cores: int, workers: int) -> None:
+    from runtime.stack_config import single_host_proxy_workers
+    assert single_host_proxy_workers(cores) == workers
