@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
 from benchmarks.stack import CpuMeter, FloorProcess, MockStack, per_1k_tokens  # noqa: E402
 from benchmarks.stats import format_summary  # noqa: E402
+from runtime.stack_config import single_host_proxy_workers  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -155,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int)
     p.add_argument("--duration", type=float, help="measured seconds after the ramp")
     p.add_argument("--ramp", type=float)
-    p.add_argument("--workers", type=int, help="proxy workers (default: the proxy's own default)")
+    p.add_argument("--workers", type=int,
+                   help="proxy workers (default: what `tokenrelay up` picks, half the cores, 1 to 4)")
     p.add_argument("--endpoint", choices=("completions", "chat"))
     p.add_argument("--timeout", type=float, help="seconds per request")
     p.add_argument("--only", choices=("stack", "floor"), help="measure one side only")
@@ -184,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if ns.only != "floor":
             stack = run_stack(ns, cfg)
-            print("== tokenrelay (%d replicas, proxy workers %s)" % (ns.replicas, ns.workers or "default"))
+            workers = ns.workers or "%d (default)" % single_host_proxy_workers(len(os.sched_getaffinity(0)))
+            print("== tokenrelay (%d replicas, proxy workers %s)" % (ns.replicas, workers))
             print(format_summary(stack["summary"], "  "))
         if ns.only != "stack":
             floor = run_floor(ns, cfg)
