@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import platform
 import sys
 from pathlib import Path
@@ -187,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if ns.only != "floor":
             stack = run_stack(ns, cfg)
-            workers = ns.workers or "%d (default)" % single_host_proxy_workers(len(os.sched_getaffinity(0)))
+            workers = ns.workers or "%d (default)" % single_host_proxy_workers()
             print("== tokenrelay (%d replicas, proxy workers %s)" % (ns.replicas, workers))
             print(format_summary(stack["summary"], "  "))
         if ns.only != "stack":

@@ -145,8 +145,8 @@ class _StreamBody:
         stream = self._dispatch.stream
         if stream is not None:
             stream.sink = None  # the response is over: nothing may reach this connection any more
-        if stream is not None and not stream.closed and not stream.finished:
-            log.info("req=%s stream closed before the replica finished (client gone?)", stream.request_id)
+            if not stream.closed and not stream.finished:
+                log.info("req=%s stream closed before the replica finished (client gone?)", stream.request_id)
         self._dispatch.close(ABORT_REASONS.get(self._status, "error"))
         if self._sink is not None and self._sink.chunks:
             metrics.DIRECT_CHUNKS.labels(self._tracker.deployment).inc(self._sink.chunks)

@@ -56,8 +56,7 @@ class Launcher:
         self._spawn("head", head_args)
         self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
                              "--metrics-port", str(s.agent_metrics_port)])
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = s.proxy_workers or single_host_proxy_workers(cores)
+        workers = s.proxy_workers or single_host_proxy_workers()
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
         self._spawn("proxy", proxy_args)
         code = self._watch()
