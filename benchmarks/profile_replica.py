@@ -115,7 +115,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     engine_args = {"ttft_ms": ns.ttft_ms, "itl_ms": ns.itl_ms, "tokens": ns.tokens}
     cmd = [sys.executable, "-m", "model_proc", "--replica-id", "bench", "--engine", "mock",
            "--engine-args", json.dumps(engine_args), "--bind", "tcp://127.0.0.1:%d" % port,
-           "--metrics-port", "-1", "--log-level", "WARNING"]
+           "--metrics-port", "-1", "--log-level", "WARNING", "--event-loop", ns.event_loop]
     replica = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL)
     driver = Driver("tcp://127.0.0.1:%d" % port, ns.peers, ns.concurrency, ns.tokens)
     try:
@@ -135,8 +135,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     finally:
         driver.close()
         stop_process(replica, [], grace=5.0, sig=signal.SIGTERM)
-    return {"settings": {k: getattr(ns, k) for k in ("concurrency", "peers", "ttft_ms", "itl_ms", "tokens",
-                                                      "duration", "ramp")},
+    keys = ("concurrency", "peers", "ttft_ms", "itl_ms", "tokens", "duration", "ramp", "event_loop")
+    return {"settings": {k: getattr(ns, k) for k in keys},
             "window_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
             "messages_per_s": round(messages / wall, 1),
             "tokens_per_message": round(tokens / max(messages, 1), 2),
@@ -154,6 +154,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ramp", type=float, default=5.0, help="seconds to reach full concurrency (not measured)")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds")
+    p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="the replica's event loop (model_proc --event-loop)")
     p.add_argument("--py-spy", action="store_true", help="profile the replica over the measured window")
     p.add_argument("--rate", type=int, default=100)
     p.add_argument("--top", type=int, default=15)

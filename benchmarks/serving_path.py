@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
-from benchmarks.stack import CpuMeter, FloorProcess, MockStack, per_1k_tokens  # noqa: E402
+from benchmarks.stack import CpuMeter, FloorProcess, MockStack, ReplicaCounters, per_1k_tokens  # noqa: E402
 from benchmarks.stats import format_summary  # noqa: E402
 from runtime.stack_config import single_host_proxy_workers  # noqa: E402
 
@@ -44,15 +44,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = dict(PRESETS["issue2"], workers=None, endpoint="completions", timeout=60.0)
 
 
-def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter]) -> dict[str, Any]:
+def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter],
+             replicas: Optional[ReplicaCounters] = None) -> dict[str, Any]:
     """One load level with every meter sampled at the measured window's start and end."""
     def start() -> None:
         for m in meters.values():
             m.start()
+        if replicas is not None:
+            replicas.start()
 
     def stop() -> None:
         for m in meters.values():
             m.stop()
+        if replicas is not None:
+            replicas.stop()
 
     result = asyncio.run(run_level(cfg, on_window_start=start, on_window_end=stop))
     s = result["summary"]
@@ -61,6 +66,12 @@ def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter]) -> dict[str, Any]:
                             "cpu_s_per_1k_tokens": per_1k_tokens(m.seconds, tokens),
                             "processes": m.processes}
                      for name, m in meters.items()}
+    if replicas is not None and replicas.delta is not None:
+        d = replicas.delta
+        batches = d["token_batches"]
+        per_batch = round(d["generated_tokens"] / batches, 2) if batches else None
+        result["replicas"] = {"token_batches_per_s": round(batches / s["window_s"], 1),
+                              "tokens_per_batch": per_batch}
     return result
 
 
@@ -73,7 +84,8 @@ def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
         meters = {"proxy": CpuMeter(stack.proxy_roots), "head_agent_replicas": CpuMeter(stack.others_roots)}
         if not stack.proxy_roots():
             log.warning("bench [cpu] no `-m proxy` process found under the launcher: no proxy CPU numbers")
-        result = _measure(LoadConfig(**{**cfg.__dict__, "url": stack.url}), meters)
+        result = _measure(LoadConfig(**{**cfg.__dict__, "url": stack.url}), meters,
+                          ReplicaCounters(stack.sd_file))
         result["logs"] = str(stack.log_path)
         return result
     except RuntimeError:
@@ -134,6 +146,10 @@ def comparison(stack: Optional[dict[str, Any]], floor: Optional[dict[str, Any]])
     rows.append(("proxy CPU s / 1k tokens", "", _cell(proxy, "%.4f"), _cell(proxy, "%.4f")))
     rows.append(("server CPU s / 1k tokens", _cell(fcpu, "%.4f") + " (floor)",
                  _cell(others, "%.4f") + " (head+agent+replicas)", ""))
+    rep = stack.get("replicas") if stack else None
+    if rep:
+        rows.append(("replica TokenBatch msgs/s", "", "%.0f (%s tokens each)"
+                     % (rep["token_batches_per_s"], _cell(rep["tokens_per_batch"], "%.1f")), ""))
     rows.append(("load generator CPU (cores)", _cell(fs.get("loadgen_cpu_util") if fs else None),
                  _cell(ss.get("loadgen_cpu_util") if ss else None), ""))
     return rows

@@ -91,6 +91,52 @@ class CpuMeter:
         self.processes = len(after)
 
 
+class ReplicaCounters:
+    """Replica-side counters between `start()` and `stop()`, summed over every replica the head lists in
+    its Prometheus SD file: TokenBatch messages sent (each one a message the proxy receives) and tokens
+    generated. Their ratio says how well a replica coalesces tokens per message."""
+
+    NAMES = {"tokenrelay_replica_token_batches_total": "token_batches",
+             "tokenrelay_replica_generated_tokens_total": "generated_tokens"}
+
+    def __init__(self, sd_file: Path) -> None:
+        self._sd_file = sd_file
+        self._before: Optional[dict[str, float]] = None
+        self.delta: Optional[dict[str, float]] = None
+
+    def _urls(self) -> list[str]:
+        try:
+            entries = json.loads(self._sd_file.read_text())
+        except (OSError, ValueError):
+            return []
+        return ["http://%s/metrics" % t for e in entries if e.get("labels", {}).get("role") == "replica"
+                for t in e.get("targets", [])]
+
+    def _sample(self) -> Optional[dict[str, float]]:
+        totals = dict.fromkeys(self.NAMES.values(), 0.0)
+        urls = self._urls()
+        for url in urls:
+            status, body = http("GET", url)
+            if status != 200:
+                return None
+            for line in body.decode(errors="replace").splitlines():
+                name, _, value = line.partition(" ")
+                key = self.NAMES.get(name.split("{", 1)[0])
+                if key is not None and not line.startswith("#"):
+                    totals[key] += float(value)
+        return totals if urls else None
+
+    def start(self) -> None:
+        self._before = self._sample()
+
+    def stop(self) -> None:
+        after = self._sample()
+        if after is None or self._before is None:
+            log.warning("bench [replicas] could not read the replicas' counters; no tokens per message")
+            return
+        self.delta = {k: after[k] - self._before[k] for k in after}
+
+
 def stop_process(proc: subprocess.Popen, tree: list[psutil.Process], grace: float, sig: int) -> None:
     """Send `sig` to `proc`, wait `grace` seconds, then SIGKILL whatever of `tree` is still alive."""
     if proc.poll() is None:
@@ -136,12 +182,14 @@ class MockStack:
         self.control = "tcp://127.0.0.1:%d" % free_port()
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
+        self.sd_file = self.dir / "targets.json"
         proxy: dict[str, Any] = {"bind": "127.0.0.1:%d" % self.port}
         if workers:
             proxy["workers"] = workers
         self.config = {
             "head": {"control": self.control, "publish": "tcp://127.0.0.1:%d" % free_port(),
-                     "state_dir": str(self.dir / "state")},  # a fresh head state: no deployments left over
+                     "state_dir": str(self.dir / "state"),  # a fresh head state: no deployments left over
+                     "prometheus_sd_file": str(self.sd_file)},
             "agent": {"host": "127.0.0.1"},
             "proxy": proxy,
             "deployments": [{"name": model, "engine": "mock", "model": model, "replicas": replicas,

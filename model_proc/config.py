@@ -16,6 +16,8 @@ EXIT_USAGE = 2
 EXIT_LOAD_ERROR = 3
 EXIT_ENGINE_DIED = 4
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
 
 @dataclass(frozen=True)
 class ReplicaConfig:
@@ -32,6 +34,7 @@ class ReplicaConfig:
     generation: int = 0
     metrics_port: int = 0  # Prometheus /metrics on the bind host; 0 picks a free port, < 0 turns it off
     log_level: str = "INFO"
+    event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -42,6 +45,9 @@ class ReplicaConfig:
             raise ValueError("--status-interval must be between 0.01 and 5 seconds")
         if self.drain_seconds < 0:
             raise ValueError("--drain-seconds must be >= 0")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError("--event-loop must be one of %s, got %r"
+                             % (", ".join(EVENT_LOOPS), self.event_loop))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus /metrics HTTP port on the bind host (0: a free one, -1: off)")
     p.add_argument("--deployment", default="", help="deployment this replica belongs to (for adoption)")
     p.add_argument("--generation", type=int, default=0, help="the deployment's spec generation")
+    p.add_argument("--event-loop", default="auto", choices=EVENT_LOOPS,
+                   help="the replica's asyncio loop: auto (uvloop when installed), uvloop or asyncio")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -84,7 +92,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
             parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
             generation=ns.generation, metrics_port=ns.metrics_port,
-            log_level=ns.log_level)
+            log_level=ns.log_level, event_loop=ns.event_loop)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable

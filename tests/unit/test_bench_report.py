@@ -61,6 +61,10 @@ def test_comparison_rows_show_what_tokenrelay_adds():
     assert rows["requests/s"][3] == "-10.0"
     assert rows["failed/measured"][1:3] == ("0/10", "2/12 (truncated=2)")
     assert rows["proxy CPU s / 1k tokens"][2] == "0.0500"
+    assert "replica TokenBatch msgs/s" not in rows  # no replica counters read: no row
+    stack["replicas"] = {"token_batches_per_s": 880.4, "tokens_per_batch": 22.61}
+    rows = {r[0]: r for r in comparison(stack, floor)}
+    assert rows["replica TokenBatch msgs/s"][2] == "880 (22.6 tokens each)"
     text = format_table(comparison(None, floor))
     assert "floor (no proxy)" in text and "TTFT p50 ms" in text
 
