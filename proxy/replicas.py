@@ -52,9 +52,22 @@ log = logging.getLogger(__name__)
 
 Secure = Callable[[zmq.Socket], None]  # configures a socket before connect (CURVE client keys)
 
-_DRAIN = 1000  # messages handled per wakeup before yielding to request greenlets
+_DRAIN = 1000  # messages handled in a row before the reader yields to request greenlets
+_raw_recv = zmq.backend.Socket.recv  # libzmq's calls without zmq.green's bookkeeping (_recv_queued)
+_raw_get = zmq.backend.Socket.get
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
 TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
 SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
+
+
+def _recv_queued(sock: zmq.Socket) -> list[bytes]:
+    """The next queued message, else zmq.Again (never yields): 2.4 us against zmq.green's 8.6, whose extra
+    work wakes other waiters, and there are none (only the reader receives; sends are NOBLOCK)."""
+    frames = [_raw_recv(sock, _NOBLOCK)]
+    while _raw_get(sock, _RCVMORE):
+        frames.append(_raw_recv(sock, _NOBLOCK))
+    return frames
 
 
 class ReplicaUnavailable(Exception):
@@ -138,15 +151,16 @@ class ReplicaConnection:
     # ----------------------------------------------------------------- reader greenlet
 
     def _read_loop(self) -> None:
+        sock = self._sock
         try:
             while True:
-                self._dispatch(self._sock.recv_multipart())
                 for _ in range(_DRAIN):
                     try:
-                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                        frames = _recv_queued(sock)
                     except zmq.Again:
-                        break
+                        frames = sock.recv_multipart()  # nothing queued: park until a message arrives
                     self._dispatch(frames)
+                gevent.sleep(0)  # _DRAIN messages without parking: let the request greenlets run
         except gevent.GreenletExit:
             pass
         except zmq.ZMQError as exc:

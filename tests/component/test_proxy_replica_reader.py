@@ -1,0 +1,87 @@
+"""A proxy worker's replica connection (proxy.replicas.ReplicaConnection) against a fake replica ROUTER,
+real ZeroMQ sockets in one gevent process: a burst of TokenBatches larger than one drain reaches the
+request streams whole and in order, and a reply that arrives while request greenlets are sending on the
+same socket (the sends can consume the socket's edge-triggered FD signal) still wakes the reader at
+once, not after zmq.green's 11.6 s safety poll."""
+from __future__ import annotations
+
+import time
+
+import gevent
+import pytest
+import zmq
+import zmq.green as zmq_green
+
+from proxy.replicas import _DRAIN, ReplicaConnection
+from proxy.streams import RequestStream
+from runtime.protocol import GenerateRequest, ReplicaRoute, TokenBatch, Delta, decode_frames, encode
+
+
+@pytest.fixture
+def replica():
+    """(fake replica ROUTER, a connected ReplicaConnection), both on one zmq.green context."""
+    ctx = zmq_green.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    route = ReplicaRoute("r1", "tcp://127.0.0.1:%d" % port, 0, 0, 0.0, 100)
+    conn = ReplicaConnection(ctx, b"worker-1", "dep", route, hwm=100000)
+    yield router, conn
+    conn.close("test over")
+    router.close(0)
+    ctx.term()
+
+
+def _stream(conn: ReplicaConnection, request_id: str) -> RequestStream:
+    stream = RequestStream(request_id, "r1")
+    conn.submit(stream, GenerateRequest(request_id, prompt="hi"))
+    return stream
+
+
+def _recv_request(router) -> tuple[bytes, GenerateRequest]:
+    with gevent.Timeout(5):
+        peer, *frames = router.recv_multipart()
+    return peer, decode_frames(frames)
+
+
+def test_a_burst_longer_than_one_drain_arrives_whole_and_in_order(replica):
+    router, conn = replica
+    streams = [_stream(conn, "req-%d" % i) for i in range(3)]
+    peer = None
+    for _ in streams:
+        peer, _req = _recv_request(router)
+    batches = 2 * _DRAIN + 17
+    for n in range(batches):
+        finish = "length" if n == batches - 1 else None
+        deltas = [Delta(s.request_id, "t%d " % n, finish, 1, n + 1) for s in streams]
+        router.send_multipart([peer] + encode(TokenBatch(deltas, load=3)))
+    for stream in streams:
+        texts = []
+        with gevent.Timeout(10):
+            while True:
+                item = stream.get(5.0)
+                assert isinstance(item, Delta), item
+                texts.append(item.text)
+                if item.finish_reason is not None:
+                    break
+        assert texts == ["t%d " % n for n in range(batches)]
+
+
+def test_replies_racing_sends_on_the_same_socket_wake_the_reader(replica):
+    router, conn = replica
+    waits = []
+    for i in range(200):
+        stream = _stream(conn, "ping-%d" % i)
+        peer, req = _recv_request(router)
+        router.send_multipart([peer] + encode(TokenBatch([Delta(req.request_id, "pong", "stop", 1, 1)])))
+        # Hold the OS thread (no greenlet switch) until the reply has reached the DEALER's mailbox, then
+        # send: libzmq processes the pending "message arrived" command inside that send, which resets
+        # the FD the reader's wait is on. Provokes the hazard; it is not waiting for a result.
+        time.sleep(0.005)
+        _stream(conn, "other-%d" % i)
+        t0 = gevent.get_hub().loop.now()
+        item = stream.get(3.0)  # far below zmq.green's 11.6 s poll: a missed wakeup fails here
+        waits.append(gevent.get_hub().loop.now() - t0)
+        assert isinstance(item, Delta) and item.text == "pong", (i, item)
+        _recv_request(router)  # the "other" request
+    assert max(waits) < 1.0
