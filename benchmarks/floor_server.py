@@ -36,7 +36,6 @@ WORDS = ("the quick brown fox jumps over a lazy dog while tokens stream through 
          "relay replicas to many patient clients under steady load").split()
 _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
-_MAX_BUFFERED = 1 << 20  # bytes a client may leave unread before its stream is cut off
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
 
@@ -159,53 +158,35 @@ class FloorServer:
 
     async def _stream(self, writer: asyncio.StreamWriter, head: bytes, words: list[str], chat: bool,
                       usage: bool) -> bool:
-        """Ticks on loop timers like model_proc's mock engine (`call_later` from the previous tick's
-        callback, the next one scheduled before this one's write), so both keep the same clock; True when
-        the whole stream went out, False when the client went away or stopped reading."""
         loop = asyncio.get_running_loop()
         transport = writer.transport
-        done: asyncio.Future[bool] = loop.create_future()
         t0 = loop.time()
-        i = 0
-
-        def tick() -> None:
-            nonlocal i
-            if done.done():
-                return
-            if transport.is_closing() or transport.get_write_buffer_size() > _MAX_BUFFERED:
-                transport.close()  # gone, or not reading: stop generating, like an abort
-                done.set_result(False)
-                return
-            if i < len(words) - 1:
-                delay = max(0.0, t0 + self.ttft + (i + 1) * self.itl - loop.time()) if self.absolute \
-                    else self.itl
-                loop.call_later(delay, tick)
-            transport.write(self._event(head, words, i, chat, usage))
-            i += 1
-            if i == len(words):
-                done.set_result(True)
-
-        loop.call_later(self.ttft, tick)
-        return await done
-
-    def _event(self, head: bytes, words: list[str], i: int, chat: bool, usage: bool) -> bytes:
-        """Token i's chunk; the last one also carries the finish chunk, usage when asked, and [DONE]."""
-        word = words[i]
-        text = json.dumps(word).encode()
-        if chat:
-            delta = (b'{"role":"assistant","content":' if i == 0 else b'{"content":') + text + b"}"
-            out = head + b'{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":null}]}\n\n'
-        else:
-            out = head + b'{"index":0,"text":' + text + b',"logprobs":null,"finish_reason":null}]}\n\n'
-        data = _chunk(out)
-        if i == len(words) - 1:
-            empty = b'"delta":{}' if chat else b'"text":""'
-            data += _chunk(head + b'{"index":0,' + empty
-                           + b',"logprobs":null,"finish_reason":"length"}]}\n\n')
-            if usage:
-                data += _chunk(head + b'],"usage":' + json.dumps(_usage(len(words))).encode() + b"}\n\n")
-            data += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
-        return data
+        delay = self.ttft
+        for i, word in enumerate(words):
+            if self.absolute:
+                delay = max(0.0, t0 + self.ttft + i * self.itl - loop.time())
+            await asyncio.sleep(delay)
+            if transport.is_closing():
+                return False  # the client went away: stop generating, like an abort
+            delay = self.itl
+            text = json.dumps(word).encode()
+            if chat:
+                delta = (b'{"role":"assistant","content":' if i == 0 else b'{"content":') + text + b"}"
+                out = head + b'{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":null}]}\n\n'
+            else:
+                out = head + b'{"index":0,"text":' + text + b',"logprobs":null,"finish_reason":null}]}\n\n'
+            data = _chunk(out)
+            if i == len(words) - 1:
+                empty = b'"delta":{}' if chat else b'"text":""'
+                data += _chunk(head + b'{"index":0,' + empty
+                               + b',"logprobs":null,"finish_reason":"length"}]}\n\n')
+                if usage:
+                    data += _chunk(head + b'],"usage":' + json.dumps(_usage(len(words))).encode() + b"}\n\n")
+                data += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+            writer.write(data)
+            if transport.get_write_buffer_size() > 1 << 16:
+                await writer.drain()
+        return True
 
 
 def _usage(completion_tokens: int) -> dict[str, int]:
