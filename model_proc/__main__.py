@@ -24,10 +24,11 @@ def _run(main_coro: Coroutine[Any, Any, int], event_loop: str) -> int:
     """Run the replica's loop: on uvloop where it is installed (a core dependency on Linux and macOS)
     unless `event_loop` is "asyncio".
 
-    uvloop costs the replica less CPU per message than asyncio's selector loop, and its timers fire
-    within about a millisecond either side of their time (libuv's clock) where asyncio's fire 0.5-1 ms
-    late (epoll's millisecond timeout, rounded up): the mock engine then keeps the same timing as the
-    benchmark floor, which runs on uvloop too. vLLM's own server runs AsyncLLM on uvloop."""
+    uvloop's timers fire within about a millisecond either side of their time (libuv's millisecond
+    clock). asyncio's fire 0.5-1 ms late (it rounds the epoll timeout up to whole milliseconds), and ticks
+    that fire together stay clumped: with the mock engine that was most of the TTFT the benchmark charged
+    to tokenrelay (benchmarks/README.md), against a floor server that runs on uvloop. The replica's CPU
+    per token is about the same on both. vLLM's own server runs AsyncLLM on uvloop."""
     uvloop: Any = None
     if event_loop != "asyncio":
         try:
