@@ -4,8 +4,9 @@ Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only
 - data ROUTER (binds `config.bind`): proxies' DEALERs send GenerateRequest/Abort; we answer with one
   TokenBatch per proxy worker per loop iteration (all new deltas of that worker's requests), RequestError
   for a failed request, ReplicaDead when the engine dies. Every TokenBatch carries the replica's load
-  (requests it holds), and when that load changes every known proxy worker gets an empty TokenBatch with
-  it, at most every LOAD_PUSH_INTERVAL, so proxies admit against a fresh count, not a 1 s old table.
+  (requests it holds), and when that load changes every known proxy worker that no TokenBatch has told
+  gets an empty one with it, at most every LOAD_PUSH_INTERVAL, so proxies admit against a fresh count,
+  not a 1 s old table.
   ROUTER_MANDATORY makes a vanished proxy an error we act on (its requests are aborted) instead of tokens
   silently dropped.
 - agent DEALER (connects `config.agent`): ReplicaHello once, then ReplicaStatus every status interval from
@@ -60,7 +61,7 @@ class ReplicaServer:
         self._flush_scheduled = False
         self._peers: set[bytes] = set()
         self._ready = False
-        self._pushed_load = 0
+        self._told: dict[bytes, int] = {}  # the load each proxy worker was last sent (batch or push)
         self._pushed_at = float("-inf")
         self._push_handle: Optional[asyncio.TimerHandle] = None
         self._draining = False
@@ -227,6 +228,7 @@ class ReplicaServer:
 
     def _drop_peer(self, peer: bytes) -> None:
         self._peers.discard(peer)
+        self._told.pop(peer, None)
         self._outbox.pop(peer, None)
         for rid in [rid for rid, route in self._routes.items() if route.peer == peer]:
             del self._routes[rid]
@@ -296,26 +298,32 @@ class ReplicaServer:
         self.batches_sent += len(outbox)
         load = len(self._routes)
         for peer, deltas in outbox.items():
+            self._told[peer] = load
             self._send(peer, TokenBatch(deltas, load))
         self._load_changed()
 
     def _load_changed(self) -> None:
-        """Schedule a load push to every proxy worker, no sooner than LOAD_PUSH_INTERVAL after the last."""
-        if self._push_handle is not None or len(self._routes) == self._pushed_load:
+        """Schedule a load push to the proxy workers not told the current load, no sooner than
+        LOAD_PUSH_INTERVAL after the last push."""
+        if self._push_handle is not None or not self._untold(len(self._routes)):
             return
         loop = asyncio.get_running_loop()
         delay = max(0.0, self._pushed_at + LOAD_PUSH_INTERVAL - loop.time())
         self._push_handle = loop.call_later(delay, self._push_load)
 
+    def _untold(self, load: int) -> list[bytes]:
+        return [peer for peer in self._peers if self._told.get(peer) != load]
+
     def _push_load(self) -> None:
         self._push_handle = None
         load = len(self._routes)
-        if load == self._pushed_load:
+        untold = self._untold(load)
+        if not untold:
             return
-        self._pushed_load = load
         self._pushed_at = asyncio.get_running_loop().time()
         report = TokenBatch([], load)
-        for peer in list(self._peers):
+        for peer in untold:
+            self._told[peer] = load
             self._send(peer, report)
 
     # ------------------------------------------------------------------ status / heartbeat

@@ -130,3 +130,47 @@ def test_engine_death_is_announced_to_proxies_and_agent():
         agent.close(0)
         ctx.term()
     asyncio.run(go())
+
+
+def test_load_reaches_every_proxy_worker_once():
+    """A proxy worker learns each new load, from a TokenBatch or an empty push, and a worker that the
+    last step's TokenBatch already told gets no extra push."""
+    async def go():
+        ctx = zmq.asyncio.Context()
+        server, task = await _start({"ttft_ms": 5, "itl_ms": 5}, ctx)
+        idle, busy = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for sock in (idle, busy):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(server.endpoint)
+        await idle.send_multipart(encode(GenerateRequest("i", prompt="x", params=SamplingParams(max_tokens=1))))
+        msg = await _recv(idle)
+        while not (msg.deltas and msg.deltas[-1].finish_reason):
+            msg = await _recv(idle)
+        while msg.load != 0:  # the push after "i" ended, unless its own last batch said 0 already
+            msg = await _recv(idle)
+        # "b" runs ~60 ms, longer than LOAD_PUSH_INTERVAL: the idle worker must hear of it meanwhile
+        await busy.send_multipart(encode(GenerateRequest("b", prompt="x", params=SamplingParams(max_tokens=12))))
+        loads, last = [], None
+        while last is None or not (last.deltas and last.deltas[-1].finish_reason):
+            last = await _recv(busy)
+            assert last.deltas or last.load not in loads[-1:], "a push repeated the load just sent"
+            loads.append(last.load)
+        assert last.load == 0 and loads[0] == 1  # "b" running, then none
+        seen = []
+        while not seen or seen[-1] != 0:  # the idle worker is pushed 1 and then 0, with no tokens
+            report = await _recv(idle)
+            assert isinstance(report, TokenBatch) and not report.deltas
+            seen.append(report.load)
+        assert seen[0] == 1
+        extra = asyncio.ensure_future(_recv(busy, timeout=0.2))  # 8 push intervals: nothing more comes
+        try:
+            await extra
+            raise AssertionError("busy worker got a load push its last TokenBatch had already carried")
+        except asyncio.TimeoutError:
+            pass
+        server._on_signal(15)
+        await asyncio.wait_for(task, 5)
+        idle.close(0)
+        busy.close(0)
+        ctx.term()
+    asyncio.run(go())
