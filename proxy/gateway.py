@@ -27,7 +27,8 @@ from proxy import metrics
 from proxy.admission import AdmissionQueue
 from proxy.breaker import Breaker
 from proxy.config import ProxyConfig
-from proxy.replicas import ReplicaPool, ReplicaUnavailable
+from proxy.replica_pool import ReplicaPool
+from proxy.replicas import ReplicaUnavailable
 from proxy.router import NONE, Decision, Policy, Router
 from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber

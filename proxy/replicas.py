@@ -1,19 +1,23 @@
-"""Connections from one proxy worker to every replica in the routing table.
+"""One proxy worker's connection to one replica (the worker's set of them: replica_pool.ReplicaPool).
 
 Runs in each proxy worker (gevent, after fork). Sockets, per replica:
-  * one zmq.green DEALER connected to the replica's data ROUTER (`ReplicaRoute.endpoint`). All DEALERs of
-    a worker share one identity, so a replica sees one peer per worker (a reopened connection to an
-    endpoint gets a suffix, see ReplicaPool._identity_for). Its reader greenlet is the only
-    one that recvs on it. Request greenlets send GenerateRequest/Abort on it with NOBLOCK: the worker
-    is one OS thread and a NOBLOCK send never yields, so each multipart send is atomic with respect to
-    other greenlets (and libzmq keeps multipart messages atomic against the HWM).
-  * its monitor PAIR (EVENT_CONNECTED/EVENT_DISCONNECTED), owned and read by a watcher greenlet.
+  * one DEALER connected to the replica's data ROUTER (`ReplicaRoute.endpoint`). All DEALERs of a worker
+    share one identity, so a replica sees one peer per worker (a reopened connection to an endpoint gets a
+    suffix, see ReplicaPool._identity_for). Its reader greenlet is the only one that recvs on it. Request
+    greenlets send GenerateRequest/Abort on it with NOBLOCK: the worker is one OS thread and a NOBLOCK
+    send never yields, so each multipart send is atomic with respect to other greenlets (and libzmq keeps
+    multipart messages atomic against the HWM).
+  * its monitor PAIR (EVENT_CONNECTED/EVENT_DISCONNECTED), a zmq.green socket owned and read by a watcher
+    greenlet.
   `ReplicaConnection.close` stops both greenlets and then closes both sockets (linger 0).
 
-Why two greenlets and not one zmq.green Poller over both sockets: the green Poller waits on the
-edge-triggered ZMQ_FD, and a send from a request greenlet can consume that edge, leaving the reader asleep
-for up to zmq.green's 1.33 s safety poll. A blocking green recv is woken by every send
-(`__state_changed`), so tokens are never held back.
+The DEALER is a plain pyzmq socket driven by hand, not a zmq.green one (measured per message at 1,000
+streams: zmq.green's blocking recv builds an exception, a 11.6 s safety Timeout and an AsyncResult per
+wait and re-reads EVENTS on every frame; benchmarks/README.md). The reader drains while EVENTS says
+POLLIN, then waits on an Event that a gevent io watcher on the socket's ZMQ_FD sets. ZMQ_FD is
+edge-triggered and anything that reads EVENTS or sends on the socket can consume its edge, so every such
+call in this module goes through `_poke`, which sets the Event when a message is queued; the reader clears
+the Event before it looks at EVENTS, so no wake-up is lost between its check and its wait.
 
 Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
 catch a vanished host) and leaving the routing table all fail every in-flight request on that replica.
@@ -31,6 +35,7 @@ replica at once and failed with SLOW_READER_STATUS, so neither the proxy nor the
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Callable, Optional
@@ -38,14 +43,15 @@ from typing import Callable, Optional
 import gevent
 import zmq
 import zmq.green as zmq_green
+from gevent.event import Event
 from zmq.utils.monitor import recv_monitor_message
 
 from proxy import metrics
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
-    Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, RoutingTable,
-    TokenBatch, decode_frames, encode,
+    Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, TokenBatch, decode_frames,
+    encode,
 )
 
 log = logging.getLogger(__name__)
@@ -53,17 +59,22 @@ log = logging.getLogger(__name__)
 Secure = Callable[[zmq.Socket], None]  # configures a socket before connect (CURVE client keys)
 
 _DRAIN = 1000  # messages handled in a row before the reader yields to request greenlets
-_raw_recv = zmq.backend.Socket.recv  # libzmq's calls without zmq.green's bookkeeping (_recv_queued)
+_raw_recv = zmq.backend.Socket.recv  # libzmq's calls, without pyzmq's Python-level wrappers
+_raw_send = zmq.backend.Socket.send
 _raw_get = zmq.backend.Socket.get
-_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's flag enums cost microseconds per operation
+_SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_monitor_ids = itertools.count(1)
 TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
 SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
 
 
 def _recv_queued(sock: zmq.Socket) -> list[bytes]:
-    """The next queued message, else zmq.Again (never yields): 2.4 us against zmq.green's 8.6, whose extra
-    work wakes other waiters, and there are none (only the reader receives; sends are NOBLOCK)."""
+    """The next queued message (the caller saw POLLIN), else zmq.Again; never yields."""
     frames = [_raw_recv(sock, _NOBLOCK)]
     while _raw_get(sock, _RCVMORE):
         frames.append(_raw_recv(sock, _NOBLOCK))
@@ -94,7 +105,7 @@ class ReplicaConnection:
         self.down = False
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
-        sock = ctx.socket(zmq.DEALER)
+        sock = zmq.Socket(ctx, zmq.DEALER)  # plain, on the worker's context: see the module doc
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -103,12 +114,18 @@ class ReplicaConnection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings: a vanished host -> EVENT_DISCONNECTED
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor_addr = "inproc://tokenrelay-replica-monitor-%d" % next(_monitor_ids)
+        sock.monitor(monitor_addr, _MONITOR_EVENTS)
+        self._monitor = ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
         self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.connect(monitor_addr)
         if secure is not None:
             secure(sock)  # CURVE client keys, before connect
         sock.connect(self.endpoint)
         self._sock = sock
+        self._readable = Event()  # set when a message may be queued: ZMQ_FD fired, or _poke saw POLLIN
+        self._fd_watch = gevent.get_hub().loop.io(sock.getsockopt(zmq.FD), 1)
+        self._fd_watch.start(self._readable.set)
         self._reader = gevent.spawn(self._read_loop)
         self._watcher = gevent.spawn(self._watch_loop)
 
@@ -141,26 +158,43 @@ class ReplicaConnection:
     def _send(self, msg: object) -> None:
         if self.closed:
             raise ReplicaUnavailable("connection to replica %s is closed" % self.replica_id)
+        type_byte, payload = encode(msg)
+        sock = self._sock
         try:
-            self._sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+            _raw_send(sock, type_byte, _NOBLOCK | _SNDMORE)  # once the first part is in, so is the rest
+            _raw_send(sock, payload, _NOBLOCK)
         except zmq.Again:
             raise ReplicaUnavailable("send queue to replica %s is full" % self.replica_id) from None
         except zmq.ZMQError as exc:
             raise ReplicaUnavailable("send to replica %s failed: %s" % (self.replica_id, exc)) from None
+        finally:
+            self._poke()
+
+    def _poke(self) -> bool:
+        """Read EVENTS (which may consume ZMQ_FD's edge) and wake the reader if a message is queued.
+        True if one is."""
+        if self.closed:
+            return False
+        if _raw_get(self._sock, _EVENTS) & _POLLIN:
+            self._readable.set()
+            return True
+        return False
 
     # ----------------------------------------------------------------- reader greenlet
 
     def _read_loop(self) -> None:
-        sock = self._sock
+        sock, readable = self._sock, self._readable
         try:
             while True:
-                for _ in range(_DRAIN):
-                    try:
-                        frames = _recv_queued(sock)
-                    except zmq.Again:
-                        frames = sock.recv_multipart()  # nothing queued: park until a message arrives
-                    self._dispatch(frames)
-                gevent.sleep(0)  # _DRAIN messages without parking: let the request greenlets run
+                readable.clear()  # before EVENTS: a message that comes after the check sets it again
+                n = 0
+                while _raw_get(sock, _EVENTS) & _POLLIN:
+                    self._dispatch(_recv_queued(sock))
+                    n += 1
+                    if n == _DRAIN:  # _DRAIN messages without parking: let the request greenlets run
+                        gevent.sleep(0)
+                        n = 0
+                readable.wait()
         except gevent.GreenletExit:
             pass
         except zmq.ZMQError as exc:
@@ -269,10 +303,10 @@ class ReplicaConnection:
 
     def _let_reader_drain(self) -> None:
         """Tokens the replica sent just before dying may still sit in the DEALER's queue: let the reader
-        deliver them before failing the requests. Reading EVENTS is no recv; on a zmq.green socket it also
-        wakes the reader. Bounded, so a flood cannot stall failover."""
+        deliver them before failing the requests (`_poke` wakes it). Bounded, so a flood cannot stall
+        failover."""
         for _ in range(50):
-            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not self._poke():
                 return
             gevent.sleep(0.001)
 
@@ -307,6 +341,8 @@ class ReplicaConnection:
             return
         self.closed = True
         gevent.killall([self._reader, self._watcher], block=True, timeout=2)
+        self._fd_watch.stop()  # before the socket (and its FD) goes
+        self._fd_watch.close()
         self.fail_all(503, reason)
         try:
             self._sock.disable_monitor()
@@ -314,99 +350,3 @@ class ReplicaConnection:
             pass
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
-
-
-class ReplicaPool:
-    """All replica connections of one worker, kept in step with the routing table."""
-
-    def __init__(self, ctx: zmq_green.Context, identity: bytes, hwm: int, secure: Optional[Secure] = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_capacity: Capacity = lambda deployment: None) -> None:
-        self._ctx = ctx
-        self._secure = secure
-        self._identity = identity
-        self._hwm = hwm
-        self._clock = clock
-        self._on_capacity = on_capacity
-        self._by_id: dict[str, ReplicaConnection] = {}
-        self._by_deployment: dict[str, list[ReplicaConnection]] = {}
-        self._opened: dict[str, int] = {}  # endpoint -> connections opened to it so far
-        self._retired: dict[str, ReplicaConnection] = {}  # left the table, still draining
-
-    def _identity_for(self, endpoint: str) -> bytes:
-        """The worker's identity; suffixed when reopening a connection to an endpoint we used before.
-
-        A ROUTER ignores a new peer whose identity it still holds (unless ROUTER_HANDOVER is set), and
-        after we close a DEALER the replica may not have noticed yet: a reopened connection with the
-        same identity could silently swallow requests.
-        """
-        n = self._opened.get(endpoint, 0)
-        self._opened[endpoint] = n + 1
-        return self._identity if n == 0 else self._identity + b".%d" % n
-
-    def sync(self, table: RoutingTable) -> None:
-        """Open connections to new replicas; retire those that left the table (they close once their
-        in-flight requests are done: a replica leaving routing is drained, not cut); close at once those
-        that moved endpoint. Then take the table's loads and limits."""
-        now = self._clock()
-        wanted = {r.replica_id: (d.name, r) for d in table.deployments for r in d.replicas}
-        self._retired = {rid: c for rid, c in self._retired.items() if not c.closed}
-        for rid, conn in list(self._by_id.items()):
-            want = wanted.get(rid)
-            if want is None or want[0] != conn.deployment or want[1].endpoint != conn.endpoint:
-                del self._by_id[rid]
-                if want is None and conn.inflight:
-                    log.info("replica %s (%s) left the routing table; draining %d request(s)", rid,
-                             conn.endpoint, len(conn.inflight))
-                    self._retired[rid] = conn
-                    conn.retire()
-                else:
-                    log.info("replica %s (%s) left the routing table; closing", rid, conn.endpoint)
-                    conn.close("replica %s left the routing table" % rid)
-        for rid, (deployment, route) in wanted.items():
-            back = self._retired.get(rid)
-            if back is not None and rid not in self._by_id and back.endpoint == route.endpoint \
-                    and not back.closed:
-                back.retired = False  # it came back before it drained: route to it again
-                self._by_id[rid] = self._retired.pop(rid)
-            conn = self._by_id.get(rid)
-            if conn is None:
-                log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
-                identity = self._identity_for(route.endpoint)
-                conn = self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm,
-                                                            self._secure, self._clock, self._on_capacity)
-            conn.table_update(route, now)
-        by_dep: dict[str, list[ReplicaConnection]] = {}
-        for conn in self._by_id.values():
-            by_dep.setdefault(conn.deployment, []).append(conn)
-        self._by_deployment = by_dep
-        for deployment in {d.name for d in table.deployments}:
-            self._on_capacity(deployment)
-
-    def refresh(self, table: RoutingTable) -> None:
-        """The head republished the same table: its loads are still current, as of now."""
-        now = self._clock()
-        for d in table.deployments:
-            for route in d.replicas:
-                conn = self._by_id.get(route.replica_id)
-                if conn is not None and conn.endpoint == route.endpoint:
-                    conn.table_update(route, now)
-
-    def connections(self, deployment: str) -> list[ReplicaConnection]:
-        return self._by_deployment.get(deployment, [])
-
-    def get(self, replica_id: str) -> Optional[ReplicaConnection]:
-        return self._by_id.get(replica_id)
-
-    def replica_ids(self) -> list[str]:
-        return list(self._by_id)
-
-    def in_flight(self) -> int:
-        return sum(len(c.inflight) for c in list(self._by_id.values()) + list(self._retired.values()))
-
-    def close_all(self) -> None:
-        for conn in list(self._by_id.values()) + list(self._retired.values()):
-            conn.close("proxy worker is shutting down")
-        self._by_id.clear()
-        self._retired.clear()
-        self._by_deployment = {}

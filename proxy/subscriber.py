@@ -24,7 +24,8 @@ import zmq
 import zmq.green as zmq_green
 
 from proxy.backoff import Backoff
-from proxy.replicas import ReplicaPool, Secure
+from proxy.replica_pool import ReplicaPool
+from proxy.replicas import Secure
 from proxy.table_state import TableState
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, HeadHello, HeadInfo, ProtocolError, RoutingTable, SnapshotRequest,
