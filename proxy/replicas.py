@@ -183,27 +183,42 @@ class ReplicaConnection:
     # ----------------------------------------------------------------- reader greenlet
 
     def _read_loop(self) -> None:
-        sock, readable = self._sock, self._readable
+        """Read until the connection closes. A bug met while handling a message fails the requests in
+        flight here (their state is unknown) and reading goes on; a socket error ends the reader and
+        marks the replica down. On the way out the FD watcher stops: nobody would clear its signal, and a
+        level-triggered watcher on a signalled FD would spin the worker's loop."""
         try:
             while True:
-                readable.clear()  # before EVENTS: a message that comes after the check sets it again
-                n = 0
-                while _raw_get(sock, _EVENTS) & _POLLIN:
-                    self._dispatch(_recv_queued(sock))
-                    n += 1
-                    if n == _DRAIN:  # _DRAIN messages without parking: let the request greenlets run
-                        gevent.sleep(0)
-                        n = 0
-                readable.wait()
+                try:
+                    self._read()
+                except (gevent.GreenletExit, zmq.ZMQError):
+                    raise
+                except Exception:
+                    log.exception("replica %s: handling a message failed; failing its requests in flight",
+                                  self.replica_id)
+                    self.fail_all(503, "proxy error while reading from replica %s" % self.replica_id)
+                    self._on_capacity(self.deployment)
         except gevent.GreenletExit:
             pass
         except zmq.ZMQError as exc:
             if not self.closed:
                 log.error("replica %s reader stopped: %s", self.replica_id, exc)
                 self._mark_down("reader for replica %s stopped: %s" % (self.replica_id, exc))
-        except Exception:
-            log.exception("replica %s reader crashed", self.replica_id)
-            self._mark_down("proxy lost the reader for replica %s" % self.replica_id)
+        finally:
+            self._fd_watch.stop()
+
+    def _read(self) -> None:
+        sock, readable = self._sock, self._readable
+        while True:
+            readable.clear()  # before EVENTS: a message that comes after the check sets it again
+            n = 0
+            while _raw_get(sock, _EVENTS) & _POLLIN:
+                self._dispatch(_recv_queued(sock))
+                n += 1
+                if n == _DRAIN:  # _DRAIN messages without parking: let the request greenlets run
+                    gevent.sleep(0)
+                    n = 0
+            readable.wait()
 
     def _dispatch(self, frames: list[bytes]) -> None:
         try:

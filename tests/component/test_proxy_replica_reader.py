@@ -14,7 +14,7 @@ import zmq.green as zmq_green
 
 from proxy.replicas import _DRAIN, ReplicaConnection
 from proxy.streams import RequestStream
-from runtime.protocol import GenerateRequest, ReplicaRoute, TokenBatch, Delta, decode_frames, encode
+from runtime.protocol import Delta, GenerateRequest, ReplicaRoute, RequestError, TokenBatch, decode_frames, encode
 
 
 @pytest.fixture
@@ -85,3 +85,28 @@ def test_replies_racing_sends_on_the_same_socket_wake_the_reader(replica):
         assert isinstance(item, Delta) and item.text == "pong", (i, item)
         _recv_request(router)  # the "other" request
     assert max(waits) < 1.0
+
+
+def test_a_message_that_breaks_the_reader_fails_its_requests_and_reading_goes_on(replica, monkeypatch):
+    router, conn = replica
+    victim = _stream(conn, "victim")
+    peer, _req = _recv_request(router)
+    real_dispatch = conn._dispatch
+    calls = []
+
+    def dispatch_with_a_bug(frames):
+        calls.append(frames)
+        if len(calls) == 1:
+            raise RuntimeError("bug while handling a message")
+        real_dispatch(frames)
+
+    monkeypatch.setattr(conn, "_dispatch", dispatch_with_a_bug)
+    router.send_multipart([peer] + encode(TokenBatch([Delta("victim", "lost", None, 1, 1)])))
+    failed = victim.get(5.0)
+    assert isinstance(failed, RequestError) and failed.status == 503, failed
+    later = _stream(conn, "later")  # the same connection still serves new requests
+    peer, req = _recv_request(router)
+    router.send_multipart([peer] + encode(TokenBatch([Delta(req.request_id, "fine", "stop", 1, 1)])))
+    item = later.get(5.0)
+    assert isinstance(item, Delta) and item.text == "fine", item
+    assert not conn.down
