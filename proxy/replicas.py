@@ -11,12 +11,12 @@ Runs in each proxy worker (gevent, after fork). Sockets, per replica:
     greenlet.
   `ReplicaConnection.close` stops both greenlets and then closes both sockets (linger 0).
 
-The DEALER is a plain pyzmq socket driven by hand, not a zmq.green one (measured per message at 1,000
-streams: zmq.green's blocking recv builds an exception, a 11.6 s safety Timeout and an AsyncResult per
-wait and re-reads EVENTS on every frame; benchmarks/README.md). The reader drains while EVENTS says
+The DEALER is a plain pyzmq socket driven by hand, not a zmq.green one: zmq.green's blocking recv builds
+an exception, an 11.6 s safety Timeout and an AsyncResult per wait, and its own FD watcher reads EVENTS
+on every signal; 45 us more per message (benchmarks/README.md). The reader drains while EVENTS says
 POLLIN, then waits on an Event that a gevent io watcher on the socket's ZMQ_FD sets. ZMQ_FD is
 edge-triggered and anything that reads EVENTS or sends on the socket can consume its edge, so every such
-call in this module goes through `_poke`, which sets the Event when a message is queued; the reader clears
+call outside the reader goes through `_poke`, which sets the Event when a message is queued; the reader clears
 the Event before it looks at EVENTS, so no wake-up is lost between its check and its wait.
 
 Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
