@@ -14,7 +14,9 @@ import zmq.green as zmq_green
 
 from proxy.replicas import _DRAIN, ReplicaConnection
 from proxy.streams import RequestStream
-from runtime.protocol import Delta, GenerateRequest, ReplicaRoute, RequestError, TokenBatch, decode_frames, encode
+from runtime.protocol import (
+    Delta, GenerateRequest, ReplicaRoute, RequestError, TokenBatch, decode_frames, encode,
+)
 
 
 @pytest.fixture

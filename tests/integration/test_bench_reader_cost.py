@@ -16,8 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reader_cost.py"
 
 
 def test_prints_cpu_per_message_for_every_message_sent():
-    res = subprocess.run([sys.executable, str(SCRIPT), "--messages", "200", "--gap-ms", "0.5", "--streams", "4"],
-                         capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(SCRIPT), "--messages", "200", "--gap-ms", "0.5", "--streams", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     m = re.search(r"reader: (\d+) messages of 4 deltas .*: ([\d.]+) us CPU per message", res.stdout)
     assert m, res.stdout
