@@ -76,7 +76,8 @@ class Gateway:
         sub = TableSubscriber(self._ctx, self.config.head, self.state, self._pool,
                               self.config.head_timeout, self.config.head_timeout_max, clock=self.clock,
                               on_tick=metrics.TABLE_AGE.set, secure=secure,
-                              http_endpoint=advertised_endpoint(self.config.bind))
+                              http_endpoint=advertised_endpoint(self.config.bind),
+                              on_table=metrics.table_applied)
         self._subscriber = gevent.spawn(sub.run)
         log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(),
                  " (CURVE client)" if keys is not None else "")

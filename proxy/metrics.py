@@ -58,6 +58,9 @@ AUTH_FAILURES = Counter("tokenrelay_proxy_auth_failures", "Requests refused with
 TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
                   "Seconds since this worker last got a routing table (max over live workers)",
                   multiprocess_mode="livemax")
+TABLE_REPLICAS = Gauge("tokenrelay_proxy_routing_table_replicas",
+                       "Replicas of a deployment in this worker's routing table (min over live workers)",
+                       ["deployment"], multiprocess_mode="livemin")
 
 
 FLUSH_INTERVAL = 1.0  # seconds a worker may hold inter-token observations before writing them
@@ -119,6 +122,19 @@ class _ItlBatches:
 
 
 _ITL_BATCHES = _ItlBatches()
+
+
+_TABLE_DEPLOYMENTS: set[str] = set()  # deployments this worker has set TABLE_REPLICAS for
+
+
+def table_applied(replicas: dict[str, int]) -> None:
+    """This worker applied a routing table: replicas per deployment. A deployment that left the table
+    reads 0 (multiprocess gauges cannot drop a label set)."""
+    for name in _TABLE_DEPLOYMENTS - replicas.keys():
+        TABLE_REPLICAS.labels(name).set(0)
+    for name, n in replicas.items():
+        TABLE_REPLICAS.labels(name).set(n)
+    _TABLE_DEPLOYMENTS.update(replicas)
 
 
 def count_request(deployment: str, status: int) -> None:

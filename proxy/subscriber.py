@@ -52,7 +52,8 @@ class TableSubscriber:
     def __init__(self, ctx: zmq_green.Context, head: str, state: TableState, pool: ReplicaPool,
                  timeout: float, timeout_max: float, clock: Callable[[], float] = time.monotonic,
                  on_tick: Optional[Callable[[float], None]] = None, secure: Optional[Secure] = None,
-                 http_endpoint: str = "") -> None:
+                 http_endpoint: str = "",
+                 on_table: Optional[Callable[[dict[str, int]], None]] = None) -> None:
         self._ctx = ctx
         self._http_endpoint = http_endpoint  # announced in HeadHello: the head lists it for Prometheus
         self._secure = secure
@@ -61,6 +62,7 @@ class TableSubscriber:
         self._pool = pool
         self._clock = clock
         self._on_tick = on_tick
+        self._on_table = on_table  # called with {deployment: replicas} after each table is applied
         self._backoff = Backoff(timeout, timeout_max)
         self._snapshot_timeout = timeout_max
         self._dealer: Optional[zmq_green.Socket] = None
@@ -152,6 +154,8 @@ class TableSubscriber:
                     table.epoch, table.version, offer.reason, len(table.deployments),
                     sum(len(d.replicas) for d in table.deployments))
             self._pool.sync(table)
+            if self._on_table is not None:
+                self._on_table({d.name: len(d.replicas) for d in table.deployments})
         elif offer.reason == "republish":
             self._pool.refresh(table)  # the same loads, still current: keeps their reports fresh
         if offer.resync and self._awaiting is None:

@@ -21,7 +21,7 @@ import yaml
 
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable, status
-from tests.integration.stack import ROOT, free_port, wait_for
+from tests.integration.stack import ROOT, free_port, proxy_routes, wait_for
 
 
 class Cluster:
@@ -116,7 +116,9 @@ class Cluster:
         if sum(1 for r in reps if r["state"] == "ready") < count:
             return False
         try:
-            return httpx.get(self.base_url + "/ready", timeout=1.0).status_code == 200
+            if httpx.get(self.base_url + "/ready", timeout=1.0).status_code != 200:
+                return False
+            return proxy_routes(self.base_url).get(deployment, 0) >= count  # every worker has them
         except httpx.HTTPError:
             return False
 

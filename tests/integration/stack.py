@@ -16,11 +16,20 @@ from typing import Any, Callable
 import httpx
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable, status
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def proxy_routes(base_url: str) -> dict[str, int]:
+    """Replicas per deployment that every proxy worker has in its routing table (the proxy's
+    tokenrelay_proxy_routing_table_replicas gauge: min over live workers)."""
+    text = httpx.get(base_url + "/metrics", timeout=2.0).text
+    return {s.labels["deployment"]: int(s.value) for fam in text_string_to_metric_families(text)
+            if fam.name == "tokenrelay_proxy_routing_table_replicas" for s in fam.samples}
 
 
 def free_port() -> int:
@@ -86,8 +95,12 @@ class Stack:
             r = httpx.get(self.base_url + "/ready", timeout=1.0)
         except (HeadUnreachable, HeadRefused, httpx.HTTPError):
             return False
-        ready = all(d["ready_replicas"] == d["replicas"] for d in st["deployments"].values())
-        return ready and r.status_code == 200
+        deployments = st["deployments"].values()
+        if r.status_code != 200 or not all(d["ready_replicas"] == d["replicas"] for d in deployments):
+            return False
+        # The head counts a replica ready a tick before the proxy workers get the table that has it.
+        routes = proxy_routes(self.base_url)
+        return all(routes.get(d["name"], 0) >= d["replicas"] for d in deployments)
 
     def tree(self) -> list[psutil.Process]:
         try:

@@ -104,6 +104,7 @@ def test_sd_file_lists_every_process_and_each_serves_sane_metrics(stack):
     assert value(proxy, "tokenrelay_proxy_inter_token_latency_seconds_count", deployment="mock") >= REQUESTS * 7
     assert value(proxy, "tokenrelay_proxy_request_duration_seconds_count", deployment="mock") >= REQUESTS
     assert 0 <= value(proxy, "tokenrelay_proxy_routing_table_age_seconds") < 3
+    assert value(proxy, "tokenrelay_proxy_routing_table_replicas", deployment="mock") == 2  # both workers
     # all but the first and the last token of each stream went straight from the replica reader to the client
     direct = value(proxy, "tokenrelay_proxy_direct_chunks_total", deployment="mock")
     assert REQUESTS * 3 <= direct < REQUESTS * 8
