@@ -99,7 +99,10 @@ class Stack:
         if r.status_code != 200 or not all(d["ready_replicas"] == d["replicas"] for d in deployments):
             return False
         # The head counts a replica ready a tick before the proxy workers get the table that has it.
-        routes = proxy_routes(self.base_url)
+        try:
+            routes = proxy_routes(self.base_url)
+        except httpx.HTTPError:
+            return False
         return all(routes.get(d["name"], 0) >= d["replicas"] for d in deployments)
 
     def tree(self) -> list[psutil.Process]:
