@@ -129,7 +129,7 @@ def stack_targets(stack: MockStack) -> dict[str, list[psutil.Process]]:
     if stack.proc is not None:
         for proc in psutil.Process(stack.proc.pid).children(recursive=True):
             cmd = _cmdline(proc)
-            if any(a == "-m" and b == "model_proc" for a, b in zip(cmd, cmd[1:])):
+            if any(a == "-m" and b == "model_proc" for a, b in zip(cmd, cmd[1:], strict=False)):
                 replicas.append(proc)
     return {"proxy": workers, "replica": replicas}
 

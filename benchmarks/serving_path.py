@@ -224,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         Path(ns.out).write_text(json.dumps({
             "settings": settings, "event_loop": "uvloop" if uv else "asyncio",
             "python": platform.python_version(), "tokenrelay": stack, "floor": floor,
-            "table": [dict(zip(("metric", "floor", "tokenrelay", "added"), r)) for r in rows]}, indent=2))
+            "table": [dict(zip(("metric", "floor", "tokenrelay", "added"), r, strict=True)) for r in rows]}, indent=2))
         log.info("bench [done] wrote %s", ns.out)
     return 0
 

@@ -166,7 +166,7 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def _is_proxy(cmdline: list[str]) -> bool:
-    if any(a == "-m" and b == "proxy" for a, b in zip(cmdline, cmdline[1:])):
+    if any(a == "-m" and b == "proxy" for a, b in zip(cmdline, cmdline[1:], strict=False)):
         return True
     return bool(cmdline) and cmdline[0].startswith("gunicorn") and "proxy" in cmdline[0]
 

@@ -78,7 +78,7 @@ def create_engine(name: str, model: str, engine_args: dict[str, Any]) -> Engine:
     try:
         target = ENGINES[name]
     except KeyError:
-        raise EngineLoadError("unknown engine %r (choose from %s)" % (name, ", ".join(sorted(ENGINES))))
+        raise EngineLoadError("unknown engine %r (choose from %s)" % (name, ", ".join(sorted(ENGINES)))) from None
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     factory = getattr(module, attr)

@@ -2,7 +2,8 @@
 
 Runs in the proxy's main process (it becomes the gunicorn master). Owns no socket itself. Must set
 PROMETHEUS_MULTIPROC_DIR before anything imports prometheus_client, so it imports nothing heavy at the
-top. Exit codes: 2 bad arguments, unusable CURVE keys or an unreadable API keys file; otherwise gunicorn's (see proxy/server.py).
+top. Exit codes: 2 bad arguments, unusable CURVE keys or an unreadable API keys file; otherwise
+gunicorn's (see proxy/server.py).
 """
 from __future__ import annotations
 

@@ -106,8 +106,9 @@ TEXT_COMPLETION: Schema = {
 }
 
 SSE: Schema = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}, "description": (
-    "one server-sent event of the stream: `data: {chunk}` per piece of text (chat.completion.chunk or text_completion), a "
-    "chunk with finish_reason, a usage chunk when stream_options.include_usage, then `data: [DONE]`. "
+    "one server-sent event of the stream: `data: {chunk}` per piece of text "
+    "(chat.completion.chunk or text_completion), a chunk with finish_reason, "
+    "a usage chunk when stream_options.include_usage, then `data: [DONE]`. "
     "`: keep-alive` comments may come first while the request waits for its first token; a failure after "
     "the headers is a `data: {\"error\": {...}}` event followed by `data: [DONE]`.")}
 

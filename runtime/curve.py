@@ -52,7 +52,7 @@ class CurveKeys:
             server_public, server_secret = _pair(d / "server.key_secret", d / "server.key")
             client_public, client_secret = _pair(d / "client.key_secret", d / "client.key")
         except (OSError, ValueError) as exc:
-            raise CurveConfigError("curve dir %s: %s (create it with `tokenrelay keys generate`)" % (d, exc))
+            raise CurveConfigError("curve dir %s: %s (create it with `tokenrelay keys generate`)" % (d, exc)) from exc
         if server_public is None:
             raise CurveConfigError("curve dir %s: server.key is missing" % d)
         return cls(d, server_public, server_secret, client_public, client_secret)

@@ -97,7 +97,7 @@ def prepare_model(name: str, cache_dir: Optional[Path] = None, progress: Progres
     try:
         known = KNOWN_MODELS[name]
     except KeyError:
-        raise ModelPrepareError("unknown model %r (known: %s)" % (name, ", ".join(sorted(KNOWN_MODELS))))
+        raise ModelPrepareError("unknown model %r (known: %s)" % (name, ", ".join(sorted(KNOWN_MODELS)))) from None
     dest = Path(cache_dir) if cache_dir is not None else default_cache_dir(name)
     if is_prepared(dest):
         return dest

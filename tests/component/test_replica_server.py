@@ -59,7 +59,8 @@ def test_batches_per_step_abort_and_errors():
         err = await _recv(dealer)
         assert isinstance(err, RequestError) and err.status == 400 and err.param == "prompt"
         # abort stops generation
-        await dealer.send_multipart(encode(GenerateRequest("long", prompt="x", params=SamplingParams(max_tokens=10**3))))
+        long_request = GenerateRequest("long", prompt="x", params=SamplingParams(max_tokens=10**3))
+        await dealer.send_multipart(encode(long_request))
         await _recv(dealer)
         await dealer.send_multipart(encode(Abort(["long"])))
         await asyncio.sleep(0.1)

@@ -70,7 +70,7 @@ def test_discovery_matches_nvidia_smi() -> None:
     print("nvidia-smi:", rows)
     assert [g.index for g in GPUS] == [int(r[0]) for r in rows]
     assert [g.name for g in GPUS] == [r[1] for r in rows]
-    for gpu, row in zip(GPUS, rows):  # nvidia-smi prints whole MiB
+    for gpu, row in zip(GPUS, rows, strict=True):  # nvidia-smi prints whole MiB
         assert gpu.memory_bytes // 2**20 == int(row[2])
 
 

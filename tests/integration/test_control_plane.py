@@ -35,7 +35,8 @@ def cli(stack, *args, token=True):
     else:
         cmd += ["--state-dir", str(stack.tmp / "nowhere")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30)
-    return out.returncode, (json.loads(out.stdout) if out.stdout.strip().startswith(("{", "[")) else out.stdout), out.stderr
+    body = json.loads(out.stdout) if out.stdout.strip().startswith(("{", "[")) else out.stdout
+    return out.returncode, body, out.stderr
 
 
 def write_spec(stack, name, spec):

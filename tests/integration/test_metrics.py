@@ -119,7 +119,7 @@ def test_sd_file_lists_every_process_and_each_serves_sane_metrics(stack):
 
     replicas = wait_for(replicas_caught_up, 5.0, "replica counters to include the traffic")
     assert sum(value(s, "tokenrelay_replica_generated_tokens_total") for s in replicas) >= REQUESTS * 8
-    for s, t in zip(replicas, roles["replica"]):
+    for s, t in zip(replicas, roles["replica"], strict=True):
         assert value(s, "tokenrelay_replica_ready") == 1
         assert value(s, "tokenrelay_replica_info", replica=t["labels"]["replica"], engine="mock", model="mock") == 1
         assert value(s, "tokenrelay_replica_running_requests") == 0

@@ -86,7 +86,8 @@ def test_table_versions_bump_on_change_and_republish_every_interval():
 def _make_ready(state, agent_id, now):
     reports = [_ready(s.replica_id, s.deployment) for s in state.assignment_for(agent_id)]
     reports = [ReplicaReport(r.replica_id, r.deployment, r.state, r.endpoint, r.pid, status=r.status,
-                             generation=s.generation) for r, s in zip(reports, state.assignment_for(agent_id))]
+                             generation=s.generation) for r, s in zip(
+                                 reports, state.assignment_for(agent_id), strict=True)]
     state.heartbeat(AgentHeartbeat(agent_id, 1, reports), now)
 
 

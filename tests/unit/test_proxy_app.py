@@ -34,8 +34,9 @@ class FakeBackend:
         self.recorded: list[tuple[str, bool]] = []
         self.streams: list[RequestStream] = []
         self.keys: list[Optional[str]] = []
-        self.deps: Optional[dict[str, DeploymentRoute]] = {"tiny": DeploymentRoute("tiny", "fake", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)]),
-                     "empty": DeploymentRoute("empty", "fake", "m", [])}
+        self.deps: Optional[dict[str, DeploymentRoute]] = {
+            "tiny": DeploymentRoute("tiny", "fake", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)]),
+            "empty": DeploymentRoute("empty", "fake", "m", [])}
         self.script = ok_script
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []

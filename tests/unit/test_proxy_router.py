@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.router import FULL, NONE, ROUTE, Policy, ReplicaView, Router, estimated_load, has_room, route_key
+from proxy.router import FULL, NONE, Policy, ReplicaView, Router, estimated_load, has_room, route_key
 
 NOW = 100.0
 P2C = Policy("p2c", max_imbalance=2, stale_after=3.0)
