@@ -34,7 +34,7 @@ def discover_gpus(nvml: Any = None) -> list[GpuInfo]:
     """
     if nvml is None:
         try:
-            import pynvml as nvml  # type: ignore[import-not-found, no-redef]
+            import pynvml as nvml  # type: ignore[import-not-found, no-redef, unused-ignore]
         except ImportError:
             return []
     try:

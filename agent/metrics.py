@@ -118,7 +118,7 @@ class GpuSampler:
         self._handles: list[tuple[int, Any]] = []
         if nvml is None:
             try:
-                import pynvml as nvml  # type: ignore[import-not-found, no-redef]
+                import pynvml as nvml  # type: ignore[import-not-found, no-redef, unused-ignore]
             except ImportError:
                 return
         try:
@@ -181,8 +181,8 @@ class AgentCollector(Collector):
         for r in snap.replicas:
             counts[r.state] = counts.get(r.state, 0) + 1
         by_state = GaugeMetricFamily(PREFIX + "replicas", "Replicas of this agent by state", labels=["state"])
-        for state, n in counts.items():
-            by_state.add_metric([state], n)
+        for name, n in counts.items():
+            by_state.add_metric([name], n)
         yield by_state
         labels = ["replica", "deployment"]
         state = GaugeMetricFamily(PREFIX + "replica_state", "1 for the replica's current state",

@@ -129,7 +129,7 @@ class Agent:
         poller = zmq.Poller()
         poller.register(self._replicas, zmq.POLLIN)
         poller.register(self._head, zmq.POLLIN)
-        events = dict(poller.poll(TICK * 1000))
+        events = dict(poller.poll(int(TICK * 1000)))
         now = self.clock()
         try:
             if self._replicas in events:

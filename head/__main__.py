@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from runtime.stack_config import DeploymentSpec
 from head.config import config_from_args
 from head.server import Head
 from head.store import StateStore
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("head", config.log_level)
     if config.parent_pid is not None:
         parent_guard.install(config.parent_pid)
-    seed = ()
+    seed: tuple[DeploymentSpec, ...] = ()
     if config.config_file:
         try:
             seed = load_stack(config.config_file).deployments

@@ -109,7 +109,7 @@ class Head:
                     log.error("[shutdown] parent %d is gone", parent)
                     break
                 timeout = max(0.0, next_tick - self.clock())
-                events = dict(poller.poll(timeout * 1000))
+                events = dict(poller.poll(int(timeout * 1000)))
                 if self._control in events:
                     self._drain_control()
                 if self.clock() >= next_tick:

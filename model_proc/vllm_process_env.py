@@ -16,12 +16,13 @@ the pid in a leftover directory's name is alive).
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
 import tempfile
-from typing import Mapping, Optional
+from typing import Mapping, MutableMapping, Optional
+
+from runtime.owned_dirs import owned_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _NOT_A_CORE_LIST = ("", "auto", "nobind", "all")
 
 
-def use_private_rpc_dir(environ: Optional[dict[str, str]] = None) -> Optional[str]:
+def use_private_rpc_dir(environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
     """Point VLLM_RPC_BASE_PATH at a new private directory unless it is set; returns the new directory.
 
     Set once per process (vLLM caches its environment once an engine is up); the directory is removed
@@ -39,14 +40,12 @@ def use_private_rpc_dir(environ: Optional[dict[str, str]] = None) -> Optional[st
     SIGKILLed cannot do that: the directory carries its pid, and the next replica removes those of dead
     processes.
     """
-    environ = os.environ if environ is None else environ
-    if environ.get(RPC_DIR_ENV):
+    env: MutableMapping[str, str] = os.environ if environ is None else environ
+    if env.get(RPC_DIR_ENV):
         return None
     remove_stale_rpc_dirs(tempfile.gettempdir())
-    pid = os.getpid()
-    path = tempfile.mkdtemp(prefix="%s%d-" % (RPC_DIR_PREFIX, pid))
-    environ[RPC_DIR_ENV] = path
-    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+    path = owned_temp_dir("%s%d-" % (RPC_DIR_PREFIX, os.getpid()))
+    env[RPC_DIR_ENV] = path
     return path
 
 

@@ -37,8 +37,8 @@ class Ticket:
 class AdmissionQueue:
     size: int
     timeout: float
-    _tickets: deque = field(default_factory=deque)
-    _seq: itertools.count = field(default_factory=itertools.count)
+    _tickets: deque[Ticket] = field(default_factory=deque)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
 
     def __len__(self) -> int:
         return len(self._tickets)

@@ -13,13 +13,12 @@ Every environment variable the proxy reads is declared here:
 from __future__ import annotations
 
 import argparse
-import atexit
 import glob
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from runtime.owned_dirs import owned_temp_dir
 
 ENV_PREFIX = "TOKENRELAY_PROXY_"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -219,8 +218,6 @@ def prepare_metrics_dir() -> str:
         for stale in glob.glob(os.path.join(path, "*.db")):
             os.unlink(stale)
         return path
-    path = tempfile.mkdtemp(prefix="tokenrelay-proxy-metrics-")
+    path = owned_temp_dir("tokenrelay-proxy-metrics-")
     os.environ[METRICS_DIR_ENV] = path
-    owner = os.getpid()
-    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
     return path

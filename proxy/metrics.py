@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
 from prometheus_client import (
@@ -151,7 +151,7 @@ class RequestTracker:
         self._clock = clock
         self._start = clock()
         self._last = 0.0
-        self._itl = None
+        self._itl: Optional[BatchedObservations] = None
         self._done = False
         IN_FLIGHT.labels(deployment).inc()
 

@@ -111,8 +111,9 @@ def _cmd_deploy(ns: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as exc:
         log.error("cannot read %s: %s", ns.file, exc)
         return 2
-    specs = raw if isinstance(raw, list) else (raw.get("deployments") if isinstance(raw, dict)
-                                               and "deployments" in raw else [raw])
+    if isinstance(raw, dict) and "deployments" in raw:
+        raw = raw["deployments"]
+    specs = raw if isinstance(raw, list) else [raw]
     code = 0
     for spec in specs:
         code = max(code, _admin_call(ns, head_client.deploy, spec))

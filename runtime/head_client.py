@@ -25,7 +25,7 @@ class HeadRefused(RuntimeError):
 
 
 def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     keys = CurveKeys.load(None)  # $TOKENRELAY_CURVE_DIR
@@ -34,7 +34,7 @@ def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
     try:
         sock.connect(endpoint)
         sock.send_multipart(encode(msg))
-        if not sock.poll(timeout * 1000, zmq.POLLIN):
+        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             raise HeadUnreachable("no answer from the head at %s within %.1fs" % (endpoint, timeout))
         reply = decode_frames(sock.recv_multipart())
     finally:

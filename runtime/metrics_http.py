@@ -27,7 +27,7 @@ class DefaultRegistry(Collector):
     """Forwards prometheus-client's default registry (read at each scrape, so late registrations count)."""
 
     def collect(self) -> Iterator[Any]:
-        return REGISTRY.collect()
+        yield from REGISTRY.collect()
 
 
 def registry_with_defaults() -> CollectorRegistry:

@@ -212,7 +212,7 @@ def build_tiny_model(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
         max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub
     model.save_pretrained(dest)
     return dest
 

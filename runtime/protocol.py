@@ -371,7 +371,7 @@ _TYPES: dict[int, type] = {
     0x44: DeleteRequest,
 }
 _TYPE_BYTES: dict[type, bytes] = {cls: bytes([code]) for code, cls in _TYPES.items()}
-_DECODERS: dict[bytes, msgspec.msgpack.Decoder] = {
+_DECODERS: dict[bytes, msgspec.msgpack.Decoder[Any]] = {
     bytes([code]): msgspec.msgpack.Decoder(cls) for code, cls in _TYPES.items()
 }
 _encoder = msgspec.msgpack.Encoder()

@@ -149,7 +149,7 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     )
 
 
-def _fields(raw: Any, where: str, struct: type) -> dict[str, Any]:
+def _fields(raw: Any, where: str, struct: type[msgspec.Struct]) -> dict[str, Any]:
     """A mapping whose keys are fields of `struct`; None or absent means every default."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):

@@ -23,7 +23,7 @@ from test_proxy_fakes import TEXT, FakeHead, FakeReplica, wait_for  # noqa: E402
 
 from runtime.protocol import DeploymentRoute  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.integration]  # starts the proxy as a process
 
 REPO = Path(__file__).resolve().parents[2]
 STALE_AFTER = 1.5
