@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import zmq
 
+from tests.support import wait_for  # noqa: F401  (re-exported to the component tests)
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, Abort, Delta, DeploymentRoute, GenerateRequest, HeadHello, HeadInfo,
     ReplicaDead, ReplicaRoute, RequestError, RoutingTable, SnapshotRequest, TokenBatch, decode_frames, encode,
@@ -29,18 +30,6 @@ from runtime.protocol import (
 
 WORDS = ["Hello", ",", " world", "!"]
 TEXT = "".join(WORDS)
-
-
-def wait_for(cond, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
-    """Poll `cond` until it returns a truthy value or the deadline passes (then AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 class _Fake(threading.Thread):

@@ -22,17 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_proxy_fakes import TEXT, FakeHead, FakeReplica, wait_for  # noqa: E402
 
 from runtime.protocol import DeploymentRoute  # noqa: E402
+from tests.support import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.integration]  # starts the proxy as a process
 
 REPO = Path(__file__).resolve().parents[2]
 STALE_AFTER = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -74,7 +69,7 @@ def start_proxy(head_control: str, port: int, log_path: Path, metrics_dir: Path,
             cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     base = "http://127.0.0.1:%d" % port
     try:
-        wait_for(lambda: proc.poll() is not None or _ready(base), 30, 0.05, "proxy /ready")
+        wait_for(lambda: proc.poll() is not None or _ready(base), 30, "proxy /ready")
         assert proc.poll() is None, "proxy exited with %s" % proc.returncode
     except BaseException:
         stop_proxy(proc)
@@ -346,14 +341,14 @@ def test_replica_leaving_table_drains_its_streams(cluster: Cluster) -> None:
 def test_head_down_keeps_routing_and_ready_recovers(cluster: Cluster) -> None:
     cluster.head.paused.set()
     try:
-        wait_for(lambda: httpx.get(cluster.base + "/ready").status_code == 503, STALE_AFTER + 5, 0.05,
+        wait_for(lambda: httpx.get(cluster.base + "/ready").status_code == 503, STALE_AFTER + 5,
                  "/ready to go 503 with the head down")
         assert "stale" in httpx.get(cluster.base + "/ready").json()["reason"]
         r = httpx.post(cluster.base + "/v1/chat/completions", json=chat())
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == TEXT
     finally:
         cluster.head.paused.clear()
-    wait_for(lambda: _ready(cluster.base), 15, 0.05, "/ready to recover")
+    wait_for(lambda: _ready(cluster.base), 15, "/ready to recover")
     assert "routing table stale" in cluster.log()
 
 
@@ -366,7 +361,7 @@ def test_new_head_epoch_on_new_publish_endpoint(cluster: Cluster) -> None:
     cluster.head = new
     new.set_deployments(cluster.deps(tiny=[], tiny2=["r1"]))
     wait_for(lambda: "tiny2" in {m["id"] for m in httpx.get(cluster.base + "/v1/models").json()["data"]},
-             20, 0.05, "the new head's table")
+             20, "the new head's table")
     assert new.hellos >= 1 and new.publish != old.publish
     assert set(new.hello_endpoints) == {cluster.base.split("//")[1]}  # listed for Prometheus discovery
     r = httpx.post(cluster.base + "/v1/chat/completions", json=chat(model="tiny2"))

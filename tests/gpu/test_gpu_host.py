@@ -21,6 +21,7 @@ import yaml
 
 from agent.devices import DeviceAllocator, discover_gpus, host_cpu_cores
 from agent.metrics import GpuSampler
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GPUS = discover_gpus()
@@ -138,13 +139,6 @@ def test_agent_gpu_metrics_follow_a_real_workload() -> None:
         sampler.close()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_head_places_by_the_gpus_the_agent_discovered(tmp_path: Path) -> None:
     """Real head and agent processes: the agent registers its GPUs; the head places a one-GPU vLLM replica
     there (the agent pins it to a GPU) and leaves a deployment that needs more GPUs than the host has
@@ -152,7 +146,7 @@ def test_head_places_by_the_gpus_the_agent_discovered(tmp_path: Path) -> None:
     from runtime.credentials import client_token
     from runtime.head_client import HeadRefused, HeadUnreachable, status
 
-    control = "tcp://127.0.0.1:%d" % _free_port()
+    control = "tcp://127.0.0.1:%d" % free_port()
     too_many = len(GPUS) + 1
     deployments = [
         {"name": "one-gpu", "engine": "vllm", "model": str(tmp_path / "no-model-here"), "gpus": 1},
@@ -161,13 +155,13 @@ def test_head_places_by_the_gpus_the_agent_discovered(tmp_path: Path) -> None:
     config = tmp_path / "deployments.yaml"
     config.write_text(yaml.safe_dump({"deployments": deployments}))
     state = tmp_path / "state"
-    metrics_port = _free_port()
+    metrics_port = free_port()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, TOKENRELAY_STATE_DIR=str(state))
     logs = {name: open(tmp_path / ("%s.log" % name), "wb") for name in ("head", "agent")}
     procs = [
         subprocess.Popen([sys.executable, "-m", "head", "--control", control, "--publish",
-                          "tcp://127.0.0.1:%d" % _free_port(), "--config", str(config)],
+                          "tcp://127.0.0.1:%d" % free_port(), "--config", str(config)],
                          cwd=ROOT, env=env, stdout=logs["head"], stderr=subprocess.STDOUT),
         subprocess.Popen([sys.executable, "-m", "agent", "--head", control, "--host", "127.0.0.1",
                           "--agent-id", "gpu-host", "--metrics-port", str(metrics_port)],

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import httpx
 import psutil
@@ -19,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.credentials import client_token
+from tests.support import free_port, wait_for  # noqa: F401  (re-exported to the integration tests)
 from runtime.head_client import HeadRefused, HeadUnreachable, status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,23 +29,6 @@ def proxy_routes(base_url: str) -> dict[str, int]:
     text = httpx.get(base_url + "/metrics", timeout=2.0).text
     return {s.labels["deployment"]: int(s.value) for fam in text_string_to_metric_families(text)
             if fam.name == "tokenrelay_proxy_routing_table_replicas" for s in fam.samples}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 class Stack:
