@@ -20,5 +20,4 @@ Module map:
   bodies.py         WSGI streaming bodies whose close() aborts the request
   errors.py         exception hierarchy and OpenAI error bodies
   metrics.py        prometheus metrics (multiprocess mode)
-  logs.py           logging setup with the `proxy[w<pid>]` role tag
 """

@@ -34,9 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     prepare_metrics_dir()  # before prometheus_client is imported anywhere in this process tree
 
-    from proxy.logs import setup_logging
+    from runtime.logs import proxy_role, setup_logging
 
-    setup_logging(config.log_level)
+    setup_logging(proxy_role(), config.log_level)
     if api_keys.enabled:
         logging.getLogger("proxy").info("[startup] %d API key(s): /v1 requires Authorization: Bearer%s",
                                         len(api_keys), " (health and metrics too)" if config.protect_health else "")

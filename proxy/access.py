@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 from proxy.config import API_KEYS_ENV
 
@@ -109,5 +109,3 @@ class RateLimiter:
             return True, 0.0
         return False, (1.0 - b.tokens) / rate
 
-    def known(self) -> Iterable[bytes]:
-        return self._buckets.keys()

@@ -95,8 +95,8 @@ def run(config: ProxyConfig) -> int:
                     METRICS_DIR_ENV)
     prepare_metrics_dir()
     if not logging.getLogger().handlers:  # started without proxy/__main__
-        from proxy.logs import setup_logging
+        from runtime.logs import proxy_role, setup_logging
 
-        setup_logging(config.log_level)
+        setup_logging(proxy_role(), config.log_level)
     ProxyApplication(config).run()
     return 0
