@@ -127,15 +127,17 @@ class Agent:
 
     def _step(self) -> None:
         poller = zmq.Poller()
+        head = self._head
         poller.register(self._replicas, zmq.POLLIN)
-        poller.register(self._head, zmq.POLLIN)
+        if head is not None:
+            poller.register(head, zmq.POLLIN)
         events = dict(poller.poll(int(TICK * 1000)))
         now = self.clock()
         try:
             if self._replicas in events:
                 self._drain(self._replicas, self._on_replica_frames)
-            if self._head in events:
-                self._drain(self._head, self._on_head_frames)
+            if head is not None and head in events:
+                self._drain(head, self._on_head_frames)
             self._supervise(now)
             self.metrics.update(now, self.records, self._registered)
             self._talk_to_head(now)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Optional
+from typing import Any, Optional
 
 import zmq
 import zmq.asyncio
@@ -215,7 +215,7 @@ class ReplicaServer:
 
     def _send(self, peer: bytes, msg: object) -> bool:
         """Non-blocking send to one proxy; on failure abort everything of that proxy."""
-        fut = self._data.send_multipart([peer] + encode(msg), flags=zmq.NOBLOCK)
+        fut: Any = self._data.send_multipart([peer] + encode(msg), flags=zmq.NOBLOCK)  # an asyncio Future
         exc = fut.exception() if fut.done() else None
         if exc is None:
             return True
@@ -239,7 +239,7 @@ class ReplicaServer:
     def _send_agent(self, msg: object) -> None:
         if self._agent is None:
             return
-        fut = self._agent.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+        fut: Any = self._agent.send_multipart(encode(msg), flags=zmq.NOBLOCK)  # an asyncio Future
         if fut.done() and fut.exception() is not None:
             log.debug("status to agent dropped: %s", fut.exception())
 

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError, EngineStats
 from model_proc.vllm_process_env import pin_to_assigned_cores, use_private_rpc_dir
@@ -125,13 +125,13 @@ def combine_stats(in_flight: int, running: int, waiting: int, kv_cache_usage: fl
 def engine_arguments(model: str, engine_args: dict[str, Any], on_cpu: bool,
                      environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The `AsyncEngineArgs` keywords: the config's own values, plus CPU defaults it leaves out."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     args = dict(engine_args)
     args["model"] = model
     if on_cpu:
         for key, value in CPU_DEFAULTS.items():
             args.setdefault(key, value)
-        if "kv_cache_memory_bytes" not in args and not environ.get(CPU_KV_CACHE_ENV):
+        if "kv_cache_memory_bytes" not in args and not env.get(CPU_KV_CACHE_ENV):
             # Without either vLLM asks for 92% of NUMA node 0's memory.
             args["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
     return args
@@ -305,6 +305,9 @@ class VllmEngine:
 
     async def _run(self, request_id: str, prompt_ids: list[int], sampling: Any) -> None:
         vllm = self._vllm
+        sink = self._sink
+        if sink is None:
+            raise RuntimeError("vllm_engine: generate before start")  # start() sets the sink
         completion_tokens = 0
         prompt_tokens = len(prompt_ids)
         try:
@@ -317,25 +320,25 @@ class VllmEngine:
                     prompt_tokens = len(out.prompt_token_ids)
                 if not out.finished:
                     if completion.text:
-                        self._sink.emit(request_id, completion.text, None, prompt_tokens, completion_tokens)
+                        sink.emit(request_id, completion.text, None, prompt_tokens, completion_tokens)
                     continue
                 finish = map_finish_reason(completion.finish_reason)
                 if finish is not None:
-                    self._sink.emit(request_id, completion.text, finish, prompt_tokens, completion_tokens)
+                    sink.emit(request_id, completion.text, finish, prompt_tokens, completion_tokens)
                 return
         except asyncio.CancelledError:
             raise  # aborted: vLLM's generate aborts the request on cancellation; end silently
         except vllm.EngineDeadError:
             self._fail("vllm engine core died%s" % self._exit_detail())
         except vllm.VLLMClientError as exc:
-            self._sink.error(request_id, 400, str(exc), param_of_error(exc))
+            sink.error(request_id, 400, str(exc), param_of_error(exc))
         except Exception as exc:
             detail = "%s: %s" % (type(exc).__name__, exc)
             if self._engine is not None and self._engine.errored:
                 self._fail("vllm engine core died%s (%s)" % (self._exit_detail(), detail))
             else:
                 log.exception("vllm_engine [request] %s failed", request_id)
-                self._sink.error(request_id, 500, "generation failed: %s" % detail)
+                sink.error(request_id, 500, "generation failed: %s" % detail)
         finally:
             self._tasks.pop(request_id, None)
 

@@ -57,7 +57,8 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
     keys = load_api_keys(config.api_keys_file) if keys is None else keys
     access = AccessControl(keys, RateLimiter(config.workers), config.rate_limit, config.protect_health,
                            backend.clock)
-    app = falcon.App(middleware=[RequestContext(backend.next_request_id, backend.clock), access])
+    middleware: list[Any] = [RequestContext(backend.next_request_id, backend.clock), access]
+    app = falcon.App(middleware=middleware)
     app.add_route("/v1/chat/completions", OpenAIResource(backend, config, CHAT))
     app.add_route("/v1/completions", OpenAIResource(backend, config, "completion"))
     app.add_route("/v1/chat/{deployment}", PlainResource(backend, config))
@@ -123,7 +124,8 @@ class _Inference:
         ctx.tracker = metrics.RequestTracker(deployment)
         try:
             dispatch.admit()
-            log.debug("req=%s -> replica %s of %s", ctx.request_id, dispatch.stream.replica_id, deployment)
+            log.debug("req=%s -> replica %s of %s", ctx.request_id,
+                      dispatch.stream.replica_id if dispatch.stream else "-", deployment)
             first = dispatch.first(cfg.keepalive_interval if streaming else None)
         except BaseException:  # e.g. the worker is being killed: never leak an in-flight entry
             dispatch.close()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Generator, Iterator, Optional, Union
 
 from proxy import metrics
 from proxy.chunks import DONE, ChatChunks, CompletionChunks, sse_error
@@ -65,7 +65,7 @@ class _StreamBody:
         self._tracker = tracker
         self._clock = clock
         self._status = 499  # nginx's "client closed request" until we know better
-        self._gen: Optional[Iterator[bytes]] = None
+        self._gen: Optional[Generator[bytes, None, None]] = None
 
     def __iter__(self) -> Iterator[bytes]:
         self._gen = self._render()
@@ -136,7 +136,7 @@ class _StreamBody:
         log.warning("req=%s failed mid-stream on replica %s: %d %s", self._dispatch.request_id, replica,
                     err.status, err.message)
 
-    def _render(self) -> Iterator[bytes]:
+    def _render(self) -> Generator[bytes, None, None]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -155,7 +155,7 @@ class _StreamBody:
 
 def _split(batch: list[Item]) -> tuple[str, Optional[Delta], Optional[RequestError]]:
     """(text of all deltas, the finishing delta if any, the error if any) of one batch."""
-    texts = []
+    texts: list[str] = []
     last: Optional[Delta] = None
     for item in batch:
         err = as_error(item)
@@ -186,7 +186,7 @@ class SseBody(_StreamBody):
         self._chunks = chunks
         self._include_usage = include_usage
 
-    def _render(self) -> Iterator[bytes]:
+    def _render(self) -> Generator[bytes, None, None]:
         chunks = self._chunks
         first = True
         for batch in self._batches():
@@ -225,7 +225,7 @@ class PlainBody(_StreamBody):
         sink = ClientSink.for_environ(environ, PLAIN_TEMPLATE, tracker) if environ is not None else None
         super().__init__(dispatch, first, limits, tracker, sink=sink)
 
-    def _render(self) -> Iterator[bytes]:
+    def _render(self) -> Generator[bytes, None, None]:
         first = True
         for batch in self._batches():
             if isinstance(batch, bytes):

@@ -72,8 +72,10 @@ class ReplicaPool:
                     and not back.closed:
                 back.retired = False  # it came back before it drained: route to it again
                 self._by_id[rid] = self._retired.pop(rid)
-            conn = self._by_id.get(rid)
-            if conn is None:
+            known = self._by_id.get(rid)
+            if known is not None:
+                conn = known
+            else:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
                 identity = self._identity_for(route.endpoint)
                 conn = self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm,

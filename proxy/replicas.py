@@ -11,13 +11,9 @@ Runs in each proxy worker (gevent, after fork). Sockets, per replica:
     greenlet.
   `ReplicaConnection.close` stops both greenlets and then closes both sockets (linger 0).
 
-The DEALER is a plain pyzmq socket driven by hand, not a zmq.green one: zmq.green's blocking recv builds
-an exception, an 11.6 s safety Timeout and an AsyncResult per wait, and its own FD watcher reads EVENTS
-on every signal; 45 us more per message (benchmarks/README.md). The reader drains while EVENTS says
-POLLIN, then waits on an Event that a gevent io watcher on the socket's ZMQ_FD sets. ZMQ_FD is
-edge-triggered and anything that reads EVENTS or sends on the socket can consume its edge, so every such
-call outside the reader goes through `_poke`, which sets the Event when a message is queued; the reader clears
-the Event before it looks at EVENTS, so no wake-up is lost between its check and its wait.
+The DEALER is a plain pyzmq socket driven by hand, not a zmq.green one, behind proxy/raw_dealer.py's
+RawDealer: the one class that relies on pyzmq's backend calls and ZMQ_FD's edges, with the invariant
+that every send or EVENTS read outside its reader goes through `poke` (stated there).
 
 Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
 catch a vanished host) and leaving the routing table all fail every in-flight request on that replica.
@@ -43,10 +39,10 @@ from typing import Callable, Optional
 import gevent
 import zmq
 import zmq.green as zmq_green
-from gevent.event import Event
 from zmq.utils.monitor import recv_monitor_message
 
 from proxy import metrics
+from proxy.raw_dealer import RawDealer, Secure
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
@@ -56,29 +52,10 @@ from runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
-Secure = Callable[[zmq.Socket], None]  # configures a socket before connect (CURVE client keys)
-
-_DRAIN = 1000  # messages handled in a row before the reader yields to request greenlets
-_raw_recv = zmq.backend.Socket.recv  # libzmq's calls, without pyzmq's Python-level wrappers
-_raw_send = zmq.backend.Socket.send
-_raw_get = zmq.backend.Socket.get
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's flag enums cost microseconds per operation
-_SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _monitor_ids = itertools.count(1)
 TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
 SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
-
-
-def _recv_queued(sock: zmq.Socket) -> list[bytes]:
-    """The next queued message (the caller saw POLLIN), else zmq.Again; never yields."""
-    frames = [_raw_recv(sock, _NOBLOCK)]
-    while _raw_get(sock, _RCVMORE):
-        frames.append(_raw_recv(sock, _NOBLOCK))
-    return frames
 
 
 class ReplicaUnavailable(Exception):
@@ -105,27 +82,11 @@ class ReplicaConnection:
         self.down = False
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
-        sock = zmq.Socket(ctx, zmq.DEALER)  # plain, on the worker's context: see the module doc
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings: a vanished host -> EVENT_DISCONNECTED
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         monitor_addr = "inproc://tokenrelay-replica-monitor-%d" % next(_monitor_ids)
-        sock.monitor(monitor_addr, _MONITOR_EVENTS)
+        self._dealer = RawDealer(ctx, identity, self.endpoint, hwm, (monitor_addr, _MONITOR_EVENTS), secure)
         self._monitor = ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._monitor.connect(monitor_addr)
-        if secure is not None:
-            secure(sock)  # CURVE client keys, before connect
-        sock.connect(self.endpoint)
-        self._sock = sock
-        self._readable = Event()  # set when a message may be queued: ZMQ_FD fired, or _poke saw POLLIN
-        self._fd_watch = gevent.get_hub().loop.io(sock.getsockopt(zmq.FD), 1)
-        self._fd_watch.start(self._readable.set)
         self._reader = gevent.spawn(self._read_loop)
         self._watcher = gevent.spawn(self._watch_loop)
 
@@ -159,26 +120,16 @@ class ReplicaConnection:
         if self.closed:
             raise ReplicaUnavailable("connection to replica %s is closed" % self.replica_id)
         type_byte, payload = encode(msg)
-        sock = self._sock
         try:
-            _raw_send(sock, type_byte, _NOBLOCK | _SNDMORE)  # once the first part is in, so is the rest
-            _raw_send(sock, payload, _NOBLOCK)
+            self._dealer.send(type_byte, payload)
         except zmq.Again:
             raise ReplicaUnavailable("send queue to replica %s is full" % self.replica_id) from None
         except zmq.ZMQError as exc:
             raise ReplicaUnavailable("send to replica %s failed: %s" % (self.replica_id, exc)) from None
-        finally:
-            self._poke()
 
     def _poke(self) -> bool:
-        """Read EVENTS (which may consume ZMQ_FD's edge) and wake the reader if a message is queued.
-        True if one is."""
-        if self.closed:
-            return False
-        if _raw_get(self._sock, _EVENTS) & _POLLIN:
-            self._readable.set()
-            return True
-        return False
+        """Wake the reader if a message is queued (RawDealer.poke); True if one is."""
+        return not self.closed and self._dealer.poke()
 
     # ----------------------------------------------------------------- reader greenlet
 
@@ -190,7 +141,7 @@ class ReplicaConnection:
         try:
             while True:
                 try:
-                    self._read()
+                    self._dealer.drain(self._dispatch)
                 except (gevent.GreenletExit, zmq.ZMQError):
                     raise
                 except Exception:
@@ -205,20 +156,7 @@ class ReplicaConnection:
                 log.error("replica %s reader stopped: %s", self.replica_id, exc)
                 self._mark_down("reader for replica %s stopped: %s" % (self.replica_id, exc))
         finally:
-            self._fd_watch.stop()
-
-    def _read(self) -> None:
-        sock, readable = self._sock, self._readable
-        while True:
-            readable.clear()  # before EVENTS: a message that comes after the check sets it again
-            n = 0
-            while _raw_get(sock, _EVENTS) & _POLLIN:
-                self._dispatch(_recv_queued(sock))
-                n += 1
-                if n == _DRAIN:  # _DRAIN messages without parking: let the request greenlets run
-                    gevent.sleep(0)
-                    n = 0
-            readable.wait()
+            self._dealer.stop_watching()
 
     def _dispatch(self, frames: list[bytes]) -> None:
         try:
@@ -356,12 +294,6 @@ class ReplicaConnection:
             return
         self.closed = True
         gevent.killall([self._reader, self._watcher], block=True, timeout=2)
-        self._fd_watch.stop()  # before the socket (and its FD) goes
-        self._fd_watch.close()
         self.fail_all(503, reason)
-        try:
-            self._sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
+        self._dealer.close()
         self._monitor.close(linger=0)
-        self._sock.close(linger=0)

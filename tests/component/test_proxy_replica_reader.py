@@ -13,7 +13,8 @@ import pytest
 import zmq
 import zmq.green as zmq_green
 
-from proxy.replicas import _DRAIN, ReplicaConnection
+from proxy.raw_dealer import DRAIN_BATCH
+from proxy.replicas import ReplicaConnection
 from proxy.streams import RequestStream
 from runtime.protocol import (
     Delta, GenerateRequest, ReplicaRoute, RequestError, TokenBatch, decode_frames, encode,
@@ -54,7 +55,7 @@ def test_a_burst_longer_than_one_drain_arrives_whole_and_in_order(replica):
     peer = None
     for _ in streams:
         peer, _req = _recv_request(router)
-    batches = 2 * _DRAIN + 17
+    batches = 2 * DRAIN_BATCH + 17
     for n in range(batches):
         finish = "length" if n == batches - 1 else None
         deltas = [Delta(s.request_id, "t%d " % n, finish, 1, n + 1) for s in streams]
