@@ -9,8 +9,10 @@ tree: the `-m proxy` gunicorn master and its workers). Stops only what it starte
     python benchmarks/serving_path.py --preset issue2 --duration 15 --out results/issue2.json
     python benchmarks/serving_path.py --replicas 2 --ttft-ms 20 --itl-ms 10 --tokens 64 \
         --concurrency 100 --duration 20 --ramp 2 --workers 2
-Presets: issue2 (2 replicas, TTFT 20 ms, 10 ms between tokens, 64 tokens, 100 clients) and scale1000
-(2 replicas, TTFT 50 ms, 50 ms between tokens, 128 tokens, 1000 clients, 20 s ramp, 60 s measured).
+Presets: issue2 (2 replicas, TTFT 20 ms, 10 ms between tokens, 64 tokens, 100 clients), scale1000
+(2 replicas, TTFT 50 ms, 50 ms between tokens, 128 tokens, 1000 clients, 20 s ramp, 60 s measured) and
+scale10k (2 replicas, TTFT 50 ms, 500 ms between tokens, 128 tokens, 10,000 clients, 60 s ramp, 120 s
+measured). The floor is benchmarks/floor_server.py on its exact (absolute) timer.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                "ramp": 2.0, "duration": 20.0},
     "scale1000": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 50.0, "tokens": 128, "concurrency": 1000,
                   "ramp": 20.0, "duration": 60.0},
+    "scale10k": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 500.0, "tokens": 128, "concurrency": 10000,
+                 "ramp": 60.0, "duration": 120.0},
 }
 DEFAULTS: dict[str, Any] = dict(PRESETS["issue2"], workers=None, endpoint="completions", timeout=60.0)
 
