@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from agent.lifecycle import RestartPolicy
+from runtime.curve import insecure_from_env
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class AgentConfig:
     metrics_port: int = 0  # Prometheus /metrics on --host (agent.metrics); 0 picks a free port, < 0: off
     adopt: bool = False  # replicas outlive the agent; a restarted agent adopts them (fixed replica endpoint)
     log_level: str = "INFO"
+    insecure: bool = False  # --insecure: plain sockets, explicitly asked for
 
     def __post_init__(self) -> None:
         if not self.head.startswith(("tcp://", "ipc://")):
@@ -71,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], help="host label key=value (repeatable)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     p.add_argument("--curve-dir", default=None,
-                   help="CURVE key directory for the head connection and replicas' data sockets "
-                        "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+                   help="CURVE key directory (runtime.keyring) with this agent's key agent-ID.key_secret "
+                        "(default $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain sockets, no authentication (benchmarks and debugging only; logged loudly); "
+                        "also $TOKENRELAY_INSECURE=1")
     p.add_argument("--adopt", action="store_true",
                    help="let replicas outlive the agent and adopt them when it restarts "
                         "(needs a fixed --replica-endpoint); default: replicas exit with their agent")
@@ -93,7 +98,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
                       curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib, adopt=ns.adopt,
-                      metrics_port=ns.metrics_port, log_level=ns.log_level)
+                      metrics_port=ns.metrics_port, log_level=ns.log_level,
+                      insecure=ns.insecure or insecure_from_env())
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id
         return AgentConfig(**kwargs)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from runtime.curve import AGENT_KEY_ENV, insecure_from_env
 
 # Exit codes the agent classifies (agent.lifecycle): a load error will not be cured by a restart.
 EXIT_OK = 0
@@ -35,6 +38,9 @@ class ReplicaConfig:
     metrics_port: int = 0  # Prometheus /metrics on the bind host; 0 picks a free port, < 0 turns it off
     log_level: str = "INFO"
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
+    curve_dir: Optional[str] = None  # CURVE keys (runtime.keyring); None here: plain (__main__ resolves it)
+    agent_key: Optional[str] = None  # the agent's id: its key is the one we connect to it with
+    insecure: bool = False  # --insecure: plain sockets, explicitly asked for
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -73,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", type=int, default=0, help="the deployment's spec generation")
     p.add_argument("--event-loop", default="auto", choices=EVENT_LOOPS,
                    help="the replica's asyncio loop: auto (uvloop when installed), uvloop or asyncio")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE key directory (default $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys): the data "
+                        "socket serves with replica.key_secret and admits proxy keys only")
+    p.add_argument("--agent-key", default=os.environ.get(AGENT_KEY_ENV) or None,
+                   help="id of the agent whose key (agent-ID.key_secret) we report to it with "
+                        "(default $%s, set by the agent)" % AGENT_KEY_ENV)
+    p.add_argument("--insecure", action="store_true",
+                   help="plain sockets (benchmarks and debugging only; logged loudly); also $TOKENRELAY_INSECURE=1")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -92,7 +106,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
             parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
             generation=ns.generation, metrics_port=ns.metrics_port,
-            log_level=ns.log_level, event_loop=ns.event_loop)
+            log_level=ns.log_level, event_loop=ns.event_loop, curve_dir=ns.curve_dir,
+            agent_key=ns.agent_key, insecure=ns.insecure or insecure_from_env())
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable

@@ -10,6 +10,7 @@ Every environment variable the proxy reads is declared here:
   TOKENRELAY_API_KEYS        comma-separated API keys, added to those of --api-keys-file
   PROMETHEUS_MULTIPROC_DIR   prometheus-client multiprocess directory; a fresh temp dir if unset
   TOKENRELAY_CURVE_DIR       CURVE keys when --curve-dir is not given (read by runtime.curve)
+  TOKENRELAY_INSECURE        1: plain sockets, like --insecure (read by runtime.curve)
 """
 from __future__ import annotations
 
@@ -77,8 +78,12 @@ class ProxyConfig:
     hwm: int = setting(100_000, help="SNDHWM/RCVHWM of every replica DEALER", cli=False, env=False)
     max_body_bytes: int = setting(16 * 1024 * 1024, help="largest request body; bigger ones get 413")
     curve_dir: Optional[str] = setting(
-        None, help="CURVE key directory (see `tokenrelay keys generate`); default $TOKENRELAY_CURVE_DIR, "
-                   "plain sockets when neither is set", env=False, metavar="DIR")
+        None, help="CURVE key directory holding one proxy-NAME.key_secret, head.key and replica.key (see "
+                   "`tokenrelay keys add proxy`)", env=False, metavar="DIR",
+        default_help="$TOKENRELAY_CURVE_DIR, else STATE_DIR/keys")
+    insecure: bool = setting(
+        False, help="plain ZeroMQ sockets, no authentication (benchmarks and debugging only; logged at "
+                    "WARNING); also $TOKENRELAY_INSECURE=1")
     parent_pid: Optional[int] = setting(
         None, help="stop (gracefully) when this process dies (set by `tokenrelay up`)", env=False)
 

@@ -4,18 +4,24 @@ Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ s
 is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
 stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
 grace period: everything is gone within 10 s. Each child also carries a parent-death guard.
+Secure by default: before starting anything it creates, once, the keys this host needs (runtime.keyring,
+in the head's state directory's keys/, or $TOKENRELAY_CURVE_DIR) and hands every child `--curve-dir`;
+`insecure` hands them `--insecure` instead.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from runtime import keyring
+from runtime.curve import keys_dir, warn_insecure
 from runtime.proctree import collect_tree, signal_all
 from runtime.stack_config import StackConfig, single_host_proxy_workers
 
@@ -27,8 +33,11 @@ CRASH_WINDOW = 60.0
 
 
 class Launcher:
-    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO") -> None:
+    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
+                 insecure: bool = False) -> None:
         self.stack = stack
+        self.insecure = insecure
+        self._security: list[str] = []
         self.config_path = config_path
         self.log_level = log_level
         self.children: dict[str, subprocess.Popen] = {}
@@ -38,13 +47,29 @@ class Launcher:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
-        cmd = [sys.executable, "-m", name] + args + ["--log-level", self.log_level,
-                                                    "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", name] + args + self._security + ["--log-level", self.log_level,
+                                                                     "--parent-pid", str(os.getpid())]
         self.children[name] = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
         log.info("[startup] %s started, pid %d", name, self.children[name].pid)
 
+    def _secure(self, agent_id: str) -> list[str]:
+        """The security arguments every child gets; creates this host's keys on first start."""
+        if self.insecure:
+            warn_insecure("the whole stack")
+            return ["--insecure"]
+        directory = keys_dir(None, self.stack.head_state_dir)
+        if keyring.ensure_single_host(directory, agent_id):
+            log.info("[startup] created this host's CURVE keys in %s (see `tokenrelay keys list`)", directory)
+        return ["--curve-dir", str(directory)]
+
     def run(self) -> int:
         s = self.stack
+        agent_id = socket.gethostname()
+        try:
+            self._security = self._secure(agent_id)
+        except keyring.KeyFileError as exc:
+            log.error("[startup] %s", exc)
+            return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
@@ -55,7 +80,7 @@ class Launcher:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
         self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
-                             "--metrics-port", str(s.agent_metrics_port)])
+                             "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port)])
         workers = s.proxy_workers or single_host_proxy_workers()
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
         self._spawn("proxy", proxy_args)

@@ -1,4 +1,5 @@
 """Start a whole tokenrelay stack (`python -m runtime up`) as real processes, for integration tests.
+Secure (CURVE, keys made by `up` in the state dir) unless built with insecure=True.
 
 Logs go to the test's temp dir; teardown always stops the launcher and kills anything left of its tree.
 """
@@ -32,8 +33,9 @@ def proxy_routes(base_url: str) -> dict[str, int]:
 
 
 class Stack:
-    def __init__(self, tmp: Path, deployments: list[dict], workers: int = 1) -> None:
+    def __init__(self, tmp: Path, deployments: list[dict], workers: int = 1, insecure: bool = False) -> None:
         self.tmp = tmp
+        self.insecure = insecure  # True: `tokenrelay up --insecure` (plain sockets)
         self.http_port = free_port()
         self.head = "tcp://127.0.0.1:%d" % free_port()
         self.state_dir = tmp / "state"
@@ -53,14 +55,20 @@ class Stack:
     def start(self, timeout: float = 60.0) -> "Stack":
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "up", "--config", str(self.config_path)],
+        cmd = [sys.executable, "-m", "runtime", "up", "--config", str(self.config_path)]
+        self.proc = subprocess.Popen(cmd + (["--insecure"] if self.insecure else []),
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self.all_ready, timeout, "every replica READY and the proxy /ready")
         return self
 
     def status(self) -> dict:
-        reply = status(self.head, self.token, timeout=2.0)
+        reply = status(self.head, self.token, timeout=2.0, keys=self.keys)
         return {"deployments": {d["name"]: d for d in reply.deployments}, "agents": reply.agents}
+
+    @property
+    def keys(self) -> Path:
+        """The stack's CURVE key directory (runtime.keyring), made by `tokenrelay up` on start."""
+        return self.state_dir / "keys"
 
     @property
     def token(self) -> str:
