@@ -61,9 +61,10 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_head(self) -> None:
+    def start_head(self, *extra: str) -> None:
         self._spawn("head", ["head", "--control", self.head, "--publish", self.publish,
-                             "--config", str(self.config_path), "--agent-timeout", str(self.agent_timeout)])
+                             "--config", str(self.config_path), "--agent-timeout", str(self.agent_timeout),
+                             *extra])
 
     def start_agent(self, name: str, host: str) -> None:
         self._spawn("agent-" + name, ["agent", "--head", self.head, "--host", host, "--agent-id", name])
