@@ -22,7 +22,7 @@ import zmq
 
 from runtime import curve, head_client, keyring
 from runtime.credentials import client_token
-from runtime.head_client import HeadRefused, HeadUnreachable
+from runtime.head_client import HeadUnreachable
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Capacity, ControlReply, DeployRequest,
     GenerateRequest, HeadHello, ReplicaReport, ScaleRequest, SnapshotRequest, decode_frames, encode,
