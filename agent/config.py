@@ -27,7 +27,8 @@ class AgentConfig:
     parent_pid: Optional[int] = None
     curve_dir: Optional[str] = None
     cpu_kvcache_gib: Optional[int] = None  # VLLM_CPU_KVCACHE_SPACE for CPU replicas
-    metrics_port: int = 0  # Prometheus /metrics on --host (agent.metrics); 0 picks a free port, < 0: off
+    metrics_port: int = 0  # Prometheus /metrics (agent.metrics); 0 picks a free port, < 0: off
+    metrics_host: str = "127.0.0.1"  # where the agent's and its replicas' /metrics bind: loopback unless set
     adopt: bool = False  # replicas outlive the agent; a restarted agent adopts them (fixed replica endpoint)
     log_level: str = "INFO"
     insecure: bool = False  # --insecure: plain sockets, explicitly asked for
@@ -84,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-kvcache-gib", type=int, default=None,
                    help="KV cache GiB per CPU vLLM replica (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics HTTP port on --host (0: a free one, -1: off)")
+                   help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
+    p.add_argument("--metrics-host", default=AgentConfig.metrics_host,
+                   help="address the agent's and its replicas' /metrics ports bind on (default loopback: "
+                        "give this host's address for a Prometheus on another host)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -98,7 +102,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
                       curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib, adopt=ns.adopt,
-                      metrics_port=ns.metrics_port, log_level=ns.log_level,
+                      metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_level=ns.log_level,
                       insecure=ns.insecure or insecure_from_env())
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id

@@ -27,6 +27,7 @@ from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, hos
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
+from model_proc.config import METRICS_HOST_ENV
 from runtime import parent_guard
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class Agent:
             curve.serve(self._replicas, (self._identity.public, self._identity.secret), authz.AGENT_REPLICAS)
         self._replicas.bind(cfg.replica_endpoint)
         self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.metrics.start(cfg.host)
+        self.metrics.start(cfg.metrics_host)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus, %s", cfg.agent_id,
@@ -313,6 +314,7 @@ class Agent:
         """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment."""
         env = {INSECURE_ENV: "1"} if self._keys is None else {
             CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id}
+        env[METRICS_HOST_ENV] = self.config.metrics_host
         if spec.engine != "vllm":
             return spec, env
         if spec.gpus:

@@ -20,6 +20,7 @@ EXIT_LOAD_ERROR = 3
 EXIT_ENGINE_DIED = 4
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+METRICS_HOST_ENV = "TOKENRELAY_METRICS_HOST"  # the agent passes its --metrics-host to its replicas
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class ReplicaConfig:
     drain_seconds: float = 3.0
     deployment: str = ""
     generation: int = 0
-    metrics_port: int = 0  # Prometheus /metrics on the bind host; 0 picks a free port, < 0 turns it off
+    metrics_port: int = 0  # Prometheus /metrics; 0 picks a free port, < 0 turns it off
+    metrics_host: str = "127.0.0.1"  # where it binds: loopback unless configured
     log_level: str = "INFO"
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     curve_dir: Optional[str] = None  # CURVE keys (runtime.keyring); None here: plain (__main__ resolves it)
@@ -74,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, default=3.0,
                    help="on SIGTERM, how long in-flight requests may finish")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics HTTP port on the bind host (0: a free one, -1: off)")
+                   help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
+    p.add_argument("--metrics-host", default=os.environ.get(METRICS_HOST_ENV) or "127.0.0.1",
+                   help="address the /metrics port binds on (default $%s, set by the agent, else loopback)"
+                        % METRICS_HOST_ENV)
     p.add_argument("--deployment", default="", help="deployment this replica belongs to (for adoption)")
     p.add_argument("--generation", type=int, default=0, help="the deployment's spec generation")
     p.add_argument("--event-loop", default="auto", choices=EVENT_LOOPS,
@@ -105,7 +110,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
             replica_id=ns.replica_id, engine=ns.engine, model=ns.model, engine_args=engine_args,
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
             parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
-            generation=ns.generation, metrics_port=ns.metrics_port,
+            generation=ns.generation, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
             log_level=ns.log_level, event_loop=ns.event_loop, curve_dir=ns.curve_dir,
             agent_key=ns.agent_key, insecure=ns.insecure or insecure_from_env())
     except ValueError as exc:

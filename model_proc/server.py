@@ -31,7 +31,7 @@ import zmq.asyncio
 from model_proc import metrics
 from model_proc.config import EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
-from runtime import metrics_http, parent_guard
+from runtime import parent_guard
 from pathlib import Path
 
 from runtime import authz, curve
@@ -121,7 +121,7 @@ class ReplicaServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        exporter = metrics.start(self, metrics_http.endpoint_host(cfg.bind)[0], cfg.metrics_port)
+        exporter = metrics.start(self, cfg.metrics_host, cfg.metrics_port)
         log.info("[startup] data endpoint %s, engine %s, model %s, metrics port %s", self.endpoint, cfg.engine,
                  cfg.model, exporter.port if exporter else "off")
         # resent every HELLO_EVERY statuses, so a restarted agent (adopt mode) learns who we are

@@ -84,6 +84,9 @@ class ProxyConfig:
     insecure: bool = setting(
         False, help="plain ZeroMQ sockets, no authentication (benchmarks and debugging only; logged at "
                     "WARNING); also $TOKENRELAY_INSECURE=1")
+    certfile: Optional[str] = setting(
+        None, help="serve HTTPS with this PEM certificate (chain); needs --keyfile", metavar="FILE")
+    keyfile: Optional[str] = setting(None, help="the certificate's PEM private key", metavar="FILE")
     parent_pid: Optional[int] = setting(
         None, help="stop (gracefully) when this process dies (set by `tokenrelay up`)", env=False)
 
@@ -104,8 +107,18 @@ class ProxyConfig:
                      "retry_window", "breaker_cooldown", "load_stale_after"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("--certfile and --keyfile go together (HTTPS needs both)")
+        for name in ("certfile", "keyfile"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError("--%s %s: not a readable file" % (name, path))
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError("--log-level must be one of %s" % ", ".join(LOG_LEVELS))
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certfile else "http"
 
     @classmethod
     def from_args(cls, argv: Optional[Sequence[str]] = None) -> "ProxyConfig":

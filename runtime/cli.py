@@ -61,7 +61,11 @@ def _prepare_and_run(stack: StackConfig, path: Path, ns: argparse.Namespace, lau
     for dep in stack.deployments:
         if dep.engine == "vllm" and not _prepare(dep.model):
             return 1
-    return launcher(stack, path, ns.log_level, insecure=ns.insecure).run()
+    if (ns.certfile is None) != (ns.keyfile is None):
+        log.error("--certfile and --keyfile go together (HTTPS needs both)")
+        return 2
+    tls = (str(Path(ns.certfile).resolve()), str(Path(ns.keyfile).resolve())) if ns.certfile else None
+    return launcher(stack, path, ns.log_level, insecure=ns.insecure, tls=tls).run()
 
 
 def _prepare(model: str) -> bool:
@@ -210,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start head, agent and proxy on this host")
     up.add_argument("--config", help="stack config (default: serve SmolLM2-135M-Instruct with vLLM)")
+    up.add_argument("--certfile", help="serve HTTPS with this PEM certificate (needs --keyfile)")
+    up.add_argument("--keyfile", help="the certificate's PEM private key")
     up.add_argument("--insecure", action="store_true",
                     help="plain ZeroMQ sockets, no keys (benchmarks and debugging only; logged loudly)")
     up.set_defaults(func=_cmd_up)

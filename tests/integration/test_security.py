@@ -284,3 +284,12 @@ def test_captured_and_replayed_deploy_is_refused(tmp_path, monkeypatch, insecure
         assert replayed == insecure  # plain ZeroMQ executes the replayed deploy; CURVE's nonces refuse it
     finally:
         c.stop_all()
+
+
+def test_agent_and_replica_metrics_listen_on_loopback_unless_configured(cluster):
+    agent = cluster.status()["agents"]["vm"]  # the agent's --host is 127.0.0.2, its replicas bind there
+    for address in (agent["metrics_endpoint"], replica(cluster)["metrics_endpoint"]):
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and httpx.get("http://%s/metrics" % address, timeout=2).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get("http://127.0.0.2:%s/metrics" % port, timeout=2)
