@@ -173,8 +173,11 @@ def ensure_single_host(directory: Path, agent_id: Optional[str]) -> bool:
 
 
 def ensure(directory: Path, role: str, name: str) -> bool:
-    """ROLE-NAME's keypair in `directory` itself (a single host), created unless it exists."""
-    if (directory / ("%s-%s.key_secret" % (role, name))).exists():
+    """ROLE-NAME's keypair in `directory` itself (a single host), created unless it exists here or was
+    issued to another host (registered or revoked already)."""
+    stem = "%s-%s" % (role, name)
+    if (directory / (stem + ".key_secret")).exists() or (directory / REGISTRY / (stem + ".key")).exists() \
+            or (directory / REVOKED / (stem + ".key")).exists():
         return False
     add(directory, role, name)
     return True

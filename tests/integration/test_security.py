@@ -43,8 +43,16 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("sec"), [MOCK], proxy_workers=1)
     c.head_metrics = free_port()
     c.start_head("--metrics-port", str(c.head_metrics))
-    c.start_agent("vm", "127.0.0.2")
-    c.start_proxy()
+    # as on separate hosts: the proxy and the agent each run from the files `tokenrelay keys add` wrote
+    # for them (the proxy first: the agent's files carry the proxy keys its replicas accept)
+    proxy_host, vm_host = c.tmp / "proxy-host", c.tmp / "vm-host"
+    keyring.add(c.keys, "proxy", "edge", out=proxy_host)
+    keyring.add(c.keys, "agent", "vm", out=vm_host)
+    c._spawn("agent-vm", ["agent", "--head", c.head, "--host", "127.0.0.2", "--agent-id", "vm",
+                          "--curve-dir", str(vm_host)])
+    c._spawn("proxy", ["proxy", "--head", c.head, "--bind", "127.0.0.1:%d" % c.http_port, "--workers", "1",
+                       "--curve-dir", str(proxy_host)])
+    c.proxy_keys = proxy_host
     c.evil = c.tmp / "evil-host"  # a registered agent whose host the attacker owns
     keyring.add(c.keys, "agent", "evil", out=c.evil)
     try:
@@ -147,10 +155,16 @@ def test_direct_generation_on_a_replica_data_port(cluster):
     for me in (stranger(), keyring.identity(cluster.keys, "operator"),  # unknown key; registered, not a proxy
                keyring.identity(cluster.evil, "agent", "evil")):
         assert ask(dealer(rep["endpoint"], me, replica_key), request) is None
+    # an agent host's registry holds only the proxies' keys: any other key is unknown to its replicas
     counts = refused(rep["metrics_endpoint"], "tokenrelay_replica_")
-    assert counts[("unknown", "unknown_key")] >= 1 and counts[("operator", "role")] >= 1
-    assert counts[("agent", "role")] >= 1
-    assert "[auth] refused operator-%s on replica: role" % keyring.local_name() in cluster.log("agent-vm")
+    assert counts[("unknown", "unknown_key")] >= 3
+    assert "[auth] refused key %s on replica: unknown_key" % keyring.z85_public(
+        cluster.keys / ("operator-%s.key_secret" % keyring.local_name())).decode()[:8] in cluster.log("agent-vm")
+    held = sorted(str(p.relative_to(cluster.tmp / "vm-host")) for p in (cluster.tmp / "vm-host").rglob("*"))
+    assert [p for p in held if not p.startswith("registry/")] == [  # what an agent host holds
+        "agent-vm.key_secret", "head.key", "registry", "replica.key", "replica.key_secret"]
+    assert "registry/proxy-edge.key" in held
+    assert all(p.startswith("registry/proxy-") for p in held if p.startswith("registry/"))
 
 
 def test_snapshot_and_subscription_without_a_key(cluster):
@@ -176,17 +190,17 @@ def test_snapshot_and_subscription_without_a_key(cluster):
 
 
 def test_proxy_key_sending_agent_messages(cluster):
-    proxy = keyring.identity(cluster.keys, "proxy")
+    proxy = keyring.identity(cluster.proxy_keys, "proxy")
     answer = ask(dealer(cluster.head, proxy, head_key(cluster)), heartbeat_for("vm"))
     assert isinstance(answer, ControlReply) and answer.code == "forbidden"
     answer = ask(dealer(cluster.head, proxy, head_key(cluster)), register("proxy-as-agent"))
     assert isinstance(answer, ControlReply) and answer.code == "forbidden"
-    assert "[auth] refused proxy-%s AgentHeartbeat for agent vm: role" % keyring.local_name() in cluster.log("head")
+    assert "[auth] refused proxy-edge AgentHeartbeat for agent vm: role" in cluster.log("head")
     assert head_refused(cluster)[("proxy", "role")] >= 2 and "proxy-as-agent" not in cluster.status()["agents"]
 
 
 def test_operator_command_with_a_proxy_key(cluster):
-    proxy = keyring.identity(cluster.keys, "proxy")
+    proxy = keyring.identity(cluster.proxy_keys, "proxy")
     token = client_token(None, str(cluster.state_dir))  # even with the admin token
     for msg in (ScaleRequest(token, "mock", 0), DeployRequest(token, dict(MOCK, name="evil"))):
         answer = ask(dealer(cluster.head, proxy, head_key(cluster)), msg)
