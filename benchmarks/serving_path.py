@@ -217,13 +217,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("bench %s", exc)
         return 1
     print("\nserving path: %d clients, TTFT %g ms, %g ms between tokens, %d tokens, %d replicas, "
-          "%g s measured" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration))
+          "%g s measured, %s" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration,
+                                 "INSECURE (no CURVE)" if ns.insecure else "CURVE on"))
     rows = comparison(stack, floor)
     print(format_table(rows))
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         keys = ("preset", "replicas", "ttft_ms", "itl_ms", "tokens", "concurrency", "duration", "ramp",
-                "workers", "endpoint", "timeout")
+                "workers", "endpoint", "timeout", "insecure")
         settings = {k: getattr(ns, k) for k in keys}
         Path(ns.out).write_text(json.dumps({
             "settings": settings, "event_loop": "uvloop" if uv else "asyncio",
