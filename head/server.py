@@ -132,7 +132,11 @@ class Head:
         self.state.expire_agents(now)
         log.warning("[auth] key(s) %s revoked: dropping their sessions", sorted(p.label for p in new))
         self._pub.close(0)
-        self._bind_pub(self.publish_endpoint)
+        try:
+            self._bind_pub(self.publish_endpoint)
+        except zmq.ZMQError as exc:  # the port was taken meanwhile: proxies find the new one via HeadHello
+            log.error("[auth] cannot rebind %s (%s); binding %s", self.publish_endpoint, exc, self.config.publish)
+            self._bind_pub(self.config.publish)
 
     def run(self) -> int:
         """Serve until stop() or SIGTERM/SIGINT. Returns the exit code."""

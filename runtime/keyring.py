@@ -33,7 +33,7 @@ ROLES = ("agent", "proxy", "operator")
 SERVERS = ("head", "replica")
 REGISTRY = "registry"
 REVOKED = "revoked"
-_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,252}$")  # room for a fully qualified host name
 
 
 class KeyFileError(ValueError):
@@ -66,7 +66,7 @@ def check_name(role: str, name: str) -> None:
     if role not in ROLES:
         raise KeyFileError("role must be one of %s, got %r" % (", ".join(ROLES), role))
     if not _NAME.match(name):
-        raise KeyFileError("key name %r: use letters, digits, '.', '_' or '-' (at most 63)" % name)
+        raise KeyFileError("key name %r: use letters, digits, '.', '_' or '-' (at most 253)" % name)
 
 
 def make_private_dir(path: Path) -> None:
