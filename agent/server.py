@@ -6,6 +6,9 @@ Runs in the agent process, one thread. Owns two sockets, used only from `Agent.r
   `head_timeout`: the socket is recreated and we register again (Lazy Pirate), reporting the replicas
   we run so a restarted head adopts them instead of restarting them.
 - replica ROUTER (binds `config.replica_endpoint`): our replicas' ReplicaHello/ReplicaStatus/ReplicaDead.
+With a key directory (runtime.curve) the head DEALER is a CURVE client with this agent's key, and the
+replica ROUTER a CURVE server that admits only that same key (our replicas connect with it): a ZAP thread
+on our context decides, and counts refusals in tokenrelay_agent_auth_refused_total.
 Never blocks: process stops are two-phase (agent.processes), sends are non-blocking.
 """
 from __future__ import annotations
@@ -24,8 +27,14 @@ from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, hos
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
+from model_proc.config import METRICS_HOST_ENV
 from runtime import parent_guard
-from runtime.curve import CURVE_ENV, CurveKeys
+from pathlib import Path
+
+from runtime import authz, curve
+from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
+from runtime.keyring import Registry, identity, server_public
+from runtime.zap import ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
     ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
@@ -61,25 +70,36 @@ class Agent:
         self.capacity = host_capacity()
         self.devices = DeviceAllocator([g.index for g in self.capacity.gpus], host_cpu_cores(),
                                        config.cpu_kvcache_gib)
-        self._curve = CurveKeys.load(config.curve_dir)
+        self._keys = Path(config.curve_dir) if config.curve_dir else None
+        self._identity = identity(self._keys, "agent", config.agent_id) if self._keys else None
+        self._head_public = server_public(self._keys, "head") if self._keys else b""
         self.metrics = AgentMetrics(config.metrics_port)
 
     def stop(self) -> None:
         self._shutdown = True
 
+    def _refused(self, role: str, reason: str, who: str) -> None:
+        log.warning("[auth] refused %s: %s", who, reason)
+        self.metrics.auth_refused.labels(role, reason).inc()
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         cfg = self.config
+        self._zap: Optional[ZapHandler] = None
         self._replicas = self._ctx.socket(zmq.ROUTER)
         self._replicas.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None and self._identity is not None:
+            self._zap = ZapHandler(self._ctx, Registry(self._keys), self._refused, own=self._identity).start()
+            curve.serve(self._replicas, (self._identity.public, self._identity.secret), authz.AGENT_REPLICAS)
         self._replicas.bind(cfg.replica_endpoint)
         self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.metrics.start(cfg.host)
+        self.metrics.start(cfg.metrics_host)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
-        log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus", cfg.agent_id,
-                 cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus))
+        log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus, %s", cfg.agent_id,
+                 cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus),
+                 curve.describe(self._keys))
         try:
             if cfg.adopt:
                 self._wait_for_survivors()
@@ -99,6 +119,8 @@ class Agent:
             for proc in list(self.procs.values()) + list(self._stopping.values()):
                 proc.kill_now()
             self._replicas.close(0)
+            if self._zap is not None:
+                self._zap.stop()
             self.metrics.close()
             if self._head is not None:
                 self._head.close(0)
@@ -160,8 +182,8 @@ class Agent:
         self._head = self._ctx.socket(zmq.DEALER)
         self._head.setsockopt(zmq.LINGER, 0)
         self._head.setsockopt(zmq.SNDHWM, 100)
-        if self._curve is not None:
-            self._curve.connect_as_client(self._head)
+        if self._identity is not None:
+            curve.connect(self._head, self._identity, self._head_public)
         self._head.connect(self.config.head)
         self._registered = False
         self._last_head_reply = self.clock()
@@ -290,9 +312,9 @@ class Agent:
 
     def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
         """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment."""
-        env = {}
-        if self._curve is not None:
-            env[CURVE_ENV] = str(self._curve.directory)
+        env = {INSECURE_ENV: "1"} if self._keys is None else {
+            CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id}
+        env[METRICS_HOST_ENV] = self.config.metrics_host
         if spec.engine != "vllm":
             return spec, env
         if spec.gpus:

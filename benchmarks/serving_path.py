@@ -81,7 +81,8 @@ def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter],
 
 def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
     max_ongoing = max(64, math.ceil(ns.concurrency / max(ns.replicas, 1)) + 8)  # the benchmark, not a cap
-    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.workers, max_ongoing)
+    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.workers, max_ongoing,
+                      insecure=ns.insecure)
     try:
         stack.start()
         stack.wait_ready()
@@ -91,6 +92,7 @@ def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
         result = _measure(LoadConfig(**{**cfg.__dict__, "url": stack.url}), meters,
                           ReplicaCounters(stack.sd_file))
         result["logs"] = str(stack.log_path)
+        result["curve"] = not ns.insecure
         return result
     except RuntimeError:
         print(stack.log_tail(), file=sys.stderr)
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds per request")
     p.add_argument("--only", choices=("stack", "floor"), help="measure one side only")
     p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--insecure", action="store_true",
+                   help="start the stack with `tokenrelay up --insecure` (no CURVE), to measure CURVE's cost")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -217,13 +221,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("bench %s", exc)
         return 1
     print("\nserving path: %d clients, TTFT %g ms, %g ms between tokens, %d tokens, %d replicas, "
-          "%g s measured" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration))
+          "%g s measured, %s" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration,
+                                 "INSECURE (no CURVE)" if ns.insecure else "CURVE on"))
     rows = comparison(stack, floor)
     print(format_table(rows))
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         keys = ("preset", "replicas", "ttft_ms", "itl_ms", "tokens", "concurrency", "duration", "ramp",
-                "workers", "endpoint", "timeout")
+                "workers", "endpoint", "timeout", "insecure")
         settings = {k: getattr(ns, k) for k in keys}
         Path(ns.out).write_text(json.dumps({
             "settings": settings, "event_loop": "uvloop" if uv else "asyncio",

@@ -8,6 +8,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
+from runtime.curve import insecure_from_env
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -20,12 +22,13 @@ class HeadConfig:
     state_dir: Optional[str] = None  # SQLite state and admin token; see runtime.credentials
     persist: bool = True
     parent_pid: Optional[int] = None
-    curve_dir: Optional[str] = None  # CURVE keys (runtime.curve); None: $TOKENRELAY_CURVE_DIR or plain
+    curve_dir: Optional[str] = None  # CURVE keys (runtime.keyring); None here: plain (python -m head resolves it)
     metrics_port: int = 0  # Prometheus /metrics (head.metrics); 0 picks a free port, < 0 turns it off
     metrics_host: Optional[str] = None  # bind/advertise host for it; None: the control endpoint's host
     prometheus_sd_file: Optional[str] = None  # file_sd list of every process's metrics endpoint
     proxy_metrics: tuple[str, ...] = ()  # proxies' HOST:PORT listed in that file
     log_level: str = "INFO"
+    insecure: bool = False  # --insecure: plain sockets, explicitly asked for
 
     def __post_init__(self) -> None:
         for name in ("control", "publish"):
@@ -56,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-persist", action="store_true", help="keep deployments in memory only")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     p.add_argument("--curve-dir", default=None,
-                   help="CURVE key directory: encrypt and authenticate both sockets "
-                        "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+                   help="CURVE key directory (runtime.keyring): encrypt and authenticate both sockets "
+                        "(default $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain sockets, no authentication (benchmarks and debugging only; logged loudly); "
+                        "also $TOKENRELAY_INSECURE=1")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
     p.add_argument("--metrics-host", default=None,
@@ -81,7 +87,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
                           curve_dir=ns.curve_dir, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
                           prometheus_sd_file=ns.prometheus_sd_file,
                           proxy_metrics=tuple(p.strip() for p in ns.proxy_metrics.split(",") if p.strip()),
-                          log_level=ns.log_level)
+                          log_level=ns.log_level, insecure=ns.insecure or insecure_from_env())
     except ValueError as exc:
         parser.error(str(exc))
         raise

@@ -5,6 +5,9 @@ Runs in the head process, one thread. Owns two sockets, used only from `Head.run
   their full Assignment), proxies say hello and ask for snapshots, the CLI asks for status.
 - routing PUB (binds `config.publish`): the whole routing table on every change and every second.
 Never blocks on a peer: every send is non-blocking; a message for a vanished peer is dropped.
+With a key directory both sockets are CURVE servers (runtime.curve): a ZAP thread admits registered keys
+and every control message is then checked against its sender's role (runtime.authz); a refusal is
+answered, logged with the key's name and counted (tokenrelay_head_auth_refused_total).
 Each loop step catches and logs its own errors, so one bad message cannot kill the head.
 """
 from __future__ import annotations
@@ -13,8 +16,10 @@ import dataclasses
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
+import msgspec
 import zmq
 
 from head.cluster import ClusterState
@@ -25,7 +30,9 @@ from head.table import TableVersions
 from runtime import parent_guard
 from runtime.credentials import token_matches
 from runtime.metrics_http import endpoint_host
-from runtime.curve import CurveKeys
+from runtime import authz, curve
+from runtime.keyring import Registry, server_pair
+from runtime.zap import ZapHandler, parse_user_id
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
@@ -71,27 +78,65 @@ class Head:
         return self.clock() - self._started < self.config.recovery_grace
 
     def bind(self) -> None:
-        keys = CurveKeys.load(self.config.curve_dir)
-        self._auth = keys.start_authenticator(self._ctx) if keys else None
+        keys = Path(self.config.curve_dir) if self.config.curve_dir else None
+        self._auth: Optional[ZapHandler] = None
+        self._registry: Optional[Registry] = None
+        self._owners: dict[str, str] = {}
+        if keys is not None:
+            self._pair = server_pair(keys, "head")
+            self._registry = Registry(keys)
+            self._revoked_seen = self._registry.revoked()
+            self._owners = self.store.owners()
+            self._auth = ZapHandler(self._ctx, self._registry, self._refused).start()
         self._control = self._ctx.socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.setsockopt(zmq.SNDHWM, 10_000)
-        if keys:
-            keys.serve(self._control)
+        if keys is not None:
+            curve.serve(self._control, self._pair, authz.CONTROL)
         self._control.bind(self.config.control)
         self.control_endpoint = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._bind_pub(self.config.publish)
+        host = self.config.metrics_host
+        self.metrics.start(*((host, host) if host else endpoint_host(self.control_endpoint)))
+        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s), %s",
+                 self.control_endpoint, self.publish_endpoint, self.tables.epoch, len(self.state.deployments),
+                 curve.describe(keys))
+
+    def _bind_pub(self, endpoint: str) -> None:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100)
-        if keys:
-            keys.serve(self._pub)
-        self._pub.bind(self.config.publish)
+        if self._registry is not None:
+            curve.serve(self._pub, self._pair, authz.PUBLISH)
+        self._pub.bind(endpoint)
         self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        host = self.config.metrics_host
-        self.metrics.start(*((host, host) if host else endpoint_host(self.control_endpoint)))
-        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s), CURVE %s",
-                 self.control_endpoint, self.publish_endpoint, self.tables.epoch, len(self.state.deployments),
-                 "on" if keys else "off")
+
+    def _refused(self, role: str, reason: str, who: str) -> None:
+        """Count and log one refusal (called from the loop and from the ZAP thread)."""
+        log.warning("[auth] refused %s: %s", who, reason)
+        self.metrics.auth_refused.labels(role, reason).inc()
+
+    def _check_revocations(self, now: float) -> None:
+        """A key was revoked: forget the agent it named, and rebind the PUB socket so every subscriber
+        reconnects through ZAP (a revoked proxy's subscription ends; the others resume within a second)."""
+        if self._registry is None:
+            return
+        revoked = self._registry.revoked()
+        new = revoked - self._revoked_seen
+        self._revoked_seen = revoked
+        if not new:
+            return
+        for peer in new:
+            if peer.role == "agent" and peer.name in self.state.agents:
+                self.state.agents[peer.name].last_seen = float("-inf")
+        self.state.expire_agents(now)
+        log.warning("[auth] key(s) %s revoked: dropping their sessions", sorted(p.label for p in new))
+        self._pub.close(0)
+        try:
+            self._bind_pub(self.publish_endpoint)
+        except zmq.ZMQError as exc:  # the port was taken meanwhile: proxies find the new one via HeadHello
+            log.error("[auth] cannot rebind %s (%s); binding %s", self.publish_endpoint, exc, self.config.publish)
+            self._bind_pub(self.config.publish)
 
     def run(self) -> int:
         """Serve until stop() or SIGTERM/SIGINT. Returns the exit code."""
@@ -129,15 +174,18 @@ class Head:
     def _drain_control(self) -> None:
         for _ in range(1000):  # bounded so housekeeping still runs under a flood
             try:
-                frames = self._control.recv_multipart(zmq.NOBLOCK)
+                parts = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
-                self._handle(frames)
+                user = None
+                if self._registry is not None:
+                    user = parts[-1].get("User-Id")  # set by our ZAP handler for this connection
+                self._handle([p.bytes for p in parts], user)
             except Exception:
                 log.exception("error handling a control message; going on")
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], user: Optional[str] = None) -> None:
         if len(frames) != 3:
             log.warning("dropping control message with %d frames", len(frames))
             return
@@ -148,8 +196,13 @@ class Head:
             log.warning("dropping bad control message: %s", exc)
             self._reply(peer, ControlReply(False, "protocol", str(exc)))
             return
-        self.metrics.note(msg)
         now = self.clock()
+        if self._registry is not None:
+            checked = self._authorize(peer, user, msg, now)
+            if checked is None:
+                return
+            msg = checked
+        self.metrics.note(msg)
         if isinstance(msg, AgentHeartbeat):
             if self.state.heartbeat(msg, now):
                 self._send_assignment(peer, msg.agent_id)
@@ -182,6 +235,56 @@ class Head:
                 self._reply(peer, self._admin(msg, now))
         else:
             self._reply(peer, ControlReply(False, "unexpected", "unexpected %s" % type(msg).__name__))
+
+    # ------------------------------------------------------------------ authorisation
+
+    def _authorize(self, peer: bytes, user: Optional[str], msg: object, now: float) -> Optional[object]:
+        """`msg` if its sender may send it (agent messages without another agent's replicas), else None
+        after answering the refusal."""
+        assert self._registry is not None
+        kind = type(msg).__name__
+        sender, key = parse_user_id(user or "")
+        current, reason = self._registry.lookup(key) if sender is not None else (None, "unknown_key")
+        if not reason and current != sender:
+            reason = "revoked"  # the name now belongs to another key
+        if not reason and sender is not None:
+            reason = authz.message_refusal(sender, kind, getattr(msg, "agent_id", None)) or ""
+        if reason:
+            label = sender.label if sender is not None else "an unknown key"
+            agent_id = getattr(msg, "agent_id", None)
+            self._refused(sender.role if sender is not None else "unknown", reason, "%s %s%s" % (
+                label, kind, " for agent %s" % agent_id if agent_id is not None else ""))
+            if reason == "revoked" and sender is not None and sender.role == "agent" \
+                    and sender.name in self.state.agents:
+                self.state.agents[sender.name].last_seen = float("-inf")
+                self.state.expire_agents(now)
+            self._reply(peer, ControlReply(False, "forbidden", "key %s may not send %s (%s)"
+                                           % (label, kind, reason)))
+            return None
+        if isinstance(msg, (AgentRegister, AgentHeartbeat)):
+            return self._own_reports(msg)
+        return msg
+
+    def _own_reports(self, msg: AgentRegister | AgentHeartbeat) -> AgentRegister | AgentHeartbeat:
+        """Drop reports of replicas another agent owns; bind unclaimed ones to this agent (persisted)."""
+        ids = [r.replica_id for r in msg.replicas]
+        claims = dict(self._owners)  # bound owners, else the agent the head placed the replica on
+        for rid in ids:
+            placement = self.state.placements.get(rid)
+            if rid not in claims and placement is not None:
+                claims[rid] = placement.agent_id
+        mine, foreign = authz.owned_reports(msg.agent_id, ids, claims)
+        for rid in foreign:
+            self._refused("agent", "replica_not_owned", "agent-%s report for replica %s of agent %s"
+                          % (msg.agent_id, rid, claims[rid]))
+        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners]
+        if new:
+            self.store.bind_owners(new)
+            self._owners.update(new)
+        if not foreign:
+            return msg
+        keep = set(mine)
+        return msgspec.structs.replace(msg, replicas=[r for r in msg.replicas if r.replica_id in keep])
 
     # ------------------------------------------------------------------ admin commands
 
@@ -238,6 +341,7 @@ class Head:
         now = self.clock()
         started = time.perf_counter()
         try:
+            self._check_revocations(now)
             self.state.expire_agents(now)
             if not self.recovering:  # let every agent re-register (and report) before placing anything
                 self.state.reconcile(now)

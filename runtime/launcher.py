@@ -4,18 +4,29 @@ Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ s
 is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
 stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
 grace period: everything is gone within 10 s. Each child also carries a parent-death guard.
+Secure by default: before starting anything it creates, once, the keys this host needs (runtime.keyring,
+in the head's state directory's keys/, or $TOKENRELAY_CURVE_DIR) and hands every child `--curve-dir`;
+`insecure` hands them `--insecure` instead.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
+from proxy.config import API_KEYS_ENV
+from runtime import keyring
+from runtime.settings import parse_csv
+from runtime.curve import keys_dir, warn_insecure
 from runtime.proctree import collect_tree, signal_all
 from runtime.stack_config import StackConfig, single_host_proxy_workers
 
@@ -27,8 +38,12 @@ CRASH_WINDOW = 60.0
 
 
 class Launcher:
-    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO") -> None:
+    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
+                 insecure: bool = False, tls: Optional[tuple[str, str]] = None) -> None:
         self.stack = stack
+        self.insecure = insecure
+        self.tls = tls  # (certfile, keyfile): the proxy serves HTTPS
+        self._security: list[str] = []
         self.config_path = config_path
         self.log_level = log_level
         self.children: dict[str, subprocess.Popen] = {}
@@ -38,13 +53,29 @@ class Launcher:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
-        cmd = [sys.executable, "-m", name] + args + ["--log-level", self.log_level,
-                                                    "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", name] + args + self._security + ["--log-level", self.log_level,
+                                                                     "--parent-pid", str(os.getpid())]
         self.children[name] = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
         log.info("[startup] %s started, pid %d", name, self.children[name].pid)
 
+    def _secure(self, agent_id: str) -> list[str]:
+        """The security arguments every child gets; creates this host's keys on first start."""
+        if self.insecure:
+            warn_insecure("the whole stack")
+            return ["--insecure"]
+        directory = keys_dir(None, self.stack.head_state_dir)
+        if keyring.ensure_single_host(directory, agent_id):
+            log.info("[startup] created this host's CURVE keys in %s (see `tokenrelay keys list`)", directory)
+        return ["--curve-dir", str(directory)]
+
     def run(self) -> int:
         s = self.stack
+        agent_id = socket.gethostname()
+        try:
+            self._security = self._secure(agent_id)
+        except keyring.KeyFileError as exc:
+            log.error("[startup] %s", exc)
+            return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
@@ -55,9 +86,11 @@ class Launcher:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
         self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
-                             "--metrics-port", str(s.agent_metrics_port)])
+                             "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port)])
         workers = s.proxy_workers or single_host_proxy_workers()
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
+        if self.tls:
+            proxy_args += ["--certfile", self.tls[0], "--keyfile", self.tls[1]]
         self._spawn("proxy", proxy_args)
         code = self._watch()
         self.shutdown()
@@ -67,7 +100,7 @@ class Launcher:
         """Supervise until Ctrl-C: a component that crashes is restarted (the head restores its state
         from SQLite, agents re-register); one that exits with 2 (bad configuration) or crashes more than
         MAX_CRASHES times within CRASH_WINDOW seconds stops the stack."""
-        url = "http://%s/ready" % self.stack.proxy_bind
+        base = "%s://%s" % ("https" if self.tls else "http", self.stack.proxy_bind)
         announced = False
         while not self._stop.wait(0.25):
             for name, child in list(self.children.items()):
@@ -83,10 +116,11 @@ class Launcher:
                     return 1
                 log.warning("[restart] %s exited with code %d; restarting it", name, rc)
                 self._spawn(name, self._args[name])
-            if not announced and _ready(url):
+            outcome = None if announced else probe(base + "/ready", os.environ.get(API_KEYS_ENV, ""))
+            if outcome is not None:
                 announced = True
-                log.info("[startup] serving on http://%s (OpenAI API under /v1); Ctrl-C stops",
-                         self.stack.proxy_bind)
+                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base,
+                         "" if outcome == "ready" else " (/ready needs an API key: readiness not checked)")
         log.info("[shutdown] stopping the stack")
         return 0
 
@@ -117,9 +151,21 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _ready(url: str) -> bool:
+def probe(url: str, api_keys: str = "") -> Optional[str]:
+    """The launcher's own look at its proxy: "ready" (200), "protected" (401: --protect-health and no key
+    of ours works, so the proxy serves but hides readiness), None (not up or not ready yet). Sends the
+    first key of $TOKENRELAY_API_KEYS when there is one; accepts the proxy's own (maybe self-signed) TLS
+    certificate, since it only asks its child."""
+    request = urllib.request.Request(url)
+    keys = parse_csv(api_keys)
+    key = keys[0] if keys else ""
+    if key:
+        request.add_header("Authorization", "Bearer " + key)
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as resp:
-            return resp.status == 200
+        with urllib.request.urlopen(request, timeout=0.5, context=context) as resp:
+            return "ready" if resp.status == 200 else None
+    except urllib.error.HTTPError as exc:
+        return "protected" if exc.code == 401 else None
     except OSError:
-        return False
+        return None

@@ -33,7 +33,7 @@ def cli(stack, *args, token=True):
     if token:
         cmd += ["--state-dir", str(stack.state_dir)]
     else:
-        cmd += ["--state-dir", str(stack.tmp / "nowhere")]
+        cmd += ["--state-dir", str(stack.tmp / "nowhere"), "--curve-dir", str(stack.keys)]  # operator key, no token
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30)
     body = json.loads(out.stdout) if out.stdout.strip().startswith(("{", "[")) else out.stdout
     return out.returncode, body, out.stderr
