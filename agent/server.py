@@ -20,11 +20,12 @@ import psutil
 import zmq
 
 from agent.config import AgentConfig
-from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, host_cpu_cores
+from agent.devices import Allocation, DeviceAllocator, discover_gpus, format_id_list, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
 from runtime import parent_guard
+from runtime.capacity import Demand, Host, demand_of, divide_cores, why_not
 from runtime.curve import CURVE_ENV, CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05
 ADOPT_WAIT = 1.0  # adopt mode: listen this long for surviving replicas (hello + status) before registering
+REPIN_DELAY = 1.0  # a replica re-pinned to fewer cores leaves routing this long before it is stopped
 
 
 def host_capacity() -> Capacity:
@@ -61,6 +63,9 @@ class Agent:
         self.capacity = host_capacity()
         self.devices = DeviceAllocator([g.index for g in self.capacity.gpus], host_cpu_cores(),
                                        config.cpu_kvcache_gib)
+        self.host = Host(self.capacity.cpus, self.capacity.memory_bytes, len(self.capacity.gpus))
+        self._repin_wanted: set[str] = set()  # running on cores a newer replica was given
+        self._repin_stop_at: dict[str, float] = {}  # re-pin under way: out of routing, stop at this time
         self._curve = CurveKeys.load(config.curve_dir)
         self.metrics = AgentMetrics(config.metrics_port)
 
@@ -238,6 +243,8 @@ class Agent:
             self._stopping[replica_id] = proc
         self.records.pop(replica_id, None)
         self.devices.release(replica_id)
+        self._repin_wanted.discard(replica_id)
+        self._repin_stop_at.pop(replica_id, None)
         self._dirty = True
 
     def _supervise(self, now: float) -> None:
@@ -267,6 +274,45 @@ class Agent:
             if proc.poll_stop(now):
                 del self._stopping[replica_id]
                 log.info("replica %s stopped", replica_id)
+                restarting = self.records.get(replica_id)
+                if restarting is not None:
+                    restarting.stopped_for_restart(now)  # a re-pin: start again on its new cores
+        self._repin(now)
+
+    def _repin(self, now: float) -> None:
+        """Restart, one at a time, each replica still running on cores a newer one was given, once
+        another replica of its deployment here is ready (so the deployment keeps serving). Until then
+        the two share those cores: slower, never an outage."""
+        for replica_id, stop_at in list(self._repin_stop_at.items()):
+            proc = self.procs.pop(replica_id, None)
+            rec = self.records.get(replica_id)
+            if proc is None or rec is None:
+                del self._repin_stop_at[replica_id]
+            elif now >= stop_at:
+                del self._repin_stop_at[replica_id]
+                proc.begin_stop(rec.spec.drain_seconds + self.config.stop_grace, now)
+                self._stopping[replica_id] = proc
+                self.devices.release(replica_id)
+            else:
+                self.procs[replica_id] = proc
+        if self._repin_stop_at:
+            return
+        for replica_id in sorted(self._repin_wanted):
+            rec = self.records.get(replica_id)
+            if rec is None or replica_id not in self.procs:
+                self._repin_wanted.discard(replica_id)
+                continue
+            others_ready = [r for r in self.records.values() if r.spec.deployment == rec.spec.deployment
+                            and r.replica_id != replica_id and r.state == ReplicaState.READY]
+            if not others_ready:
+                continue
+            self._repin_wanted.discard(replica_id)
+            rec.planned_restart("restarting on fewer cores to make room for a new replica")
+            self._repin_stop_at[replica_id] = now + REPIN_DELAY
+            self._dirty = True
+            log.info("[restart] replica %s: restarting on fewer cores (%s is ready)", replica_id,
+                     others_ready[0].replica_id)
+            return
 
     def _start(self, rec: ReplicaRecord, now: float) -> None:
         try:
@@ -288,11 +334,23 @@ class Agent:
         self._dirty = True
         log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
 
+    def _demands(self) -> dict[str, Demand]:
+        """What every assigned replica takes from this host (runtime.capacity, the head's arithmetic)."""
+        return {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
+                for rid, r in self.records.items()}
+
     def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
-        """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment."""
+        """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment.
+        Raises ValueError when it does not fit beside the others (the head placed it by the same rule,
+        so only a disagreement about the host, e.g. a changed core count, gets here)."""
         env = {}
         if self._curve is not None:
             env[CURVE_ENV] = str(self._curve.directory)
+        demands = self._demands()
+        mine = demands.get(spec.replica_id) or demand_of(spec.engine, spec.gpus, spec.cpus, spec.memory_bytes)
+        why = why_not(self.host, [d for rid, d in demands.items() if rid != spec.replica_id], mine)
+        if why:
+            raise ValueError(why)
         if spec.engine != "vllm":
             return spec, env
         if spec.gpus:
@@ -301,11 +359,23 @@ class Agent:
                 spec = msgspec.structs.replace(
                     spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
         else:
-            cpu_replicas = sum(1 for r in self.records.values() if r.spec.engine == "vllm" and not r.spec.gpus)
-            cpus = int(spec.cpus) if spec.cpus >= 1 else cores_per_replica(len(host_cpu_cores()), cpu_replicas)
-            alloc = self.devices.allocate(spec.replica_id, cpus=cpus)
+            alloc = self._pin(spec.replica_id, demands)
         env.update(alloc.env)
         return spec, env
+
+    def _pin(self, replica_id: str, demands: dict[str, Demand]) -> Allocation:
+        """Divide the cores anew (sticky: the others keep what they can) and pin this replica to its
+        share; replicas left holding some of its cores are re-pinned by `_repin`."""
+        held = self.devices.held_cores()
+        held.pop(replica_id, None)
+        targets = divide_cores(self.devices.cores, demands, held)
+        for other, cores in held.items():
+            if other in targets and not set(cores) <= set(targets[other]):
+                log.info("replica %s gives up cores %s to %s (it keeps %s)", other,
+                         format_id_list(set(cores) - set(targets[other])), replica_id,
+                         format_id_list(targets[other]))
+                self._repin_wanted.add(other)
+        return self.devices.pin(replica_id, targets[replica_id])
 
     def _on_replica_frames(self, frames: list[bytes]) -> None:
         try:

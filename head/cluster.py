@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
     AgentHeartbeat, AgentRegister, Capacity, DeploymentRoute, ReplicaReport, ReplicaRoute, ReplicaSpec,
 )
@@ -44,6 +45,15 @@ class Placement:
     placed_at: float
     generation: int = 0
     draining_since: Optional[float] = None  # retired: out of routing, stopped after DRAIN_DELAY
+    demand: Optional[Demand] = None  # what it takes from its host (its generation's spec); None: current
+
+
+def demand(dep: DeploymentSpec) -> Demand:
+    return demand_of(dep.engine, dep.gpus, dep.cpus, dep.memory_bytes)
+
+
+def host_of(cap: Capacity) -> Host:
+    return Host(cap.cpus, cap.memory_bytes, len(cap.gpus))
 
 
 class ClusterState:
@@ -157,7 +167,7 @@ class ClusterState:
                 self.pending_reason[dep.name] = reason
                 break
             replica_id = "%s-%s" % (dep.name, secrets.token_hex(3))
-            self.placements[replica_id] = Placement(replica_id, dep.name, agent_id, now, gen)
+            self.placements[replica_id] = Placement(replica_id, dep.name, agent_id, now, gen, demand=demand(dep))
             log.info("placed replica %s of %s (generation %d) on agent %s", replica_id, dep.name, gen, agent_id)
         ready_new = sum(1 for p in new if p.draining_since is None and self._is_ready(p))
         keep_old = max(0, dep.replicas - ready_new)
@@ -169,45 +179,59 @@ class ClusterState:
         rep = self._report(p)
         return rep is not None and rep.state == ROUTABLE_STATE
 
-    def _used(self, agent_id: str) -> tuple[int, float, int]:
-        gpus, cpus, mem = 0, 0.0, 0
+    def _placed(self, agent_id: str, skip: str = "") -> list[Demand]:
+        """Demands of the replicas assigned to an agent (draining ones too: they hold their devices
+        until unassigned), except those of deployment `skip`."""
+        out = []
         for p in self.placements.values():
             dep = self.deployments.get(p.deployment)
-            if p.agent_id == agent_id and dep is not None:
-                gpus, cpus, mem = gpus + dep.gpus, cpus + dep.cpus, mem + dep.memory_bytes
-        return gpus, cpus, mem
+            if p.agent_id == agent_id and dep is not None and p.deployment != skip:
+                out.append(p.demand or demand(dep))
+        return out
 
-    def _choose_agent(self, dep: DeploymentSpec) -> tuple[Optional[str], str]:
-        """Where the next replica fits; spread: fewest replicas of this deployment, then fewest overall.
-        Returns (agent id, "") or (None, why nothing fits)."""
+    def _choose_agent(self, dep: DeploymentSpec, extra: Optional[dict[str, list[Demand]]] = None,
+                      skip: str = "") -> tuple[Optional[str], str]:
+        """Where the next replica fits (runtime.capacity, the agent's own arithmetic); spread: fewest
+        replicas of this deployment, then fewest overall. `extra`: demands to count as placed too
+        (a dry run); `skip`: a deployment whose placements to leave out. Returns (agent id, "") or
+        (None, why nothing fits)."""
         if not self.agents:
             return None, "no agent registered"
         best: Optional[tuple[int, int, str]] = None
         reasons = []
+        want = demand(dep)
         for agent in self.agents.values():
-            cap = agent.capacity
-            gpus, cpus, mem = self._used(agent.agent_id)
             if any(agent.labels.get(k) != v for k, v in dep.placement_labels.items()):
                 reasons.append("%s: labels do not match %s" % (agent.agent_id, dep.placement_labels))
                 continue
-            if dep.gpus and len(cap.gpus) - gpus < dep.gpus:
-                reasons.append("%s: %d of %d GPU(s) free, need %d" % (
-                    agent.agent_id, max(0, len(cap.gpus) - gpus), len(cap.gpus), dep.gpus))
+            placed = self._placed(agent.agent_id, skip) + (extra or {}).get(agent.agent_id, [])
+            why = why_not(host_of(agent.capacity), placed, want)
+            if why:
+                reasons.append("%s: %s" % (agent.agent_id, why))
                 continue
-            if dep.cpus and cap.cpus - cpus < dep.cpus:
-                reasons.append("%s: %.1f CPU(s) free, need %.1f" % (agent.agent_id, cap.cpus - cpus, dep.cpus))
-                continue
-            if dep.memory_bytes and cap.memory_bytes - mem < dep.memory_bytes:
-                reasons.append("%s: %.1f GiB free, need %.1f GiB" % (
-                    agent.agent_id, (cap.memory_bytes - mem) / 2**30, dep.memory_bytes / 2**30))
-                continue
-            mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id]
-            key = (sum(1 for p in mine if p.deployment == dep.name), len(mine), agent.agent_id)
+            mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id and p.deployment != skip]
+            key = (sum(1 for p in mine if p.deployment == dep.name)
+                   + len((extra or {}).get(agent.agent_id, [])), len(mine), agent.agent_id)
             if best is None or key < best:
                 best = key
         if best is None:
             return None, "no agent fits: " + "; ".join(sorted(reasons))
         return best[2], ""
+
+    def why_unplaceable(self, spec: DeploymentSpec) -> str:
+        """Dry run: "" if `spec.replicas` replicas of `spec` fit beside every other deployment's
+        replicas (its own current ones are left out: a rolling update can replace them one at a time),
+        else why not. Judges only with at least one agent registered."""
+        if not self.agents or spec.replicas == 0:
+            return ""
+        extra: dict[str, list[Demand]] = {}
+        for i in range(spec.replicas):
+            agent_id, reason = self._choose_agent(spec, extra, skip=spec.name)
+            if agent_id is None:
+                return "only %d of %d replica(s) of %s fit: %s" % (i, spec.replicas, spec.name,
+                                                                  reason.replace("no agent fits: ", ""))
+            extra.setdefault(agent_id, []).append(demand(spec))
+        return ""
 
     def assignment_for(self, agent_id: str) -> list[ReplicaSpec]:
         specs = []

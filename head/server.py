@@ -203,6 +203,9 @@ class Head:
                 spec = parse_deployment(msg.spec, "spec")
             except ValueError as exc:
                 return ControlReply(False, "invalid_spec", str(exc))
+            refused = self._unplaceable(spec)
+            if refused is not None:
+                return refused
             result, generation = self._put(spec)
         elif isinstance(msg, ScaleRequest):
             old = self.state.deployments.get(msg.name)
@@ -210,7 +213,11 @@ class Head:
                 return ControlReply(False, "not_found", "no deployment named %r" % msg.name)
             if msg.replicas < 0:
                 return ControlReply(False, "invalid_spec", "replicas: must be an integer >= 0")
-            result, generation = self._put(dataclasses.replace(old, replicas=msg.replicas))
+            spec = dataclasses.replace(old, replicas=msg.replicas)
+            refused = self._unplaceable(spec)
+            if refused is not None:
+                return refused
+            result, generation = self._put(spec)
         else:
             assert isinstance(msg, DeleteRequest)
             if msg.name not in self.state.deployments:
@@ -221,6 +228,20 @@ class Head:
             result, generation = "deleted", 0
         self._housekeeping()
         return ControlReply(True, data={"result": result, "generation": generation})
+
+    def _unplaceable(self, spec: DeploymentSpec) -> Optional[ControlReply]:
+        """Refuse a change whose replicas cannot all be placed on the agents we know (nothing is
+        changed then). Not judged while recovering or before any agent registered."""
+        old = self.state.deployments.get(spec.name)
+        if self.recovering or (old is not None and old == spec) or (
+                old is not None and old.same_replicas_as(spec) and spec.replicas <= old.replicas):
+            return None
+        why = self.state.why_unplaceable(spec)
+        if not why:
+            return None
+        log.warning("refused %s: %s", spec.name, why)
+        return ControlReply(False, "unplaceable", "%s; nothing changed (free capacity, lower replicas or "
+                                                  "cpus/gpus/memory)" % why)
 
     def _reply(self, peer: bytes, msg: object) -> None:
         try:

@@ -135,3 +135,19 @@ def test_agent_register_heartbeat_and_table(head):
     assert reply.code == "protocol"
     sub.close(0)
     agent.close(0)
+
+
+def test_a_change_that_cannot_be_placed_is_refused_and_changes_nothing(head):
+    head_client.deploy(head.endpoint, TOKEN, {"name": "v", "engine": "vllm", "model": "m", "replicas": 1})
+    agent = _dealer(head.endpoint)
+    agent.send_multipart(encode(AgentRegister(PROTOCOL_VERSION, "a1", "h", Capacity(2, 1 << 30))))
+    assert _recv(agent).ok
+    assert head_client.scale(head.endpoint, TOKEN, "v", 2)["result"] == "scaled"  # one core each
+    with pytest.raises(HeadRefused, match=r"unplaceable: only 2 of 3 replica\(s\) of v fit: a1: 0 of 2 CPU"):
+        head_client.scale(head.endpoint, TOKEN, "v", 3)
+    with pytest.raises(HeadRefused, match="unplaceable"):
+        head_client.deploy(head.endpoint, TOKEN, {"name": "w", "engine": "mock", "cpus": 4})
+    status = {d["name"]: d for d in head_client.status(head.endpoint, TOKEN).deployments}
+    assert status["v"]["replicas"] == 2 and "w" not in status
+    assert head_client.scale(head.endpoint, TOKEN, "v", 1)["result"] == "scaled"
+    agent.close(0)
