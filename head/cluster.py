@@ -65,6 +65,7 @@ class ClusterState:
         self.agents: dict[str, AgentRecord] = {}
         self.placements: dict[str, Placement] = {}
         self.pending_reason: dict[str, str] = {}
+        self.rollout_note: dict[str, str] = {}  # a rolling update replacing in place, or why it waits
 
     # ------------------------------------------------------------------ agents
 
@@ -145,6 +146,7 @@ class ClusterState:
         requests for the deployment's drain_seconds before it exits.
         """
         self.pending_reason = {}
+        self.rollout_note = {}
         for replica_id, p in list(self.placements.items()):
             if p.draining_since is None and p.deployment not in self.deployments:
                 p.draining_since = now
@@ -161,19 +163,54 @@ class ClusterState:
         surplus = sorted(new, key=lambda p: (self._is_ready(p), -p.placed_at))[:max(0, len(new) - dep.replicas)]
         for p in surplus:
             p.draining_since = now
+        new = [p for p in new if p.draining_since is None]
+        blocked = ""
+        surge = dep.rollout.max_surge
         for _ in range(dep.replicas - len(new)):
+            if old and surge is not None and len(new) + len(old) >= dep.replicas + surge:
+                blocked = "max_surge %d reached" % surge
+                break
             agent_id, reason = self._choose_agent(dep)
             if agent_id is None:
-                self.pending_reason[dep.name] = reason
+                blocked = reason
                 break
             replica_id = "%s-%s" % (dep.name, secrets.token_hex(3))
-            self.placements[replica_id] = Placement(replica_id, dep.name, agent_id, now, gen, demand=demand(dep))
+            placement = Placement(replica_id, dep.name, agent_id, now, gen, demand=demand(dep))
+            self.placements[replica_id] = placement
+            new.append(placement)
             log.info("placed replica %s of %s (generation %d) on agent %s", replica_id, dep.name, gen, agent_id)
-        ready_new = sum(1 for p in new if p.draining_since is None and self._is_ready(p))
+        ready_new = sum(1 for p in new if self._is_ready(p))
         keep_old = max(0, dep.replicas - ready_new)
         for p in sorted(old, key=lambda p: (self._is_ready(p), p.placed_at))[:max(0, len(old) - keep_old)]:
             p.draining_since = now
             log.info("retiring replica %s of %s (generation %d)", p.replica_id, dep.name, p.generation)
+        old = [p for p in old if p.draining_since is None]
+        if blocked and old:
+            self._replace_in_place(dep, old, ready_new, blocked, now)
+        elif blocked:
+            self.pending_reason[dep.name] = blocked
+
+    def _replace_in_place(self, dep: DeploymentSpec, old: list[Placement], ready_new: int, blocked: str,
+                          now: float) -> None:
+        """A rolling update with no room for a new replica beside the old ones: retire one old replica
+        (not-ready ones first) when that keeps the ready count within max_unavailable of `replicas`
+        and no earlier retirement still holds its slot; its capacity then takes a new one."""
+        draining = any(p.deployment == dep.name and p.draining_since is not None for p in self.placements.values())
+        victim = sorted(old, key=lambda p: (self._is_ready(p), p.placed_at))[0]
+        available = ready_new + sum(1 for p in old if self._is_ready(p))
+        short = dep.replicas - available + (1 if self._is_ready(victim) else 0)
+        if draining:
+            self.rollout_note[dep.name] = "replacing one at a time (no room beside the old replicas)"
+        elif short <= dep.rollout.max_unavailable:
+            victim.draining_since = now
+            self.rollout_note[dep.name] = "replacing one at a time (no room beside the old replicas)"
+            log.info("[update] %s: no room for a new replica (%s); retiring %s to replace it",
+                     dep.name, blocked, victim.replica_id)
+        else:
+            self.rollout_note[dep.name] = "waiting: no room beside the old replicas (%s) and max_unavailable %d " \
+                "allows no more" % (blocked, dep.rollout.max_unavailable)
+            if dep.rollout.max_unavailable == 0:
+                self.pending_reason[dep.name] = blocked
 
     def _is_ready(self, p: Placement) -> bool:
         rep = self._report(p)
@@ -298,6 +335,7 @@ class ClusterState:
             deployments.append({**dep.to_dict(), "state": state, "ready_replicas": ready,
                                 "generation": self.generations[dep.name],
                                 "pending_reason": self.pending_reason.get(dep.name, ""),
+                                "rollout_note": self.rollout_note.get(dep.name, ""),
                                 "replica_list": replicas})
         agents = [{
             "agent_id": a.agent_id, "host": a.host, "cpus": a.capacity.cpus,

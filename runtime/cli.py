@@ -157,6 +157,8 @@ def _cmd_status(ns: argparse.Namespace) -> int:
                                                d["engine"], d["model"]))
         if d.get("pending_reason"):
             print("    pending: %s" % d["pending_reason"])
+        if d.get("rollout_note"):
+            print("    update: %s" % d["rollout_note"])
         for r in d["replica_list"]:
             print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
                   "age=%.0fs %s" % (

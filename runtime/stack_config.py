@@ -38,7 +38,16 @@ ENGINES = ("mock", "vllm")
 
 
 # fields replicas never see: changing them updates the routing table, not the replicas
-PROXY_SIDE_FIELDS = ("replicas", "routing", "timeouts", "max_ongoing_requests")
+PROXY_SIDE_FIELDS = ("replicas", "routing", "timeouts", "max_ongoing_requests", "rollout")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a rolling update proceeds (docs/deployments.md, Updates), like Kubernetes' maxSurge and
+    maxUnavailable. Read by the head only."""
+
+    max_surge: Optional[int] = None  # new replicas beyond `replicas` at once; None: as many as fit
+    max_unavailable: int = 1  # when no new replica fits beside the old ones: ready replicas short at most
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class DeploymentSpec:
     drain_seconds: float = 10.0   # in-flight requests may finish this long when a replica is retired
     routing: RoutingSettings = RoutingSettings()    # read by proxies (policy, queue)
     timeouts: TimeoutSettings = TimeoutSettings()   # read by proxies; None: the proxy's default
+    rollout: Rollout = Rollout()                    # read by the head: rolling update pace
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "engine": self.engine, "model": self.model,
@@ -67,7 +77,8 @@ class DeploymentSpec:
                 "placement": {"labels": dict(self.placement_labels)},
                 "drain_seconds": self.drain_seconds,
                 "routing": msgspec.structs.asdict(self.routing),
-                "timeouts": msgspec.structs.asdict(self.timeouts)}
+                "timeouts": msgspec.structs.asdict(self.timeouts),
+                "rollout": {"max_surge": self.rollout.max_surge, "max_unavailable": self.rollout.max_unavailable}}
 
     def same_replicas_as(self, other: "DeploymentSpec") -> bool:
         """True if replicas of `self` serve `other` unchanged: only fields the head and proxies act on
@@ -109,7 +120,7 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
     known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
-             "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts"}
+             "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts", "rollout"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError("%s: unknown field(s) %s (known: %s)" % (where, unknown, ", ".join(sorted(known))))
@@ -146,7 +157,20 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
         drain_seconds=_number(raw.get("drain_seconds", 10.0), where + ".drain_seconds"),
         routing=_routing(raw.get("routing"), where + ".routing"),
         timeouts=_timeouts(raw.get("timeouts"), where + ".timeouts"),
+        rollout=_rollout(raw.get("rollout"), where + ".rollout"),
     )
+
+
+def _rollout(raw: Any, where: str) -> Rollout:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict) or set(raw) - {"max_surge", "max_unavailable"}:
+        raise ValueError("%s: must be a mapping with max_surge and/or max_unavailable" % where)
+    surge = raw.get("max_surge")
+    out = Rollout(max_surge=None if surge is None else _int(surge, where + ".max_surge", 0),
+                  max_unavailable=_int(raw.get("max_unavailable", 1), where + ".max_unavailable", 0))
+    if out.max_surge == 0 and out.max_unavailable == 0:
+        raise ValueError("%s: max_surge 0 and max_unavailable 0 can never update; raise one of them" % where)
+    return out
 
 
 def _fields(raw: Any, where: str, struct: type[msgspec.Struct]) -> dict[str, Any]:
