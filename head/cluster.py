@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from head.healing import Healer
 from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
     AgentHeartbeat, AgentRegister, Capacity, DeploymentRoute, ReplicaReport, ReplicaRoute, ReplicaSpec,
@@ -66,6 +67,7 @@ class ClusterState:
         self.placements: dict[str, Placement] = {}
         self.pending_reason: dict[str, str] = {}
         self.rollout_note: dict[str, str] = {}  # a rolling update replacing in place, or why it waits
+        self.healer = Healer()
 
     # ------------------------------------------------------------------ agents
 
@@ -130,9 +132,11 @@ class ClusterState:
             changed = "scaled" if dataclasses.replace(old, replicas=spec.replicas) == spec else "configured"
             return changed, self.generations[spec.name]
         self.generations[spec.name] += 1
+        self.healer.reset(spec.name)
         return "updated", self.generations[spec.name]
 
     def delete_deployment(self, name: str) -> bool:
+        self.healer.reset(name)
         return self.deployments.pop(name, None) is not None and self.generations.pop(name, None) is not None
 
     # ------------------------------------------------------------------ placement
@@ -152,6 +156,8 @@ class ClusterState:
                 p.draining_since = now
             if p.draining_since is not None and now - p.draining_since >= DRAIN_DELAY:
                 del self.placements[replica_id]
+            elif p.draining_since is None:
+                self._heal(p, now)
         for dep in self.deployments.values():
             self._reconcile_one(dep, self.generations[dep.name], now)
 
@@ -166,11 +172,14 @@ class ClusterState:
         new = [p for p in new if p.draining_since is None]
         blocked = ""
         surge = dep.rollout.max_surge
-        for _ in range(dep.replicas - len(new)):
+        waiting = self.healer.waiting(dep.name, now) if len(new) < dep.replicas else None
+        if waiting:
+            self.pending_reason[dep.name] = waiting
+        for _ in range(0 if waiting else dep.replicas - len(new)):
             if old and surge is not None and len(new) + len(old) >= dep.replicas + surge:
                 blocked = "max_surge %d reached" % surge
                 break
-            agent_id, reason = self._choose_agent(dep)
+            agent_id, reason = self._choose_agent(dep, avoid=self.healer.avoid(dep.name))
             if agent_id is None:
                 blocked = reason
                 break
@@ -189,6 +198,20 @@ class ClusterState:
             self._replace_in_place(dep, old, ready_new, blocked, now)
         elif blocked:
             self.pending_reason[dep.name] = blocked
+
+    def _heal(self, p: Placement, now: float) -> None:
+        """A replica its agent gave up on is unassigned (the agent drops it) and replaced after a backoff
+        (head.healing), elsewhere if another agent fits; a ready one ends the backoff."""
+        rep = self._report(p)
+        if rep is None:
+            return
+        if rep.state == ROUTABLE_STATE:
+            self.healer.ready(p.deployment, p.placed_at)
+        elif rep.state == "failed":
+            del self.placements[p.replica_id]
+            delay = self.healer.failed(p.deployment, p.replica_id, p.agent_id, rep.message, now)
+            log.warning("[failover] replica %s of %s failed on %s (%s); placing a replacement in %.0fs",
+                        p.replica_id, p.deployment, p.agent_id, rep.message, delay)
 
     def _replace_in_place(self, dep: DeploymentSpec, old: list[Placement], ready_new: int, blocked: str,
                           now: float) -> None:
@@ -227,14 +250,15 @@ class ClusterState:
         return out
 
     def _choose_agent(self, dep: DeploymentSpec, extra: Optional[dict[str, list[Demand]]] = None,
-                      skip: str = "") -> tuple[Optional[str], str]:
+                      skip: str = "", avoid: frozenset[str] | set[str] = frozenset()) -> tuple[Optional[str], str]:
         """Where the next replica fits (runtime.capacity, the agent's own arithmetic); spread: fewest
         replicas of this deployment, then fewest overall. `extra`: demands to count as placed too
-        (a dry run); `skip`: a deployment whose placements to leave out. Returns (agent id, "") or
+        (a dry run); `skip`: a deployment whose placements to leave out; `avoid`: agents where it failed,
+        chosen only when no other fits. Returns (agent id, "") or
         (None, why nothing fits)."""
         if not self.agents:
             return None, "no agent registered"
-        best: Optional[tuple[int, int, str]] = None
+        best: Optional[tuple[bool, int, int, str]] = None
         reasons = []
         want = demand(dep)
         for agent in self.agents.values():
@@ -247,13 +271,13 @@ class ClusterState:
                 reasons.append("%s: %s" % (agent.agent_id, why))
                 continue
             mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id and p.deployment != skip]
-            key = (sum(1 for p in mine if p.deployment == dep.name)
+            key = (agent.agent_id in avoid, sum(1 for p in mine if p.deployment == dep.name)
                    + len((extra or {}).get(agent.agent_id, [])), len(mine), agent.agent_id)
             if best is None or key < best:
                 best = key
         if best is None:
             return None, "no agent fits: " + "; ".join(sorted(reasons))
-        return best[2], ""
+        return best[3], ""
 
     def why_unplaceable(self, spec: DeploymentSpec) -> str:
         """Dry run: "" if `spec.replicas` replicas of `spec` fit beside every other deployment's
@@ -336,6 +360,7 @@ class ClusterState:
                                 "generation": self.generations[dep.name],
                                 "pending_reason": self.pending_reason.get(dep.name, ""),
                                 "rollout_note": self.rollout_note.get(dep.name, ""),
+                                "failures": self.healer.describe(dep.name, now),
                                 "replica_list": replicas})
         agents = [{
             "agent_id": a.agent_id, "host": a.host, "cpus": a.capacity.cpus,

@@ -159,6 +159,8 @@ def _cmd_status(ns: argparse.Namespace) -> int:
             print("    pending: %s" % d["pending_reason"])
         if d.get("rollout_note"):
             print("    update: %s" % d["rollout_note"])
+        if d.get("failures"):
+            print("    failures: %s" % d["failures"])
         for r in d["replica_list"]:
             print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
                   "age=%.0fs %s" % (
