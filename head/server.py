@@ -10,6 +10,7 @@ Each loop step catches and logs its own errors, so one bad message cannot kill t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -43,8 +44,9 @@ UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN,
 class Head:
     def __init__(self, config: HeadConfig, store: StateStore, admin_token: str,
                  seed: tuple[DeploymentSpec, ...] = (), clock: Callable[[], float] = time.monotonic,
-                 ctx: Optional[zmq.Context] = None) -> None:
-        """`store` holds the deployments to restore; `seed` (from a config file) is applied on top."""
+                 ctx: Optional[zmq.Context] = None, reset: bool = False) -> None:
+        """`store` holds the deployments to restore; `seed` (from a config file) fills a new state (or
+        replaces the stored deployments with `reset`); otherwise what deploy/scale set is kept."""
         self.config = config
         self.clock = clock
         self.store = store
@@ -52,8 +54,7 @@ class Head:
         stored = store.load()
         self.state = ClusterState([spec for spec, _ in stored], agent_timeout=config.agent_timeout,
                                   generations={spec.name: gen for spec, gen in stored})
-        for spec in seed:
-            self._put(spec)
+        self._seed(seed, reset)
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
         self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
@@ -182,6 +183,36 @@ class Head:
                 self._reply(peer, self._admin(msg, now))
         else:
             self._reply(peer, ControlReply(False, "unexpected", "unexpected %s" % type(msg).__name__))
+
+    def _seed(self, seed: tuple[DeploymentSpec, ...], reset: bool) -> None:
+        """The config file seeds deployments into a new state only; on later starts the stored ones
+        (what deploy/scale set) win and each difference from the file is logged."""
+        if not seed and not reset:
+            return
+        if reset or not self.store.seeded():
+            wanted = {spec.name for spec in seed}
+            for name in [n for n in self.state.deployments if n not in wanted]:
+                self.store.delete(name)
+                self.state.delete_deployment(name)
+                log.info("[startup] deployment %s deleted (--reset-deployments: not in the config)", name)
+            for spec in seed:
+                self._put(spec)
+            self.store.mark_seeded()
+            return
+        for spec in seed:
+            have = self.state.deployments.get(spec.name)
+            if have is None:
+                log.info("[startup] deployment %s is in the config but not in the state (deleted); keeping "
+                         "the state (--reset-deployments to take the file's)", spec.name)
+            elif have != spec:
+                mine, theirs = have.to_dict(), spec.to_dict()
+                diff = ", ".join("%s %s (file: %s)" % (k, json.dumps(mine[k]), json.dumps(theirs[k]))
+                                 for k in sorted(mine) if mine[k] != theirs[k])
+                log.info("[startup] deployment %s differs from the config: %s; keeping the state "
+                         "(--reset-deployments to take the file's)", spec.name, diff)
+        extra = sorted(set(self.state.deployments) - {spec.name for spec in seed})
+        if extra:
+            log.info("[startup] deployment(s) %s not in the config (added by deploy); keeping them", extra)
 
     # ------------------------------------------------------------------ admin commands
 

@@ -6,6 +6,8 @@ operation failed (head unreachable, refused), 2 bad command line or config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -34,8 +36,41 @@ DEFAULT_STACK = {
 }
 
 
-def _cmd_up(ns: argparse.Namespace) -> int:
+def stack_name(config: Optional[str], explicit: Optional[str] = None) -> str:
+    """Whose head state a `tokenrelay up` uses: --stack, else one per config file (its name and a hash
+    of its absolute path), else "default"; so two configs never share deployments."""
+    if explicit:
+        return explicit
+    if not config:
+        return "default"
+    path = Path(config).resolve()
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:40] or "stack"
+    return "%s-%s" % (stem, hashlib.sha256(str(path).encode()).hexdigest()[:8])
+
+
+def _up_launcher(ns: argparse.Namespace) -> Any:
+    """The Launcher class with this command line's stack name, reset flag and proxy address bound in."""
     from runtime.launcher import Launcher
+    name = stack_name(ns.config, ns.stack)
+
+    def make(stack: StackConfig, path: Path, log_level: str) -> Any:
+        if ns.bind or ns.port:
+            host, _, port = stack.proxy_bind.rpartition(":")
+            stack = dataclasses.replace(stack, proxy_bind="%s:%s" % (ns.bind or host, ns.port or port))
+        log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
+        return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments)
+    return make
+
+
+def _cmd_up(ns: argparse.Namespace) -> int:
+    from head.config import STACK_NAME_RE
+    if ns.stack is not None and not STACK_NAME_RE.match(ns.stack):
+        log.error("--stack must be 1-63 letters, digits, '.', '_' or '-', got %r", ns.stack)
+        return 2
+    if ns.port is not None and not 0 < ns.port < 65536:
+        log.error("--port must be between 1 and 65535, got %d", ns.port)
+        return 2
+    Launcher = _up_launcher(ns)
     if ns.config:
         path = Path(ns.config)
         try:
@@ -185,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start head, agent and proxy on this host")
     up.add_argument("--config", help="stack config (default: serve SmolLM2-135M-Instruct with vLLM)")
+    up.add_argument("--stack", default=None, help="name of this stack's head state (default: one per "
+                                                  "config file; 'default' without --config)")
+    up.add_argument("--reset-deployments", action="store_true",
+                    help="replace the stack's stored deployments with the config's (default: the config "
+                         "seeds a new stack only; deploy/scale changes are kept across restarts)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port of the proxy (default: proxy.bind's)")
+    up.add_argument("--bind", default=None, help="HTTP address of the proxy (default: proxy.bind's host)")
     up.set_defaults(func=_cmd_up)
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)

@@ -16,6 +16,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
+
 from runtime.proctree import collect_tree, signal_all
 from runtime.stack_config import StackConfig, single_host_proxy_workers
 
@@ -27,10 +29,13 @@ CRASH_WINDOW = 60.0
 
 
 class Launcher:
-    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO") -> None:
+    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
+                 stack_name: Optional[str] = None, reset_deployments: bool = False) -> None:
         self.stack = stack
         self.config_path = config_path
         self.log_level = log_level
+        self.stack_name = stack_name  # the head keeps this stack's deployments apart (head --stack)
+        self.reset_deployments = reset_deployments
         self.children: dict[str, subprocess.Popen] = {}
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
@@ -50,6 +55,10 @@ class Launcher:
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
             head_args += ["--state-dir", s.head_state_dir]
+        if self.stack_name:
+            head_args += ["--stack", self.stack_name]
+        if self.reset_deployments:
+            head_args += ["--reset-deployments"]
         head_args += ["--metrics-port", str(s.head_metrics_port), "--proxy-metrics", s.proxy_bind]
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]

@@ -18,9 +18,9 @@ TOKEN = "s3cret"
 
 
 class RunningHead:
-    def __init__(self, db, recovery_grace=0.0):
+    def __init__(self, db, recovery_grace=0.0, seed=(), reset=False):
         cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=recovery_grace)
-        self.head = Head(cfg, StateStore(db), TOKEN)
+        self.head = Head(cfg, StateStore(db), TOKEN, seed, reset=reset)
         self.head.bind()
         self.endpoint = self.head.control_endpoint
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -151,3 +151,26 @@ def test_a_change_that_cannot_be_placed_is_refused_and_changes_nothing(head):
     assert status["v"]["replicas"] == 2 and "w" not in status
     assert head_client.scale(head.endpoint, TOKEN, "v", 1)["result"] == "scaled"
     agent.close(0)
+
+
+def test_config_seeds_a_new_state_only_and_later_starts_keep_what_scale_and_deploy_set(tmp_path, caplog):
+    from runtime.stack_config import DeploymentSpec
+    db = tmp_path / "head.db"
+    seed = (DeploymentSpec("m", "mock", "m", replicas=1),)
+    h = RunningHead(db, seed=seed)
+    assert h.head.state.deployments["m"].replicas == 1
+    head_client.scale(h.endpoint, TOKEN, "m", 3)
+    head_client.deploy(h.endpoint, TOKEN, {"name": "extra", "engine": "mock"})
+    h.stop()
+    caplog.set_level("INFO")
+    h = RunningHead(db, seed=seed)  # `tokenrelay up` again with the same file
+    assert h.head.state.deployments["m"].replicas == 3 and "extra" in h.head.state.deployments
+    assert "deployment m differs from the config: replicas 3 (file: 1); keeping the state" in caplog.text
+    head_client.delete(h.endpoint, TOKEN, "m")
+    h.stop()
+    h = RunningHead(db, seed=seed)  # deleted stays deleted
+    assert "m" not in h.head.state.deployments
+    h.stop()
+    h = RunningHead(db, seed=seed, reset=True)  # --reset-deployments: the file wins
+    assert set(h.head.state.deployments) == {"m"} and h.head.state.deployments["m"].replicas == 1
+    h.stop()
