@@ -29,6 +29,7 @@ class AgentConfig:
     metrics_port: int = 0  # Prometheus /metrics on --host (agent.metrics); 0 picks a free port, < 0: off
     adopt: bool = False  # replicas outlive the agent; a restarted agent adopts them (fixed replica endpoint)
     log_level: str = "INFO"
+    replica_log_dir: Optional[str] = None  # each replica's output (engine logs) to <dir>/<replica>.log
 
     def __post_init__(self) -> None:
         if not self.head.startswith(("tcp://", "ipc://")):
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache GiB per CPU vLLM replica (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics HTTP port on --host (0: a free one, -1: off)")
+    p.add_argument("--replica-log-dir", default=None,
+                   help="write each replica's output (its engine's logs) to DIR/<replica id>.log instead of "
+                        "the agent's terminal")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -93,7 +97,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
                       curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib, adopt=ns.adopt,
-                      metrics_port=ns.metrics_port, log_level=ns.log_level)
+                      metrics_port=ns.metrics_port, log_level=ns.log_level,
+                      replica_log_dir=ns.replica_log_dir)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id
         return AgentConfig(**kwargs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import msgspec
@@ -323,8 +324,11 @@ class Agent:
             log.error("replica %s: %s", rec.replica_id, rec.message)
             self._dirty = True
             return
+        log_path = Path(self.config.replica_log_dir) / ("%s.log" % rec.replica_id) \
+            if self.config.replica_log_dir else None
         try:
-            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt)
+            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt,
+                                  log_path=log_path)
         except OSError as exc:
             log.error("cannot start replica %s: %s", rec.replica_id, exc)
             rec.exited(1, now)
@@ -332,7 +336,8 @@ class Agent:
         self.procs[rec.replica_id] = proc
         rec.launched(proc.pid, now)
         self._dirty = True
-        log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
+        log.info("[startup] replica %s started, pid %d%s", rec.replica_id, proc.pid,
+                 ", log %s" % log_path if log_path else "")
 
     def _demands(self) -> dict[str, Demand]:
         """What every assigned replica takes from this host (runtime.capacity, the head's arithmetic)."""

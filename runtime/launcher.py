@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from runtime.credentials import state_dir
 from runtime.proctree import collect_tree, signal_all
 from runtime.stack_config import StackConfig, single_host_proxy_workers
 
@@ -30,12 +31,13 @@ CRASH_WINDOW = 60.0
 
 class Launcher:
     def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
-                 stack_name: Optional[str] = None, reset_deployments: bool = False) -> None:
+                 stack_name: Optional[str] = None, reset_deployments: bool = False, verbose: bool = False) -> None:
         self.stack = stack
         self.config_path = config_path
         self.log_level = log_level
         self.stack_name = stack_name  # the head keeps this stack's deployments apart (head --stack)
         self.reset_deployments = reset_deployments
+        self.verbose = verbose  # replicas' (engines') output on this terminal instead of log files
         self.children: dict[str, subprocess.Popen] = {}
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
@@ -63,14 +65,23 @@ class Launcher:
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
-        self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
-                             "--metrics-port", str(s.agent_metrics_port)])
+        agent_args = ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
+                      "--metrics-port", str(s.agent_metrics_port)]
+        if not self.verbose:
+            logs = self.replica_log_dir()
+            agent_args += ["--replica-log-dir", str(logs)]
+            log.info("[startup] replica (engine) logs go to %s/<replica>.log (--verbose: to this terminal)", logs)
+        self._spawn("agent", agent_args)
         workers = s.proxy_workers or single_host_proxy_workers()
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
         self._spawn("proxy", proxy_args)
         code = self._watch()
         self.shutdown()
         return code
+
+    def replica_log_dir(self) -> Path:
+        base = state_dir(self.stack.head_state_dir)
+        return base / "stacks" / self.stack_name / "logs" if self.stack_name else base / "logs"
 
     def _watch(self) -> int:
         """Supervise until Ctrl-C: a component that crashes is restarted (the head restores its state
@@ -100,14 +111,18 @@ class Launcher:
         return 0
 
     def shutdown(self) -> None:
+        """Stop in order, each after the one before it is gone (proxy first, so no client request and no
+        proxy connection sees a replica go away; the agent before the head, so it never misses the head),
+        all within STOP_GRACE; then SIGKILL whatever is left of every tree."""
         start = time.monotonic()
         trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
+        deadline = start + STOP_GRACE
         for name in ("proxy", "agent", "head"):
             child = self.children.get(name)
-            if child is not None and child.poll() is None:
+            if child is None:
+                continue
+            if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = start + STOP_GRACE
-        for name, child in self.children.items():
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

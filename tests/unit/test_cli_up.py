@@ -20,7 +20,7 @@ def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypa
     made = {}
 
     class FakeLauncher:
-        def __init__(self, stack, path, log_level, stack_name=None, reset_deployments=False):
+        def __init__(self, stack, path, log_level, stack_name=None, reset_deployments=False, verbose=False):
             made.update(bind=stack.proxy_bind, name=stack_name, reset=reset_deployments)
 
         def run(self):
