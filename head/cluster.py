@@ -235,6 +235,21 @@ class ClusterState:
             if dep.rollout.max_unavailable == 0:
                 self.pending_reason[dep.name] = blocked
 
+    def load_of(self, name: str) -> tuple[int, int, int]:
+        """(requests running or waiting on its ready replicas, ready replicas, starting replicas) of a
+        deployment, from its agents' last reports: the autoscaler's input."""
+        ongoing = ready = starting = 0
+        for p in self.placements.values():
+            if p.deployment != name or p.draining_since is not None:
+                continue
+            rep = self._report(p)
+            if rep is not None and rep.state == ROUTABLE_STATE:
+                ready += 1
+                ongoing += rep.status.running + rep.status.waiting if rep.status else 0
+            elif rep is None or rep.state in ("starting", "backoff"):
+                starting += 1
+        return ongoing, ready, starting
+
     def _is_ready(self, p: Placement) -> bool:
         rep = self._report(p)
         return rep is not None and rep.state == ROUTABLE_STATE

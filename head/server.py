@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import zmq
 
+from head.autoscaler import Autoscaler, Decision
 from head.cluster import ClusterState
 from head.config import HeadConfig
 from head.metrics import HeadMetrics
@@ -57,6 +58,7 @@ class Head:
         self._seed(seed, reset)
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
+        self.scalers: dict[str, Autoscaler] = {}  # autoscaled deployments (head.autoscaler)
         self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
@@ -228,6 +230,8 @@ class Head:
         if isinstance(msg, StatusRequest):
             deployments, agents = self.state.status(now, time.time())
             self.metrics.enrich_status(self.state, deployments, agents)
+            for d in deployments:
+                d["autoscale"] = self.autoscale_status(d["name"])
             return StatusReply(self.tables.epoch, self.tables.version, deployments, agents)
         if isinstance(msg, DeployRequest):
             try:
@@ -274,6 +278,34 @@ class Head:
         return ControlReply(False, "unplaceable", "%s; nothing changed (free capacity, lower replicas or "
                                                   "cpus/gpus/memory)" % why)
 
+    def _autoscale(self, now: float) -> None:
+        """Apply each autoscaled deployment's decision like `tokenrelay scale` would (persisted), never
+        beyond what can be placed."""
+        for name in [n for n in self.scalers if n not in self.state.deployments]:
+            del self.scalers[name]
+        for dep in list(self.state.deployments.values()):
+            cfg = dep.autoscaling
+            if cfg is None:
+                self.scalers.pop(dep.name, None)
+                continue
+            scaler = self.scalers.get(dep.name)
+            if scaler is None or scaler.config != cfg:
+                scaler = self.scalers[dep.name] = Autoscaler(cfg)
+            ongoing, ready, starting = self.state.load_of(dep.name)
+
+            def fits(n: int, dep: DeploymentSpec = dep) -> bool:
+                return not self.state.why_unplaceable(dataclasses.replace(dep, replicas=n))
+            d = scaler.decide(now, dep.replicas, ongoing, ready, starting,
+                              failing=dep.name in self.state.healer.failures, fits=fits)
+            if d.replicas != dep.replicas:
+                log.info("[autoscale] %s: %d -> %d replica(s): %s", dep.name, dep.replicas, d.replicas, d.reason)
+                self._put(dataclasses.replace(dep, replicas=d.replicas))
+
+    def autoscale_status(self, name: str) -> dict[str, object]:
+        scaler = self.scalers.get(name)
+        d: Optional[Decision] = scaler.last if scaler else None
+        return {} if d is None else {"desired": d.replicas, "wanted": d.wanted, "reason": d.reason}
+
     def _reply(self, peer: bytes, msg: object) -> None:
         try:
             self._control.send_multipart([peer] + encode(msg), zmq.NOBLOCK)
@@ -293,6 +325,7 @@ class Head:
             self.state.expire_agents(now)
             if not self.recovering:  # let every agent re-register (and report) before placing anything
                 self.state.reconcile(now)
+                self._autoscale(now)
         except Exception:
             log.exception("reconcile pass failed; going on")
         self.reconcile_seconds = time.perf_counter() - started

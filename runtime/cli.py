@@ -209,6 +209,9 @@ def _cmd_status(ns: argparse.Namespace) -> int:
             print("    update: %s" % d["rollout_note"])
         if d.get("failures"):
             print("    failures: %s" % d["failures"])
+        if d.get("autoscale"):
+            a = d["autoscale"]
+            print("    autoscale: desired %d (load wants %d): %s" % (a["desired"], a["wanted"], a["reason"]))
         for r in d["replica_list"]:
             print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
                   "age=%.0fs %s" % (
