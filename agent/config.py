@@ -20,7 +20,9 @@ class AgentConfig:
     replica_endpoint: str = "tcp://127.0.0.1:*"  # where this host's replicas report to the agent
     heartbeat_interval: float = 0.5
     head_timeout: float = 3.0  # no answer from the head this long: reconnect and register again
-    stop_grace: float = 5.0  # SIGTERM -> SIGKILL for a replica's process tree
+    # SIGTERM -> SIGKILL for a replica's process tree (after its drain): vLLM's own engine shutdown
+    # took over 5 s on 2 loaded cores, so 10 s lets it finish instead of being killed
+    stop_grace: float = 10.0
     labels: dict[str, str] = field(default_factory=dict)
     policy: RestartPolicy = RestartPolicy()
     parent_pid: Optional[int] = None

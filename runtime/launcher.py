@@ -3,7 +3,8 @@
 Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ socket. Each component
 is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
 stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
-grace period: everything is gone within 10 s. Each child also carries a parent-death guard.
+grace period: everything is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
+Each child also carries a parent-death guard.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from runtime.stack_config import StackConfig, single_host_proxy_workers
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE = 8.0  # seconds between SIGTERM and SIGKILL; the agent's own replica grace fits inside
+STOP_GRACE = 13.0  # seconds between SIGTERM and SIGKILL; the agent's replica grace (10 s + 1) fits inside
 MAX_CRASHES = 5
 CRASH_WINDOW = 60.0
 
