@@ -248,6 +248,10 @@ class Head:
                 return ControlReply(False, "not_found", "no deployment named %r" % msg.name)
             if msg.replicas < 0:
                 return ControlReply(False, "invalid_spec", "replicas: must be an integer >= 0")
+            if old.autoscaling is not None:
+                return ControlReply(False, "autoscaled", "%s is autoscaled between %d and %d replicas; change "
+                                    "autoscaling.min_replicas/max_replicas with deploy (or remove autoscaling)"
+                                    % (msg.name, old.autoscaling.min_replicas, old.autoscaling.max_replicas))
             spec = dataclasses.replace(old, replicas=msg.replicas)
             refused = self._unplaceable(spec)
             if refused is not None:

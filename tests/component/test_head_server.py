@@ -174,3 +174,11 @@ def test_config_seeds_a_new_state_only_and_later_starts_keep_what_scale_and_depl
     h = RunningHead(db, seed=seed, reset=True)  # --reset-deployments: the file wins
     assert set(h.head.state.deployments) == {"m"} and h.head.state.deployments["m"].replicas == 1
     h.stop()
+
+
+def test_scale_of_an_autoscaled_deployment_is_refused_with_the_knob_to_change(head):
+    head_client.deploy(head.endpoint, TOKEN, {"name": "a", "engine": "mock",
+                                              "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    with pytest.raises(HeadRefused, match=r"autoscaled: a is autoscaled between 1 and 3 replicas; change "
+                                          r"autoscaling.min_replicas/max_replicas"):
+        head_client.scale(head.endpoint, TOKEN, "a", 5)
