@@ -19,10 +19,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from runtime.capacity import pick_cores
-from runtime.protocol import GpuInfo
+import msgspec
 
-__all__ = ["Allocation", "DeviceAllocator", "discover_gpus", "format_id_list", "host_cpu_cores",
+from runtime.capacity import Demand, Host, demand_of, divide_cores, pick_cores, why_not
+from runtime.protocol import GpuInfo, ReplicaSpec
+
+__all__ = ["Allocation", "DeviceAllocator", "devices_for", "discover_gpus", "format_id_list", "host_cpu_cores",
            "pick_cores"]
 
 log = logging.getLogger(__name__)
@@ -220,3 +222,39 @@ class DeviceAllocator:
 
     def _holder_ids(self) -> str:
         return ",".join(sorted(self._held)) or "nobody"
+
+
+# --------------------------------------------------------------------------- one replica's devices
+
+
+def devices_for(devices: DeviceAllocator, host: Host, demands: dict[str, Demand],
+                spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str], set[str]]:
+    """Devices for a replica about to start, by runtime.capacity (the head's arithmetic): its spec (a
+    multi-GPU replica gets its tensor_parallel_size), its environment, and the replicas that must give
+    up cores it now has (a CPU replica: the host's cores divided anew, sticky). `demands`: every replica
+    assigned to this host. Raises ValueError when it does not fit beside the others (the head placed it
+    by the same rule, so only a disagreement about the host, e.g. a changed core count, gets here). The
+    mock engine takes no devices."""
+    mine = demands.get(spec.replica_id) or demand_of(spec.engine, spec.gpus, spec.cpus, spec.memory_bytes)
+    why = why_not(host, [d for rid, d in demands.items() if rid != spec.replica_id], mine)
+    if why:
+        raise ValueError(why)
+    if spec.engine != "vllm":
+        return spec, {}, set()
+    if spec.gpus:
+        alloc = devices.allocate(spec.replica_id, gpus=spec.gpus)
+        if spec.gpus > 1 and "tensor_parallel_size" not in spec.engine_args:
+            spec = msgspec.structs.replace(
+                spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
+        return spec, dict(alloc.env), set()
+    held = devices.held_cores()
+    held.pop(spec.replica_id, None)
+    targets = divide_cores(devices.cores, demands, held)
+    gave_up = set()
+    for other, cores in held.items():
+        if other in targets and not set(cores) <= set(targets[other]):
+            log.info("agent [devices] replica %s gives up cores %s to %s (it keeps %s)", other,
+                     format_id_list(set(cores) - set(targets[other])), spec.replica_id,
+                     format_id_list(targets[other]))
+            gave_up.add(other)
+    return spec, dict(devices.pin(spec.replica_id, targets[spec.replica_id]).env), gave_up

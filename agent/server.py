@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import msgspec
 import psutil
 import zmq
 
 from agent.config import AgentConfig
-from agent.devices import Allocation, DeviceAllocator, discover_gpus, format_id_list, host_cpu_cores
+from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
 from runtime import parent_guard
-from runtime.capacity import Demand, Host, demand_of, divide_cores, why_not
+from runtime.capacity import Host, demand_of
 from runtime.curve import CURVE_ENV, CurveKeys
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
@@ -339,48 +338,16 @@ class Agent:
         log.info("[startup] replica %s started, pid %d%s", rec.replica_id, proc.pid,
                  ", log %s" % log_path if log_path else "")
 
-    def _demands(self) -> dict[str, Demand]:
-        """What every assigned replica takes from this host (runtime.capacity, the head's arithmetic)."""
-        return {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
-                for rid, r in self.records.items()}
-
     def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
-        """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment.
-        Raises ValueError when it does not fit beside the others (the head placed it by the same rule,
-        so only a disagreement about the host, e.g. a changed core count, gets here)."""
-        env = {}
+        """The replica's devices and environment (agent.devices.devices_for); replicas left holding some
+        of its cores are re-pinned by `_repin`."""
+        demands = {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
+                   for rid, r in self.records.items()}
+        spec, env, gave_up = devices_for(self.devices, self.host, demands, spec)
+        self._repin_wanted.update(gave_up)
         if self._curve is not None:
             env[CURVE_ENV] = str(self._curve.directory)
-        demands = self._demands()
-        mine = demands.get(spec.replica_id) or demand_of(spec.engine, spec.gpus, spec.cpus, spec.memory_bytes)
-        why = why_not(self.host, [d for rid, d in demands.items() if rid != spec.replica_id], mine)
-        if why:
-            raise ValueError(why)
-        if spec.engine != "vllm":
-            return spec, env
-        if spec.gpus:
-            alloc = self.devices.allocate(spec.replica_id, gpus=spec.gpus)
-            if spec.gpus > 1 and "tensor_parallel_size" not in spec.engine_args:
-                spec = msgspec.structs.replace(
-                    spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
-        else:
-            alloc = self._pin(spec.replica_id, demands)
-        env.update(alloc.env)
         return spec, env
-
-    def _pin(self, replica_id: str, demands: dict[str, Demand]) -> Allocation:
-        """Divide the cores anew (sticky: the others keep what they can) and pin this replica to its
-        share; replicas left holding some of its cores are re-pinned by `_repin`."""
-        held = self.devices.held_cores()
-        held.pop(replica_id, None)
-        targets = divide_cores(self.devices.cores, demands, held)
-        for other, cores in held.items():
-            if other in targets and not set(cores) <= set(targets[other]):
-                log.info("replica %s gives up cores %s to %s (it keeps %s)", other,
-                         format_id_list(set(cores) - set(targets[other])), replica_id,
-                         format_id_list(targets[other]))
-                self._repin_wanted.add(other)
-        return self.devices.pin(replica_id, targets[replica_id])
 
     def _on_replica_frames(self, frames: list[bytes]) -> None:
         try:
