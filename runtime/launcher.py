@@ -84,12 +84,30 @@ class Launcher:
         base = state_dir(self.stack.head_state_dir)
         return base / "stacks" / self.stack_name / "logs" if self.stack_name else base / "logs"
 
+    def _replica_progress(self, last: str) -> Optional[str]:
+        """Log the replicas' readiness when it changed ("smollm2 1/2 ready"); None once all are ready."""
+        from runtime.credentials import client_token
+        from runtime.head_client import status
+        try:
+            reply = status(local_endpoint(self.stack.head_control), client_token(None, self.stack.head_state_dir),
+                           timeout=0.5)
+        except Exception:  # head starting, or refused: try again later; progress lines are best effort
+            return last
+        line = ", ".join("%s %d/%d ready" % (d["name"], d["ready_replicas"], d["replicas"])
+                         for d in reply.deployments)
+        if line and line != last:
+            log.info("[startup] replicas: %s", line)
+        done = all(d["ready_replicas"] >= d["replicas"] for d in reply.deployments)
+        return None if done else line
+
     def _watch(self) -> int:
         """Supervise until Ctrl-C: a component that crashes is restarted (the head restores its state
         from SQLite, agents re-register); one that exits with 2 (bad configuration) or crashes more than
         MAX_CRASHES times within CRASH_WINDOW seconds stops the stack."""
         url = "http://%s/ready" % self.stack.proxy_bind
         announced = False
+        progress: Optional[str] = ""  # last replica summary logged; None once every replica was ready
+        next_progress = time.monotonic() + 2.0
         while not self._stop.wait(0.25):
             for name, child in list(self.children.items()):
                 rc = child.poll()
@@ -108,6 +126,9 @@ class Launcher:
                 announced = True
                 log.info("[startup] serving on http://%s (OpenAI API under /v1); Ctrl-C stops",
                          self.stack.proxy_bind)
+            if progress is not None and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + 2.0
+                progress = self._replica_progress(progress)
         log.info("[shutdown] stopping the stack")
         return 0
 
