@@ -209,6 +209,10 @@ class ClusterState:
             self.healer.ready(p.deployment, p.placed_at)
         elif rep.state == "failed":
             del self.placements[p.replica_id]
+            if p.generation != self.generations.get(p.deployment):
+                log.info("replica %s of %s (old generation %d) failed; not replaced", p.replica_id,
+                         p.deployment, p.generation)
+                return  # an update is replacing it anyway; its failure says nothing of the new spec
             delay = self.healer.failed(p.deployment, p.replica_id, p.agent_id, rep.message, now)
             log.warning("[failover] replica %s of %s failed on %s (%s); placing a replacement in %.0fs",
                         p.replica_id, p.deployment, p.agent_id, rep.message, delay)

@@ -77,3 +77,16 @@ def test_a_spec_change_starts_the_count_over():
     state.put_deployment(DeploymentSpec("d", "mock", "m", replicas=1, engine_args={"fixed": True}))
     state.reconcile(1.1)
     assert len(state.assignment_for("a1")) == 1 and "d" not in state.pending_reason
+
+
+def test_an_old_generation_replica_failing_during_an_update_does_not_delay_the_new_one():
+    spec = DeploymentSpec("d", "mock", "m", replicas=1)
+    state = ClusterState([spec])
+    _register(state, "a1")
+    state.reconcile(0.0)
+    state.put_deployment(DeploymentSpec("d", "mock", "m", replicas=1, engine_args={"v": 2}))
+    old = [s for s in state.assignment_for("a1") if s.generation == 1]
+    state.heartbeat(AgentHeartbeat("a1", 1, [ReplicaReport(old[0].replica_id, "d", "failed", generation=1,
+                                                           message="boom")]), 1.0)
+    state.reconcile(1.0)
+    assert "d" not in state.healer.failures and [s.generation for s in state.assignment_for("a1")] == [2]
