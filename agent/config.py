@@ -21,7 +21,9 @@ class AgentConfig:
     replica_endpoint: str = "tcp://127.0.0.1:*"  # where this host's replicas report to the agent
     heartbeat_interval: float = 0.5
     head_timeout: float = 3.0  # no answer from the head this long: reconnect and register again
-    stop_grace: float = 5.0  # SIGTERM -> SIGKILL for a replica's process tree
+    # SIGTERM -> SIGKILL for a replica's process tree (after its drain): vLLM's own engine shutdown
+    # took over 5 s on 2 loaded cores, so 10 s lets it finish instead of being killed
+    stop_grace: float = 10.0
     labels: dict[str, str] = field(default_factory=dict)
     policy: RestartPolicy = RestartPolicy()
     parent_pid: Optional[int] = None
@@ -32,6 +34,7 @@ class AgentConfig:
     adopt: bool = False  # replicas outlive the agent; a restarted agent adopts them (fixed replica endpoint)
     log_level: str = "INFO"
     insecure: bool = False  # --insecure: plain sockets, explicitly asked for
+    replica_log_dir: Optional[str] = None  # each replica's output (engine logs) to <dir>/<replica>.log
 
     def __post_init__(self) -> None:
         if not self.head.startswith(("tcp://", "ipc://")):
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default=AgentConfig.metrics_host,
                    help="address the agent's and its replicas' /metrics ports bind on (default loopback: "
                         "give this host's address for a Prometheus on another host)")
+    p.add_argument("--replica-log-dir", default=None,
+                   help="write each replica's output (its engine's logs) to DIR/<replica id>.log instead of "
+                        "the agent's terminal")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -103,7 +109,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
                       curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib, adopt=ns.adopt,
                       metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_level=ns.log_level,
-                      insecure=ns.insecure or insecure_from_env())
+                      insecure=ns.insecure or insecure_from_env(), replica_log_dir=ns.replica_log_dir)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id
         return AgentConfig(**kwargs)

@@ -16,22 +16,20 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
-import msgspec
 import psutil
 import zmq
 
 from agent.config import AgentConfig
-from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, host_cpu_cores
+from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
 from model_proc.config import METRICS_HOST_ENV
-from runtime import parent_guard
-from pathlib import Path
-
-from runtime import authz, curve
+from runtime import authz, curve, parent_guard
+from runtime.capacity import Host, demand_of
 from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
 from runtime.keyring import Registry, identity, server_public
 from runtime.zap import ZapHandler
@@ -44,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05
 ADOPT_WAIT = 1.0  # adopt mode: listen this long for surviving replicas (hello + status) before registering
+REPIN_DELAY = 1.0  # a replica re-pinned to fewer cores leaves routing this long before it is stopped
 
 
 def host_capacity() -> Capacity:
@@ -73,6 +72,9 @@ class Agent:
         self._keys = Path(config.curve_dir) if config.curve_dir else None
         self._identity = identity(self._keys, "agent", config.agent_id) if self._keys else None
         self._head_public = server_public(self._keys, "head") if self._keys else b""
+        self.host = Host(self.capacity.cpus, self.capacity.memory_bytes, len(self.capacity.gpus))
+        self._repin_wanted: set[str] = set()  # running on cores a newer replica was given
+        self._repin_stop_at: dict[str, float] = {}  # re-pin under way: out of routing, stop at this time
         self.metrics = AgentMetrics(config.metrics_port)
 
     def stop(self) -> None:
@@ -260,6 +262,8 @@ class Agent:
             self._stopping[replica_id] = proc
         self.records.pop(replica_id, None)
         self.devices.release(replica_id)
+        self._repin_wanted.discard(replica_id)
+        self._repin_stop_at.pop(replica_id, None)
         self._dirty = True
 
     def _supervise(self, now: float) -> None:
@@ -289,6 +293,45 @@ class Agent:
             if proc.poll_stop(now):
                 del self._stopping[replica_id]
                 log.info("replica %s stopped", replica_id)
+                restarting = self.records.get(replica_id)
+                if restarting is not None:
+                    restarting.stopped_for_restart(now)  # a re-pin: start again on its new cores
+        self._repin(now)
+
+    def _repin(self, now: float) -> None:
+        """Restart, one at a time, each replica still running on cores a newer one was given, once
+        another replica of its deployment here is ready (so the deployment keeps serving). Until then
+        the two share those cores: slower, never an outage."""
+        for replica_id, stop_at in list(self._repin_stop_at.items()):
+            proc = self.procs.pop(replica_id, None)
+            rec = self.records.get(replica_id)
+            if proc is None or rec is None:
+                del self._repin_stop_at[replica_id]
+            elif now >= stop_at:
+                del self._repin_stop_at[replica_id]
+                proc.begin_stop(rec.spec.drain_seconds + self.config.stop_grace, now)
+                self._stopping[replica_id] = proc
+                self.devices.release(replica_id)
+            else:
+                self.procs[replica_id] = proc
+        if self._repin_stop_at:
+            return
+        for replica_id in sorted(self._repin_wanted):
+            rec = self.records.get(replica_id)
+            if rec is None or replica_id not in self.procs:
+                self._repin_wanted.discard(replica_id)
+                continue
+            others_ready = [r for r in self.records.values() if r.spec.deployment == rec.spec.deployment
+                            and r.replica_id != replica_id and r.state == ReplicaState.READY]
+            if not others_ready:
+                continue
+            self._repin_wanted.discard(replica_id)
+            rec.planned_restart("restarting on fewer cores to make room for a new replica")
+            self._repin_stop_at[replica_id] = now + REPIN_DELAY
+            self._dirty = True
+            log.info("[restart] replica %s: restarting on fewer cores (%s is ready)", replica_id,
+                     others_ready[0].replica_id)
+            return
 
     def _start(self, rec: ReplicaRecord, now: float) -> None:
         try:
@@ -299,8 +342,11 @@ class Agent:
             log.error("replica %s: %s", rec.replica_id, rec.message)
             self._dirty = True
             return
+        log_path = Path(self.config.replica_log_dir) / ("%s.log" % rec.replica_id) \
+            if self.config.replica_log_dir else None
         try:
-            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt)
+            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt,
+                                  log_path=log_path)
         except OSError as exc:
             log.error("cannot start replica %s: %s", rec.replica_id, exc)
             rec.exited(1, now)
@@ -308,25 +354,19 @@ class Agent:
         self.procs[rec.replica_id] = proc
         rec.launched(proc.pid, now)
         self._dirty = True
-        log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
+        log.info("[startup] replica %s started, pid %d%s", rec.replica_id, proc.pid,
+                 ", log %s" % log_path if log_path else "")
 
     def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
-        """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment."""
-        env = {INSECURE_ENV: "1"} if self._keys is None else {
-            CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id}
+        """The replica's devices and environment (agent.devices.devices_for); replicas left holding some
+        of its cores are re-pinned by `_repin`."""
+        demands = {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
+                   for rid, r in self.records.items()}
+        spec, env, gave_up = devices_for(self.devices, self.host, demands, spec)
+        self._repin_wanted.update(gave_up)
+        env.update({INSECURE_ENV: "1"} if self._keys is None else {
+            CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id})
         env[METRICS_HOST_ENV] = self.config.metrics_host
-        if spec.engine != "vllm":
-            return spec, env
-        if spec.gpus:
-            alloc = self.devices.allocate(spec.replica_id, gpus=spec.gpus)
-            if spec.gpus > 1 and "tensor_parallel_size" not in spec.engine_args:
-                spec = msgspec.structs.replace(
-                    spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
-        else:
-            cpu_replicas = sum(1 for r in self.records.values() if r.spec.engine == "vllm" and not r.spec.gpus)
-            cpus = int(spec.cpus) if spec.cpus >= 1 else cores_per_replica(len(host_cpu_cores()), cpu_replicas)
-            alloc = self.devices.allocate(spec.replica_id, cpus=cpus)
-        env.update(alloc.env)
         return spec, env
 
     def _on_replica_frames(self, frames: list[bytes]) -> None:

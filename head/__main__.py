@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("[startup] %s", exc)
             return 2
     directory = state_dir(config.state_dir)
-    store = StateStore(directory / "head.db" if config.persist else None)
+    db = directory / "stacks" / config.stack / "head.db" if config.stack else directory / "head.db"
+    store = StateStore(db if config.persist else None)
     token = load_or_create_token(directory)
-    log.info("[startup] state in %s (admin token in %s)", directory if config.persist else "memory",
+    log.info("[startup] state in %s (admin token in %s)", db if config.persist else "memory",
              directory / TOKEN_FILE)
     if config.insecure:
         warn_insecure("head")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("[startup] %s: run `tokenrelay keys init %s`, or pass --insecure", exc, keys)
             return 2
         config = dataclasses.replace(config, curve_dir=str(keys))
-    head = Head(config, store, token, seed)
+    head = Head(config, store, token, seed, reset=config.reset_deployments)
     try:
         head.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint

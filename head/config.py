@@ -5,10 +5,14 @@ Runs in the head; owns no socket.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 from runtime.curve import insecure_from_env
+
+
+STACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,12 @@ class HeadConfig:
     proxy_metrics: tuple[str, ...] = ()  # proxies' HOST:PORT listed in that file
     log_level: str = "INFO"
     insecure: bool = False  # --insecure: plain sockets, explicitly asked for
+    stack: Optional[str] = None  # state of this stack apart: <state_dir>/stacks/<stack>/head.db
+    reset_deployments: bool = False  # the config file's deployments replace the stored ones
 
     def __post_init__(self) -> None:
+        if self.stack is not None and not STACK_NAME_RE.match(self.stack):
+            raise ValueError("--stack must be 1-63 letters, digits, '.', '_' or '-', got %r" % self.stack)
         for name in ("control", "publish"):
             if not getattr(self, name).startswith(("tcp://", "ipc://")):
                 raise ValueError("--%s must be a tcp:// or ipc:// endpoint" % name)
@@ -73,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-metrics", default="",
                    help="comma-separated HOST:PORT of proxies to list in the SD file (proxies that say "
                         "their address in HeadHello are added by themselves)")
+    p.add_argument("--stack", default=None,
+                   help="keep this stack's deployments apart, in <state dir>/stacks/NAME/head.db (the admin "
+                        "token stays in the state directory); default: <state dir>/head.db")
+    p.add_argument("--reset-deployments", action="store_true",
+                   help="replace the stored deployments with the --config file's (default: the file seeds "
+                        "only a new state; later starts keep what deploy/scale set)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -87,7 +101,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
                           curve_dir=ns.curve_dir, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
                           prometheus_sd_file=ns.prometheus_sd_file,
                           proxy_metrics=tuple(p.strip() for p in ns.proxy_metrics.split(",") if p.strip()),
-                          log_level=ns.log_level, insecure=ns.insecure or insecure_from_env())
+                          log_level=ns.log_level, insecure=ns.insecure or insecure_from_env(), stack=ns.stack,
+                          reset_deployments=ns.reset_deployments)
     except ValueError as exc:
         parser.error(str(exc))
         raise

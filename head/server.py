@@ -13,6 +13,7 @@ Each loop step catches and logs its own errors, so one bad message cannot kill t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -22,6 +23,7 @@ from typing import Callable, Optional
 import msgspec
 import zmq
 
+from head.autoscaler import Autoscaler, Decision
 from head.cluster import ClusterState
 from head.config import HeadConfig
 from head.metrics import HeadMetrics
@@ -50,8 +52,9 @@ UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN,
 class Head:
     def __init__(self, config: HeadConfig, store: StateStore, admin_token: str,
                  seed: tuple[DeploymentSpec, ...] = (), clock: Callable[[], float] = time.monotonic,
-                 ctx: Optional[zmq.Context] = None) -> None:
-        """`store` holds the deployments to restore; `seed` (from a config file) is applied on top."""
+                 ctx: Optional[zmq.Context] = None, reset: bool = False) -> None:
+        """`store` holds the deployments to restore; `seed` (from a config file) fills a new state (or
+        replaces the stored deployments with `reset`); otherwise what deploy/scale set is kept."""
         self.config = config
         self.clock = clock
         self.store = store
@@ -59,10 +62,10 @@ class Head:
         stored = store.load()
         self.state = ClusterState([spec for spec, _ in stored], agent_timeout=config.agent_timeout,
                                   generations={spec.name: gen for spec, gen in stored})
-        for spec in seed:
-            self._put(spec)
+        self._seed(seed, reset)
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
+        self.scalers: dict[str, Autoscaler] = {}  # autoscaled deployments (head.autoscaler)
         self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
@@ -286,6 +289,36 @@ class Head:
         keep = set(mine)
         return msgspec.structs.replace(msg, replicas=[r for r in msg.replicas if r.replica_id in keep])
 
+    def _seed(self, seed: tuple[DeploymentSpec, ...], reset: bool) -> None:
+        """The config file seeds deployments into a new state only; on later starts the stored ones
+        (what deploy/scale set) win and each difference from the file is logged."""
+        if not seed and not reset:
+            return
+        if reset or not self.store.seeded():
+            wanted = {spec.name for spec in seed}
+            for name in [n for n in self.state.deployments if n not in wanted]:
+                self.store.delete(name)
+                self.state.delete_deployment(name)
+                log.info("[startup] deployment %s deleted (--reset-deployments: not in the config)", name)
+            for spec in seed:
+                self._put(spec)
+            self.store.mark_seeded()
+            return
+        for spec in seed:
+            have = self.state.deployments.get(spec.name)
+            if have is None:
+                log.info("[startup] deployment %s is in the config but not in the state (deleted); keeping "
+                         "the state (--reset-deployments to take the file's)", spec.name)
+            elif have != spec:
+                mine, theirs = have.to_dict(), spec.to_dict()
+                diff = ", ".join("%s %s (file: %s)" % (k, json.dumps(mine[k]), json.dumps(theirs[k]))
+                                 for k in sorted(mine) if mine[k] != theirs[k])
+                log.info("[startup] deployment %s differs from the config: %s; keeping the state "
+                         "(--reset-deployments to take the file's)", spec.name, diff)
+        extra = sorted(set(self.state.deployments) - {spec.name for spec in seed})
+        if extra:
+            log.info("[startup] deployment(s) %s not in the config (added by deploy); keeping them", extra)
+
     # ------------------------------------------------------------------ admin commands
 
     def _put(self, spec: DeploymentSpec) -> tuple[str, int]:
@@ -300,12 +333,17 @@ class Head:
         if isinstance(msg, StatusRequest):
             deployments, agents = self.state.status(now, time.time())
             self.metrics.enrich_status(self.state, deployments, agents)
+            for d in deployments:
+                d["autoscale"] = self.autoscale_status(d["name"])
             return StatusReply(self.tables.epoch, self.tables.version, deployments, agents)
         if isinstance(msg, DeployRequest):
             try:
                 spec = parse_deployment(msg.spec, "spec")
             except ValueError as exc:
                 return ControlReply(False, "invalid_spec", str(exc))
+            refused = self._unplaceable(spec)
+            if refused is not None:
+                return refused
             result, generation = self._put(spec)
         elif isinstance(msg, ScaleRequest):
             old = self.state.deployments.get(msg.name)
@@ -313,7 +351,15 @@ class Head:
                 return ControlReply(False, "not_found", "no deployment named %r" % msg.name)
             if msg.replicas < 0:
                 return ControlReply(False, "invalid_spec", "replicas: must be an integer >= 0")
-            result, generation = self._put(dataclasses.replace(old, replicas=msg.replicas))
+            if old.autoscaling is not None:
+                return ControlReply(False, "autoscaled", "%s is autoscaled between %d and %d replicas; change "
+                                    "autoscaling.min_replicas/max_replicas with deploy (or remove autoscaling)"
+                                    % (msg.name, old.autoscaling.min_replicas, old.autoscaling.max_replicas))
+            spec = dataclasses.replace(old, replicas=msg.replicas)
+            refused = self._unplaceable(spec)
+            if refused is not None:
+                return refused
+            result, generation = self._put(spec)
         else:
             assert isinstance(msg, DeleteRequest)
             if msg.name not in self.state.deployments:
@@ -324,6 +370,48 @@ class Head:
             result, generation = "deleted", 0
         self._housekeeping()
         return ControlReply(True, data={"result": result, "generation": generation})
+
+    def _unplaceable(self, spec: DeploymentSpec) -> Optional[ControlReply]:
+        """Refuse a change whose replicas cannot all be placed on the agents we know (nothing is
+        changed then). Not judged while recovering or before any agent registered."""
+        old = self.state.deployments.get(spec.name)
+        if self.recovering or (old is not None and old == spec) or (
+                old is not None and old.same_replicas_as(spec) and spec.replicas <= old.replicas):
+            return None
+        why = self.state.why_unplaceable(spec)
+        if not why:
+            return None
+        log.warning("refused %s: %s", spec.name, why)
+        return ControlReply(False, "unplaceable", "%s; nothing changed (free capacity, lower replicas or "
+                                                  "cpus/gpus/memory)" % why)
+
+    def _autoscale(self, now: float) -> None:
+        """Apply each autoscaled deployment's decision like `tokenrelay scale` would (persisted), never
+        beyond what can be placed."""
+        for name in [n for n in self.scalers if n not in self.state.deployments]:
+            del self.scalers[name]
+        for dep in list(self.state.deployments.values()):
+            cfg = dep.autoscaling
+            if cfg is None:
+                self.scalers.pop(dep.name, None)
+                continue
+            scaler = self.scalers.get(dep.name)
+            if scaler is None or scaler.config != cfg:
+                scaler = self.scalers[dep.name] = Autoscaler(cfg)
+            ongoing, ready, starting = self.state.load_of(dep.name)
+
+            def fits(n: int, dep: DeploymentSpec = dep) -> bool:
+                return not self.state.why_unplaceable(dataclasses.replace(dep, replicas=n))
+            d = scaler.decide(now, dep.replicas, ongoing, ready, starting,
+                              failing=dep.name in self.state.healer.failures, fits=fits)
+            if d.replicas != dep.replicas:
+                log.info("[autoscale] %s: %d -> %d replica(s): %s", dep.name, dep.replicas, d.replicas, d.reason)
+                self._put(dataclasses.replace(dep, replicas=d.replicas))
+
+    def autoscale_status(self, name: str) -> dict[str, object]:
+        scaler = self.scalers.get(name)
+        d: Optional[Decision] = scaler.last if scaler else None
+        return {} if d is None else {"desired": d.replicas, "wanted": d.wanted, "reason": d.reason}
 
     def _reply(self, peer: bytes, msg: object) -> None:
         try:
@@ -345,6 +433,7 @@ class Head:
             self.state.expire_agents(now)
             if not self.recovering:  # let every agent re-register (and report) before placing anything
                 self.state.reconcile(now)
+                self._autoscale(now)
         except Exception:
             log.exception("reconcile pass failed; going on")
         self.reconcile_seconds = time.perf_counter() - started

@@ -50,6 +50,15 @@ class StateStore:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
         return epoch
 
+    def seeded(self) -> bool:
+        """True once a config file's deployments were applied, or any deployment was ever stored."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='seeded'").fetchone()
+        return row is not None or self._db.execute("SELECT 1 FROM deployments LIMIT 1").fetchone() is not None
+
+    def mark_seeded(self) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seeded', '1')")
+
     def load(self) -> list[tuple[DeploymentSpec, int]]:
         rows = self._db.execute("SELECT spec, generation FROM deployments ORDER BY name").fetchall()
         return [(parse_deployment(json.loads(spec)), gen) for spec, gen in rows]

@@ -12,6 +12,7 @@ engine_args (all optional):
   max_running     requests generated at once; more wait in FIFO order (default: unlimited)
   max_context     prompt words + max_tokens allowed (default 4096), else a 400
   fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
+  startup_ms      how long the engine takes to start (default 0), to stand in for a real cold start
 Prompt "tokens" are whitespace-separated words; each output token is one word plus a space.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ WORDS = (
     "relay replicas to many patient clients under steady load"
 ).split()
 
-_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger"}
+_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger", "startup_ms"}
 
 
 class _Request:
@@ -65,6 +66,9 @@ class MockEngine:
         self.max_running = int(max_running) if max_running else None
         self.max_context = int(engine_args.get("max_context", 4096))
         self.fatal_trigger: Optional[str] = engine_args.get("fatal_trigger")
+        self.startup = float(engine_args.get("startup_ms", 0)) / 1000.0  # a cold start, like a real engine's
+        if self.startup < 0:
+            raise ValueError("startup_ms must be >= 0")
         if self.ttft < 0 or self.itl < 0 or self.default_tokens < 1:
             raise ValueError("ttft_ms and itl_ms must be >= 0 and tokens >= 1")
         self._sink: Optional[DeltaSink] = None
@@ -75,6 +79,8 @@ class MockEngine:
     async def start(self, sink: DeltaSink) -> None:
         self._sink = sink
         self._loop = asyncio.get_running_loop()
+        if self.startup:
+            await asyncio.sleep(self.startup)
         log.info("[startup] MOCK engine (not a model): ttft=%.0fms itl=%.0fms tokens=%d",
                  self.ttft * 1000, self.itl * 1000, self.default_tokens)
 

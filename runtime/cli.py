@@ -6,9 +6,12 @@ operation failed (head unreachable, refused), 2 bad command line or config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,8 +37,42 @@ DEFAULT_STACK = {
 }
 
 
-def _cmd_up(ns: argparse.Namespace) -> int:
+def stack_name(config: Optional[str], explicit: Optional[str] = None) -> str:
+    """Whose head state a `tokenrelay up` uses: --stack, else one per config file (its name and a hash
+    of its absolute path), else "default"; so two configs never share deployments."""
+    if explicit:
+        return explicit
+    if not config:
+        return "default"
+    path = Path(config).resolve()
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:40] or "stack"
+    return "%s-%s" % (stem, hashlib.sha256(str(path).encode()).hexdigest()[:8])
+
+
+def _up_launcher(ns: argparse.Namespace) -> Any:
+    """The Launcher class with this command line's stack name, reset flag and proxy address bound in."""
     from runtime.launcher import Launcher
+    name = stack_name(ns.config, ns.stack)
+
+    def make(stack: StackConfig, path: Path, log_level: str, **kwargs: Any) -> Any:
+        if ns.bind or ns.port:
+            host, _, port = stack.proxy_bind.rpartition(":")
+            stack = dataclasses.replace(stack, proxy_bind="%s:%s" % (ns.bind or host, ns.port or port))
+        log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
+        return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments,
+                        verbose=ns.verbose, **kwargs)
+    return make
+
+
+def _cmd_up(ns: argparse.Namespace) -> int:
+    from head.config import STACK_NAME_RE
+    if ns.stack is not None and not STACK_NAME_RE.match(ns.stack):
+        log.error("--stack must be 1-63 letters, digits, '.', '_' or '-', got %r", ns.stack)
+        return 2
+    if ns.port is not None and not 0 < ns.port < 65536:
+        log.error("--port must be between 1 and 65535, got %d", ns.port)
+        return 2
+    Launcher = _up_launcher(ns)
     if ns.config:
         path = Path(ns.config)
         try:
@@ -59,13 +96,24 @@ def _cmd_up(ns: argparse.Namespace) -> int:
 def _prepare_and_run(stack: StackConfig, path: Path, ns: argparse.Namespace, launcher: Any) -> int:
     """Convert known models once before any process starts (so progress shows here), then run."""
     for dep in stack.deployments:
-        if dep.engine == "vllm" and not _prepare(dep.model):
+        if dep.engine == "vllm" and not _prepare_in_child(dep.model, ns.log_level):
             return 1
     if (ns.certfile is None) != (ns.keyfile is None):
         log.error("--certfile and --keyfile go together (HTTPS needs both)")
         return 2
     tls = (str(Path(ns.certfile).resolve()), str(Path(ns.keyfile).resolve())) if ns.certfile else None
     return launcher(stack, path, ns.log_level, insecure=ns.insecure, tls=tls).run()
+
+
+def _prepare_in_child(model: str, log_level: str) -> bool:
+    """Convert a known model in a child process (`tokenrelay models prepare`): torch and transformers
+    then never load into the launcher, which stays small for the whole run (~1 GiB less resident)."""
+    from runtime.models import KNOWN_MODELS, default_cache_dir, is_prepared
+    if model not in KNOWN_MODELS or is_prepared(default_cache_dir(model)):
+        return True
+    log.info("[startup] preparing model %s (once)", model)
+    cmd = [sys.executable, "-m", "runtime", "--log-level", log_level, "models", "prepare", model]
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode == 0
 
 
 def _prepare(model: str) -> bool:
@@ -190,6 +238,13 @@ def _cmd_status(ns: argparse.Namespace) -> int:
                                                d["engine"], d["model"]))
         if d.get("pending_reason"):
             print("    pending: %s" % d["pending_reason"])
+        if d.get("rollout_note"):
+            print("    update: %s" % d["rollout_note"])
+        if d.get("failures"):
+            print("    failures: %s" % d["failures"])
+        if d.get("autoscale"):
+            a = d["autoscale"]
+            print("    autoscale: desired %d (load wants %d): %s" % (a["desired"], a["wanted"], a["reason"]))
         for r in d["replica_list"]:
             print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
                   "age=%.0fs %s" % (
@@ -218,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--keyfile", help="the certificate's PEM private key")
     up.add_argument("--insecure", action="store_true",
                     help="plain ZeroMQ sockets, no keys (benchmarks and debugging only; logged loudly)")
+    up.add_argument("--stack", default=None, help="name of this stack's head state (default: one per "
+                                                  "config file; 'default' without --config)")
+    up.add_argument("--reset-deployments", action="store_true",
+                    help="replace the stack's stored deployments with the config's (default: the config "
+                         "seeds a new stack only; deploy/scale changes are kept across restarts)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port of the proxy (default: proxy.bind's)")
+    up.add_argument("--verbose", action="store_true",
+                    help="stream the replicas' (engines') logs here instead of to per-replica log files")
+    up.add_argument("--bind", default=None, help="HTTP address of the proxy (default: proxy.bind's host)")
     up.set_defaults(func=_cmd_up)
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)

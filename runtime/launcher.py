@@ -3,7 +3,8 @@
 Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ socket. Each component
 is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
 stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
-grace period: everything is gone within 10 s. Each child also carries a parent-death guard.
+grace period: everything is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
+Each child also carries a parent-death guard.
 Secure by default: before starting anything it creates, once, the keys this host needs (runtime.keyring,
 in the head's state directory's keys/, or $TOKENRELAY_CURVE_DIR) and hands every child `--curve-dir`;
 `insecure` hands them `--insecure` instead.
@@ -23,29 +24,36 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
 from proxy.config import API_KEYS_ENV
 from runtime import keyring
-from runtime.settings import parse_csv
+from runtime.credentials import state_dir
 from runtime.curve import keys_dir, warn_insecure
+from runtime.settings import parse_csv
 from runtime.proctree import collect_tree, signal_all
 from runtime.stack_config import StackConfig, single_host_proxy_workers
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE = 8.0  # seconds between SIGTERM and SIGKILL; the agent's own replica grace fits inside
+STOP_GRACE = 13.0  # seconds between SIGTERM and SIGKILL; the agent's replica grace (10 s + 1) fits inside
 MAX_CRASHES = 5
 CRASH_WINDOW = 60.0
 
 
 class Launcher:
     def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
-                 insecure: bool = False, tls: Optional[tuple[str, str]] = None) -> None:
+                 insecure: bool = False, tls: Optional[tuple[str, str]] = None, stack_name: Optional[str] = None,
+                 reset_deployments: bool = False, verbose: bool = False) -> None:
         self.stack = stack
         self.insecure = insecure
         self.tls = tls  # (certfile, keyfile): the proxy serves HTTPS
         self._security: list[str] = []
+        self._keys: Optional[Path] = None  # this host's keys (None: insecure)
         self.config_path = config_path
         self.log_level = log_level
+        self.stack_name = stack_name  # the head keeps this stack's deployments apart (head --stack)
+        self.reset_deployments = reset_deployments
+        self.verbose = verbose  # replicas' (engines') output on this terminal instead of log files
         self.children: dict[str, subprocess.Popen] = {}
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
@@ -66,6 +74,7 @@ class Launcher:
         directory = keys_dir(None, self.stack.head_state_dir)
         if keyring.ensure_single_host(directory, agent_id):
             log.info("[startup] created this host's CURVE keys in %s (see `tokenrelay keys list`)", directory)
+        self._keys = directory
         return ["--curve-dir", str(directory)]
 
     def run(self) -> int:
@@ -81,12 +90,21 @@ class Launcher:
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
             head_args += ["--state-dir", s.head_state_dir]
+        if self.stack_name:
+            head_args += ["--stack", self.stack_name]
+        if self.reset_deployments:
+            head_args += ["--reset-deployments"]
         head_args += ["--metrics-port", str(s.head_metrics_port), "--proxy-metrics", s.proxy_bind]
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
-        self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
-                             "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port)])
+        agent_args = ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
+                      "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port)]
+        if not self.verbose:
+            logs = self.replica_log_dir()
+            agent_args += ["--replica-log-dir", str(logs)]
+            log.info("[startup] replica (engine) logs go to %s/<replica>.log (--verbose: to this terminal)", logs)
+        self._spawn("agent", agent_args)
         workers = s.proxy_workers or single_host_proxy_workers()
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
         if self.tls:
@@ -96,12 +114,36 @@ class Launcher:
         self.shutdown()
         return code
 
+    def replica_log_dir(self) -> Path:
+        base = state_dir(self.stack.head_state_dir)
+        return base / "stacks" / self.stack_name / "logs" if self.stack_name else base / "logs"
+
+    def _replica_progress(self, last: str) -> Optional[str]:
+        """Log the replicas' readiness when it changed ("smollm2 1/2 ready"); None once all are ready."""
+        from runtime.credentials import client_token
+        from runtime.head_client import status
+        if self._keys is None:  # insecure: the CLI's default keys may not match; progress is best effort
+            return None
+        try:
+            reply = status(local_endpoint(self.stack.head_control), client_token(None, self.stack.head_state_dir),
+                           timeout=0.5, keys=self._keys)
+        except Exception:  # head starting, or refused: try again later; progress lines are best effort
+            return last
+        line = ", ".join("%s %d/%d ready" % (d["name"], d["ready_replicas"], d["replicas"])
+                         for d in reply.deployments)
+        if line and line != last:
+            log.info("[startup] replicas: %s", line)
+        done = all(d["ready_replicas"] >= d["replicas"] for d in reply.deployments)
+        return None if done else line
+
     def _watch(self) -> int:
         """Supervise until Ctrl-C: a component that crashes is restarted (the head restores its state
         from SQLite, agents re-register); one that exits with 2 (bad configuration) or crashes more than
         MAX_CRASHES times within CRASH_WINDOW seconds stops the stack."""
         base = "%s://%s" % ("https" if self.tls else "http", self.stack.proxy_bind)
         announced = False
+        progress: Optional[str] = ""  # last replica summary logged; None once every replica was ready
+        next_progress = time.monotonic() + 2.0
         while not self._stop.wait(0.25):
             for name, child in list(self.children.items()):
                 rc = child.poll()
@@ -121,18 +163,25 @@ class Launcher:
                 announced = True
                 log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base,
                          "" if outcome == "ready" else " (/ready needs an API key: readiness not checked)")
+            if progress is not None and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + 2.0
+                progress = self._replica_progress(progress)
         log.info("[shutdown] stopping the stack")
         return 0
 
     def shutdown(self) -> None:
+        """Stop in order, each after the one before it is gone (proxy first, so no client request and no
+        proxy connection sees a replica go away; the agent before the head, so it never misses the head),
+        all within STOP_GRACE; then SIGKILL whatever is left of every tree."""
         start = time.monotonic()
         trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
+        deadline = start + STOP_GRACE
         for name in ("proxy", "agent", "head"):
             child = self.children.get(name)
-            if child is not None and child.poll() is None:
+            if child is None:
+                continue
+            if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = start + STOP_GRACE
-        for name, child in self.children.items():
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

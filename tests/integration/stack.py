@@ -140,4 +140,7 @@ class Stack:
         return elapsed, names
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-20000:]
+        """The launcher's terminal, then each replica's log file (`tokenrelay up` writes those apart)."""
+        replicas = sorted(self.state_dir.glob("stacks/*/logs/*.log"))
+        return self.log_path.read_text(errors="replace")[-20000:] + "".join(
+            p.read_text(errors="replace")[-20000:] for p in replicas)

@@ -227,10 +227,10 @@ def replica_cores(pid: int) -> set[int]:
 
 def test_two_tiny_replicas_each_pinned_to_its_own_core_serve_concurrently(stack: Stack) -> None:
     smol_pid = smol_replica(stack)["pid"]
-    head_client.scale(stack.head, stack.token, "smollm2", 0)
+    head_client.scale(stack.head, stack.token, "smollm2", 0, keys=stack.keys)
     wait_for(lambda: not stack.replicas("smollm2"), 15.0, "SmolLM2 to be retired")
     wait_for(lambda: not alive_pid(smol_pid), 15.0, "the SmolLM2 replica process to exit")  # frees its cores
-    head_client.scale(stack.head, stack.token, "tiny", 2)
+    head_client.scale(stack.head, stack.token, "tiny", 2, keys=stack.keys)
     started = time.monotonic()
     reps = wait_for(lambda: all_ready(stack.replicas("tiny"), 2), 120.0, "two tiny replicas READY")
     print("\ntwo tiny replicas ready in %.1f s" % (time.monotonic() - started))
