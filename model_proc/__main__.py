@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.parent_pid is not None:
         parent_guard.install(config.parent_pid)
     try:
-        engine = create_engine(config.engine, config.model, config.engine_args)
+        engine_args = dict(config.engine_args)
+        if config.engine == "vllm":  # clients name the deployment: vLLM's serving layer must answer to it
+            engine_args.setdefault("served_model_name", config.deployment or config.model)
+        engine = create_engine(config.engine, config.model, engine_args)
     except EngineLoadError as exc:
         log.error("[startup] %s", exc)
         return EXIT_LOAD_ERROR
