@@ -199,7 +199,7 @@ def diff(a: Any, b: Any, path: str = "$") -> Optional[str]:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return "%s: %d items on vllm, %d on tokenrelay" % (path, len(a), len(b))
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             d = diff(x, y, "%s[%d]" % (path, i))
             if d:
                 return d
