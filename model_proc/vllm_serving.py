@@ -73,8 +73,9 @@ def serve_namespace(model: str, engine_args: dict[str, Any]) -> argparse.Namespa
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="tokenrelay-replica", exit_on_error=False))
-    argv = ["--model", model] + serve_argv(engine_args, parser._option_string_actions)
+    argv: list[str] = []
     try:
+        argv = ["--model", model] + serve_argv(engine_args, parser._option_string_actions)
         ns = parser.parse_args(argv)
         validate_parsed_serve_args(ns)
     except (argparse.ArgumentError, TypeError, ValueError, SystemExit) as exc:
