@@ -118,18 +118,21 @@ class _Inference:
         return route
 
     def _start(self, req: falcon.Request, deployment: str, request: GenerateRequest, prompt: str,
-               streaming: bool) -> tuple[Dispatch, Optional[Delta], BodyLimits]:
+               streaming: bool, whole: bool = False) -> tuple[Dispatch, Optional[Delta], BodyLimits]:
         """Admit, route and send the request, then wait for its first token (headers not sent yet).
-        The first token is None only when `streaming` and none came within the keep-alive interval."""
+        The first token is None only when `streaming` and none came within the keep-alive interval.
+        `whole`: the replica answers only at the end (a relayed non-streamed request: vLLM hands it the
+        final output only), so the first-token and idle timeouts are the total one."""
         ctx = req.context
         route = self._route(deployment)
         ctx.deployment = deployment
         cfg, timeouts, rs = self._config, route.timeouts, route.routing
-        limits = Limits(first_token=timeouts.first_token_s or cfg.first_token_timeout,
-                        total=timeouts.total_s or cfg.total_timeout, max_attempts=cfg.max_attempts,
+        total = timeouts.total_s or cfg.total_timeout
+        first_token = total if whole else timeouts.first_token_s or cfg.first_token_timeout
+        limits = Limits(first_token=first_token, total=total, max_attempts=cfg.max_attempts,
                         retry_window=cfg.retry_window)
-        body_limits = BodyLimits(idle=timeouts.idle_s or cfg.idle_timeout, keepalive=cfg.keepalive_interval,
-                                 max_chunk=cfg.max_chunk_chars)
+        body_limits = BodyLimits(idle=total if whole else timeouts.idle_s or cfg.idle_timeout,
+                                 keepalive=cfg.keepalive_interval, max_chunk=cfg.max_chunk_chars)
         key = route_key(rs.policy, rs.prefix_chars, rs.session_affinity, req.get_header("X-Session-ID"), prompt)
         dispatch = Dispatch(self._backend, deployment, request, key, limits, self._backend.clock,
                             client_probe(req.env), started_at=ctx.started)
@@ -203,7 +206,7 @@ class OpenAIResource(_Inference):
         request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body)
         prompt = prompt_text(body) if route.routing.policy == "prefix" else ""
         streaming = stream and self._kind not in ("tokenize", "detokenize")
-        dispatch, first, limits = self._start(req, model, request, prompt, streaming)
+        dispatch, first, limits = self._start(req, model, request, prompt, streaming, whole=not streaming)
         if streaming:
             resp.content_type = "text/event-stream; charset=utf-8"
             resp.set_headers(SSE_HEADERS)

@@ -142,3 +142,19 @@ def test_prompt_text_for_prefix_routing() -> None:
     assert prompt_text(b'{"input":"abc"}') == "abc"
     assert prompt_text(b'{"prompt":[1,2]}') == "[1,2]"
     assert prompt_text(b"not json") == ""
+
+
+def test_a_relayed_whole_answer_may_take_longer_than_the_first_token_timeout(
+        client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    """vLLM hands a non-streamed request's output over only at the end: no first-token or idle timeout
+    (CONFIG: 0.05 s) may cut it off, only the total one."""
+    import gevent
+
+    def late(rid: str) -> list[Any]:
+        stream = backend.streams[-1]
+        gevent.spawn_later(0.2, stream.push, Delta(rid, '{"late":true}', "stop", 1, 1))
+        return []
+
+    backend.script = late
+    r = client.simulate_post("/v1/completions", json={"model": "llm", "prompt": "x"})
+    assert r.status_code == 200 and r.json == {"late": True}
