@@ -27,7 +27,7 @@ import contextvars
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
 from model_proc.engine import DeltaSink, EngineLoadError
 
@@ -94,7 +94,6 @@ class Relayed:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per engine request (n, list prompts)
     completion_tokens: dict[str, int] = field(default_factory=dict)
     token_ids: dict[str, list[int]] = field(default_factory=dict)  # output 0's ids per engine request
-    started: bool = False  # the engine produced output: a delta went to the proxy (first-token clock)
 
     @property
     def prompt_total(self) -> int:
@@ -123,9 +122,9 @@ def record_output(rec: Relayed, engine_request_id: str, out: Any, delta: bool) -
         ids[:] = first
 
 
-def count_tokens(engine: Any, on_first: Callable[[Relayed], None]) -> None:
+def count_tokens(engine: Any) -> None:
     """Wrap `engine.generate` (an AsyncLLM instance) so outputs are counted against the relayed request
-    running in the caller's context; `on_first` runs at a relayed request's first engine output."""
+    running in the caller's context."""
     from vllm.sampling_params import RequestOutputKind
 
     original = engine.generate
@@ -137,9 +136,6 @@ def count_tokens(engine: Any, on_first: Callable[[Relayed], None]) -> None:
         async for out in original(prompt, sampling_params, request_id, *args, **kwargs):
             if rec is not None:
                 record_output(rec, request_id, out, delta)
-                if not rec.started:
-                    rec.started = True
-                    on_first(rec)
             yield out
 
     engine.generate = generate
@@ -175,7 +171,7 @@ class ServingApp:
         app = build_app(args, supported, engine.model_config)
         await init_app_state(engine, app.state, args, supported)
         serving = cls(app, sink)
-        count_tokens(engine, serving._started)
+        count_tokens(engine)
         return serving
 
     def __len__(self) -> int:
@@ -201,11 +197,6 @@ class ServingApp:
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
-
-    def _started(self, rec: Relayed) -> None:
-        """First engine output: an empty delta starts the proxy's first-token clock and TTFT metric,
-        also for a non-streamed response whose body comes only at the end."""
-        self._sink.emit(rec.request_id, "", None, rec.prompt_total, rec.completion_total)
 
     async def _serve(self, rec: Relayed, endpoint: str, body: bytes) -> None:
         rid = rec.request_id
