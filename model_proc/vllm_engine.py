@@ -94,10 +94,6 @@ def resolve_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_l
     return requested
 
 
-def chat_messages(req: GenerateRequest) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in req.messages or []]
-
-
 def param_of_error(exc: BaseException) -> Optional[str]:
     """The request parameter a vLLM validation error is about (vLLM names it only sometimes)."""
     named = getattr(exc, "parameter", None)
@@ -301,17 +297,9 @@ class VllmEngine:
 
     def _tokenize(self, req: GenerateRequest) -> tuple[list[int], str]:
         """Prompt token ids, and the request field they came from (for error messages)."""
-        if req.messages is not None:
-            if not req.messages:
-                raise EngineRequestError("messages must not be empty", param="messages")
-            try:
-                text = self._tokenizer.apply_chat_template(
-                    chat_messages(req), add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template's raise_exception, or no template at all
-                raise EngineRequestError("cannot apply the model's chat template: %s" % exc,
-                                         param="messages") from exc
-            # The template already holds any BOS token: do not add special tokens twice.
-            return list(self._tokenizer.encode(text, add_special_tokens=False)), "messages"
+        if req.messages is not None:  # chat is vLLM's serving layer's: templates, tools, parsers
+            raise EngineRequestError("a vLLM replica takes chat requests as relayed OpenAI bodies "
+                                     "(GenerateRequest.endpoint and body)", param="messages")
         if req.prompt is None:
             raise EngineRequestError("either prompt or messages is required", param="prompt")
         ids = list(self._tokenizer.encode(req.prompt, add_special_tokens=True))
