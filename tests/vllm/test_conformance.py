@@ -287,3 +287,28 @@ def test_no_model_means_the_only_one(vllm_serve: str, relay: str) -> None:
     body = {"messages": USER, "max_tokens": 3, **GREEDY}
     expected, got = answer(vllm_serve, CHAT, body), answer(relay, CHAT, body)
     assert expected["status"] == 200 and diff(expected, got) is None, diff(expected, got)
+
+
+def test_the_official_client_gets_the_same(vllm_serve: str, relay: str) -> None:
+    """The same calls through the `openai` client, whose parsed objects must match."""
+    openai = pytest.importorskip("openai")
+
+    def calls(base: str) -> list[Any]:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        return [normalize(reply.model_dump()) for reply in (
+            client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=named,
+                                           max_tokens=24, temperature=0),
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0,
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "a", "schema": SCHEMA}}),
+            client.completions.create(model=MODEL, prompt="The weather", max_tokens=3, echo=True, logprobs=2,
+                                      temperature=0),
+            client.responses.create(model=MODEL, input="The weather in Paris", max_output_tokens=6,
+                                    temperature=0),
+        )]
+
+    expected, got = calls(vllm_serve), calls(relay)
+    assert expected[0]["choices"][0]["message"]["tool_calls"], expected[0]
+    assert diff(expected, got) is None, diff(expected, got)
+
