@@ -65,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         config = dataclasses.replace(config, curve_dir=str(keys))
     try:
-        engine = create_engine(config.engine, config.model, config.engine_args)
+        engine_args = dict(config.engine_args)
+        if config.engine == "vllm":  # clients name the deployment: vLLM's serving layer must answer to it
+            own = engine_args.get("served_model_name") or []
+            names = [own] if isinstance(own, str) else list(own)
+            name = config.deployment or config.model
+            engine_args["served_model_name"] = names if name in names else [name] + names
+        engine = create_engine(config.engine, config.model, engine_args)
     except EngineLoadError as exc:
         log.error("[startup] %s", exc)
         return EXIT_LOAD_ERROR

@@ -14,6 +14,14 @@ engine_args (all optional):
   fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
   startup_ms      how long the engine takes to start (default 0), to stand in for a real cold start
 Prompt "tokens" are whitespace-separated words; each output token is one word plus a space.
+
+What a mock deployment serves (docs/api.md, "Engines"): the proxy maps OpenAI requests for it itself
+(proxy/openai_request.py), so this engine sees only prompt/messages and SamplingParams. Honoured:
+`max_tokens`/`max_completion_tokens` (output length), `stop` (a stop word ends the text), `stream`,
+`stream_options.include_usage`. Accepted with no effect on the fixed text: `temperature`, `top_p`,
+`top_k`, `seed`, `presence_penalty`, `frequency_penalty`, `user`; `n` must be 1. Any other field (tools,
+response_format, logprobs, ...) and the routes /v1/responses, /tokenize, /detokenize are refused by the
+proxy with a 400 naming them. Relayed requests (GenerateRequest.endpoint) are refused here with a 400.
 """
 from __future__ import annotations
 
@@ -86,6 +94,8 @@ class MockEngine:
 
     def add_request(self, req: GenerateRequest) -> None:
         assert self._loop is not None, "start() first"
+        if req.endpoint:  # only engines that serve the OpenAI API themselves take relayed bodies
+            raise EngineRequestError("the mock engine does not serve %s" % req.endpoint, param="endpoint")
         if req.messages is not None:
             text = " ".join(m.content for m in req.messages)
             param = "messages"

@@ -287,7 +287,8 @@ class ReplicaServer:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None) -> None:
+    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
+              body: bytes = b"") -> None:
         route = self._routes.pop(request_id, None)
         if route is None:
             return
@@ -295,7 +296,7 @@ class ReplicaServer:
         log.warning("request %s failed (%d): %s", request_id, status, message)
         etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
         self._flush()  # deltas before the error must arrive first
-        self._send(route.peer, RequestError(request_id, status, message, etype, param))
+        self._send(route.peer, RequestError(request_id, status, message, etype, param, body))
         self._load_changed()
 
     def fatal(self, reason: str) -> None:

@@ -92,3 +92,13 @@ def test_bad_args_and_too_long_prompts():
         eng.add_request(GenerateRequest("a", prompt="a b c", params=SamplingParams(max_tokens=2)))
     with pytest.raises(EngineRequestError, match="maximum context length is 4"):
         run(go())
+
+
+def test_relayed_openai_bodies_are_refused_naming_the_endpoint():
+    async def go():
+        eng = create_engine("mock", "m", {})
+        await eng.start(Sink())
+        eng.add_request(GenerateRequest("a", endpoint="/v1/responses", body=b'{"model":"m","input":"x"}'))
+    with pytest.raises(EngineRequestError, match="does not serve /v1/responses") as exc:
+        run(go())
+    assert exc.value.param == "endpoint" and exc.value.status == 400
