@@ -56,7 +56,8 @@ class ZapHandler:
 
     def start(self) -> "ZapHandler":
         self._thread.start()
-        self._ready.wait(5)
+        if not self._ready.wait(5):
+            raise RuntimeError("the ZAP handler thread did not start within 5 s")
         if self._error is not None:
             raise self._error
         return self

@@ -7,7 +7,7 @@ import zmq
 from head.config import HeadConfig
 from head.server import Head
 from head.store import StateStore
-from runtime import head_client, keyring
+from runtime import authz, curve, head_client, keyring
 from runtime.head_client import HeadRefused, HeadUnreachable
 
 
@@ -49,4 +49,28 @@ def test_curve_head_answers_only_registered_keys_by_role(tmp_path, monkeypatch):
     finally:
         head.stop()
         thread.join(5)
+        ctx.term()
+
+
+def test_a_curve_server_without_a_running_zap_handler_admits_nobody(tmp_path):
+    """libzmq's default admits every client key when no ZAP handler answers; curve.serve fails closed."""
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, "a")
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    client = ctx.socket(zmq.DEALER)
+    try:
+        server.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.LINGER, 0)
+        curve.serve(server, keyring.server_pair(keys, "replica"), authz.REPLICA_DATA)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        stranger_public, stranger_secret = zmq.curve_keypair()  # a key no registry knows
+        curve.connect(client, keyring.Identity("proxy", "x", stranger_public, stranger_secret),
+                      keyring.server_public(keys, "replica"))
+        client.connect("tcp://127.0.0.1:%d" % port)
+        client.send(b"hello")
+        assert server.poll(1000) == 0  # with libzmq's default this arrives at once
+    finally:
+        client.close(0)
+        server.close(0)
         ctx.term()
