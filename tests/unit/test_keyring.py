@@ -1,5 +1,6 @@
 """The key registry on disk and `tokenrelay keys` (runtime.keyring, runtime.cli): files, modes, roles,
 what each host gets, revocation. Files only, no sockets."""
+import os
 import stat
 
 import pytest
@@ -66,3 +67,38 @@ def test_identity_needs_exactly_one_key_of_its_role(tmp_path):
         keyring.add(d, "agent", "../etc")
     with pytest.raises(keyring.KeyFileError, match="role must be one of"):
         keyring.add(d, "head", "x")
+
+
+def test_add_never_writes_a_secret_through_a_planted_link_or_into_a_shared_directory(tmp_path):
+    d = tmp_path / "keys"
+    keyring.init_cluster(d)
+    out = tmp_path / "out"
+    out.mkdir()
+    stolen = tmp_path / "attacker" / "stolen"  # where a link planted in --out would send the secret
+    stolen.parent.mkdir()
+    (out / "proxy-edge.key_secret").symlink_to(stolen)
+    with pytest.raises(keyring.KeyFileError, match="exists already"):
+        keyring.add(d, "proxy", "edge", out=out)
+    assert not stolen.exists()
+    shared = tmp_path / "shared"  # like /tmp: anyone may create names in it
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(keyring.KeyFileError, match="shared"):
+        keyring.add(d, "proxy", "edge2", out=shared)
+    assert mode(shared) == 0o1777 and not list(shared.iterdir())  # left as it was, nothing written
+
+
+def test_secret_files_are_0600_whatever_the_umask_and_names_cannot_climb(tmp_path):
+    old = os.umask(0)
+    try:
+        d = tmp_path / "keys"
+        keyring.init_cluster(d)
+        keyring.add(d, "agent", "gpu1", out=tmp_path / "gpu1")
+    finally:
+        os.umask(old)
+    assert {p.name: mode(p) for p in (tmp_path / "gpu1").iterdir() if p.is_file()} == {
+        "agent-gpu1.key_secret": 0o600, "head.key": 0o644, "replica.key": 0o644, "replica.key_secret": 0o600}
+    assert keyring.identity(tmp_path / "gpu1", "agent").name == "gpu1"  # the files load
+    for bad in ("..", ".hidden", "../x", "a/b", "-x", ""):
+        with pytest.raises(keyring.KeyFileError, match="key name"):
+            keyring.check_name("agent", bad)
