@@ -32,7 +32,7 @@ from runtime.credentials import token_matches
 from runtime.metrics_http import endpoint_host
 from runtime import authz, curve
 from runtime.keyring import Registry, server_pair
-from runtime.zap import ZapHandler, parse_user_id
+from runtime.zap import ZapHandler, recheck
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
@@ -243,10 +243,7 @@ class Head:
         after answering the refusal."""
         assert self._registry is not None
         kind = type(msg).__name__
-        sender, key = parse_user_id(user or "")
-        current, reason = self._registry.lookup(key) if sender is not None else (None, "unknown_key")
-        if not reason and current != sender:
-            reason = "revoked"  # the name now belongs to another key
+        sender, reason = recheck(self._registry, user or "")
         if not reason and sender is not None:
             reason = authz.message_refusal(sender, kind, getattr(msg, "agent_id", None)) or ""
         if reason:

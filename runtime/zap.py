@@ -39,6 +39,18 @@ def parse_user_id(text: str) -> tuple[Optional[Peer], bytes]:
     return Peer(role, name), key.encode()
 
 
+def recheck(registry: Registry, user: str) -> tuple[Optional[Peer], str]:
+    """(peer, "") if the key behind a connection's User-Id is still registered under the same name, else
+    (peer or None, reason): ZAP vetted the key when it connected, a revocation since must count too."""
+    sender, key = parse_user_id(user)
+    if sender is None:
+        return None, "unknown_key"
+    current, reason = registry.lookup(key)
+    if not reason and current != sender:
+        reason = "revoked"  # the name now belongs to another key
+    return sender, reason
+
+
 class ZapHandler:
     """Answers ZAP requests from the registry; `own` is the agent's identity, the only key its
     AGENT_REPLICAS socket accepts (an agent host's registry need not list its own key)."""
