@@ -74,3 +74,10 @@ def test_a_curve_server_without_a_running_zap_handler_admits_nobody(tmp_path):
         client.close(0)
         server.close(0)
         ctx.term()
+
+
+def test_the_cli_says_loudly_when_it_falls_back_to_a_plain_socket(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("TOKENRELAY_INSECURE", raising=False)
+    with pytest.raises(HeadUnreachable, match="sent without CURVE"):
+        head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2, keys=tmp_path / "no-keys-here")
+    assert "WITHOUT CURVE, the admin token in clear text" in caplog.text
