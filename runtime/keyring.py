@@ -20,9 +20,10 @@ import os
 import re
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import zmq
 import zmq.auth
@@ -272,11 +273,17 @@ def identity(directory: Path, role: str, name: Optional[str] = None) -> Identity
 
 class Registry:
     """The public keys a server accepts, re-read whenever registry/ or revoked/ changes (a revoke or an
-    add takes effect at the next lookup). Lookups by z85 public key."""
+    add takes effect at the next lookup), and at least every RESCAN seconds: a directory's mtime has the
+    kernel's coarse clock tick, so two changes within one tick (a scripted add-then-revoke) leave it
+    unchanged after the first, and that revocation would otherwise never be seen. Lookups by z85 key."""
 
-    def __init__(self, directory: Path) -> None:
+    RESCAN = 1.0  # seconds
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
+        self._clock = clock
         self._stamp: Optional[tuple[int, int]] = None
+        self._scanned = float("-inf")
         self._peers: dict[bytes, Peer] = {}
         self._revoked: dict[bytes, Peer] = {}
 
@@ -288,11 +295,13 @@ class Registry:
 
     def _reload(self) -> None:
         stamp = (self._mtime(REGISTRY), self._mtime(REVOKED))
-        if stamp == self._stamp:
+        now = self._clock()
+        if stamp == self._stamp and now - self._scanned < self.RESCAN:
             return
         self._peers = self._scan(REGISTRY)
         self._revoked = self._scan(REVOKED)
         self._stamp = stamp
+        self._scanned = now
 
     def _scan(self, sub: str) -> dict[bytes, Peer]:
         out: dict[bytes, Peer] = {}

@@ -102,3 +102,22 @@ def test_secret_files_are_0600_whatever_the_umask_and_names_cannot_climb(tmp_pat
     for bad in ("..", ".hidden", "../x", "a/b", "-x", ""):
         with pytest.raises(keyring.KeyFileError, match="key name"):
             keyring.check_name("agent", bad)
+
+
+def test_registry_sees_a_revocation_that_left_the_directory_mtime_unchanged(tmp_path):
+    """Two changes within one tick of the kernel's coarse clock leave registry/'s mtime as the first set
+    it: the second (here a revocation, its mtimes put back) is seen within Registry.RESCAN seconds."""
+    d = tmp_path / "keys"
+    keyring.ensure_single_host(d, "vm")
+    now = [100.0]
+    reg = keyring.Registry(d, clock=lambda: now[0])
+    agent = keyring.identity(d, "agent", "vm")
+    assert reg.lookup(agent.public) == (keyring.Peer("agent", "vm"), "")
+    stamps = {sub: (d / sub).stat() for sub in (keyring.REGISTRY, keyring.REVOKED)}
+    keyring.revoke(d, "agent", "vm")
+    for sub, st in stamps.items():
+        os.utime(d / sub, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now[0] += 0.5
+    reg.lookup(agent.public)  # may still say registered: nothing it can see changed
+    now[0] += keyring.Registry.RESCAN
+    assert reg.lookup(agent.public) == (keyring.Peer("agent", "vm"), "revoked")
