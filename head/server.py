@@ -263,7 +263,8 @@ class Head:
         return msg
 
     def _own_reports(self, msg: AgentRegister | AgentHeartbeat) -> AgentRegister | AgentHeartbeat:
-        """Drop reports of replicas another agent owns; bind unclaimed ones to this agent (persisted)."""
+        """Drop reports of replicas another agent owns; bind this agent's placements to it (persisted; an
+        adopted replica is bound at the agent's next heartbeat)."""
         ids = [r.replica_id for r in msg.replicas]
         claims = dict(self._owners)  # bound owners, else the agent the head placed the replica on
         for rid in ids:
@@ -274,7 +275,10 @@ class Head:
         for rid in foreign:
             self._refused("agent", "replica_not_owned", "agent-%s report for replica %s of agent %s"
                           % (msg.agent_id, rid, claims[rid]))
-        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners]
+        # bind only what the head placed on this agent (or adopted from it): binding every id reported
+        # would let an agent key grow head.db without bound and squat ids later placed on other agents
+        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners
+               and getattr(self.state.placements.get(rid), "agent_id", None) == msg.agent_id]
         if new:
             self.store.bind_owners(new)
             self._owners.update(new)

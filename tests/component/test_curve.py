@@ -81,3 +81,45 @@ def test_the_cli_says_loudly_when_it_falls_back_to_a_plain_socket(tmp_path, monk
     with pytest.raises(HeadUnreachable, match="sent without CURVE"):
         head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2, keys=tmp_path / "no-keys-here")
     assert "WITHOUT CURVE, the admin token in clear text" in caplog.text
+
+
+def test_an_agent_cannot_persist_bindings_for_replicas_the_head_never_placed_or_adopted(tmp_path):
+    """Every replica id an agent key reported was bound to it in head.db for good: a hostile agent could
+    grow the table without bound and squat ids the head would later give other agents (whose reports
+    would then be refused). Only replicas the head places on (or adopts from) that agent are bound."""
+    from runtime.keyring import Peer
+    from runtime.stack_config import parse_deployment
+    from runtime.protocol import (PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Capacity, ReplicaReport,
+                                  encode)
+    from runtime.zap import user_id
+
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, "evil")
+    cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=0.0,
+                     curve_dir=str(keys))
+    ctx = zmq.Context()
+    head = Head(cfg, StateStore(None), "tok", ctx=ctx)
+    head.bind()
+    try:
+        evil = keyring.identity(keys, "agent", "evil")
+        user = user_id(Peer("agent", "evil"), evil.public).decode()
+        fake = [ReplicaReport("chat-%06x" % n, "chat", "ready", endpoint="tcp://127.0.0.9:%d" % (n + 1))
+                for n in range(200)]
+        for msg in (AgentRegister(PROTOCOL_VERSION, "evil", "127.0.0.9", Capacity(8, 1 << 34), {}, fake),
+                    AgentHeartbeat("evil", 10_000, fake)):
+            head._handle([b"evil-peer"] + encode(msg), user)
+        assert "evil" in head.state.agents  # the agent itself is fine
+        assert head.store.owners() == {}  # but owns nothing it was not given
+        head._put(parse_deployment({"name": "chat", "engine": "mock", "model": "m", "replicas": 1}, "spec"))
+        head.state.reconcile(head.clock())
+        (placed,) = head.state.placements
+        head._handle([b"evil-peer"] + encode(AgentHeartbeat("evil", 10_000, fake + [
+            ReplicaReport(placed, "chat", "ready", endpoint="tcp://127.0.0.9:1")])), user)
+        assert head.store.owners() == {placed: "evil"}  # what the head placed there is bound
+    finally:
+        head._control.close(0)
+        head._pub.close(0)
+        if head._auth is not None:
+            head._auth.stop()
+        head.metrics.close()
+        ctx.term()
