@@ -34,7 +34,7 @@ from pathlib import Path
 from runtime import authz, curve
 from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
 from runtime.keyring import Registry, identity, server_public
-from runtime.zap import ZapHandler
+from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
     ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
@@ -74,12 +74,13 @@ class Agent:
         self._identity = identity(self._keys, "agent", config.agent_id) if self._keys else None
         self._head_public = server_public(self._keys, "head") if self._keys else b""
         self.metrics = AgentMetrics(config.metrics_port)
+        self._refusal_log = RefusalLog(log)
 
     def stop(self) -> None:
         self._shutdown = True
 
     def _refused(self, role: str, reason: str, who: str) -> None:
-        log.warning("[auth] refused %s: %s", who, reason)
+        self._refusal_log(who, reason)
         self.metrics.auth_refused.labels(role, reason).inc()
 
     # ------------------------------------------------------------------ main loop

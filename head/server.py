@@ -32,7 +32,7 @@ from runtime.credentials import token_matches
 from runtime.metrics_http import endpoint_host
 from runtime import authz, curve
 from runtime.keyring import Registry, server_pair
-from runtime.zap import ZapHandler, recheck
+from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
@@ -67,6 +67,7 @@ class Head:
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
         self._stopping = False
+        self._refusal_log = RefusalLog(log)
         self.control_endpoint = ""
         self.publish_endpoint = ""
 
@@ -113,7 +114,7 @@ class Head:
 
     def _refused(self, role: str, reason: str, who: str) -> None:
         """Count and log one refusal (called from the loop and from the ZAP thread)."""
-        log.warning("[auth] refused %s: %s", who, reason)
+        self._refusal_log(who, reason)
         self.metrics.auth_refused.labels(role, reason).inc()
 
     def _check_revocations(self, now: float) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from runtime import authz, curve
 from runtime.keyring import Registry, identity, server_pair
-from runtime.zap import ZapHandler, recheck
+from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
     PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
@@ -51,9 +51,12 @@ DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is t
 LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
 
 
+_REFUSAL_LOG = RefusalLog(log)
+
+
 def _refused(role: str, reason: str, who: str) -> None:
     """Count and log one refused connection (called from the ZAP thread)."""
-    log.warning("[auth] refused %s: %s", who, reason)
+    _REFUSAL_LOG(who, reason)
     metrics.AUTH_REFUSED.labels(role, reason).inc()
 
 

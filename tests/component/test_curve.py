@@ -1,5 +1,6 @@
 """CURVE on the head's control socket: a registered key gets answers for its role, others get nothing."""
 import threading
+import time
 
 import pytest
 import zmq
@@ -9,6 +10,7 @@ from head.server import Head
 from head.store import StateStore
 from runtime import authz, curve, head_client, keyring
 from runtime.head_client import HeadRefused, HeadUnreachable
+from runtime.zap import RefusalLog
 
 
 def test_curve_head_answers_only_registered_keys_by_role(tmp_path, monkeypatch):
@@ -116,6 +118,46 @@ def test_an_agent_cannot_persist_bindings_for_replicas_the_head_never_placed_or_
         head._handle([b"evil-peer"] + encode(AgentHeartbeat("evil", 10_000, fake + [
             ReplicaReport(placed, "chat", "ready", endpoint="tcp://127.0.0.9:1")])), user)
         assert head.store.owners() == {placed: "evil"}  # what the head placed there is bound
+    finally:
+        head._control.close(0)
+        head._pub.close(0)
+        if head._auth is not None:
+            head._auth.stop()
+        head.metrics.close()
+        ctx.term()
+
+
+def test_connections_with_fresh_keys_in_a_loop_do_not_flood_the_heads_log(tmp_path, caplog):
+    """Anyone who reaches the port can connect again and again with new keys: each refusal is counted,
+    at most RefusalLog.TOTAL are logged (each was a WARNING line before)."""
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, "a")
+    cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=0.0,
+                     curve_dir=str(keys))
+    ctx = zmq.Context()
+    head = Head(cfg, StateStore(None), "tok", ctx=ctx)
+    head.bind()
+    attempts = RefusalLog.TOTAL + 20
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(attempts):
+                client = ctx.socket(zmq.DEALER)
+                client.setsockopt(zmq.LINGER, 0)
+                public, secret = zmq.curve_keypair()
+                curve.connect(client, keyring.Identity("proxy", "x", public, secret),
+                              keyring.server_public(keys, "head"))
+                client.connect(head.control_endpoint)
+                client.send(b"x")
+                count = head.metrics.auth_refused.labels("unknown", "unknown_key")
+                before = count._value.get()
+                deadline = time.monotonic() + 5
+                while count._value.get() == before:
+                    assert time.monotonic() < deadline, "no refusal counted"
+                    time.sleep(0.01)
+                client.close(0)
+        logged = [r for r in caplog.records if "[auth] refused key" in r.getMessage()]
+        assert head.metrics.auth_refused.labels("unknown", "unknown_key")._value.get() == attempts
+        assert len(logged) == RefusalLog.TOTAL
     finally:
         head._control.close(0)
         head._pub.close(0)
