@@ -121,3 +121,21 @@ def test_registry_sees_a_revocation_that_left_the_directory_mtime_unchanged(tmp_
     reg.lookup(agent.public)  # may still say registered: nothing it can see changed
     now[0] += keyring.Registry.RESCAN
     assert reg.lookup(agent.public) == (keyring.Peer("agent", "vm"), "revoked")
+
+
+def test_keys_add_says_which_folder_goes_to_which_host_and_where(tmp_path, capsys):
+    d = tmp_path / "keys"
+    assert cli.main(["keys", "init", "--dir", str(d)]) == 0
+    capsys.readouterr()
+    assert cli.main(["keys", "add", "proxy", "edge1", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "Copy the folder %s/ as it is" % (d / "hosts" / "proxy-edge1") in out and "to proxy host edge1" in out
+    assert "$TOKENRELAY_CURVE_DIR" in out and "/etc/tokenrelay/keys" in out
+    assert "Also copy %s into registry/ in the key directory of every agent host" % (
+        d / "registry" / "proxy-edge1.key") in out
+    assert cli.main(["keys", "add", "agent", "gpu1", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "hosts/agent-gpu1/ as it is (sub-folders included)" in out and "--agent-id gpu1" in out
+    assert "  %s" % (d / "hosts" / "agent-gpu1" / "registry" / "proxy-edge1.key") in out.splitlines()
+    assert cli.main(["keys", "add", "operator", "alice", "--dir", str(d)]) == 0
+    assert "admin token" in capsys.readouterr().out
