@@ -37,6 +37,8 @@ Keys = Optional[Union[str, Path]]
 def _secure(sock: zmq.Socket[bytes], keys: Keys) -> str:
     """Make `sock` a CURVE client with the operator key; returns what the error hint should say."""
     if keys is None and curve.insecure_from_env():
+        log.warning("$%s is set: sending to the head WITHOUT CURVE, the admin token in clear text",
+                    curve.INSECURE_ENV)
         return " (plain socket: $%s is set)" % curve.INSECURE_ENV
     directory = Path(keys) if keys is not None else curve.keys_dir()
     try:

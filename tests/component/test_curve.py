@@ -83,6 +83,11 @@ def test_the_cli_says_loudly_when_it_falls_back_to_a_plain_socket(tmp_path, monk
     with pytest.raises(HeadUnreachable, match="sent without CURVE"):
         head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2, keys=tmp_path / "no-keys-here")
     assert "WITHOUT CURVE, the admin token in clear text" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("TOKENRELAY_INSECURE", "1")  # explicit, but still not silent
+    with pytest.raises(HeadUnreachable, match="plain socket"):
+        head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2)
+    assert "$TOKENRELAY_INSECURE is set: sending to the head WITHOUT CURVE" in caplog.text
 
 
 def test_an_agent_cannot_persist_bindings_for_replicas_the_head_never_placed_or_adopted(tmp_path):
