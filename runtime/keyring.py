@@ -74,7 +74,7 @@ def check_name(role: str, name: str) -> None:
 def make_private_dir(path: Path) -> None:
     """`path` as a 0700 directory of ours. Refuses a directory another user owns or a shared one (sticky
     bit, like /tmp): whoever else controls it could read the secrets or plant links where they go."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state dir, when keys/ comes first
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:

@@ -139,3 +139,28 @@ def test_keys_add_says_which_folder_goes_to_which_host_and_where(tmp_path, capsy
     assert "  %s" % (d / "hosts" / "agent-gpu1" / "registry" / "proxy-edge1.key") in out.splitlines()
     assert cli.main(["keys", "add", "operator", "alice", "--dir", str(d)]) == 0
     assert "admin token" in capsys.readouterr().out
+
+
+def test_the_heads_state_directory_and_database_are_private(tmp_path):
+    """head.db (deployments, replica owners) was 0644 in a 0755 state directory beside the admin token."""
+    from head.store import StateStore
+    from runtime.credentials import load_or_create_token
+
+    old = os.umask(0o022)
+    try:
+        state = tmp_path / "state"
+        store = StateStore(state / "head.db")
+        store.bind_owners([("r1", "vm")])
+        load_or_create_token(state)
+    finally:
+        os.umask(old)
+    assert mode(state) == 0o700
+    assert {p.name: mode(p) for p in state.iterdir()} == {
+        "head.db": 0o600, "head.db-wal": 0o600, "head.db-shm": 0o600, "admin.token": 0o600}
+    store.close()
+    os.umask(0o022)
+    try:
+        keyring.ensure_single_host(tmp_path / "up-state" / "keys", "vm")  # `tokenrelay up` makes keys/ first
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "up-state") == 0o700
