@@ -32,7 +32,7 @@ from runtime import authz, curve, parent_guard
 from runtime.capacity import Host, demand_of
 from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
 from runtime.keyring import Registry, identity, server_public
-from runtime.zap import ZapHandler
+from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
     ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
@@ -76,12 +76,13 @@ class Agent:
         self._repin_wanted: set[str] = set()  # running on cores a newer replica was given
         self._repin_stop_at: dict[str, float] = {}  # re-pin under way: out of routing, stop at this time
         self.metrics = AgentMetrics(config.metrics_port)
+        self._refusal_log = RefusalLog(log)
 
     def stop(self) -> None:
         self._shutdown = True
 
     def _refused(self, role: str, reason: str, who: str) -> None:
-        log.warning("[auth] refused %s: %s", who, reason)
+        self._refusal_log(who, reason)
         self.metrics.auth_refused.labels(role, reason).inc()
 
     # ------------------------------------------------------------------ main loop

@@ -34,7 +34,7 @@ from runtime.credentials import token_matches
 from runtime.metrics_http import endpoint_host
 from runtime import authz, curve
 from runtime.keyring import Registry, server_pair
-from runtime.zap import ZapHandler, parse_user_id
+from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
@@ -70,6 +70,7 @@ class Head:
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
         self._stopping = False
+        self._refusal_log = RefusalLog(log)
         self.control_endpoint = ""
         self.publish_endpoint = ""
 
@@ -116,7 +117,7 @@ class Head:
 
     def _refused(self, role: str, reason: str, who: str) -> None:
         """Count and log one refusal (called from the loop and from the ZAP thread)."""
-        log.warning("[auth] refused %s: %s", who, reason)
+        self._refusal_log(who, reason)
         self.metrics.auth_refused.labels(role, reason).inc()
 
     def _check_revocations(self, now: float) -> None:
@@ -246,10 +247,7 @@ class Head:
         after answering the refusal."""
         assert self._registry is not None
         kind = type(msg).__name__
-        sender, key = parse_user_id(user or "")
-        current, reason = self._registry.lookup(key) if sender is not None else (None, "unknown_key")
-        if not reason and current != sender:
-            reason = "revoked"  # the name now belongs to another key
+        sender, reason = recheck(self._registry, user or "")
         if not reason and sender is not None:
             reason = authz.message_refusal(sender, kind, getattr(msg, "agent_id", None)) or ""
         if reason:
@@ -269,7 +267,8 @@ class Head:
         return msg
 
     def _own_reports(self, msg: AgentRegister | AgentHeartbeat) -> AgentRegister | AgentHeartbeat:
-        """Drop reports of replicas another agent owns; bind unclaimed ones to this agent (persisted)."""
+        """Drop reports of replicas another agent owns; bind this agent's placements to it (persisted; an
+        adopted replica is bound at the agent's next heartbeat)."""
         ids = [r.replica_id for r in msg.replicas]
         claims = dict(self._owners)  # bound owners, else the agent the head placed the replica on
         for rid in ids:
@@ -280,7 +279,10 @@ class Head:
         for rid in foreign:
             self._refused("agent", "replica_not_owned", "agent-%s report for replica %s of agent %s"
                           % (msg.agent_id, rid, claims[rid]))
-        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners]
+        # bind only what the head placed on this agent (or adopted from it): binding every id reported
+        # would let an agent key grow head.db without bound and squat ids later placed on other agents
+        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners
+               and getattr(self.state.placements.get(rid), "agent_id", None) == msg.agent_id]
         if new:
             self.store.bind_owners(new)
             self._owners.update(new)

@@ -8,6 +8,7 @@ which agent owns which replica is kept, as a security binding.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -35,7 +36,10 @@ class StateStore:
         """`path` None keeps state in memory only (tests, throwaway stacks)."""
         target = str(path) if path else ":memory:"
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # the state directory (admin token, keys/) is the head's alone: 0700 when we make it, and the
+            # database 0600 from its first byte (SQLite gives its -wal and -shm files the same mode)
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         # autocommit with explicit transactions; built in one thread, used by the reactor thread only
         self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -13,7 +13,9 @@ Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only
   the loop itself, so a stuck loop stops the heartbeat.
 With a key directory (runtime.curve) the data ROUTER is a CURVE server with the replicas' keypair that
 admits proxy keys only (a ZAP thread on our context decides; refusals are counted in
-tokenrelay_replica_auth_refused_total), and the agent DEALER connects with the agent's own key.
+tokenrelay_replica_auth_refused_total), and the agent DEALER connects with the agent's own key. Each
+GenerateRequest's key is checked against the registry again, so a proxy key revoked (or removed) on this
+host gets 403 on a connection it opened before.
 Must never block the loop and never queue without bound: sends are non-blocking and a peer whose queue
 is full (slow or gone) has its requests aborted.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from runtime import authz, curve
 from runtime.keyring import Registry, identity, server_pair
-from runtime.zap import ZapHandler
+from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
     PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
@@ -49,9 +51,12 @@ DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is t
 LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
 
 
+_REFUSAL_LOG = RefusalLog(log)
+
+
 def _refused(role: str, reason: str, who: str) -> None:
     """Count and log one refused connection (called from the ZAP thread)."""
-    log.warning("[auth] refused %s: %s", who, reason)
+    _REFUSAL_LOG(who, reason)
     metrics.AUTH_REFUSED.labels(role, reason).inc()
 
 
@@ -103,8 +108,10 @@ class ReplicaServer:
         self._data.setsockopt(zmq.RCVHWM, DATA_HWM)
         keys = Path(cfg.curve_dir) if cfg.curve_dir else None
         self._auth: Optional[ZapHandler] = None
+        self._registry: Optional[Registry] = None
         if keys is not None:
-            self._auth = ZapHandler(zmq.Context.shadow(self._ctx.underlying), Registry(keys),
+            self._registry = Registry(keys)
+            self._auth = ZapHandler(zmq.Context.shadow(self._ctx.underlying), self._registry,
                                     _refused).start()
             curve.serve(self._data, server_pair(keys, "replica"), authz.REPLICA_DATA)
         self._data.bind(cfg.bind)
@@ -182,8 +189,18 @@ class ReplicaServer:
     # ------------------------------------------------------------------ sockets
 
     async def _recv_loop(self) -> None:
+        secure = self._registry is not None
         while True:
-            frames = await self._data.recv_multipart()
+            user = ""
+            if secure:  # keep the User-Id our ZAP handler gave the connection (runtime.zap)
+                parts = await self._data.recv_multipart(copy=False)
+                try:
+                    user = str(parts[-1].get("User-Id"))
+                except zmq.ZMQError:  # no ZAP verdict on this connection: refused below as unknown_key
+                    pass
+                frames = [p.bytes for p in parts]
+            else:
+                frames = await self._data.recv_multipart()
             if len(frames) != 3:
                 log.warning("dropping message with %d frames", len(frames))
                 continue
@@ -193,6 +210,8 @@ class ReplicaServer:
             except ProtocolError as exc:
                 log.warning("dropping bad message from %r: %s", peer, exc)
                 continue
+            if secure and isinstance(msg, GenerateRequest) and self._refuse(peer, msg, user):
+                continue
             self._peers.add(peer)
             if isinstance(msg, GenerateRequest):
                 self._on_generate(peer, msg)
@@ -200,6 +219,21 @@ class ReplicaServer:
                 self._on_abort(peer, msg)
             else:
                 log.warning("unexpected %s from %r", type(msg).__name__, peer)
+
+    def _refuse(self, peer: bytes, req: GenerateRequest, user: str) -> bool:
+        """Refuse (403) a request whose connection's key is no longer a registered proxy key: ZAP vetted it
+        at connect time, but a key revoked since then must not keep generating on its open connection."""
+        assert self._registry is not None
+        sender, reason = recheck(self._registry, user)
+        if not reason and sender is not None and sender.role != "proxy":
+            reason = "role"
+        if not reason:
+            return False
+        _refused(sender.role if sender is not None else "unknown", reason,
+                 "%s request %s" % (sender.label if sender is not None else "an unknown key", req.request_id))
+        self._send(peer, RequestError(req.request_id, 403, "this proxy's key is not accepted (%s)" % reason,
+                                      "permission_error"))
+        return True
 
     def _on_generate(self, peer: bytes, req: GenerateRequest) -> None:
         rid = req.request_id

@@ -57,7 +57,10 @@ class Gateway:
         pid = os.getpid()
         rand = secrets.token_hex(2)
         self.worker_tag = "w%d-%s" % (pid, rand)
-        self.identity = ("proxy-%s-%d-%s" % (socket.gethostname(), pid, rand)).encode()
+        # the ZeroMQ identity must not be guessable: replicas set ROUTER_HANDOVER, so a peer connecting
+        # with our identity takes over our streams. worker_tag is public (in every response id), hence
+        # a separate 128-bit secret here
+        self.identity = ("proxy-%s-%d-%s" % (socket.gethostname(), pid, secrets.token_hex(16))).encode()
         self._ids = itertools.count(1)
         self.state = TableState(config.stale_after)
         self.started_at = int(time.time())

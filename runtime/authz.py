@@ -66,10 +66,9 @@ def connect_refusal(domain: str, peer: Optional[Peer], lookup_reason: str,
 
 def message_refusal(peer: Peer, message_type: str, agent_id: Optional[str] = None) -> Optional[str]:
     """None if `peer` may send this head message, else the reason. `agent_id`: the message's, for agent
-    messages. Unknown message types are left to the head (it answers "unexpected")."""
-    roles = _MESSAGE_ROLES.get(message_type)
-    if roles is None:
-        return None
+    messages. A type missing from the table is refused to every role (fail closed: a message type the
+    head learns to handle later is nobody's until it is listed here)."""
+    roles = _MESSAGE_ROLES.get(message_type, ())
     if peer.role not in roles:
         return "role"
     if peer.role == "agent" and agent_id != peer.name:

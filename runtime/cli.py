@@ -189,11 +189,34 @@ def _cmd_delete(ns: argparse.Namespace) -> int:
     return _admin_call(ns, head_client.delete, ns.name)
 
 
+def _copy_instructions(directory: Path, role: str, name: str, out: Optional[Path]) -> tuple[str, str]:
+    """What `keys add` prints before and after the file list: which folder goes to which host, where."""
+    registered = "key %s-%s registered in %s" % (role, name, directory / "registry")
+    if out is None:
+        before = "%s; this host's files, in %s:" % (registered, directory)
+    else:
+        host = {"agent": "the agent host", "proxy": "proxy host %s" % name, "operator": "operator %s's machine" % name}
+        before = ("%s. Copy the folder %s/ as it is (sub-folders included) to %s, into its key directory "
+                  "(--curve-dir, else $TOKENRELAY_CURVE_DIR, else $TOKENRELAY_STATE_DIR/keys; /etc/tokenrelay/keys "
+                  "with the systemd units), mode 0700, then delete the folder here. It holds:"
+                  % (registered, out, host[role]))
+    after = {
+        "agent": "Start that agent with --agent-id %s." % name,
+        "proxy": "Also copy %s into registry/ in the key directory of every agent host already set up (their "
+                 "replicas accept only the proxy keys listed there)." % (directory / "registry" / (
+                     "proxy-%s.key" % name)),
+        "operator": "The operator also needs the admin token (--token or $TOKENRELAY_ADMIN_TOKEN): the head "
+                    "host's $TOKENRELAY_STATE_DIR/admin.token.",
+    }[role]
+    return before, after
+
+
 def _cmd_keys(ns: argparse.Namespace) -> int:
     """`tokenrelay keys init|add|list|revoke` (runtime.keyring; docs/operations.md walks through it)."""
     from runtime import keyring
     from runtime.curve import keys_dir
     directory = keys_dir(ns.dir)
+    after = ""
     try:
         if ns.keys_command == "init":
             paths = keyring.init_cluster(directory)
@@ -202,13 +225,13 @@ def _cmd_keys(ns: argparse.Namespace) -> int:
             out = Path(ns.out) if ns.out else (None if ns.here else directory / "hosts" / (
                 "%s-%s" % (ns.role, ns.name)))
             paths = keyring.add(directory, ns.role, ns.name, out)
-            print("key %s-%s registered in %s; copy these files to that host's key directory%s:"
-                  % (ns.role, ns.name, directory / keyring.REGISTRY,
-                     "" if ns.role != "proxy" else " (and registry/proxy-%s.key to every agent host)" % ns.name))
+            before, after = _copy_instructions(directory, ns.role, ns.name, out)
+            print(before)
         elif ns.keys_command == "revoke":
             paths = [keyring.revoke(directory, ns.role, ns.name)]
             print("revoked %s-%s: refused from its next connection (the head: its next message)%s"
-                  % (ns.role, ns.name, "; also remove registry/proxy-%s.key on every agent host" % ns.name
+                  % (ns.role, ns.name, "; also move registry/proxy-%s.key to revoked/ in the key directory of "
+                     "every agent host (its replicas refuse it from the next request)" % ns.name
                      if ns.role == "proxy" else ""))
         else:
             for label, state, key in keyring.Registry(directory).listing():
@@ -219,6 +242,8 @@ def _cmd_keys(ns: argparse.Namespace) -> int:
         return 1
     for path in paths:
         print("  %s" % path)
+    if after:
+        print(after)
     return 0
 
 

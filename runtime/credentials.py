@@ -34,7 +34,7 @@ def load_or_create_token(directory: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         token = secrets.token_urlsafe(24)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -66,6 +66,9 @@ def serve(sock: zmq.Socket[Any], pair: tuple[bytes, bytes], domain: str) -> None
     sock.curve_publickey, sock.curve_secretkey = pair
     sock.curve_server = True
     sock.zap_domain = domain.encode()
+    # without this libzmq admits ANY client key when no ZAP handler answers (not started yet, or its
+    # thread gone): fail closed instead
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
 def connect(sock: zmq.Socket[Any], ident: Identity, server_public: bytes) -> None:

@@ -4,10 +4,11 @@ Runs in the CLI process; owns one DEALER per call, closed before returning. Neve
 an unreachable head is a `HeadUnreachable` error, not a hang. The DEALER is a CURVE client with the
 operator key of `keys` (default: runtime.curve.keys_dir(), the one operator-NAME.key_secret there), plain
 only with $TOKENRELAY_INSECURE=1 or when no operator key is found (a secure head then never answers, and
-the error says so).
+the error says so; a WARNING says the admin token went in clear text).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,6 +19,8 @@ from runtime.protocol import (
     PROTOCOL_VERSION, ControlReply, DeleteRequest, DeployRequest, ScaleRequest, StatusReply, StatusRequest,
     decode_frames, encode,
 )
+
+log = logging.getLogger(__name__)
 
 
 class HeadUnreachable(RuntimeError):
@@ -34,12 +37,17 @@ Keys = Optional[Union[str, Path]]
 def _secure(sock: zmq.Socket[bytes], keys: Keys) -> str:
     """Make `sock` a CURVE client with the operator key; returns what the error hint should say."""
     if keys is None and curve.insecure_from_env():
+        log.warning("$%s is set: sending to the head WITHOUT CURVE, the admin token in clear text",
+                    curve.INSECURE_ENV)
         return " (plain socket: $%s is set)" % curve.INSECURE_ENV
     directory = Path(keys) if keys is not None else curve.keys_dir()
     try:
         me = keyring.identity(directory, "operator")
         head = keyring.server_public(directory, "head")
     except keyring.KeyFileError as exc:
+        log.warning("no operator key (%s): sending to the head WITHOUT CURVE, the admin token in clear text; "
+                    "a secure head will not answer. Set $%s=1 if the head really runs --insecure",
+                    exc, curve.INSECURE_ENV)
         return " (sent without CURVE: %s)" % exc
     curve.connect(sock, me, head)
     return " (as %s-%s)" % (me.role, me.name)

@@ -18,11 +18,12 @@ import getpass
 import logging
 import os
 import re
-import shutil
 import socket
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import zmq
 import zmq.auth
@@ -33,7 +34,7 @@ ROLES = ("agent", "proxy", "operator")
 SERVERS = ("head", "replica")
 REGISTRY = "registry"
 REVOKED = "revoked"
-_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,252}$")  # room for a fully qualified host name
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")  # room for a fully qualified host name; no "..", ".x"
 
 
 class KeyFileError(ValueError):
@@ -66,20 +67,58 @@ def check_name(role: str, name: str) -> None:
     if role not in ROLES:
         raise KeyFileError("role must be one of %s, got %r" % (", ".join(ROLES), role))
     if not _NAME.match(name):
-        raise KeyFileError("key name %r: use letters, digits, '.', '_' or '-' (at most 253)" % name)
+        raise KeyFileError("key name %r: use letters, digits, '.', '_' or '-', not starting with '.' or '-' "
+                           "(at most 253)" % name)
 
 
 def make_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+    """`path` as a 0700 directory of ours. Refuses a directory another user owns or a shared one (sticky
+    bit, like /tmp): whoever else controls it could read the secrets or plant links where they go."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state dir, when keys/ comes first
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & stat.S_ISVTX:
+        raise KeyFileError("%s: not a directory of our own (another user's, or shared like /tmp): keys go "
+                           "only into a private directory" % path)
     os.chmod(path, 0o700)
+
+
+def write_new(path: Path, text: str, mode: int) -> Path:
+    """Create `path` with `mode` from its first byte: never over an existing file and never through a
+    link (O_EXCL), so there is no moment when a secret is readable by others."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    except FileExistsError:
+        raise KeyFileError("%s exists already; remove or revoke it first" % path) from None
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, mode)  # the umask may have taken bits off a public file
+        fh.write(text)
+    return path
+
+
+def _cert(public: bytes, secret: Optional[bytes], metadata: dict[str, str]) -> str:
+    """A key file in the ZeroMQ certificate format (what zmq.auth.load_certificate reads)."""
+    lines = ["#   ZeroMQ CURVE %s Certificate (tokenrelay keys)" % ("**Secret**" if secret else "Public"),
+             "", "metadata"] + ["    %s = %s" % kv for kv in metadata.items()]
+    lines += ["curve", '    public-key = "%s"' % public.decode()]
+    if secret is not None:
+        lines.append('    secret-key = "%s"' % secret.decode())
+    return "\n".join(lines) + "\n"
 
 
 def _create(directory: Path, stem: str, metadata: dict[str, str]) -> tuple[Path, Path]:
     if (directory / (stem + ".key_secret")).exists() or (directory / (stem + ".key")).exists():
         raise KeyFileError("%s already holds key %s; remove or revoke it first" % (directory, stem))
-    public, secret = zmq.auth.create_certificates(str(directory), stem, metadata=metadata)
-    os.chmod(secret, 0o600)
-    return Path(public), Path(secret)
+    public, secret = zmq.curve_keypair()
+    return (write_new(directory / (stem + ".key"), _cert(public, None, {}), 0o644),
+            write_new(directory / (stem + ".key_secret"), _cert(public, secret, metadata), 0o600))
+
+
+def _copy(source: Path, target: Path) -> Path:
+    return write_new(target, source.read_text(), 0o600 if target.name.endswith(".key_secret") else 0o644)
 
 
 def init_cluster(directory: Path) -> list[Path]:
@@ -110,7 +149,7 @@ def add(directory: Path, role: str, name: str, out: Optional[Path] = None) -> li
     target = out or directory
     make_private_dir(target)
     public, secret = _create(target, stem, {"role": role, "name": name})
-    shutil.copy(public, registry / (stem + ".key"))
+    _copy(public, registry / (stem + ".key"))
     if target != directory:
         public.unlink()  # the host needs only its secret file (which holds the public key too)
     written = [secret]
@@ -127,18 +166,11 @@ def _copy_host_files(directory: Path, target: Path, role: str) -> list[Path]:
         names.append("replica.key")
     if role == "agent":
         names.append("replica.key_secret")
-    written = []
-    for name in names:
-        shutil.copy(directory / name, target / name)
-        written.append(target / name)
+    written = [_copy(directory / name, target / name) for name in names]
     if role == "agent":
         make_private_dir(target / REGISTRY)
         for key in sorted((directory / REGISTRY).glob("proxy-*.key")):
-            shutil.copy(key, target / REGISTRY / key.name)
-            written.append(target / REGISTRY / key.name)
-    for path in written:
-        if path.name.endswith(".key_secret"):
-            os.chmod(path, 0o600)
+            written.append(_copy(key, target / REGISTRY / key.name))
     return written
 
 
@@ -190,7 +222,7 @@ def local_name() -> str:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("-") or "x"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("-.") or "x"
 
 
 # --------------------------------------------------------------------------- reading keys
@@ -241,11 +273,17 @@ def identity(directory: Path, role: str, name: Optional[str] = None) -> Identity
 
 class Registry:
     """The public keys a server accepts, re-read whenever registry/ or revoked/ changes (a revoke or an
-    add takes effect at the next lookup). Lookups by z85 public key."""
+    add takes effect at the next lookup), and at least every RESCAN seconds: a directory's mtime has the
+    kernel's coarse clock tick, so two changes within one tick (a scripted add-then-revoke) leave it
+    unchanged after the first, and that revocation would otherwise never be seen. Lookups by z85 key."""
 
-    def __init__(self, directory: Path) -> None:
+    RESCAN = 1.0  # seconds
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
+        self._clock = clock
         self._stamp: Optional[tuple[int, int]] = None
+        self._scanned = float("-inf")
         self._peers: dict[bytes, Peer] = {}
         self._revoked: dict[bytes, Peer] = {}
 
@@ -257,11 +295,13 @@ class Registry:
 
     def _reload(self) -> None:
         stamp = (self._mtime(REGISTRY), self._mtime(REVOKED))
-        if stamp == self._stamp:
+        now = self._clock()
+        if stamp == self._stamp and now - self._scanned < self.RESCAN:
             return
         self._peers = self._scan(REGISTRY)
         self._revoked = self._scan(REVOKED)
         self._stamp = stamp
+        self._scanned = now
 
     def _scan(self, sub: str) -> dict[bytes, Peer]:
         out: dict[bytes, Peer] = {}

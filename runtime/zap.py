@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 import zmq
@@ -39,6 +40,55 @@ def parse_user_id(text: str) -> tuple[Optional[Peer], bytes]:
     return Peer(role, name), key.encode()
 
 
+class RefusalLog:
+    """Logs refusals ("[auth] refused WHO: REASON") without letting peers flood the log: anyone who can
+    reach a port can open connections in a loop, each with a fresh key, and every refusal was a WARNING
+    line (thousands a second, until the disk is full). Per WHO at most PER_PEER lines, and at most TOTAL
+    in all, each WINDOW seconds; then one line says how many were left out. Counting stays the caller's
+    (every refusal is counted). Called from the ZAP thread and the loop."""
+
+    PER_PEER = 3
+    TOTAL = 50
+    WINDOW = 60.0
+
+    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._start = clock()
+        self._shown: dict[str, int] = {}
+        self._total = 0
+        self._hidden = 0
+
+    def __call__(self, who: str, reason: str) -> None:
+        with self._lock:
+            now = self._clock()
+            if now - self._start >= self.WINDOW:
+                if self._hidden:
+                    self._log.warning("[auth] %d more refusal(s) in the last %.0fs not logged (see the "
+                                      "auth_refused_total metric)", self._hidden, now - self._start)
+                self._start, self._shown, self._total, self._hidden = now, {}, 0, 0
+            shown = self._shown.get(who, 0)
+            if shown >= self.PER_PEER or self._total >= self.TOTAL:
+                self._hidden += 1
+                return
+            self._shown[who] = shown + 1
+            self._total += 1
+        self._log.warning("[auth] refused %s: %s", who, reason)
+
+
+def recheck(registry: Registry, user: str) -> tuple[Optional[Peer], str]:
+    """(peer, "") if the key behind a connection's User-Id is still registered under the same name, else
+    (peer or None, reason): ZAP vetted the key when it connected, a revocation since must count too."""
+    sender, key = parse_user_id(user)
+    if sender is None:
+        return None, "unknown_key"
+    current, reason = registry.lookup(key)
+    if not reason and current != sender:
+        reason = "revoked"  # the name now belongs to another key
+    return sender, reason
+
+
 class ZapHandler:
     """Answers ZAP requests from the registry; `own` is the agent's identity, the only key its
     AGENT_REPLICAS socket accepts (an agent host's registry need not list its own key)."""
@@ -56,7 +106,8 @@ class ZapHandler:
 
     def start(self) -> "ZapHandler":
         self._thread.start()
-        self._ready.wait(5)
+        if not self._ready.wait(5):
+            raise RuntimeError("the ZAP handler thread did not start within 5 s")
         if self._error is not None:
             raise self._error
         return self

@@ -1,5 +1,6 @@
 """CURVE on the head's control socket: a registered key gets answers for its role, others get nothing."""
 import threading
+import time
 
 import pytest
 import zmq
@@ -7,8 +8,9 @@ import zmq
 from head.config import HeadConfig
 from head.server import Head
 from head.store import StateStore
-from runtime import head_client, keyring
+from runtime import authz, curve, head_client, keyring
 from runtime.head_client import HeadRefused, HeadUnreachable
+from runtime.zap import RefusalLog
 
 
 def test_curve_head_answers_only_registered_keys_by_role(tmp_path, monkeypatch):
@@ -49,4 +51,122 @@ def test_curve_head_answers_only_registered_keys_by_role(tmp_path, monkeypatch):
     finally:
         head.stop()
         thread.join(5)
+        ctx.term()
+
+
+def test_a_curve_server_without_a_running_zap_handler_admits_nobody(tmp_path):
+    """libzmq's default admits every client key when no ZAP handler answers; curve.serve fails closed."""
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, "a")
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    client = ctx.socket(zmq.DEALER)
+    try:
+        server.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.LINGER, 0)
+        curve.serve(server, keyring.server_pair(keys, "replica"), authz.REPLICA_DATA)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        stranger_public, stranger_secret = zmq.curve_keypair()  # a key no registry knows
+        curve.connect(client, keyring.Identity("proxy", "x", stranger_public, stranger_secret),
+                      keyring.server_public(keys, "replica"))
+        client.connect("tcp://127.0.0.1:%d" % port)
+        client.send(b"hello")
+        assert server.poll(1000) == 0  # with libzmq's default this arrives at once
+    finally:
+        client.close(0)
+        server.close(0)
+        ctx.term()
+
+
+def test_the_cli_says_loudly_when_it_falls_back_to_a_plain_socket(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("TOKENRELAY_INSECURE", raising=False)
+    with pytest.raises(HeadUnreachable, match="sent without CURVE"):
+        head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2, keys=tmp_path / "no-keys-here")
+    assert "WITHOUT CURVE, the admin token in clear text" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("TOKENRELAY_INSECURE", "1")  # explicit, but still not silent
+    with pytest.raises(HeadUnreachable, match="plain socket"):
+        head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2)
+    assert "$TOKENRELAY_INSECURE is set: sending to the head WITHOUT CURVE" in caplog.text
+
+
+def test_an_agent_cannot_persist_bindings_for_replicas_the_head_never_placed_or_adopted(tmp_path):
+    """Every replica id an agent key reported was bound to it in head.db for good: a hostile agent could
+    grow the table without bound and squat ids the head would later give other agents (whose reports
+    would then be refused). Only replicas the head places on (or adopts from) that agent are bound."""
+    from runtime.keyring import Peer
+    from runtime.stack_config import parse_deployment
+    from runtime.protocol import (PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Capacity, ReplicaReport,
+                                  encode)
+    from runtime.zap import user_id
+
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, "evil")
+    cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=0.0,
+                     curve_dir=str(keys))
+    ctx = zmq.Context()
+    head = Head(cfg, StateStore(None), "tok", ctx=ctx)
+    head.bind()
+    try:
+        evil = keyring.identity(keys, "agent", "evil")
+        user = user_id(Peer("agent", "evil"), evil.public).decode()
+        fake = [ReplicaReport("chat-%06x" % n, "chat", "ready", endpoint="tcp://127.0.0.9:%d" % (n + 1))
+                for n in range(200)]
+        for msg in (AgentRegister(PROTOCOL_VERSION, "evil", "127.0.0.9", Capacity(8, 1 << 34), {}, fake),
+                    AgentHeartbeat("evil", 10_000, fake)):
+            head._handle([b"evil-peer"] + encode(msg), user)
+        assert "evil" in head.state.agents  # the agent itself is fine
+        assert head.store.owners() == {}  # but owns nothing it was not given
+        head._put(parse_deployment({"name": "chat", "engine": "mock", "model": "m", "replicas": 1}, "spec"))
+        head.state.reconcile(head.clock())
+        (placed,) = head.state.placements
+        head._handle([b"evil-peer"] + encode(AgentHeartbeat("evil", 10_000, fake + [
+            ReplicaReport(placed, "chat", "ready", endpoint="tcp://127.0.0.9:1")])), user)
+        assert head.store.owners() == {placed: "evil"}  # what the head placed there is bound
+    finally:
+        head._control.close(0)
+        head._pub.close(0)
+        if head._auth is not None:
+            head._auth.stop()
+        head.metrics.close()
+        ctx.term()
+
+
+def test_connections_with_fresh_keys_in_a_loop_do_not_flood_the_heads_log(tmp_path, caplog):
+    """Anyone who reaches the port can connect again and again with new keys: each refusal is counted,
+    at most RefusalLog.TOTAL are logged (each was a WARNING line before)."""
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, "a")
+    cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=0.0,
+                     curve_dir=str(keys))
+    ctx = zmq.Context()
+    head = Head(cfg, StateStore(None), "tok", ctx=ctx)
+    head.bind()
+    attempts = RefusalLog.TOTAL + 20
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(attempts):
+                client = ctx.socket(zmq.DEALER)
+                client.setsockopt(zmq.LINGER, 0)
+                public, secret = zmq.curve_keypair()
+                curve.connect(client, keyring.Identity("proxy", "x", public, secret),
+                              keyring.server_public(keys, "head"))
+                client.connect(head.control_endpoint)
+                client.send(b"x")
+                count = head.metrics.auth_refused.labels("unknown", "unknown_key")
+                before = count._value.get()
+                deadline = time.monotonic() + 5
+                while count._value.get() == before:
+                    assert time.monotonic() < deadline, "no refusal counted"
+                    time.sleep(0.01)
+                client.close(0)
+        logged = [r for r in caplog.records if "[auth] refused key" in r.getMessage()]
+        assert head.metrics.auth_refused.labels("unknown", "unknown_key")._value.get() == attempts
+        assert len(logged) == RefusalLog.TOTAL
+    finally:
+        head._control.close(0)
+        head._pub.close(0)
+        if head._auth is not None:
+            head._auth.stop()
+        head.metrics.close()
         ctx.term()

@@ -25,7 +25,7 @@ from runtime.credentials import client_token
 from runtime.head_client import HeadUnreachable
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Capacity, ControlReply, DeployRequest,
-    GenerateRequest, HeadHello, ReplicaReport, ScaleRequest, SnapshotRequest, decode_frames, encode,
+    GenerateRequest, HeadHello, ReplicaReport, RequestError, ScaleRequest, SnapshotRequest, decode_frames, encode,
 )
 from tests.integration.cluster import Cluster
 from tests.integration.stack import ROOT, free_port, wait_for
@@ -165,6 +165,42 @@ def test_direct_generation_on_a_replica_data_port(cluster):
         "agent-vm.key_secret", "head.key", "registry", "replica.key", "replica.key_secret"]
     assert "registry/proxy-edge.key" in held
     assert all(p.startswith("registry/proxy-") for p in held if p.startswith("registry/"))
+
+
+def test_revoked_proxy_key_gets_no_generation_on_its_open_replica_connection(cluster):
+    """A proxy key revoked on the agent host while its connection to a replica stays open: ZAP saw it
+    only at connect time, so the replica checks each GenerateRequest's key against the registry again."""
+    vm_host = cluster.tmp / "vm-host"
+    keyring.add(cluster.keys, "proxy", "edge3", out=cluster.tmp / "edge3-host")
+    registered = vm_host / keyring.REGISTRY / "proxy-edge3.key"
+    registered.write_bytes((cluster.keys / keyring.REGISTRY / "proxy-edge3.key").read_bytes())
+    rep = replica(cluster)
+    sock = dealer(rep["endpoint"], keyring.identity(cluster.tmp / "edge3-host", "proxy", "edge3"),
+                  keyring.server_public(cluster.keys, "replica"))
+
+    def answers(request_id: str) -> list[Any]:
+        """What the replica sends about `request_id` until it finishes or fails."""
+        sock.send_multipart(encode(GenerateRequest(request_id, prompt="hi")))
+        out: list[Any] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sock.poll(int((deadline - time.monotonic()) * 1000)):
+            msg = decode_frames(sock.recv_multipart())
+            deltas = [d for d in getattr(msg, "deltas", []) if d.request_id == request_id]
+            out += deltas if deltas else [msg] if getattr(msg, "request_id", None) == request_id else []
+            if out and (isinstance(out[-1], RequestError) or getattr(out[-1], "finish_reason", None)):
+                break
+        return out
+
+    try:
+        assert any(getattr(m, "text", "") for m in answers("edge3-1"))  # registered: served
+        (vm_host / keyring.REVOKED).mkdir(exist_ok=True)
+        registered.replace(vm_host / keyring.REVOKED / "proxy-edge3.key")  # the docs' revocation on an agent host
+        after = answers("edge3-2")  # same connection
+        assert [type(m).__name__ for m in after] == ["RequestError"] and after[0].status == 403, after
+    finally:
+        sock.close(0)
+    assert refused(rep["metrics_endpoint"], "tokenrelay_replica_")[("proxy", "revoked")] >= 1
+    assert "[auth] refused proxy-edge3 request edge3-2: revoked" in cluster.log("agent-vm")
 
 
 def test_snapshot_and_subscription_without_a_key(cluster):

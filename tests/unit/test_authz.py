@@ -35,6 +35,9 @@ def test_unknown_and_revoked_keys_are_refused_everywhere():
     (OPERATOR, "StatusRequest", None, None), (AGENT, "StatusRequest", None, "role"),
     (OPERATOR, "DeployRequest", None, None), (PROXY, "DeployRequest", None, "role"),
     (PROXY, "ScaleRequest", None, "role"), (AGENT, "DeleteRequest", None, "role"),
+    # types the table does not list are nobody's, not everybody's
+    (OPERATOR, "GenerateRequest", None, "role"), (AGENT, "ReplicaHello", "vm", "role"),
+    (PROXY, "SomethingNew", None, "role"),
 ])
 def test_head_messages_by_role(peer, kind, agent_id, reason):
     assert authz.message_refusal(peer, kind, agent_id) == reason
