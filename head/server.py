@@ -40,7 +40,7 @@ from runtime.protocol import (
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
     StatusRequest, decode, encode,
 )
-from runtime.stack_config import DeploymentSpec, parse_deployment
+from runtime.stack_config import DeploymentSpec, check_replicas, parse_deployment
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +351,10 @@ class Head:
             old = self.state.deployments.get(msg.name)
             if old is None:
                 return ControlReply(False, "not_found", "no deployment named %r" % msg.name)
-            if msg.replicas < 0:
-                return ControlReply(False, "invalid_spec", "replicas: must be an integer >= 0")
+            try:
+                check_replicas(msg.replicas)
+            except ValueError as exc:
+                return ControlReply(False, "invalid_spec", str(exc))
             if old.autoscaling is not None:
                 return ControlReply(False, "autoscaled", "%s is autoscaled between %d and %d replicas; change "
                                     "autoscaling.min_replicas/max_replicas with deploy (or remove autoscaling)"

@@ -118,10 +118,20 @@ class StackConfig:
     deployments: tuple[DeploymentSpec, ...] = ()
 
 
-def _int(value: Any, where: str, minimum: int) -> int:
+MAX_REPLICAS = 1024  # per deployment: a typo (10**6) must be refused, not make the head place a million
+
+
+def _int(value: Any, where: str, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError("%s: must be an integer >= %d, got %r" % (where, minimum, value))
+    if maximum is not None and value > maximum:
+        raise ValueError("%s: must be at most %d, got %r" % (where, maximum, value))
     return value
+
+
+def check_replicas(value: Any, where: str = "replicas") -> int:
+    """A replica count as deploy, scale and the config file accept it (0 to MAX_REPLICAS)."""
+    return _int(value, where, 0, MAX_REPLICAS)
 
 
 def _str(value: Any, where: str) -> str:
@@ -162,7 +172,7 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
         raise ValueError("%s.placement.labels: must map strings to strings" % where)
     return DeploymentSpec(
         name=name, engine=engine, model=model,
-        replicas=_int(raw.get("replicas", 1), where + ".replicas", 0),
+        replicas=check_replicas(raw.get("replicas", 1), where + ".replicas"),
         engine_args=engine_args,
         gpus=_int(raw.get("gpus", 0), where + ".gpus", 0),
         cpus=_number(raw.get("cpus", 0), where + ".cpus"),
@@ -187,7 +197,7 @@ def _autoscaling(raw: Any, where: str) -> Optional[AutoscalingConfig]:
     low = _int(raw.get("min_replicas", d.min_replicas), where + ".min_replicas", 0)
     if low == 0:
         raise ValueError("%s.min_replicas: 0 (scale to zero) is not supported yet; use 1 or more" % where)
-    high = _int(raw.get("max_replicas", max(low, d.max_replicas)), where + ".max_replicas", low)
+    high = _int(raw.get("max_replicas", max(low, d.max_replicas)), where + ".max_replicas", low, MAX_REPLICAS)
     target = _number(raw.get("target_ongoing_requests", d.target_ongoing_requests),
                      where + ".target_ongoing_requests")
     if target <= 0:

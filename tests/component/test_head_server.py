@@ -76,6 +76,10 @@ def test_deploy_validates_and_is_idempotent(head):
     assert head_client.scale(head.endpoint, TOKEN, "x", 3)["result"] == "scaled"
     with pytest.raises(HeadRefused, match="not_found"):
         head_client.scale(head.endpoint, TOKEN, "nope", 1)
+    with pytest.raises(HeadRefused, match=r"invalid_spec: replicas: must be at most 1024"):
+        head_client.scale(head.endpoint, TOKEN, "x", 10**6, timeout=3.0)  # a typo, answered at once
+    with pytest.raises(HeadRefused, match=r"must be at most 1024"):
+        head_client.deploy(head.endpoint, TOKEN, {"name": "y", "engine": "mock", "replicas": 10**6})
     d = {d["name"]: d for d in head_client.status(head.endpoint, TOKEN).deployments}["x"]
     assert d["replicas"] == 3 and d["state"] == "pending" and d["pending_reason"] == "no agent registered"
     assert head_client.delete(head.endpoint, TOKEN, "x")["result"] == "deleted"
