@@ -189,7 +189,7 @@ def test_a_restarted_replica_is_listed_at_its_new_port(stack):
 def test_vllm_replica_serves_vllm_metrics_next_to_ours(tmp_path):
     """A vLLM replica's endpoint also carries vLLM's own `vllm:*` metrics (the default registry)."""
     pytest.importorskip("vllm")
-    from runtime.models import build_tiny_model
+    from tests.tiny_model import build_tiny_model
     from tests.integration.stack import free_port
 
     # vLLM's IPC socket paths must fit in 107 bytes: pytest's tmp_path can be too deep for that

@@ -41,6 +41,6 @@ def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model(vllm_env: Path) -> Path:
-    from runtime.models import build_tiny_model
+    from tests.tiny_model import build_tiny_model
 
     return build_tiny_model(vllm_env / "tiny-llama")

@@ -1,0 +1,77 @@
+"""A tiny random-weight test model, built locally in seconds (no model hub): a test fixture.
+
+Used by the vLLM test tier (tests/vllm/conftest.py) and the vLLM metrics test. Runs in the test process;
+owns no socket. `build_tiny_model` writes a 2-layer Llama with a BPE tokenizer trained on the standard
+library's sources and a ChatML chat template; it generates gibberish fast.
+"""
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+# The ChatML template of SmolLM2 without its default system prompt: the tiny model's tokenizer uses it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """Write a random-weight 2-layer Llama (hidden 128, head_dim 64) with a ChatML tokenizer to `dest`.
+
+    Deterministic for a given seed and library versions, so its greedy output is stable within a run.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    backend = _train_tokenizer(vocab_size)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(dest)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub
+    model.save_pretrained(dest)
+    return dest
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_local_corpus(), trainer=trainer)
+    return tok
+
+
+def _local_corpus(max_bytes: int = 3_000_000) -> list[str]:
+    """English-ish text that every Python install has: the standard library's own sources."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    total = 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
