@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import zmq
 import zmq.asyncio
@@ -31,7 +31,7 @@ from model_proc.engine import Engine, EngineLoadError, EngineRequestError
 from runtime import metrics_http, parent_guard
 from runtime.curve import CurveKeys
 from runtime.protocol import (
-    PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
+    PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
 )
 
@@ -160,7 +160,7 @@ class ReplicaServer:
             await asyncio.sleep(0.05)
         for request_id in list(self._routes):
             self.engine.abort(request_id)
-            self.error(request_id, 503, "replica shut down before the request finished")
+            self.error(request_id, 503, "replica shut down before the request finished", etype=SHUTTING_DOWN)
 
     # ------------------------------------------------------------------ sockets
 
@@ -187,12 +187,19 @@ class ReplicaServer:
     def _on_generate(self, peer: bytes, req: GenerateRequest) -> None:
         rid = req.request_id
         if self._draining:
-            self._send(peer, RequestError(rid, 503, "replica is shutting down", "service_unavailable"))
+            self._send(peer, RequestError(rid, 503, "replica is shutting down", SHUTTING_DOWN))
             return
         if rid in self._routes:
             self._send(peer, RequestError(rid, 400, "duplicate request id %s" % rid, "invalid_request_error"))
             return
-        self._routes[rid] = _Route(peer)
+        route = self._routes[rid] = _Route(peer)
+        if req.resume is not None:
+            if not getattr(self.engine, "supports_resume", False):
+                del self._routes[rid]
+                self._send(peer, RequestError(rid, 501, "engine %s cannot resume a request" % self.engine.name,
+                                              "server_error", "resume"))
+                return
+            route.completion_tokens = len(req.resume.token_ids)  # generated (and counted) elsewhere
         try:
             self.engine.add_request(req)
         except EngineRequestError as exc:
@@ -252,7 +259,7 @@ class ReplicaServer:
     # ------------------------------------------------------------------ DeltaSink (called by the engine)
 
     def emit(self, request_id: str, text: str, finish_reason: Optional[str],
-             prompt_tokens: int, completion_tokens: int) -> None:
+             prompt_tokens: int, completion_tokens: int, token_ids: Sequence[int] = ()) -> None:
         route = self._routes.get(request_id)
         if route is None:
             return  # aborted meanwhile
@@ -264,19 +271,21 @@ class ReplicaServer:
         box = self._outbox.get(route.peer)
         if box is None:
             box = self._outbox[route.peer] = []
-        box.append(Delta(request_id, text, finish_reason, prompt_tokens, completion_tokens))
+        box.append(Delta(request_id, text, finish_reason, prompt_tokens, completion_tokens, list(token_ids)))
         if not self._flush_scheduled:
             # everything emitted in this loop iteration (one engine step) leaves in one message per peer
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None) -> None:
+    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
+              etype: Optional[str] = None) -> None:
         route = self._routes.pop(request_id, None)
         if route is None:
             return
         self.errors += 1
         log.warning("request %s failed (%d): %s", request_id, status, message)
-        etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        if etype is None:
+            etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
         self._flush()  # deltas before the error must arrive first
         self._send(route.peer, RequestError(request_id, status, message, etype, param))
         self._load_changed()

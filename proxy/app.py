@@ -115,7 +115,7 @@ class _Inference:
         cfg, timeouts, rs = self._config, route.timeouts, route.routing
         limits = Limits(first_token=timeouts.first_token_s or cfg.first_token_timeout,
                         total=timeouts.total_s or cfg.total_timeout, max_attempts=cfg.max_attempts,
-                        retry_window=cfg.retry_window)
+                        retry_window=cfg.retry_window, resume=rs.resume, max_resumes=cfg.max_resumes)
         body_limits = BodyLimits(idle=timeouts.idle_s or cfg.idle_timeout, keepalive=cfg.keepalive_interval,
                                  max_chunk=cfg.max_chunk_chars)
         key = route_key(rs.policy, rs.prefix_chars, rs.session_affinity, req.get_header("X-Session-ID"), prompt)

@@ -73,28 +73,56 @@ class _StreamBody:
 
     def _batches(self) -> Iterator[Union[bytes, list[Item]]]:
         """KEEPALIVE while waiting for the first token, then lists of items (the last one terminal). Ends
-        early, with no terminal item, when a direct write found the client gone."""
+        early, with no terminal item, when a direct write found the client gone. A replica lost mid-way
+        (Dispatch.resumable) is replaced without a word to the client: the items it sent go out, the
+        request resumes elsewhere, and the new replica's tokens follow (KEEPALIVE while it starts)."""
         d = self._dispatch
         first: Optional[Item] = self._first
         while first is None:
             yield KEEPALIVE
-            try:
-                first = d.first(self._limits.keepalive)
-            except ProxyError as exc:
-                first = _error_item(d.request_id, exc)
-        stream = d.stream
-        assert stream is not None
-        batch = [first]
+            first = self._first_item()
         while True:
-            if not is_terminal(batch[-1]):
-                batch += stream.drain(self._limits.max_chunk)
-            yield batch
-            if is_terminal(batch[-1]):
+            stream = d.stream
+            assert stream is not None
+            batch = [first]
+            lost: Optional[RequestError] = None
+            while True:
+                if not is_terminal(batch[-1]):
+                    batch += stream.drain(self._limits.max_chunk)
+                err = as_error(batch[-1])
+                if err is not None and batch[-1] is not first and d.resumable(err):
+                    lost = err
+                    break
+                yield batch
+                if is_terminal(batch[-1]):
+                    return
+                item = self._next(stream)
+                if item is None:
+                    return
+                batch = [item]
+                first = None  # from here on every item came from the stream
+            if len(batch) > 1:
+                yield batch[:-1]
+            failed = d.resume(lost)
+            if failed is not None:
+                yield [failed]
                 return
-            item = self._next(stream)
-            if item is None:
+            first = None
+            while first is None:
+                first = self._first_item()
+                if first is None:
+                    yield KEEPALIVE
+            if isinstance(first, RequestError):
+                yield [first]
                 return
-            batch = [item]
+
+    def _first_item(self) -> Optional[Item]:
+        """Dispatch.first for one keep-alive interval; a final failure as an error item."""
+        d = self._dispatch
+        try:
+            return d.first(self._limits.keepalive)
+        except ProxyError as exc:
+            return _error_item(d.request_id, exc)
 
     def _next(self, stream: RequestStream) -> Optional[Item]:
         """The next queued item, or a 504 error after `idle` seconds without a token or at the request's
@@ -250,7 +278,8 @@ def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: Reque
     body = _StreamBody(dispatch, first, limits, tracker, clock)
     parts: list[str] = []
     for batch in body._batches():
-        assert not isinstance(batch, bytes)
+        if isinstance(batch, bytes):
+            continue  # a keep-alive while a resumed request waits for its new replica
         text, last, err = _split(batch)
         _count_tokens(tracker, batch)
         parts.append(text)

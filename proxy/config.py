@@ -53,6 +53,9 @@ class ProxyConfig:
                   "': keep-alive' comment every as many seconds")
     max_attempts: int = setting(3, help="replicas tried per request before its first token")
     retry_window: float = setting(10.0, help="no retry starts later than this many seconds into a request")
+    max_resumes: int = setting(
+        3, help="times one request may move mid-stream to another replica after its replica was lost "
+                "(deployments switch resuming off with routing.resume: false)")
     breaker_failures: int = setting(5, help="failures in a row that eject a replica")
     breaker_cooldown: float = setting(
         5.0, help="seconds before an ejected replica is probed; doubles per failed probe")
@@ -88,6 +91,8 @@ class ProxyConfig:
         host, sep, port = self.bind.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("--bind must be HOST:PORT, got %r" % self.bind)
+        if self.max_resumes < 0:
+            raise ValueError("--max-resumes must be >= 0")
         for name in ("workers", "worker_connections", "hwm", "max_body_bytes", "max_attempts",
                      "breaker_failures", "max_pending_chars", "max_chunk_chars"):
             if getattr(self, name) < 1:

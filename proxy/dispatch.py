@@ -12,7 +12,15 @@ never retry once the first token was handed to the caller.
                  unreachable, connection lost) is retried on another replica, at most `max_attempts` sends
                  in all and only within `retry_window` seconds of the start; a 4xx is the request's fault:
                  never retried and never held against the replica. Final failures raise ProxyError.
-Every outcome feeds the replica's circuit breaker through `Cluster.record`.
+    resume(err)  the replica was lost mid-stream (died, said ReplicaDead, connection lost or frozen past
+                 the liveness bound, or it stopped the request while shutting down): send the request to
+                 another replica with the token ids received so far (GenerateRequest.resume), so it
+                 continues where the lost one was; the caller then waits for the new first token with
+                 `first()` as usual. At most `max_resumes` per request, never past the request's deadline,
+                 only when the deployment allows it (`routing.resume`) and the replica reported a token
+                 id for every token it sent (else the text would repeat).
+Every outcome feeds the replica's circuit breaker through `Cluster.record`; a replica that refused or
+stopped a request because it is shutting down (protocol.SHUTTING_DOWN) is not counted against.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
+import msgspec
 from gevent.event import Event
 
 from proxy import metrics
@@ -30,7 +39,7 @@ from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, ProxyError, U
 from proxy.replicas import ReplicaUnavailable
 from proxy.router import FULL, NONE, Decision
 from proxy.streams import RequestStream, as_error
-from runtime.protocol import Delta, GenerateRequest, RequestError
+from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError, Resume
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,9 @@ class Limits:
     first_token: float  # seconds from the first send to the first token
     total: float  # seconds from the request's start to its end
     max_attempts: int = 3  # sends to replicas, the first one included
-    retry_window: float = 10.0  # no retry starts later than this after the request's start
+    retry_window: float = 10.0  # no retry starts later than this after the request's (or resume's) start
+    resume: bool = True  # resume a stream elsewhere when its replica is lost mid-way
+    max_resumes: int = 3  # resumes per request
 
 
 class Cluster(Protocol):
@@ -72,6 +83,11 @@ class Dispatch:
         self._first_deadline = float("inf")
         self._last_error: Optional[RequestError] = None
         self.queued_s = 0.0
+        self._window_start = self.started_at  # retries (max_attempts, retry_window) count from here
+        self.resumes = 0
+        self._replayed: list[int] = []  # token ids received from replicas lost before the current one
+        self._lost: set[str] = set()  # replicas lost mid-stream: never tried again for this request
+        self._resumed_at: Optional[float] = None
 
     @property
     def request_id(self) -> str:
@@ -151,7 +167,7 @@ class Dispatch:
 
     def _may_retry(self) -> bool:
         return (self.attempts < self.limits.max_attempts
-                and self._clock() - self.started_at < self.limits.retry_window)
+                and self._clock() - self._window_start < self.limits.retry_window)
 
     # ----------------------------------------------------------------- first token
 
@@ -180,6 +196,9 @@ class Dispatch:
             if err is None:
                 self._cluster.record(self.stream.replica_id, True)
                 assert isinstance(item, Delta)
+                if self._resumed_at is not None:
+                    metrics.RESUME_GAP.labels(self.deployment).observe(self._clock() - self._resumed_at)
+                    self._resumed_at = None
                 return item
             self._fail_current(err)
             if err.status not in RETRYABLE or not self._may_retry():
@@ -195,10 +214,56 @@ class Dispatch:
         stream = self.stream
         assert stream is not None
         stream.close("first_token_timeout" if err is None else "error")  # aborts it there if unfinished
-        if err is None or err.status >= 500 or err.status == 429:
+        if err is not None and err.type == SHUTTING_DOWN:
+            pass  # a draining replica: not its fault, and not the request's
+        elif err is None or err.status >= 500 or err.status == 429:
             self._cluster.record(stream.replica_id, False)
         else:
             self._cluster.record(stream.replica_id, True)  # it answered: a 4xx is the request's fault
+
+    # ----------------------------------------------------------------- mid-stream resume
+
+    def resumable(self, err: RequestError) -> bool:
+        """May the stream that ended with `err` (mid-way, from the current stream) go on elsewhere?"""
+        stream = self.stream
+        if stream is None or not self.limits.resume or self.resumes >= self.limits.max_resumes:
+            return False
+        if not (stream.lost or (err.status == 503 and err.type == SHUTTING_DOWN)):
+            return False
+        if len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
+            return False  # the engine did not report every token's id: a resume would repeat text
+        return self._clock() < self.deadline and not self._client_gone()
+
+    def resume(self, err: RequestError) -> Optional[RequestError]:
+        """Send the request to another replica, to continue after the tokens received so far (call when
+        `resumable(err)`). None once sent (wait with `first()`), else the error that ends the request."""
+        old = self.stream
+        assert old is not None
+        ids = self._replayed + old.token_ids
+        self._replayed = ids
+        old.close("error")
+        if err.type != SHUTTING_DOWN:
+            self._cluster.record(old.replica_id, False)
+        self._lost.add(old.replica_id)
+        self._tried = set(self._lost)
+        now = self._clock()
+        self.resumes += 1
+        self.attempts = 0
+        self._window_start = now
+        self._first_deadline = float("inf")
+        self._resumed_at = now
+        self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
+        metrics.RESUMES.labels(self.deployment).inc()
+        metrics.TOKENS_REPLAYED.labels(self.deployment).inc(len(ids))
+        log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); resuming elsewhere (%d/%d)",
+                    self.request_id, old.replica_id, len(ids), err.status, err.message, self.resumes,
+                    self.limits.max_resumes)
+        try:
+            self.admit()
+        except ProxyError as exc:
+            log.warning("req=%s [failover] resume failed: %d %s", self.request_id, exc.status, exc.message)
+            return RequestError(self.request_id, exc.status, exc.message, exc.type, exc.param)
+        return None
 
     def close(self, reason: str = "client_gone") -> None:
         if self.stream is not None:

@@ -45,6 +45,15 @@ REJECTED = Counter("tokenrelay_proxy_rejected_requests",
                    ["deployment", "reason"])
 RETRIES = Counter("tokenrelay_proxy_retries", "Requests retried on another replica before the first token",
                   ["deployment"])
+RESUMES = Counter("tokenrelay_proxy_resumes",
+                  "Requests moved mid-stream to another replica after theirs was lost (dispatch.resume)",
+                  ["deployment"])
+TOKENS_REPLAYED = Counter("tokenrelay_proxy_resume_replayed_tokens",
+                          "Completion tokens handed to the new replica on a resume (GenerateRequest.resume)",
+                          ["deployment"])
+RESUME_GAP = Histogram("tokenrelay_proxy_resume_gap_seconds",
+                       "From a lost replica noticed to the first token of the replica resuming the request",
+                       ["deployment"], buckets=BUCKETS)
 EJECTIONS = Counter("tokenrelay_proxy_replica_ejections",
                     "Circuit breaker openings: a replica ejected after repeated failures", ["deployment"])
 ABORTS = Counter("tokenrelay_proxy_aborts",

@@ -105,7 +105,8 @@ class ReplicaConnection:
         """A request is done with this replica: unregister it, and abort it if still running there."""
         if self.inflight.pop(stream.request_id, None) is not None:
             self._on_capacity(self.deployment)
-        if not stream.finished and not self.closed:
+        if (not stream.finished or stream.lost) and not self.closed:
+            # a lost replica may come back (thawed, reconnected) still generating a request that moved on
             try:
                 self._send(Abort(request_ids=[stream.request_id]))
                 metrics.ABORTS.labels(self.deployment, stream.close_reason or "client_gone").inc()
@@ -171,6 +172,8 @@ class ReplicaConnection:
                 stream = inflight.get(delta.request_id)
                 if stream is None:
                     continue
+                stream.token_ids += delta.token_ids  # kept for a resume elsewhere if this replica is lost
+                stream.completion_tokens = delta.completion_tokens
                 sink = stream.sink  # direct writes: RequestStream.push's fast path, inlined (per token)
                 if sink is not None and delta.finish_reason is None:
                     if not sink.offer(delta):
@@ -268,14 +271,16 @@ class ReplicaConnection:
     def _mark_down(self, message: str) -> None:
         self.connected = False
         self.down = True
-        self.fail_all(503, message)
+        self.fail_all(503, message, lost=True)
         self._on_capacity(self.deployment)  # queued requests must learn there is one replica fewer
 
-    def fail_all(self, status: int, message: str) -> None:
+    def fail_all(self, status: int, message: str, lost: bool = False) -> None:
+        """Fail every request in flight here; `lost`: the replica (or the way to it) is gone, so they may
+        be resumed elsewhere (dispatch.Dispatch.resume)."""
         streams = list(self.inflight.values())
         self.inflight.clear()
         for stream in streams:
-            stream.fail(status, message)
+            stream.fail(status, message, lost=lost)
         if streams:
             log.warning("[failover] failed %d in-flight request(s) on replica %s: %s",
                         len(streams), self.replica_id, message)
@@ -294,6 +299,6 @@ class ReplicaConnection:
             return
         self.closed = True
         gevent.killall([self._reader, self._watcher], block=True, timeout=2)
-        self.fail_all(503, reason)
+        self.fail_all(503, reason, lost=True)
         self._dealer.close()
         self._monitor.close(linger=0)

@@ -49,7 +49,8 @@ def as_error(item: Item) -> Optional[RequestError]:
 
 class RequestStream:
     __slots__ = ("request_id", "replica_id", "finished", "closed", "sent_at", "pending", "max_pending",
-                 "sink", "close_reason", "_items", "_event", "_on_close")
+                 "sink", "close_reason", "token_ids", "completion_tokens", "lost", "_items", "_event",
+                 "_on_close")
 
     def __init__(self, request_id: str, replica_id: str,
                  on_close: Optional[Callable[["RequestStream"], None]] = None, sent_at: float = 0.0,
@@ -63,6 +64,11 @@ class RequestStream:
         self.max_pending = max_pending
         self.close_reason = ""  # why it was closed: the abort reason when it had not finished
         self.sink: Optional[ClientSink] = None  # attached only while the consumer waits with nothing queued
+        # kept by the replica reader for a resume elsewhere (dispatch.Dispatch.resume): the token ids of
+        # every delta received, and the replica's running count of completion tokens
+        self.token_ids: list[int] = []
+        self.completion_tokens = 0
+        self.lost = False  # failed because the replica died or its connection was lost (not the request)
         self._items: deque[Item] = deque()
         self._event = Event()
         self._on_close = on_close
@@ -94,7 +100,10 @@ class RequestStream:
         self.sink = None
         self._event.set()
 
-    def fail(self, status: int, message: str, type_: str = "server_error", drop_pending: bool = False) -> None:
+    def fail(self, status: int, message: str, type_: str = "server_error", drop_pending: bool = False,
+             lost: bool = False) -> None:
+        if lost and not self.finished:
+            self.lost = True
         if drop_pending and not self.finished:
             self._items.clear()
             self.pending = 0
