@@ -27,7 +27,7 @@ from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, tex
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    BodyTooLarge, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType, error_body,
+    BodyTooLarge, ClientGone, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType, error_body,
     error_type_for,
 )
 from proxy.middleware import AccessControl, RequestContext, client_probe
@@ -161,6 +161,9 @@ class OpenAIResource(_Inference):
         assert first is not None
         try:
             text, last = collect(dispatch, first, limits, ctx.tracker)
+        except ClientGone:
+            dispatch.close("client_gone")
+            raise
         finally:
             dispatch.close("error")  # only an unfinished (failed) request is aborted
         render = chat_completion_body if self._kind == CHAT else text_completion_body

@@ -30,7 +30,7 @@ from proxy import metrics
 from proxy.chunks import DONE, ChatChunks, CompletionChunks, sse_error
 from proxy.client_sink import ClientSink
 from proxy.dispatch import Dispatch
-from proxy.errors import ProxyError, UpstreamError
+from proxy.errors import ClientGone, ProxyError, UpstreamError
 from proxy.metrics import RequestTracker
 from proxy.replicas import SLOW_READER_STATUS
 from proxy.streams import Item, RequestStream, as_error, is_terminal
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Chunks = Union[ChatChunks, CompletionChunks]
 KEEPALIVE = b": keep-alive\n\n"
+CLIENT_CHECK = 0.25  # seconds between looks at the client's socket while no write would notice it gone
 ABORT_REASONS = {499: "client_gone", 504: "timeout", SLOW_READER_STATUS: "slow_reader"}  # by final status
 
 
@@ -66,6 +67,7 @@ class _StreamBody:
         self._clock = clock
         self._status = 499  # nginx's "client closed request" until we know better
         self._gen: Optional[Generator[bytes, None, None]] = None
+        self._checked_at = clock()  # last look at the client's socket (bodies without a sink)
 
     def __iter__(self) -> Iterator[bytes]:
         self._gen = self._render()
@@ -131,14 +133,22 @@ class _StreamBody:
         d = self._dispatch
         sink = self._sink
         since = self._clock()  # the idle clock starts at the last token we know of
+        if sink is None and since - self._checked_at >= CLIENT_CHECK:
+            self._checked_at = since  # tokens keep coming, but nobody may be there to take them
+            if d.client_gone():
+                log.info("req=%s client gone; ending the request", d.request_id)
+                return None
         while True:
             if sink is not None and not stream.queued:
                 stream.sink = sink
             now = self._clock()
             left = d.deadline - now
             idle_left = self._limits.idle - (now - since)
+            wait = max(0.0, min(idle_left, left))
+            if sink is None:  # nothing writes to the client while we wait: look at its socket now and then
+                wait = min(wait, CLIENT_CHECK)
             try:
-                item = stream.get(max(0.0, min(idle_left, left)))
+                item = stream.get(wait)
             finally:  # also when the wait is interrupted (worker shutdown): never leave the sink attached
                 stream.sink = None  # from here until the next wait, only this greenlet writes to the client
             if item is not None:
@@ -150,6 +160,9 @@ class _StreamBody:
                 if sink.error is not None:
                     log.info("req=%s client gone (%s); ending the stream", d.request_id, sink.error)
                     return None
+            elif d.client_gone():
+                log.info("req=%s client gone while waiting for tokens; ending the request", d.request_id)
+                return None
             now = self._clock()
             if now >= d.deadline:
                 return RequestError(d.request_id, 504, "request took longer than %gs in all" % d.limits.total,
@@ -274,7 +287,8 @@ class PlainBody(_StreamBody):
 
 def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: RequestTracker,
             clock: Callable[[], float] = time.monotonic) -> tuple[str, Delta]:
-    """Gather a whole response for stream=false; raises UpstreamError on failure."""
+    """Gather a whole response for stream=false; raises UpstreamError on failure, ClientGone when the
+    client left meanwhile (the caller's Dispatch.close then aborts the request at the replica)."""
     body = _StreamBody(dispatch, first, limits, tracker, clock)
     parts: list[str] = []
     for batch in body._batches():
@@ -287,4 +301,4 @@ def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: Reque
             raise UpstreamError.from_message(err)
         if last is not None:
             return "".join(parts), last
-    raise AssertionError("unreachable: a stream always ends with a terminal item")
+    raise ClientGone("client closed the connection before the response was ready")

@@ -265,6 +265,10 @@ class Dispatch:
             return RequestError(self.request_id, exc.status, exc.message, exc.type, exc.param)
         return None
 
+    def client_gone(self) -> bool:
+        """Did the client close its connection? (A peek at its socket; False when unknown.)"""
+        return self._client_gone()
+
     def close(self, reason: str = "client_gone") -> None:
         if self.stream is not None:
             self.stream.close(reason)

@@ -165,6 +165,22 @@ def test_disconnect_mid_stream_stops_the_engine_within_a_second(stack: Stack) ->
     assert time.monotonic() - closed_at < 5
 
 
+def test_disconnect_of_a_non_streaming_client_stops_the_engine_within_a_second(stack: Stack) -> None:
+    before = totals(stack, "endless")
+    sock = raw_request(stack, {"model": "endless", "prompt": "whole", "max_tokens": 4000})
+    started = time.monotonic()
+    wait_for(lambda: totals(stack, "endless")["running"] > before["running"], 5, "the request to run")
+    time.sleep(1.0)  # the client gives up mid-way; nothing was sent to it yet
+    sock.close()
+    closed_at = time.monotonic()
+    wait_for(lambda: totals(stack, "endless")["requests_aborted"] > before["requests_aborted"]
+             and totals(stack, "endless")["running"] == 0, 5, "the abort at the replica")
+    generated = totals(stack, "endless")["tokens_generated"] - before["tokens_generated"]
+    # tokens made while the client was there, plus at most a second's worth after it left
+    assert generated < (closed_at - started + 1.0) * 1000 / ITL_MS, generated
+    assert generated < 4000
+
+
 def test_disconnect_while_waiting_for_the_first_token_aborts_too(stack: Stack) -> None:
     before = totals(stack, "slowstart")
     sock = raw_request(stack, {"model": "slowstart", "prompt": "never mind", "stream": True})
