@@ -301,4 +301,4 @@ def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: Reque
             raise UpstreamError.from_message(err)
         if last is not None:
             return "".join(parts), last
-    raise ClientGone("client closed the connection before the response was ready")
+    raise ClientGone()
