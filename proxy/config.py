@@ -59,6 +59,9 @@ class ProxyConfig:
     breaker_failures: int = setting(5, help="failures in a row that eject a replica")
     breaker_cooldown: float = setting(
         5.0, help="seconds before an ejected replica is probed; doubles per failed probe")
+    breaker_max_share: float = setting(
+        0.5, help="largest share of a deployment's replicas the circuit breaker may eject at once "
+                  "(0: never eject; 1: all)")
     load_stale_after: float = setting(
         3.0, help="a replica whose load report is older is avoided while others are fresh")
     max_pending_chars: int = setting(1 << 20, help="text held for a slow client before its stream is cut off")
@@ -91,6 +94,8 @@ class ProxyConfig:
         host, sep, port = self.bind.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("--bind must be HOST:PORT, got %r" % self.bind)
+        if not 0.0 <= self.breaker_max_share <= 1.0:
+            raise ValueError("--breaker-max-share must be between 0 and 1")
         if self.max_resumes < 0:
             raise ValueError("--max-resumes must be >= 0")
         for name in ("workers", "worker_connections", "hwm", "max_body_bytes", "max_attempts",

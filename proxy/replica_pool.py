@@ -106,6 +106,9 @@ class ReplicaPool:
     def replica_ids(self) -> list[str]:
         return list(self._by_id)
 
+    def all_connections(self) -> list[ReplicaConnection]:
+        return list(self._by_id.values()) + list(self._retired.values())
+
     def in_flight(self) -> int:
         return sum(len(c.inflight) for c in list(self._by_id.values()) + list(self._retired.values()))
 

@@ -18,7 +18,7 @@ from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, UpstreamError
 from proxy.replicas import ReplicaUnavailable
 from proxy.router import FULL, NONE, ROUTE, Decision
 from proxy.streams import Item, RequestStream
-from runtime.protocol import Delta, GenerateRequest, RequestError
+from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError
 
 Script = Callable[[str], list[Item]]
 
@@ -100,6 +100,15 @@ def test_refused_before_the_first_token_is_retried_on_another_replica() -> None:
     assert c.sent == ["r1", "r2"]
     assert c.records == [("r1", False), ("r2", True)]
     assert c.streams[0].closed  # the failed attempt was let go
+
+
+def test_a_drain_refusal_is_retried_elsewhere_and_never_held_against_the_replica() -> None:
+    c = FakeCluster({"r1": lambda rid: [RequestError(rid, 503, "replica is shutting down", SHUTTING_DOWN)],
+                     "r2": ok})
+    d = dispatch(c)
+    d.admit()
+    assert d.first(None) is not None and d.stream.replica_id == "r2"
+    assert c.records == [("r2", True)]  # r1 is draining: not a failure
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
