@@ -216,8 +216,10 @@ class ReadyResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         ready, reason = self._backend.readiness()
         resp.content_type = falcon.MEDIA_JSON
-        if ready:
+        if ready and reason == "ok":
             resp.data = b'{"status":"ready"}'
+        elif ready:  # e.g. the head is unreachable: still serving, and saying so
+            resp.data = _json({"status": "ready", "reason": reason})
         else:
             resp.status = falcon.HTTP_503
             resp.data = _json({"status": "not_ready", "reason": reason})

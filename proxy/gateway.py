@@ -111,7 +111,7 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         if self._pool is None:
             return False, "proxy worker is starting"
-        return self.state.readiness(self.clock())
+        return self.state.readiness(self.clock(), self._pool.reachable())
 
     # ----------------------------------------------------------------- Cluster (see dispatch.py)
 

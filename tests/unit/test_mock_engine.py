@@ -142,4 +142,4 @@ def test_tokens_follow_an_absolute_schedule_without_drift():
         await sink.done.wait()
         return begun, sink.times
     begun, times = run(go())
-    assert abs(times[-1] - (begun + 0.020 + 39 * 0.005)) < 0.004, times[-1] - begun
+    assert abs(times[-1] - (begun + 0.020 + 39 * 0.005)) < 0.012, times[-1] - begun  # not 30 ms late
