@@ -12,6 +12,7 @@ engine_args (all optional):
   max_running     requests generated at once; more wait in FIFO order (default: unlimited)
   max_context     prompt words + max_tokens allowed (default 4096), else a 400
   fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
+  abort_raises    true: abort() raises (tests that a crash in the replica's receive path kills it loudly)
 Prompt "tokens" are whitespace-separated words; each output token is one word plus a space, and its
 token id is the word's index in WORDS. The text is a function of (prompt, position) only: the word after
 token id t is WORDS[t + 1], the first one is picked by the prompt's CRC. So a request resumed from the
@@ -39,7 +40,7 @@ WORDS = (
     "relay replicas to many patient clients under steady load"
 ).split()
 
-_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger"}
+_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger", "abort_raises"}
 
 
 class _Request:
@@ -76,6 +77,7 @@ class MockEngine:
         self.max_running = int(max_running) if max_running else None
         self.max_context = int(engine_args.get("max_context", 4096))
         self.fatal_trigger: Optional[str] = engine_args.get("fatal_trigger")
+        self.abort_raises = bool(engine_args.get("abort_raises", False))
         if self.ttft < 0 or self.itl < 0 or self.default_tokens < 1:
             raise ValueError("ttft_ms and itl_ms must be >= 0 and tokens >= 1")
         self._sink: Optional[DeltaSink] = None
@@ -157,6 +159,8 @@ class MockEngine:
             self._begin(nxt)
 
     def abort(self, request_id: str) -> None:
+        if self.abort_raises:
+            raise RuntimeError("mock abort_raises is set")
         r = self._running.get(request_id)
         if r is not None:
             if r.handle is not None:

@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from model_proc import metrics
-from model_proc.config import EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
+from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
 from runtime import metrics_http, parent_guard
 from runtime.curve import CurveKeys
@@ -111,7 +111,7 @@ class ReplicaServer:
         self._hello = ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
                                    exporter.port if exporter else 0, cfg.deployment, cfg.generation)
         self._send_agent(self._hello)
-        status_task = asyncio.ensure_future(self._status_loop())
+        status_task = self._supervised(self._status_loop(), "status loop")
         recv_task: Optional[asyncio.Future] = None
         try:
             try:
@@ -123,7 +123,7 @@ class ReplicaServer:
                 return EXIT_LOAD_ERROR
             self._ready = True
             log.info("[startup] ready")
-            recv_task = asyncio.ensure_future(self._recv_loop())
+            recv_task = self._supervised(self._recv_loop(), "receive loop")
             await self._stop.wait()
             if self._draining:
                 await self._drain()
@@ -147,6 +147,22 @@ class ReplicaServer:
             if exporter is not None:
                 exporter.close()
             log.info("[shutdown] replica stopped (exit %d)", self._exit_code)
+
+    def _supervised(self, coro: Any, what: str) -> "asyncio.Task[None]":
+        """Run a long-lived loop as a task whose crash kills the replica loudly: an exception there (in
+        the receive loop: handling a request or an abort) leaves state nobody knows, and a replica that
+        stopped reading but still reports READY would hang every client. So: ReplicaDead to every proxy
+        and the agent, then exit EXIT_CRASH (the agent restarts it)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+
+        def done(t: "asyncio.Task[None]") -> None:
+            if t.cancelled() or t.exception() is None:
+                return
+            exc = t.exception()
+            log.error("[failover] %s crashed; the replica dies", what, exc_info=exc)
+            self.fatal("%s crashed: %s: %s" % (what, type(exc).__name__, exc), EXIT_CRASH)
+        task.add_done_callback(done)
+        return task
 
     def _on_signal(self, sig: int) -> None:
         log.info("[shutdown] signal %d: draining for up to %.1fs", sig, self.config.drain_seconds)
@@ -290,12 +306,14 @@ class ReplicaServer:
         self._send(route.peer, RequestError(request_id, status, message, etype, param))
         self._load_changed()
 
-    def fatal(self, reason: str) -> None:
-        log.error("[failover] engine died: %s", reason)
+    def fatal(self, reason: str, exit_code: int = EXIT_ENGINE_DIED) -> None:
+        if self._exit_code != EXIT_OK:
+            return  # dead already
+        log.error("[failover] replica dies: %s", reason)
         self._flush()
         self._broadcast_dead(reason)
         self._routes.clear()
-        self._exit_code = EXIT_ENGINE_DIED
+        self._exit_code = exit_code
         self._stop.set()
 
     def _flush(self) -> None:
