@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Optional, Protocol
 
 import falcon
+import gevent
 import msgspec
 
 from proxy import metrics
@@ -27,9 +28,10 @@ from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, tex
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    BodyTooLarge, ClientGone, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType, error_body,
-    error_type_for,
+    BodyTooLarge, ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType,
+    error_body, error_type_for,
 )
+from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import CHAT, parse_chat, parse_completion, parse_plain
 from proxy.openapi import SPEC
@@ -77,13 +79,40 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
 # --------------------------------------------------------------------------- inference
 
 
+READ_CHUNK = 65536  # bytes per read of a request body; the worker's other greenlets run in between
+BIG_UNREAD = 65536  # an unread body larger than this is not drained by the worker: the connection closes
+
+
 def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes, else 413 (at once when Content-Length says so, before
+    reading anything). Chunked bodies (no Content-Length) are read to their end within the same limit.
+    Read in 64 KiB pieces with a yield between them: gevent's recv does not yield while data is there,
+    so one fast upload would otherwise hold the worker (and every stream on it) until it ends."""
+    chunked = req.content_length is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
     if req.content_length is not None and req.content_length > limit:
         raise BodyTooLarge("request body exceeds %d bytes" % limit)
-    data = req.bounded_stream.read(limit + 1)
-    if len(data) > limit:
+    stream = req.stream if chunked else req.bounded_stream
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        data = stream.read(min(READ_CHUNK, limit + 1 - size))
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+        gevent.sleep(0)
+    if size > limit:
         raise BodyTooLarge("request body exceeds %d bytes" % limit)
-    return data
+    req.context.body_read = True
+    return b"".join(parts)
+
+
+def parse_json(parse: Callable[[bytes], Any], body: bytes) -> Any:
+    """`parse(body)`, with JSON nested too deeply for the decoder as a 400 (not a 500 RecursionError)."""
+    try:
+        return parse(body)
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
 
 
 def require_media(req: falcon.Request, accepted: tuple[str, ...]) -> None:
@@ -145,7 +174,7 @@ class OpenAIResource(_Inference):
         ctx.deployment = ""  # until the model is known to exist
         require_media(req, ("application/json",))
         body = read_body(req, self._config.max_body_bytes)
-        parsed = parse_chat(body) if self._kind == CHAT else parse_completion(body)
+        parsed = parse_json(parse_chat if self._kind == CHAT else parse_completion, body)
         rid = ctx.request_id
         dispatch, first, limits = self._start(req, parsed.model, parsed.to_generate(rid), parsed.routing_text(),
                                               parsed.stream)
@@ -248,6 +277,17 @@ def _rid(req: falcon.Request) -> str:
     return getattr(req.context, "request_id", "-")
 
 
+def _close_if_body_unread(req: falcon.Request) -> None:
+    """An error answered before a big (or chunked) body was read: ask the server hook to close the
+    connection after the response (server.py, linger_close) instead of letting gunicorn drain the
+    body through the worker, which would hold the worker's other streams while it comes in."""
+    if getattr(req.context, "body_read", False):
+        return
+    length = req.content_length
+    if (length is not None and length > BIG_UNREAD) or (length is None and req.get_header("Transfer-Encoding")):
+        req.env[LINGER_ENV] = True
+
+
 def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
                  headers: Optional[dict[str, str]]) -> None:
     resp.status = status
@@ -261,6 +301,7 @@ def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
 def _on_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, params: dict) -> None:
     log.log(logging.WARNING if ex.status >= 500 else logging.INFO, "req=%s %s %s -> %d %s",
             _rid(req), req.method, req.path, ex.status, ex.message)
+    _close_if_body_unread(req)
     _write_error(resp, ex.status, ex.body(), ex.headers)
 
 
@@ -278,6 +319,7 @@ def _serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon
 
 def _on_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
     log.info("req=%s %s %s -> %d %s", _rid(req), req.method, req.path, ex.status_code, ex.title)
+    _close_if_body_unread(req)
     _write_error(resp, ex.status_code, _http_error_body(ex), dict(ex.headers or {}))
 
 
