@@ -18,7 +18,8 @@ never retry once the first token was handed to the caller.
                  continues where the lost one was; the caller then waits for the new first token with
                  `first()` as usual. At most `max_resumes` per request, never past the request's deadline,
                  only when the deployment allows it (`routing.resume`) and the replica reported a token
-                 id for every token it sent (else the text would repeat).
+                 id for every token it sent (else the text would repeat). With no usable replica at that
+                 moment (all lost at once) it waits for one, up to `retry_window`.
 Every outcome feeds the replica's circuit breaker through `Cluster.record`; a replica that refused or
 stopped a request because it is shutting down (protocol.SHUTTING_DOWN) is not counted against.
 """
@@ -86,7 +87,6 @@ class Dispatch:
         self._window_start = self.started_at  # retries (max_attempts, retry_window) count from here
         self.resumes = 0
         self._replayed: list[int] = []  # token ids received from replicas lost before the current one
-        self._lost: set[str] = set()  # replicas lost mid-stream: never tried again for this request
         self._resumed_at: Optional[float] = None
 
     @property
@@ -244,26 +244,37 @@ class Dispatch:
         old.close("error")
         if err.type != SHUTTING_DOWN:
             self._cluster.record(old.replica_id, False)
-        self._lost.add(old.replica_id)
-        self._tried = set(self._lost)
+        # a dead or unreachable replica is down in the router's view (and its restarted process is a new
+        # connection, usable again); one that is shutting down is still up: do not pick it again
+        self._tried = {old.replica_id} if err.type == SHUTTING_DOWN else set()
         now = self._clock()
         self.resumes += 1
         self.attempts = 0
         self._window_start = now
         self._first_deadline = float("inf")
         self._resumed_at = now
+        self._last_error = None
         self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
         metrics.RESUMES.labels(self.deployment).inc()
         metrics.TOKENS_REPLAYED.labels(self.deployment).inc(len(ids))
         log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); resuming elsewhere (%d/%d)",
                     self.request_id, old.replica_id, len(ids), err.status, err.message, self.resumes,
                     self.limits.max_resumes)
-        try:
-            self.admit()
-        except ProxyError as exc:
-            log.warning("req=%s [failover] resume failed: %d %s", self.request_id, exc.status, exc.message)
-            return RequestError(self.request_id, exc.status, exc.message, exc.type, exc.param)
-        return None
+        give_up = min(self.deadline, now + self.limits.retry_window)
+        while True:
+            try:
+                self.admit()
+                return None
+            except ProxyError as exc:
+                # no replica usable right now (every one died at once: a lost agent): wait for one to
+                # come back, within the retry window
+                if exc.status != 503 or self._clock() + SLICE >= give_up or self._client_gone():
+                    log.warning("req=%s [failover] resume failed: %d %s", self.request_id, exc.status,
+                                exc.message)
+                    return RequestError(self.request_id, exc.status, exc.message, exc.type, exc.param)
+                self.attempts = 0
+                self._tried = set()
+                Event().wait(SLICE)
 
     def client_gone(self) -> bool:
         """Did the client close its connection? (A peek at its socket; False when unknown.)"""

@@ -33,10 +33,11 @@ class TwoReplicas(FakeBackend):
         self.how = "lost"
         self.ids = ids
         self.sent_to: list[str] = []
+        self.down: set[str] = set()  # lost replicas: the router skips them (ReplicaView.down)
 
     def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision:
         for rid in ("r1", "r2"):
-            if rid not in exclude:
+            if rid not in exclude and rid not in self.down:
                 return Decision(ROUTE, rid)
         return Decision(NONE)
 
@@ -55,6 +56,7 @@ class TwoReplicas(FakeBackend):
             gevent.sleep(0.001)
             if lose_after is not None and made == lose_after:
                 if self.how == "lost":
+                    self.down.add(stream.replica_id)
                     stream.fail(503, "lost connection to replica %s" % stream.replica_id, lost=True)
                 else:
                     stream.fail(503, "replica shut down before the request finished", SHUTTING_DOWN)
@@ -73,7 +75,7 @@ class TwoReplicas(FakeBackend):
 
 def client_for(backend: FakeBackend, **config: Any) -> falcon.testing.TestClient:
     cfg = dict(head="tcp://127.0.0.1:1", workers=1, first_token_timeout=1.0, idle_timeout=1.0,
-               keepalive_interval=0.05)
+               keepalive_interval=0.05, retry_window=0.6)
     return falcon.testing.TestClient(create_app(backend, ProxyConfig(**dict(cfg, **config))))
 
 
@@ -140,3 +142,13 @@ def test_no_resume_without_token_ids_as_the_text_would_repeat() -> None:
     content, data, _ = sse(r.text)
     assert content == "".join(WORDS[:2]) and "error" in data[-1]
     assert backend.sent_to == ["r1"]
+
+
+def test_with_every_replica_lost_a_resume_waits_for_one_to_come_back() -> None:
+    backend = TwoReplicas()
+    backend.lose_after = {"r1": 2}
+    backend.down.add("r2")  # r2 is restarting
+    gevent.spawn_later(0.3, backend.down.discard, "r2")
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(stream=True))
+    assert sse(r.text)[0] == "".join(WORDS[:6])
+    assert backend.sent_to == ["r1", "r2"]
