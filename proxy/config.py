@@ -42,6 +42,11 @@ class ProxyConfig:
     workers: int = setting(default_factory=default_workers, help="gunicorn workers",
                            default_help="one per CPU core this process may use")
     worker_connections: int = setting(2000, help="concurrent connections per worker")
+    max_idle_per_client: int = setting(
+        64, help="idle connections (no request in progress) one client address may hold per worker; "
+                 "past it that address's longest-idle one is closed")
+    max_idle_connections: int = setting(
+        512, help="idle connections per worker in all; past it the longest-idle one is closed")
     stale_after: float = setting(3.0, help="seconds without a routing table before /ready fails")
     log_level: str = setting("INFO", help="log level", parse=str.upper, choices=LOG_LEVELS)
     first_token_timeout: float = setting(
@@ -99,7 +104,8 @@ class ProxyConfig:
         if self.max_resumes < 0:
             raise ValueError("--max-resumes must be >= 0")
         for name in ("workers", "worker_connections", "hwm", "max_body_bytes", "max_attempts",
-                     "breaker_failures", "max_pending_chars", "max_chunk_chars"):
+                     "breaker_failures", "max_pending_chars", "max_chunk_chars", "max_idle_per_client",
+                     "max_idle_connections"):
             if getattr(self, name) < 1:
                 raise ValueError("--%s must be >= 1" % name.replace("_", "-"))
         if self.rate_limit < 0:

@@ -63,6 +63,12 @@ DIRECT_CHUNKS = Counter("tokenrelay_proxy_direct_chunks",
                         "Response chunks the replica reader wrote straight to the client socket "
                         "(direct writes)",
                         ["deployment"])
+IDLE_CLOSED = Counter("tokenrelay_proxy_idle_connections_closed",
+                      "Idle client connections closed to keep them within --max-idle-per-client and "
+                      "--max-idle-connections")
+CONNECTIONS_PARKED = Counter("tokenrelay_proxy_connections_parked",
+                             "New connections from an address over --max-idle-per-client, held unserved "
+                             "and closed later (proxy/gunicorn_worker.py)")
 AUTH_FAILURES = Counter("tokenrelay_proxy_auth_failures", "Requests refused with 401 (missing or unknown key)")
 TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
                   "Seconds since this worker last got a routing table (max over live workers)",

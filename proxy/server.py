@@ -35,7 +35,7 @@ class ProxyApplication(BaseApplication):
         settings = {
             "bind": [c.bind],
             "workers": c.workers,
-            "worker_class": "gevent",
+            "worker_class": "proxy.gunicorn_worker.ProxyGeventWorker",  # gevent, idle connections bounded
             "worker_connections": c.worker_connections,
             "graceful_timeout": int(max(1, c.graceful_timeout)),
             "timeout": 30,
