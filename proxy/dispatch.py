@@ -239,7 +239,7 @@ class Dispatch:
         `resumable(err)`). None once sent (wait with `first()`), else the error that ends the request."""
         old = self.stream
         assert old is not None
-        ids = self._replayed + old.token_ids
+        ids = self._replayed + old.token_ids.tolist()
         self._replayed = ids
         old.close("error")
         if err.type != SHUTTING_DOWN:

@@ -172,7 +172,7 @@ class ReplicaConnection:
                 stream = inflight.get(delta.request_id)
                 if stream is None:
                     continue
-                stream.token_ids += delta.token_ids  # kept for a resume elsewhere if this replica is lost
+                stream.token_ids.extend(delta.token_ids)  # kept for a resume elsewhere if this replica is lost
                 stream.completion_tokens = delta.completion_tokens
                 sink = stream.sink  # direct writes: RequestStream.push's fast path, inlined (per token)
                 if sink is not None and delta.finish_reason is None:

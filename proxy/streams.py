@@ -21,6 +21,7 @@ always queued, so the consumer (never the reader) ends the response.
 """
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
@@ -69,7 +70,7 @@ class RequestStream:
         self.sink: Optional[ClientSink] = None  # attached only while the consumer waits with nothing queued
         # kept by the replica reader for a resume elsewhere (dispatch.Dispatch.resume): the token ids of
         # every delta received, and the replica's running count of completion tokens
-        self.token_ids: list[int] = []
+        self.token_ids = array("q")  # 8 bytes an id
         self.completion_tokens = 0
         self.lost = False  # failed because the replica died or its connection was lost (not the request)
         self._items: deque[Item] = deque()

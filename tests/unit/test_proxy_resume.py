@@ -64,7 +64,7 @@ class TwoReplicas(FakeBackend):
             finish = "length" if k == 5 else None
             ids = [k] if self.ids else []
             delta = Delta(stream.request_id, WORDS[k], finish, 4, k + 1, ids)
-            stream.token_ids += delta.token_ids  # as proxy/replicas.py's reader does
+            stream.token_ids.extend(delta.token_ids)  # as proxy/replicas.py's reader does
             stream.completion_tokens = delta.completion_tokens
             stream.push(delta)
             k += 1
