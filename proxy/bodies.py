@@ -10,6 +10,10 @@ clean end.
 Headers may go out before the first token (SSE only): then the body first sends `: keep-alive` comments
 every `keepalive` seconds while the Dispatch keeps waiting (and retrying) for the first token.
 
+Replica lost mid-stream: the body hands the error to `Dispatch.resume` instead of the client when the
+request may go on elsewhere, then waits for the new replica's first token (keep-alives meanwhile) and
+carries on; the client sees one stream.
+
 Slow readers: every write takes whatever the replica sent meanwhile, up to `max_chunk` characters, as
 one chunk, so a client that reads slowly gets fewer, larger chunks; one that falls further behind than
 the stream's bound is cut off by the replica connection (see replicas.py) and gets an error event.

@@ -16,7 +16,9 @@ RawDealer: the one class that relies on pyzmq's backend calls and ZMQ_FD's edges
 that every send or EVENTS read outside its reader goes through `poke` (stated there).
 
 Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
-catch a vanished host) and leaving the routing table all fail every in-flight request on that replica.
+catch a vanished host or a frozen process, raw_dealer.LIVENESS_TIMEOUT_MS) and leaving the routing table
+all fail every in-flight request on that replica, marked `lost` so the request's Dispatch resumes it on
+another replica (the reader keeps each stream's token ids for that: `RequestStream.token_ids`).
 Must never block in a reader (it serves every request on the replica) nor raise out of a greenlet silently.
 
 Load: each connection keeps the replica's latest load report (router.ReplicaView): from the TokenBatches
