@@ -5,7 +5,9 @@ Cluster (gateway.Gateway in production, a fake in unit tests). Must never wait w
 never retry once the first token was handed to the caller.
 
     admit()      route now, or wait in the deployment's bounded queue (FIFO, only the first ticket tries),
-                 or raise: 429 queue full / waited too long, 503 no usable replica
+                 or raise: 429 queue full / waited too long, 503 no usable replica. A deployment whose
+                 replicas are all down at the moment (a lost agent: their processes restart) waits in
+                 the same queue for one to come back, then 503.
     first(t)     wait up to t seconds for the first token; None when t passed with nothing yet (the caller
                  may send SSE keep-alives and call again). A failure before the first token that the
                  replica caused and that another replica may not have (503/429: refused, overloaded, dead,
@@ -38,7 +40,7 @@ from proxy.admission import (
 )
 from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.replicas import ReplicaUnavailable
-from proxy.router import FULL, NONE, Decision
+from proxy.router import DOWN, FULL, NONE, Decision
 from proxy.streams import RequestStream, as_error
 from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError, Resume
 
@@ -101,17 +103,26 @@ class Dispatch:
         event = Event()
         ticket: Optional[Ticket] = None
         start = self._clock()
+        down = False  # the last answer was: replicas listed, every one down (restarting)
         try:
             while True:
                 now = self._clock()
                 mine = ticket is None or queue.is_first(ticket)
                 outcome = self._try_send() if mine else FULL
+                if mine:
+                    down = outcome == DOWN
                 verdict = decide(outcome, ticket, queue, now)
                 if verdict == ADMIT:
                     return
                 if verdict == REJECT_NONE:
                     raise self._no_replica()
                 if verdict in (REJECT_FULL, REJECT_TIMEOUT):
+                    if down and verdict == REJECT_TIMEOUT:
+                        raise NoHealthyReplica("every replica of %r is down and none came back within %.1fs"
+                                               % (self.deployment, queue.timeout))
+                    if down:
+                        raise NoHealthyReplica("every replica of %r is down for now and the wait queue is full"
+                                               % self.deployment)
                     raise self._overloaded(verdict, queue)
                 if ticket is None:
                     ticket = queue.join(now, event.set)

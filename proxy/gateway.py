@@ -29,7 +29,7 @@ from proxy.breaker import Breakers
 from proxy.config import ProxyConfig
 from proxy.replica_pool import ReplicaPool
 from proxy.replicas import ReplicaConnection, ReplicaUnavailable
-from proxy.router import NONE, Decision, Policy, Router
+from proxy.router import DOWN, NONE, Decision, Policy, Router
 from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber
 from proxy.table_state import TableState
@@ -63,6 +63,7 @@ class Gateway:
         self._router = router or Router()
         self._breakers = Breakers(config.breaker_failures, config.breaker_cooldown, config.breaker_max_share)
         self._queues: dict[str, AdmissionQueue] = {}
+        self._listed_at: dict[str, float] = {}  # deployment -> last time it had a replica connection
         self._ctx: Optional[zmq_green.Context] = None
         self._pool: Optional[ReplicaPool] = None
         self._subscriber: Optional[gevent.Greenlet] = None
@@ -120,7 +121,14 @@ class Gateway:
         if route is None or self._pool is None:
             return Decision(NONE)
         now = self.clock()
-        views = [c.view(self._breakers.get(_incarnation(c)).allow(now)) for c in self._pool.connections(deployment)]
+        conns = self._pool.connections(deployment)
+        if conns:
+            self._listed_at[deployment] = now
+        elif now - self._listed_at.get(deployment, float("-inf")) < route.routing.queue_timeout_s:
+            # it had replicas a moment ago: the table lost them all at once (their agent restarts
+            # them); wait in the queue for them (router.DOWN) rather than refuse at once
+            return Decision(DOWN)
+        views = [c.view(self._breakers.get(_incarnation(c)).allow(now)) for c in conns]
         policy = Policy(route.routing.policy, route.routing.max_imbalance, self.config.load_stale_after,
                         self.config.workers)
         return self._router.choose(views, policy, now, key, exclude)

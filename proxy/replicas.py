@@ -243,9 +243,11 @@ class ReplicaConnection:
             while True:
                 event = recv_monitor_message(self._monitor)["event"]
                 if event == zmq.EVENT_CONNECTED:
-                    if self.down:
+                    was_down = self.down
+                    if was_down:
                         log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
                     self.connected, self.down = True, False
+                    self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
                 elif event == zmq.EVENT_DISCONNECTED:
                     self._let_reader_drain()
                     log.warning("[failover] lost connection to replica %s at %s (%d in flight)",

@@ -100,6 +100,7 @@ class StreamingClients:
             self.expected = r.json()["choices"][0]["text"]
         self.outcomes: Counter = Counter()
         self.plain: Counter = Counter()
+        self.plain_log: list[tuple[float, str]] = []  # (start, outcome) of each non-streaming request
         self.log: list[tuple[float, str]] = []
         self.gaps: list[float] = []
         self._stop = threading.Event()
@@ -118,9 +119,11 @@ class StreamingClients:
     def _plain_client(self) -> None:
         with httpx.Client(timeout=30) as http:
             while not self._stop.is_set():
+                started = time.monotonic()
                 outcome = _complete_outcome(http, self.url, self.body, self.expected)
                 with self._lock:
                     self.plain[outcome] += 1
+                    self.plain_log.append((started, outcome))
 
     def start(self) -> "StreamingClients":
         for t in self.threads:

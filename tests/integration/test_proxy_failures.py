@@ -230,9 +230,10 @@ def test_ten_slow_readers_cost_a_bounded_amount_of_memory(stack: Stack) -> None:
     grown = rss_peak - rss_before
     print("\n[slow readers] proxy worker RSS %.1f -> %.1f MiB with 10 slow readers cut off (bound %.1f MiB "
           "each)" % (rss_before / 2**20, rss_peak / 2**20, MAX_PENDING / 2**20))
-    # each reader holds at most ~MAX_PENDING (text and delta objects) until it is cut off; the issue saw
-    # ~30 times that per reader when only the text was counted
-    assert grown < 10 * 2 * MAX_PENDING + (16 << 20), grown
+    # each reader holds at most ~MAX_PENDING (text and delta objects) until it is cut off; the rest is
+    # the flood itself (libzmq's receive queue, allocator arenas): 16-31 MiB seen here in all, against
+    # +168 MiB when only the text was counted (~30 times the bound per reader, as the issue saw)
+    assert grown < 10 * 2 * MAX_PENDING + (40 << 20), grown
 
 
 def test_a_reader_that_keeps_up_gets_everything(stack: Stack) -> None:
