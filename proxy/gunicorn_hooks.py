@@ -65,7 +65,10 @@ def install_json_errors() -> None:
 
 def linger_close(sock: Any, seconds: float = LINGER_SECONDS, max_bytes: int = LINGER_BYTES) -> None:
     """Half-close, drop what the client still sends (bounded, yielding), then shut the socket down so
-    gunicorn's keep-alive loop sees the end of the connection and closes it."""
+    gunicorn's keep-alive loop sees the end of the connection and closes it. Not on a TLS socket: its
+    shutdown drops the TLS layer under gunicorn, so there gunicorn closes (or drains) as it would."""
+    if hasattr(sock, "getpeercert"):
+        return
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
