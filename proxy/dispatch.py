@@ -212,6 +212,11 @@ class Dispatch:
                     self._resumed_at = None
                 return item
             self._fail_current(err)
+            if err.type == SHUTTING_DOWN:
+                # a draining replica's refusal is no attempt, and the router avoids it from now on (it
+                # is not "tried": with every replica draining, the request waits for their successors)
+                self.attempts -= 1
+                self._tried.discard(self.stream.replica_id)
             if err.status not in RETRYABLE or not self._may_retry():
                 raise UpstreamError.from_message(err)
             log.warning("req=%s [failover] replica %s failed before the first token (%d %s); retrying",

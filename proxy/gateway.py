@@ -128,7 +128,7 @@ class Gateway:
             # it had replicas a moment ago: the table lost them all at once (their agent restarts
             # them); wait in the queue for them (router.DOWN) rather than refuse at once
             return Decision(DOWN)
-        views = [c.view(self._breakers.get(_incarnation(c)).allow(now)) for c in conns]
+        views = [c.view(not c.draining and self._breakers.get(_incarnation(c)).allow(now)) for c in conns]
         policy = Policy(route.routing.policy, route.routing.max_imbalance, self.config.load_stale_after,
                         self.config.workers)
         return self._router.choose(views, policy, now, key, exclude)

@@ -48,8 +48,8 @@ from proxy.raw_dealer import RawDealer, Secure
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
-    Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, TokenBatch, decode_frames,
-    encode,
+    SHUTTING_DOWN, Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, TokenBatch,
+    decode_frames, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class ReplicaConnection:
         self.down = False
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
+        self.draining = False  # it said it is shutting down (protocol.SHUTTING_DOWN): no new requests
         monitor_addr = "inproc://tokenrelay-replica-monitor-%d" % next(_monitor_ids)
         self._dealer = RawDealer(ctx, identity, self.endpoint, hwm, (monitor_addr, _MONITOR_EVENTS), secure)
         self._monitor = ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
@@ -191,6 +192,9 @@ class ReplicaConnection:
             if ended:
                 self._on_capacity(self.deployment)
         elif isinstance(msg, RequestError):
+            if msg.type == SHUTTING_DOWN and not self.draining:
+                log.info("[failover] replica %s is shutting down; no new requests go there", self.replica_id)
+                self.draining = True  # it refuses new requests: stop choosing it (not a failure)
             stream = self.inflight.pop(msg.request_id, None)
             if stream is not None:
                 stream.push(msg)
@@ -246,7 +250,7 @@ class ReplicaConnection:
                     was_down = self.down
                     if was_down:
                         log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
-                    self.connected, self.down = True, False
+                    self.connected, self.down, self.draining = True, False, False
                     self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
                 elif event == zmq.EVENT_DISCONNECTED:
                     self._let_reader_drain()

@@ -2,7 +2,7 @@
 under load. Its replicas die with it and the launcher restarts it, which starts them again (new
 processes, same replica ids, new ports). Requests mid-way wait for a replica and resume; the circuit
 breaker neither ejects every replica nor holds the old processes' failures against the new ones. New
-requests wait in the admission queue for the replicas to come back (503 only when that queue is full).
+requests wait in the admission queue for the replicas to come back (503 only if that queue is full).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from tests.integration.test_faults import StreamingClients, report
 pytestmark = pytest.mark.integration
 
 MOCK = {"name": "mock", "engine": "mock", "model": "mock", "replicas": 3,
-        "engine_args": {"ttft_ms": 50, "itl_ms": 50, "tokens": 40}, "max_ongoing_requests": 64}
+        "engine_args": {"ttft_ms": 50, "itl_ms": 50, "tokens": 40}, "max_ongoing_requests": 64,
+        "routing": {"queue_size": 64}}  # room in the wait queue for every client of the test
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,8 @@ def test_sigkill_agent_streams_resume_and_serving_returns_within_seconds(stack: 
            longest_gap_s=round(max(load.gaps), 3))
     assert set(after) == set(before) and all(after[r] != before[r] for r in before)  # new processes
     assert set(outcomes) == {"ok"}, outcomes  # streams mid-way waited for a replica and resumed
-    # non-streaming requests under way at the kill were resumed too; those sent while the head's table
-    # listed no replica at all (the agent's restart) were refused with 503, and only then
-    assert all(o == "ok" for t, o in load.plain_log if t < killed_at), load.plain
-    assert set(load.plain) <= {"ok", "http_503"}, load.plain
-    assert all(o == "ok" for t, o in load.plain_log if t > killed_at + 3.0)
-    # new requests were refused only while no replica ran at all (the issue saw 5 s: every replica
+    # non-streaming requests under way at the kill were resumed too; new ones waited for a replica
+    assert set(load.plain) == {"ok"}, load.plain
+    # new requests waited in the queue while no replica ran (the issue saw 5 s of 503: every replica
     # ejected, and the ejection stuck to the restarted ones)
-    assert max(refused, default=0.0) < 3.0, probes
-    assert all(status == 200 for t, status in probes if t > 3.0)
+    assert refused == [], probes

@@ -42,12 +42,14 @@ class FakeCluster:
         self.records: list[tuple[str, bool]] = []
         self.streams: list[RequestStream] = []
         self.down = False
+        self.draining: set[str] = set()
 
     def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision:
         usable = [r for r in self.scripts if r not in exclude]
         if not usable:
             return Decision(NONE)
-        if self.down:  # listed, but every one is down for now (restarting)
+        usable = [r for r in usable if r not in self.draining]  # as ReplicaConnection.draining
+        if self.down or not usable:  # listed, but every one is down or draining for now
             return Decision(DOWN)
         roomy = [r for r in usable if self.free[r] > 0]
         return Decision(ROUTE, roomy[0]) if roomy else Decision(FULL)
@@ -60,6 +62,8 @@ class FakeCluster:
         stream = RequestStream(request.request_id, replica_id, on_close=self._release)
         for item in self.scripts[replica_id](request.request_id):
             stream.push(item)
+            if isinstance(item, RequestError) and item.type == SHUTTING_DOWN:
+                self.draining.add(replica_id)
         self.streams.append(stream)
         return stream
 
