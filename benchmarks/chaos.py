@@ -13,8 +13,8 @@ stack. Stops only what it started.
 A request failed when it got no 200, an SSE error event, no [DONE], or a completion token count other
 than the `--tokens` it asked for (usage counts each token once, so a resume that repeated or lost a token
 shows there). "resumed" is the proxy's tokenrelay_proxy_resumes_total. The added latency of a resume is
-seen by the client as one long pause in a stream: for streams with a pause longer than the ITL + 20 ms,
-the pause minus the ITL (p50 / p99); the proxy's own view (lost replica noticed -> new first token) is
+seen by the client as one long pause in a stream: for streams with a pause longer than the ITL + half
+the TTFT, the pause minus the ITL (p50 / p99); the proxy's own view (lost replica noticed -> new first token) is
 tokenrelay_proxy_resume_gap_seconds.
 """
 from __future__ import annotations
@@ -155,7 +155,9 @@ async def run(args: argparse.Namespace, stack: MockStack) -> dict[str, Any]:
     tasks.append(killer(stack, args.kill_every, until, rng, kills))
     await asyncio.gather(*tasks)
     itl = args.itl_ms / 1000.0
-    added = sorted(p - itl for p in tally.pauses if p > itl + 0.02)
+    # a resume pauses a stream for about the new replica's TTFT on top of the ITL: count pauses longer
+    # than ITL + TTFT/2 as resumes (shorter ones are ordinary jitter)
+    added = sorted(p - itl for p in tally.pauses if p > itl + args.ttft_ms / 2000.0)
     failed = sum(tally.failed.values())
     return {
         "kills": len(kills), "total": failed + sum(tally.ok.values()), "failed": failed,
