@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from agent.lifecycle import RestartPolicy
+from runtime.curve import insecure_from_env
 
 
 @dataclass(frozen=True)
@@ -20,15 +21,20 @@ class AgentConfig:
     replica_endpoint: str = "tcp://127.0.0.1:*"  # where this host's replicas report to the agent
     heartbeat_interval: float = 0.5
     head_timeout: float = 3.0  # no answer from the head this long: reconnect and register again
-    stop_grace: float = 5.0  # SIGTERM -> SIGKILL for a replica's process tree
+    # SIGTERM -> SIGKILL for a replica's process tree (after its drain): vLLM's own engine shutdown
+    # took over 5 s on 2 loaded cores, so 10 s lets it finish instead of being killed
+    stop_grace: float = 10.0
     labels: dict[str, str] = field(default_factory=dict)
     policy: RestartPolicy = RestartPolicy()
     parent_pid: Optional[int] = None
     curve_dir: Optional[str] = None
     cpu_kvcache_gib: Optional[int] = None  # VLLM_CPU_KVCACHE_SPACE for CPU replicas
-    metrics_port: int = 0  # Prometheus /metrics on --host (agent.metrics); 0 picks a free port, < 0: off
+    metrics_port: int = 0  # Prometheus /metrics (agent.metrics); 0 picks a free port, < 0: off
+    metrics_host: str = "127.0.0.1"  # where the agent's and its replicas' /metrics bind: loopback unless set
     adopt: bool = False  # replicas outlive the agent; a restarted agent adopts them (fixed replica endpoint)
     log_level: str = "INFO"
+    insecure: bool = False  # --insecure: plain sockets, explicitly asked for
+    replica_log_dir: Optional[str] = None  # each replica's output (engine logs) to <dir>/<replica>.log
 
     def __post_init__(self) -> None:
         if not self.head.startswith(("tcp://", "ipc://")):
@@ -71,15 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], help="host label key=value (repeatable)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     p.add_argument("--curve-dir", default=None,
-                   help="CURVE key directory for the head connection and replicas' data sockets "
-                        "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+                   help="CURVE key directory (runtime.keyring) with this agent's key agent-ID.key_secret "
+                        "(default $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain sockets, no authentication (benchmarks and debugging only; logged loudly); "
+                        "also $TOKENRELAY_INSECURE=1")
     p.add_argument("--adopt", action="store_true",
                    help="let replicas outlive the agent and adopt them when it restarts "
                         "(needs a fixed --replica-endpoint); default: replicas exit with their agent")
     p.add_argument("--cpu-kvcache-gib", type=int, default=None,
                    help="KV cache GiB per CPU vLLM replica (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics HTTP port on --host (0: a free one, -1: off)")
+                   help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
+    p.add_argument("--metrics-host", default=AgentConfig.metrics_host,
+                   help="address the agent's and its replicas' /metrics ports bind on (default loopback: "
+                        "give this host's address for a Prometheus on another host)")
+    p.add_argument("--replica-log-dir", default=None,
+                   help="write each replica's output (its engine's logs) to DIR/<replica id>.log instead of "
+                        "the agent's terminal")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -93,7 +108,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> AgentConfig:
                       heartbeat_interval=ns.heartbeat_interval, stop_grace=ns.stop_grace,
                       labels=_labels(ns.label), policy=policy, parent_pid=ns.parent_pid,
                       curve_dir=ns.curve_dir, cpu_kvcache_gib=ns.cpu_kvcache_gib, adopt=ns.adopt,
-                      metrics_port=ns.metrics_port, log_level=ns.log_level)
+                      metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_level=ns.log_level,
+                      insecure=ns.insecure or insecure_from_env(), replica_log_dir=ns.replica_log_dir)
         if ns.agent_id:
             kwargs["agent_id"] = ns.agent_id
         return AgentConfig(**kwargs)

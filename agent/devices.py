@@ -17,9 +17,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
-from runtime.protocol import GpuInfo
+import msgspec
+
+from runtime.capacity import Demand, Host, demand_of, divide_cores, pick_cores, why_not
+from runtime.protocol import GpuInfo, ReplicaSpec
+
+__all__ = ["Allocation", "DeviceAllocator", "devices_for", "discover_gpus", "format_id_list", "host_cpu_cores",
+           "pick_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +93,6 @@ def format_id_list(ids: Iterable[int]) -> str:
     return ",".join(parts)
 
 
-def cores_per_replica(total_cores: int, replicas: int) -> int:
-    """Cores each of `replicas` CPU replicas gets when a host's cores are split evenly (at least 1)."""
-    if replicas < 1:
-        raise ValueError("replicas must be at least 1, got %d" % replicas)
-    if total_cores < replicas:
-        raise ValueError("%d CPU replicas do not fit on %d cores: lower the deployment's replica count "
-                         "or give each host more cores" % (replicas, total_cores))
-    return total_cores // replicas
-
-
-def pick_cores(free: Sequence[int], count: int) -> Optional[list[int]]:
-    """`count` cores from `free`: the lowest contiguous run if there is one, else the lowest ids."""
-    ordered = sorted(free)
-    if count > len(ordered):
-        return None
-    for start in range(len(ordered) - count + 1):
-        window = ordered[start:start + count]
-        if window[-1] - window[0] == count - 1:
-            return window
-    return ordered[:count]
-
-
 # --------------------------------------------------------------------------- allocator
 
 
@@ -151,8 +135,33 @@ class DeviceAllocator:
         taken = {c for a in self._held.values() for c in a.cpus}
         return [c for c in self._cores if c not in taken]
 
+    @property
+    def cores(self) -> list[int]:
+        return list(self._cores)
+
+    def held_cores(self) -> dict[str, tuple[int, ...]]:
+        """The cores each pinned CPU replica holds now."""
+        return {rid: a.cpus for rid, a in self._held.items() if a.cpus}
+
     def get(self, replica_id: str) -> Optional[Allocation]:
         return self._held.get(replica_id)
+
+    def pin(self, replica_id: str, cores: tuple[int, ...]) -> Allocation:
+        """Pin a CPU replica to `cores`, chosen by runtime.capacity.divide_cores. They may still be
+        held by a replica whose share shrank until the agent re-pins it (agent.server)."""
+        if not cores or any(c not in self._cores for c in cores):
+            raise ValueError("replica %s: cores %s are not this host's %s"
+                             % (replica_id, list(cores), format_id_list(self._cores)))
+        allocation = Allocation(replica_id, (), tuple(sorted(cores)), self._cpu_env(tuple(sorted(cores))))
+        self._held[replica_id] = allocation
+        log.info("agent [devices] %s pinned to cpus=%s", replica_id, format_id_list(cores))
+        return allocation
+
+    def _cpu_env(self, cores: tuple[int, ...]) -> dict[str, str]:
+        env = {"VLLM_CPU_OMP_THREADS_BIND": format_id_list(cores), "CUDA_VISIBLE_DEVICES": ""}
+        if self._kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_gib)
+        return env
 
     def allocate(self, replica_id: str, gpus: int = 0, cpus: Optional[int] = None) -> Allocation:
         """Reserve devices for a replica and return them with its environment.
@@ -206,13 +215,46 @@ class DeviceAllocator:
                              "CPU replicas per host or their cpus"
                              % (replica_id, asked, len(free), len(self._cores)))
         chosen = tuple(pick_cores(free, want) or ())
-        env = {"VLLM_CPU_OMP_THREADS_BIND": format_id_list(chosen), "CUDA_VISIBLE_DEVICES": ""}
-        if self._kv_cache_gib is not None:
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_gib)
-        return Allocation(replica_id, (), chosen, env)
+        return Allocation(replica_id, (), chosen, self._cpu_env(chosen))
 
     def _holders(self, kind: str) -> str:
         return ",".join(str(x) for a in self._held.values() for x in getattr(a, kind)) or "none"
 
     def _holder_ids(self) -> str:
         return ",".join(sorted(self._held)) or "nobody"
+
+
+# --------------------------------------------------------------------------- one replica's devices
+
+
+def devices_for(devices: DeviceAllocator, host: Host, demands: dict[str, Demand],
+                spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str], set[str]]:
+    """Devices for a replica about to start, by runtime.capacity (the head's arithmetic): its spec (a
+    multi-GPU replica gets its tensor_parallel_size), its environment, and the replicas that must give
+    up cores it now has (a CPU replica: the host's cores divided anew, sticky). `demands`: every replica
+    assigned to this host. Raises ValueError when it does not fit beside the others (the head placed it
+    by the same rule, so only a disagreement about the host, e.g. a changed core count, gets here). The
+    mock engine takes no devices."""
+    mine = demands.get(spec.replica_id) or demand_of(spec.engine, spec.gpus, spec.cpus, spec.memory_bytes)
+    why = why_not(host, [d for rid, d in demands.items() if rid != spec.replica_id], mine)
+    if why:
+        raise ValueError(why)
+    if spec.engine != "vllm":
+        return spec, {}, set()
+    if spec.gpus:
+        alloc = devices.allocate(spec.replica_id, gpus=spec.gpus)
+        if spec.gpus > 1 and "tensor_parallel_size" not in spec.engine_args:
+            spec = msgspec.structs.replace(
+                spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
+        return spec, dict(alloc.env), set()
+    held = devices.held_cores()
+    held.pop(spec.replica_id, None)
+    targets = divide_cores(devices.cores, demands, held)
+    gave_up = set()
+    for other, cores in held.items():
+        if other in targets and not set(cores) <= set(targets[other]):
+            log.info("agent [devices] replica %s gives up cores %s to %s (it keeps %s)", other,
+                     format_id_list(set(cores) - set(targets[other])), spec.replica_id,
+                     format_id_list(targets[other]))
+            gave_up.add(other)
+    return spec, dict(devices.pin(spec.replica_id, targets[spec.replica_id]).env), gave_up

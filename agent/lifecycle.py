@@ -9,6 +9,7 @@ process itself: the agent's reactor does that when these records say so.
                                                                    |
                                    repeated crashes / load errors  +--> FAILED (not restarted)
     any --stop()--> STOPPING --exit--> (removed)
+    READY --planned_restart (re-pin to fewer cores)--> BACKOFF --stopped_for_restart--> STARTING
 """
 from __future__ import annotations
 
@@ -137,6 +138,20 @@ class ReplicaRecord:
         self.next_start_at = now + delay
         self.restarts += 1
         self.message = "exited with code %d; restarting in %.1fs" % (code, delay)
+
+    def planned_restart(self, message: str) -> None:
+        """The agent restarts it on purpose (a new core set): out of routing now, started again once its
+        old process is gone (`stopped_for_restart`); never counted as a crash."""
+        self.state = ReplicaState.BACKOFF
+        self.next_start_at = float("inf")
+        self.message = message
+
+    def stopped_for_restart(self, now: float) -> None:
+        if self.state == ReplicaState.BACKOFF and self.next_start_at == float("inf"):
+            self.next_start_at = now
+            self.pid = 0
+            self.endpoint = ""
+            self.last_status = None
 
     def report(self, wall_offset: float = 0.0) -> ReplicaReport:
         """`wall_offset` turns this record's clock into wall time (other hosts read started_at)."""

@@ -19,6 +19,7 @@ Owns the /metrics listener (through runtime.metrics_http); never signals or wait
   tokenrelay_agent_gpu_memory_used_bytes           gauge    gpu                         NVML memory used
   tokenrelay_agent_gpu_memory_total_bytes          gauge    gpu                         NVML memory total
   tokenrelay_agent_head_connected                  gauge                                1 while registered
+  tokenrelay_agent_auth_refused_total              counter  role, reason                refused connections
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import msgspec
 import psutil
+from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -230,6 +232,8 @@ class AgentMetrics:
         self.address = ""
         self.registry = metrics_http.registry_with_defaults()
         self.registry.register(AgentCollector(self))
+        self.auth_refused = Counter(PREFIX + "auth_refused", "Connections to the agent's replica socket refused "
+                                    "by CURVE authentication", ["role", "reason"], registry=self.registry)
         self._gpus = GpuSampler(nvml)
         self._self = TreeSampler(children=False)  # the agent alone: its replicas are sampled apart
         self._trees: dict[str, TreeSampler] = {}

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -84,7 +85,8 @@ class AdoptedProcess(_Tree):
 
 class ReplicaProcess(_Tree):
     def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,
-                 env: Optional[dict[str, str]] = None, guard: bool = True) -> None:
+                 env: Optional[dict[str, str]] = None, guard: bool = True, log_path: Optional[Path] = None) -> None:
+        """`log_path`: append the replica's stdout and stderr there (None: inherit the agent's)."""
         super().__init__()
         cmd = [
             sys.executable, "-m", "model_proc",
@@ -98,7 +100,16 @@ class ReplicaProcess(_Tree):
             cmd += ["--parent-pid", str(os.getpid())]
         full_env = dict(os.environ)
         full_env.update(env or {})
-        self.popen = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdin=subprocess.DEVNULL)
+        out = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "ab")
+        try:
+            self.popen = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                          stdout=out, stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
         self.pid = self.popen.pid
 
     def poll(self) -> Optional[int]:

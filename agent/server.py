@@ -6,6 +6,9 @@ Runs in the agent process, one thread. Owns two sockets, used only from `Agent.r
   `head_timeout`: the socket is recreated and we register again (Lazy Pirate), reporting the replicas
   we run so a restarted head adopts them instead of restarting them.
 - replica ROUTER (binds `config.replica_endpoint`): our replicas' ReplicaHello/ReplicaStatus/ReplicaDead.
+With a key directory (runtime.curve) the head DEALER is a CURVE client with this agent's key, and the
+replica ROUTER a CURVE server that admits only that same key (our replicas connect with it): a ZAP thread
+on our context decides, and counts refusals in tokenrelay_agent_auth_refused_total.
 Never blocks: process stops are two-phase (agent.processes), sends are non-blocking.
 """
 from __future__ import annotations
@@ -13,19 +16,23 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
-import msgspec
 import psutil
 import zmq
 
 from agent.config import AgentConfig
-from agent.devices import DeviceAllocator, cores_per_replica, discover_gpus, host_cpu_cores
+from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_cores
 from agent.lifecycle import ReplicaRecord, ReplicaState
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
-from runtime import parent_guard
-from runtime.curve import CURVE_ENV, CurveKeys
+from model_proc.config import METRICS_HOST_ENV
+from runtime import authz, curve, parent_guard
+from runtime.capacity import Host, demand_of
+from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
+from runtime.keyring import Registry, identity, server_public
+from runtime.zap import ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
     ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05
 ADOPT_WAIT = 1.0  # adopt mode: listen this long for surviving replicas (hello + status) before registering
+REPIN_DELAY = 1.0  # a replica re-pinned to fewer cores leaves routing this long before it is stopped
 
 
 def host_capacity() -> Capacity:
@@ -61,25 +69,39 @@ class Agent:
         self.capacity = host_capacity()
         self.devices = DeviceAllocator([g.index for g in self.capacity.gpus], host_cpu_cores(),
                                        config.cpu_kvcache_gib)
-        self._curve = CurveKeys.load(config.curve_dir)
+        self._keys = Path(config.curve_dir) if config.curve_dir else None
+        self._identity = identity(self._keys, "agent", config.agent_id) if self._keys else None
+        self._head_public = server_public(self._keys, "head") if self._keys else b""
+        self.host = Host(self.capacity.cpus, self.capacity.memory_bytes, len(self.capacity.gpus))
+        self._repin_wanted: set[str] = set()  # running on cores a newer replica was given
+        self._repin_stop_at: dict[str, float] = {}  # re-pin under way: out of routing, stop at this time
         self.metrics = AgentMetrics(config.metrics_port)
 
     def stop(self) -> None:
         self._shutdown = True
 
+    def _refused(self, role: str, reason: str, who: str) -> None:
+        log.warning("[auth] refused %s: %s", who, reason)
+        self.metrics.auth_refused.labels(role, reason).inc()
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         cfg = self.config
+        self._zap: Optional[ZapHandler] = None
         self._replicas = self._ctx.socket(zmq.ROUTER)
         self._replicas.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None and self._identity is not None:
+            self._zap = ZapHandler(self._ctx, Registry(self._keys), self._refused, own=self._identity).start()
+            curve.serve(self._replicas, (self._identity.public, self._identity.secret), authz.AGENT_REPLICAS)
         self._replicas.bind(cfg.replica_endpoint)
         self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.metrics.start(cfg.host)
+        self.metrics.start(cfg.metrics_host)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
-        log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus", cfg.agent_id,
-                 cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus))
+        log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus, %s", cfg.agent_id,
+                 cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus),
+                 curve.describe(self._keys))
         try:
             if cfg.adopt:
                 self._wait_for_survivors()
@@ -99,6 +121,8 @@ class Agent:
             for proc in list(self.procs.values()) + list(self._stopping.values()):
                 proc.kill_now()
             self._replicas.close(0)
+            if self._zap is not None:
+                self._zap.stop()
             self.metrics.close()
             if self._head is not None:
                 self._head.close(0)
@@ -160,8 +184,8 @@ class Agent:
         self._head = self._ctx.socket(zmq.DEALER)
         self._head.setsockopt(zmq.LINGER, 0)
         self._head.setsockopt(zmq.SNDHWM, 100)
-        if self._curve is not None:
-            self._curve.connect_as_client(self._head)
+        if self._identity is not None:
+            curve.connect(self._head, self._identity, self._head_public)
         self._head.connect(self.config.head)
         self._registered = False
         self._last_head_reply = self.clock()
@@ -238,6 +262,8 @@ class Agent:
             self._stopping[replica_id] = proc
         self.records.pop(replica_id, None)
         self.devices.release(replica_id)
+        self._repin_wanted.discard(replica_id)
+        self._repin_stop_at.pop(replica_id, None)
         self._dirty = True
 
     def _supervise(self, now: float) -> None:
@@ -267,6 +293,45 @@ class Agent:
             if proc.poll_stop(now):
                 del self._stopping[replica_id]
                 log.info("replica %s stopped", replica_id)
+                restarting = self.records.get(replica_id)
+                if restarting is not None:
+                    restarting.stopped_for_restart(now)  # a re-pin: start again on its new cores
+        self._repin(now)
+
+    def _repin(self, now: float) -> None:
+        """Restart, one at a time, each replica still running on cores a newer one was given, once
+        another replica of its deployment here is ready (so the deployment keeps serving). Until then
+        the two share those cores: slower, never an outage."""
+        for replica_id, stop_at in list(self._repin_stop_at.items()):
+            proc = self.procs.pop(replica_id, None)
+            rec = self.records.get(replica_id)
+            if proc is None or rec is None:
+                del self._repin_stop_at[replica_id]
+            elif now >= stop_at:
+                del self._repin_stop_at[replica_id]
+                proc.begin_stop(rec.spec.drain_seconds + self.config.stop_grace, now)
+                self._stopping[replica_id] = proc
+                self.devices.release(replica_id)
+            else:
+                self.procs[replica_id] = proc
+        if self._repin_stop_at:
+            return
+        for replica_id in sorted(self._repin_wanted):
+            rec = self.records.get(replica_id)
+            if rec is None or replica_id not in self.procs:
+                self._repin_wanted.discard(replica_id)
+                continue
+            others_ready = [r for r in self.records.values() if r.spec.deployment == rec.spec.deployment
+                            and r.replica_id != replica_id and r.state == ReplicaState.READY]
+            if not others_ready:
+                continue
+            self._repin_wanted.discard(replica_id)
+            rec.planned_restart("restarting on fewer cores to make room for a new replica")
+            self._repin_stop_at[replica_id] = now + REPIN_DELAY
+            self._dirty = True
+            log.info("[restart] replica %s: restarting on fewer cores (%s is ready)", replica_id,
+                     others_ready[0].replica_id)
+            return
 
     def _start(self, rec: ReplicaRecord, now: float) -> None:
         try:
@@ -277,8 +342,11 @@ class Agent:
             log.error("replica %s: %s", rec.replica_id, rec.message)
             self._dirty = True
             return
+        log_path = Path(self.config.replica_log_dir) / ("%s.log" % rec.replica_id) \
+            if self.config.replica_log_dir else None
         try:
-            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt)
+            proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt,
+                                  log_path=log_path)
         except OSError as exc:
             log.error("cannot start replica %s: %s", rec.replica_id, exc)
             rec.exited(1, now)
@@ -286,25 +354,19 @@ class Agent:
         self.procs[rec.replica_id] = proc
         rec.launched(proc.pid, now)
         self._dirty = True
-        log.info("[startup] replica %s started, pid %d", rec.replica_id, proc.pid)
+        log.info("[startup] replica %s started, pid %d%s", rec.replica_id, proc.pid,
+                 ", log %s" % log_path if log_path else "")
 
     def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
-        """The replica's devices (vLLM replicas only; the mock engine uses none) and its environment."""
-        env = {}
-        if self._curve is not None:
-            env[CURVE_ENV] = str(self._curve.directory)
-        if spec.engine != "vllm":
-            return spec, env
-        if spec.gpus:
-            alloc = self.devices.allocate(spec.replica_id, gpus=spec.gpus)
-            if spec.gpus > 1 and "tensor_parallel_size" not in spec.engine_args:
-                spec = msgspec.structs.replace(
-                    spec, engine_args={**spec.engine_args, "tensor_parallel_size": alloc.tensor_parallel_size})
-        else:
-            cpu_replicas = sum(1 for r in self.records.values() if r.spec.engine == "vllm" and not r.spec.gpus)
-            cpus = int(spec.cpus) if spec.cpus >= 1 else cores_per_replica(len(host_cpu_cores()), cpu_replicas)
-            alloc = self.devices.allocate(spec.replica_id, cpus=cpus)
-        env.update(alloc.env)
+        """The replica's devices and environment (agent.devices.devices_for); replicas left holding some
+        of its cores are re-pinned by `_repin`."""
+        demands = {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
+                   for rid, r in self.records.items()}
+        spec, env, gave_up = devices_for(self.devices, self.host, demands, spec)
+        self._repin_wanted.update(gave_up)
+        env.update({INSECURE_ENV: "1"} if self._keys is None else {
+            CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id})
+        env[METRICS_HOST_ENV] = self.config.metrics_host
         return spec, env
 
     def _on_replica_frames(self, frames: list[bytes]) -> None:

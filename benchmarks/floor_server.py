@@ -9,8 +9,9 @@ word list.
 
 Timing per stream: first content chunk after TTFT, then one chunk every ITL, `max_tokens` (else
 `--tokens`) chunks, the last together with the finish chunk, the optional usage chunk and [DONE].
-`--schedule relative` (default) waits ITL after each token, like the mock engine's `call_later`;
-`absolute` keeps token k at TTFT + k*ITL after the request, whatever the loop lag.
+`--schedule absolute` (default) keeps token k at TTFT + k*ITL after the request arrived, whatever the
+loop lag: an exact timer, so the floor is what a fixed-rate engine would give, not a copy of any drift.
+`relative` waits ITL after each token (a timer that drifts by the loop's lag on every token).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streamed or not), GET /v1/models, /ready, /health.
 """
@@ -59,7 +60,7 @@ class FloorServer:
     """The floor's HTTP server. `start()` binds (port 0 picks a free port, read back from `port`)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, ttft_ms: float = 20.0, itl_ms: float = 10.0,
-                 tokens: int = 64, model: str = "mock", schedule: str = "relative") -> None:
+                 tokens: int = 64, model: str = "mock", schedule: str = "absolute") -> None:
         if schedule not in ("relative", "absolute"):
             raise ValueError("--schedule: must be relative or absolute, got %r" % schedule)
         self.host = host
@@ -226,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--tokens", type=int, default=64, help="output tokens when a request sets no max_tokens")
     p.add_argument("--model", default="mock")
-    p.add_argument("--schedule", choices=("relative", "absolute"), default="relative")
+    p.add_argument("--schedule", choices=("relative", "absolute"), default="absolute")
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     uv = install_uvloop()

@@ -115,7 +115,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     engine_args = {"ttft_ms": ns.ttft_ms, "itl_ms": ns.itl_ms, "tokens": ns.tokens}
     cmd = [sys.executable, "-m", "model_proc", "--replica-id", "bench", "--engine", "mock",
            "--engine-args", json.dumps(engine_args), "--bind", "tcp://127.0.0.1:%d" % port,
-           "--metrics-port", "-1", "--log-level", "WARNING", "--event-loop", ns.event_loop]
+           "--metrics-port", "-1", "--log-level", "WARNING", "--event-loop", ns.event_loop,
+           "--insecure"]  # the driver's DEALERs are plain: this measures the replica's own cost
     replica = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL)
     driver = Driver("tcp://127.0.0.1:%d" % port, ns.peers, ns.concurrency, ns.tokens)
     try:

@@ -9,8 +9,10 @@ tree: the `-m proxy` gunicorn master and its workers). Stops only what it starte
     python benchmarks/serving_path.py --preset issue2 --duration 15 --out results/issue2.json
     python benchmarks/serving_path.py --replicas 2 --ttft-ms 20 --itl-ms 10 --tokens 64 \
         --concurrency 100 --duration 20 --ramp 2 --workers 2
-Presets: issue2 (2 replicas, TTFT 20 ms, 10 ms between tokens, 64 tokens, 100 clients) and scale1000
-(2 replicas, TTFT 50 ms, 50 ms between tokens, 128 tokens, 1000 clients, 20 s ramp, 60 s measured).
+Presets: issue2 (2 replicas, TTFT 20 ms, 10 ms between tokens, 64 tokens, 100 clients), scale1000
+(2 replicas, TTFT 50 ms, 50 ms between tokens, 128 tokens, 1000 clients, 20 s ramp, 60 s measured) and
+scale10k (2 replicas, TTFT 50 ms, 500 ms between tokens, 128 tokens, 10,000 clients, 60 s ramp, 120 s
+measured). The floor is benchmarks/floor_server.py on its exact (absolute) timer.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                "ramp": 2.0, "duration": 20.0},
     "scale1000": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 50.0, "tokens": 128, "concurrency": 1000,
                   "ramp": 20.0, "duration": 60.0},
+    "scale10k": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 500.0, "tokens": 128, "concurrency": 10000,
+                 "ramp": 60.0, "duration": 120.0},
 }
 DEFAULTS: dict[str, Any] = dict(PRESETS["issue2"], workers=None, endpoint="completions", timeout=60.0)
 
@@ -77,7 +81,8 @@ def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter],
 
 def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
     max_ongoing = max(64, math.ceil(ns.concurrency / max(ns.replicas, 1)) + 8)  # the benchmark, not a cap
-    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.workers, max_ongoing)
+    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.workers, max_ongoing,
+                      insecure=ns.insecure)
     try:
         stack.start()
         stack.wait_ready()
@@ -87,6 +92,7 @@ def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
         result = _measure(LoadConfig(**{**cfg.__dict__, "url": stack.url}), meters,
                           ReplicaCounters(stack.sd_file))
         result["logs"] = str(stack.log_path)
+        result["curve"] = not ns.insecure
         return result
     except RuntimeError:
         print(stack.log_tail(), file=sys.stderr)
@@ -178,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds per request")
     p.add_argument("--only", choices=("stack", "floor"), help="measure one side only")
     p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--insecure", action="store_true",
+                   help="start the stack with `tokenrelay up --insecure` (no CURVE), to measure CURVE's cost")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -213,13 +221,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("bench %s", exc)
         return 1
     print("\nserving path: %d clients, TTFT %g ms, %g ms between tokens, %d tokens, %d replicas, "
-          "%g s measured" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration))
+          "%g s measured, %s" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration,
+                                 "INSECURE (no CURVE)" if ns.insecure else "CURVE on"))
     rows = comparison(stack, floor)
     print(format_table(rows))
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         keys = ("preset", "replicas", "ttft_ms", "itl_ms", "tokens", "concurrency", "duration", "ramp",
-                "workers", "endpoint", "timeout")
+                "workers", "endpoint", "timeout", "insecure")
         settings = {k: getattr(ns, k) for k in keys}
         Path(ns.out).write_text(json.dumps({
             "settings": settings, "event_loop": "uvloop" if uv else "asyncio",

@@ -175,8 +175,9 @@ class MockStack:
     """A `python -m runtime up` stack with the mock engine on free 127.0.0.1 ports, logs in a temp dir."""
 
     def __init__(self, replicas: int, ttft_ms: float, itl_ms: float, tokens: int, workers: Optional[int],
-                 max_ongoing: int, model: str = "mock") -> None:
+                 max_ongoing: int, model: str = "mock", insecure: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
+        self.insecure = insecure  # `up --insecure`: plain sockets, to measure what CURVE costs
         self.model = model
         self.replicas = replicas
         self.control = "tcp://127.0.0.1:%d" % free_port()
@@ -207,11 +208,12 @@ class MockStack:
         path = self.dir / "stack.yaml"
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "up", "--config", str(path)],
+            cmd = [sys.executable, "-m", "runtime", "up", "--config", str(path)]
+            self.proc = subprocess.Popen(cmd + (["--insecure"] if self.insecure else []),
                                          cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
-        log.info("bench [startup] tokenrelay stack pid %d, proxy %s, logs %s",
-                 self.proc.pid, self.url, self.log_path)
+        log.info("bench [startup] tokenrelay stack pid %d, proxy %s, logs %s, %s",
+                 self.proc.pid, self.url, self.log_path, "INSECURE (no CURVE)" if self.insecure else "CURVE on")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Until /ready is 200, the model is listed, a 1-token request succeeds and every replica is ready."""

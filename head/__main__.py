@@ -1,6 +1,7 @@
 """`python -m head`: run the head. Exit codes: 0 stopped, 2 bad command line or config."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -9,6 +10,8 @@ from head.config import config_from_args
 from head.server import Head
 from head.store import StateStore
 from runtime import parent_guard
+from runtime.curve import keys_dir, warn_insecure
+from runtime.keyring import KeyFileError, server_pair
 from runtime.credentials import TOKEN_FILE, load_or_create_token, state_dir
 from runtime.logs import setup_logging
 from runtime.stack_config import load_stack
@@ -29,11 +32,22 @@ def main(argv: list[str] | None = None) -> int:
             log.error("[startup] %s", exc)
             return 2
     directory = state_dir(config.state_dir)
-    store = StateStore(directory / "head.db" if config.persist else None)
+    db = directory / "stacks" / config.stack / "head.db" if config.stack else directory / "head.db"
+    store = StateStore(db if config.persist else None)
     token = load_or_create_token(directory)
-    log.info("[startup] state in %s (admin token in %s)", directory if config.persist else "memory",
+    log.info("[startup] state in %s (admin token in %s)", db if config.persist else "memory",
              directory / TOKEN_FILE)
-    head = Head(config, store, token, seed)
+    if config.insecure:
+        warn_insecure("head")
+    else:
+        keys = keys_dir(config.curve_dir, config.state_dir)
+        try:
+            server_pair(keys, "head")
+        except KeyFileError as exc:
+            log.error("[startup] %s: run `tokenrelay keys init %s`, or pass --insecure", exc, keys)
+            return 2
+        config = dataclasses.replace(config, curve_dir=str(keys))
+    head = Head(config, store, token, seed, reset=config.reset_deployments)
     try:
         head.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint

@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from head.healing import Healer
+from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
     AgentHeartbeat, AgentRegister, Capacity, DeploymentRoute, ReplicaReport, ReplicaRoute, ReplicaSpec,
 )
@@ -44,6 +46,15 @@ class Placement:
     placed_at: float
     generation: int = 0
     draining_since: Optional[float] = None  # retired: out of routing, stopped after DRAIN_DELAY
+    demand: Optional[Demand] = None  # what it takes from its host (its generation's spec); None: current
+
+
+def demand(dep: DeploymentSpec) -> Demand:
+    return demand_of(dep.engine, dep.gpus, dep.cpus, dep.memory_bytes)
+
+
+def host_of(cap: Capacity) -> Host:
+    return Host(cap.cpus, cap.memory_bytes, len(cap.gpus))
 
 
 class ClusterState:
@@ -55,6 +66,8 @@ class ClusterState:
         self.agents: dict[str, AgentRecord] = {}
         self.placements: dict[str, Placement] = {}
         self.pending_reason: dict[str, str] = {}
+        self.rollout_note: dict[str, str] = {}  # a rolling update replacing in place, or why it waits
+        self.healer = Healer()
 
     # ------------------------------------------------------------------ agents
 
@@ -119,9 +132,11 @@ class ClusterState:
             changed = "scaled" if dataclasses.replace(old, replicas=spec.replicas) == spec else "configured"
             return changed, self.generations[spec.name]
         self.generations[spec.name] += 1
+        self.healer.reset(spec.name)
         return "updated", self.generations[spec.name]
 
     def delete_deployment(self, name: str) -> bool:
+        self.healer.reset(name)
         return self.deployments.pop(name, None) is not None and self.generations.pop(name, None) is not None
 
     # ------------------------------------------------------------------ placement
@@ -135,11 +150,14 @@ class ClusterState:
         requests for the deployment's drain_seconds before it exits.
         """
         self.pending_reason = {}
+        self.rollout_note = {}
         for replica_id, p in list(self.placements.items()):
             if p.draining_since is None and p.deployment not in self.deployments:
                 p.draining_since = now
             if p.draining_since is not None and now - p.draining_since >= DRAIN_DELAY:
                 del self.placements[replica_id]
+            elif p.draining_since is None:
+                self._heal(p, now)
         for dep in self.deployments.values():
             self._reconcile_one(dep, self.generations[dep.name], now)
 
@@ -151,63 +169,149 @@ class ClusterState:
         surplus = sorted(new, key=lambda p: (self._is_ready(p), -p.placed_at))[:max(0, len(new) - dep.replicas)]
         for p in surplus:
             p.draining_since = now
-        for _ in range(dep.replicas - len(new)):
-            agent_id, reason = self._choose_agent(dep)
+        new = [p for p in new if p.draining_since is None]
+        blocked = ""
+        surge = dep.rollout.max_surge
+        waiting = self.healer.waiting(dep.name, now) if len(new) < dep.replicas else None
+        if waiting:
+            self.pending_reason[dep.name] = waiting
+        for _ in range(0 if waiting else dep.replicas - len(new)):
+            if old and surge is not None and len(new) + len(old) >= dep.replicas + surge:
+                blocked = "max_surge %d reached" % surge
+                break
+            agent_id, reason = self._choose_agent(dep, avoid=self.healer.avoid(dep.name))
             if agent_id is None:
-                self.pending_reason[dep.name] = reason
+                blocked = reason
                 break
             replica_id = "%s-%s" % (dep.name, secrets.token_hex(3))
-            self.placements[replica_id] = Placement(replica_id, dep.name, agent_id, now, gen)
+            placement = Placement(replica_id, dep.name, agent_id, now, gen, demand=demand(dep))
+            self.placements[replica_id] = placement
+            new.append(placement)
             log.info("placed replica %s of %s (generation %d) on agent %s", replica_id, dep.name, gen, agent_id)
-        ready_new = sum(1 for p in new if p.draining_since is None and self._is_ready(p))
+        ready_new = sum(1 for p in new if self._is_ready(p))
         keep_old = max(0, dep.replicas - ready_new)
         for p in sorted(old, key=lambda p: (self._is_ready(p), p.placed_at))[:max(0, len(old) - keep_old)]:
             p.draining_since = now
             log.info("retiring replica %s of %s (generation %d)", p.replica_id, dep.name, p.generation)
+        old = [p for p in old if p.draining_since is None]
+        if blocked and old:
+            self._replace_in_place(dep, old, ready_new, blocked, now)
+        elif blocked:
+            self.pending_reason[dep.name] = blocked
+
+    def _heal(self, p: Placement, now: float) -> None:
+        """A replica its agent gave up on is unassigned (the agent drops it) and replaced after a backoff
+        (head.healing), elsewhere if another agent fits; a ready one ends the backoff."""
+        rep = self._report(p)
+        if rep is None:
+            return
+        if rep.state == ROUTABLE_STATE:
+            self.healer.ready(p.deployment, p.placed_at)
+        elif rep.state == "failed":
+            del self.placements[p.replica_id]
+            if p.generation != self.generations.get(p.deployment):
+                log.info("replica %s of %s (old generation %d) failed; not replaced", p.replica_id,
+                         p.deployment, p.generation)
+                return  # an update is replacing it anyway; its failure says nothing of the new spec
+            delay = self.healer.failed(p.deployment, p.replica_id, p.agent_id, rep.message, now)
+            log.warning("[failover] replica %s of %s failed on %s (%s); placing a replacement in %.0fs",
+                        p.replica_id, p.deployment, p.agent_id, rep.message, delay)
+
+    def _replace_in_place(self, dep: DeploymentSpec, old: list[Placement], ready_new: int, blocked: str,
+                          now: float) -> None:
+        """A rolling update with no room for a new replica beside the old ones: retire one old replica
+        (not-ready ones first) when that keeps the ready count within max_unavailable of `replicas`
+        and no earlier retirement still holds its slot; its capacity then takes a new one."""
+        draining = any(p.deployment == dep.name and p.draining_since is not None for p in self.placements.values())
+        victim = sorted(old, key=lambda p: (self._is_ready(p), p.placed_at))[0]
+        available = ready_new + sum(1 for p in old if self._is_ready(p))
+        short = dep.replicas - available + (1 if self._is_ready(victim) else 0)
+        if draining:
+            self.rollout_note[dep.name] = "replacing one at a time (no room beside the old replicas)"
+        elif short <= dep.rollout.max_unavailable:
+            victim.draining_since = now
+            self.rollout_note[dep.name] = "replacing one at a time (no room beside the old replicas)"
+            log.info("[update] %s: no room for a new replica (%s); retiring %s to replace it",
+                     dep.name, blocked, victim.replica_id)
+        else:
+            self.rollout_note[dep.name] = "waiting: no room beside the old replicas (%s) and max_unavailable %d " \
+                "allows no more" % (blocked, dep.rollout.max_unavailable)
+            if dep.rollout.max_unavailable == 0:
+                self.pending_reason[dep.name] = blocked
+
+    def load_of(self, name: str) -> tuple[int, int, int]:
+        """(requests running or waiting on its ready replicas, ready replicas, starting replicas) of a
+        deployment, from its agents' last reports: the autoscaler's input."""
+        ongoing = ready = starting = 0
+        for p in self.placements.values():
+            if p.deployment != name or p.draining_since is not None:
+                continue
+            rep = self._report(p)
+            if rep is not None and rep.state == ROUTABLE_STATE:
+                ready += 1
+                ongoing += rep.status.running + rep.status.waiting if rep.status else 0
+            elif rep is None or rep.state in ("starting", "backoff"):
+                starting += 1
+        return ongoing, ready, starting
 
     def _is_ready(self, p: Placement) -> bool:
         rep = self._report(p)
         return rep is not None and rep.state == ROUTABLE_STATE
 
-    def _used(self, agent_id: str) -> tuple[int, float, int]:
-        gpus, cpus, mem = 0, 0.0, 0
+    def _placed(self, agent_id: str, skip: str = "") -> list[Demand]:
+        """Demands of the replicas assigned to an agent (draining ones too: they hold their devices
+        until unassigned), except those of deployment `skip`."""
+        out = []
         for p in self.placements.values():
             dep = self.deployments.get(p.deployment)
-            if p.agent_id == agent_id and dep is not None:
-                gpus, cpus, mem = gpus + dep.gpus, cpus + dep.cpus, mem + dep.memory_bytes
-        return gpus, cpus, mem
+            if p.agent_id == agent_id and dep is not None and p.deployment != skip:
+                out.append(p.demand or demand(dep))
+        return out
 
-    def _choose_agent(self, dep: DeploymentSpec) -> tuple[Optional[str], str]:
-        """Where the next replica fits; spread: fewest replicas of this deployment, then fewest overall.
-        Returns (agent id, "") or (None, why nothing fits)."""
+    def _choose_agent(self, dep: DeploymentSpec, extra: Optional[dict[str, list[Demand]]] = None,
+                      skip: str = "", avoid: frozenset[str] | set[str] = frozenset()) -> tuple[Optional[str], str]:
+        """Where the next replica fits (runtime.capacity, the agent's own arithmetic); spread: fewest
+        replicas of this deployment, then fewest overall. `extra`: demands to count as placed too
+        (a dry run); `skip`: a deployment whose placements to leave out; `avoid`: agents where it failed,
+        chosen only when no other fits. Returns (agent id, "") or
+        (None, why nothing fits)."""
         if not self.agents:
             return None, "no agent registered"
-        best: Optional[tuple[int, int, str]] = None
+        best: Optional[tuple[bool, int, int, str]] = None
         reasons = []
+        want = demand(dep)
         for agent in self.agents.values():
-            cap = agent.capacity
-            gpus, cpus, mem = self._used(agent.agent_id)
             if any(agent.labels.get(k) != v for k, v in dep.placement_labels.items()):
                 reasons.append("%s: labels do not match %s" % (agent.agent_id, dep.placement_labels))
                 continue
-            if dep.gpus and len(cap.gpus) - gpus < dep.gpus:
-                reasons.append("%s: %d of %d GPU(s) free, need %d" % (
-                    agent.agent_id, max(0, len(cap.gpus) - gpus), len(cap.gpus), dep.gpus))
+            placed = self._placed(agent.agent_id, skip) + (extra or {}).get(agent.agent_id, [])
+            why = why_not(host_of(agent.capacity), placed, want)
+            if why:
+                reasons.append("%s: %s" % (agent.agent_id, why))
                 continue
-            if dep.cpus and cap.cpus - cpus < dep.cpus:
-                reasons.append("%s: %.1f CPU(s) free, need %.1f" % (agent.agent_id, cap.cpus - cpus, dep.cpus))
-                continue
-            if dep.memory_bytes and cap.memory_bytes - mem < dep.memory_bytes:
-                reasons.append("%s: %.1f GiB free, need %.1f GiB" % (
-                    agent.agent_id, (cap.memory_bytes - mem) / 2**30, dep.memory_bytes / 2**30))
-                continue
-            mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id]
-            key = (sum(1 for p in mine if p.deployment == dep.name), len(mine), agent.agent_id)
+            mine = [p for p in self.placements.values() if p.agent_id == agent.agent_id and p.deployment != skip]
+            key = (agent.agent_id in avoid, sum(1 for p in mine if p.deployment == dep.name)
+                   + len((extra or {}).get(agent.agent_id, [])), len(mine), agent.agent_id)
             if best is None or key < best:
                 best = key
         if best is None:
             return None, "no agent fits: " + "; ".join(sorted(reasons))
-        return best[2], ""
+        return best[3], ""
+
+    def why_unplaceable(self, spec: DeploymentSpec) -> str:
+        """Dry run: "" if `spec.replicas` replicas of `spec` fit beside every other deployment's
+        replicas (its own current ones are left out: a rolling update can replace them one at a time),
+        else why not. Judges only with at least one agent registered."""
+        if not self.agents or spec.replicas == 0:
+            return ""
+        extra: dict[str, list[Demand]] = {}
+        for i in range(spec.replicas):
+            agent_id, reason = self._choose_agent(spec, extra, skip=spec.name)
+            if agent_id is None:
+                return "only %d of %d replica(s) of %s fit: %s" % (i, spec.replicas, spec.name,
+                                                                  reason.replace("no agent fits: ", ""))
+            extra.setdefault(agent_id, []).append(demand(spec))
+        return ""
 
     def assignment_for(self, agent_id: str) -> list[ReplicaSpec]:
         specs = []
@@ -274,6 +378,8 @@ class ClusterState:
             deployments.append({**dep.to_dict(), "state": state, "ready_replicas": ready,
                                 "generation": self.generations[dep.name],
                                 "pending_reason": self.pending_reason.get(dep.name, ""),
+                                "rollout_note": self.rollout_note.get(dep.name, ""),
+                                "failures": self.healer.describe(dep.name, now),
                                 "replica_list": replicas})
         agents = [{
             "agent_id": a.agent_id, "host": a.host, "cpus": a.capacity.cpus,

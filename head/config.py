@@ -5,8 +5,14 @@ Runs in the head; owns no socket.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Optional
+
+from runtime.curve import insecure_from_env
+
+
+STACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -20,14 +26,19 @@ class HeadConfig:
     state_dir: Optional[str] = None  # SQLite state and admin token; see runtime.credentials
     persist: bool = True
     parent_pid: Optional[int] = None
-    curve_dir: Optional[str] = None  # CURVE keys (runtime.curve); None: $TOKENRELAY_CURVE_DIR or plain
+    curve_dir: Optional[str] = None  # CURVE keys (runtime.keyring); None here: plain (python -m head resolves it)
     metrics_port: int = 0  # Prometheus /metrics (head.metrics); 0 picks a free port, < 0 turns it off
     metrics_host: Optional[str] = None  # bind/advertise host for it; None: the control endpoint's host
     prometheus_sd_file: Optional[str] = None  # file_sd list of every process's metrics endpoint
     proxy_metrics: tuple[str, ...] = ()  # proxies' HOST:PORT listed in that file
     log_level: str = "INFO"
+    insecure: bool = False  # --insecure: plain sockets, explicitly asked for
+    stack: Optional[str] = None  # state of this stack apart: <state_dir>/stacks/<stack>/head.db
+    reset_deployments: bool = False  # the config file's deployments replace the stored ones
 
     def __post_init__(self) -> None:
+        if self.stack is not None and not STACK_NAME_RE.match(self.stack):
+            raise ValueError("--stack must be 1-63 letters, digits, '.', '_' or '-', got %r" % self.stack)
         for name in ("control", "publish"):
             if not getattr(self, name).startswith(("tcp://", "ipc://")):
                 raise ValueError("--%s must be a tcp:// or ipc:// endpoint" % name)
@@ -56,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-persist", action="store_true", help="keep deployments in memory only")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     p.add_argument("--curve-dir", default=None,
-                   help="CURVE key directory: encrypt and authenticate both sockets "
-                        "(default $TOKENRELAY_CURVE_DIR; unset: plain TCP)")
+                   help="CURVE key directory (runtime.keyring): encrypt and authenticate both sockets "
+                        "(default $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain sockets, no authentication (benchmarks and debugging only; logged loudly); "
+                        "also $TOKENRELAY_INSECURE=1")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
     p.add_argument("--metrics-host", default=None,
@@ -67,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-metrics", default="",
                    help="comma-separated HOST:PORT of proxies to list in the SD file (proxies that say "
                         "their address in HeadHello are added by themselves)")
+    p.add_argument("--stack", default=None,
+                   help="keep this stack's deployments apart, in <state dir>/stacks/NAME/head.db (the admin "
+                        "token stays in the state directory); default: <state dir>/head.db")
+    p.add_argument("--reset-deployments", action="store_true",
+                   help="replace the stored deployments with the --config file's (default: the file seeds "
+                        "only a new state; later starts keep what deploy/scale set)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -81,7 +101,8 @@ def config_from_args(argv: Optional[list[str]] = None) -> HeadConfig:
                           curve_dir=ns.curve_dir, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
                           prometheus_sd_file=ns.prometheus_sd_file,
                           proxy_metrics=tuple(p.strip() for p in ns.proxy_metrics.split(",") if p.strip()),
-                          log_level=ns.log_level)
+                          log_level=ns.log_level, insecure=ns.insecure or insecure_from_env(), stack=ns.stack,
+                          reset_deployments=ns.reset_deployments)
     except ValueError as exc:
         parser.error(str(exc))
         raise

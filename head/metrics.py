@@ -21,6 +21,8 @@ small write; never raises out of `update` (a failed write is logged and retried 
   tokenrelay_head_recovering                       gauge                          1 in the recovery grace
   tokenrelay_head_discovery_targets                gauge      role                endpoints in the SD file
   tokenrelay_head_reconcile_duration_seconds       histogram                      one housekeeping pass
+  tokenrelay_head_auth_refused_total               counter    role, reason        refused connections and
+                                                                                  messages (runtime.authz)
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -190,6 +192,8 @@ class HeadMetrics:
         self.registry.register(HeadCollector(self))
         self.reconcile = Histogram(PREFIX + "reconcile_duration_seconds", "One housekeeping (reconcile) pass",
                                    buckets=RECONCILE_BUCKETS, registry=self.registry)
+        self.auth_refused = Counter(PREFIX + "auth_refused", "Connections and messages refused by "
+                                    "authentication or authorisation", ["role", "reason"], registry=self.registry)
         for address in self.static_proxies:
             self.proxies[address] = None
         self._server: Optional[metrics_http.MetricsServer] = None

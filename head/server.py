@@ -5,18 +5,25 @@ Runs in the head process, one thread. Owns two sockets, used only from `Head.run
   their full Assignment), proxies say hello and ask for snapshots, the CLI asks for status.
 - routing PUB (binds `config.publish`): the whole routing table on every change and every second.
 Never blocks on a peer: every send is non-blocking; a message for a vanished peer is dropped.
+With a key directory both sockets are CURVE servers (runtime.curve): a ZAP thread admits registered keys
+and every control message is then checked against its sender's role (runtime.authz); a refusal is
+answered, logged with the key's name and counted (tokenrelay_head_auth_refused_total).
 Each loop step catches and logs its own errors, so one bad message cannot kill the head.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
+import msgspec
 import zmq
 
+from head.autoscaler import Autoscaler, Decision
 from head.cluster import ClusterState
 from head.config import HeadConfig
 from head.metrics import HeadMetrics
@@ -25,7 +32,9 @@ from head.table import TableVersions
 from runtime import parent_guard
 from runtime.credentials import token_matches
 from runtime.metrics_http import endpoint_host
-from runtime.curve import CurveKeys
+from runtime import authz, curve
+from runtime.keyring import Registry, server_pair
+from runtime.zap import ZapHandler, parse_user_id
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
     DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
@@ -43,8 +52,9 @@ UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN,
 class Head:
     def __init__(self, config: HeadConfig, store: StateStore, admin_token: str,
                  seed: tuple[DeploymentSpec, ...] = (), clock: Callable[[], float] = time.monotonic,
-                 ctx: Optional[zmq.Context] = None) -> None:
-        """`store` holds the deployments to restore; `seed` (from a config file) is applied on top."""
+                 ctx: Optional[zmq.Context] = None, reset: bool = False) -> None:
+        """`store` holds the deployments to restore; `seed` (from a config file) fills a new state (or
+        replaces the stored deployments with `reset`); otherwise what deploy/scale set is kept."""
         self.config = config
         self.clock = clock
         self.store = store
@@ -52,10 +62,10 @@ class Head:
         stored = store.load()
         self.state = ClusterState([spec for spec, _ in stored], agent_timeout=config.agent_timeout,
                                   generations={spec.name: gen for spec, gen in stored})
-        for spec in seed:
-            self._put(spec)
+        self._seed(seed, reset)
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
+        self.scalers: dict[str, Autoscaler] = {}  # autoscaled deployments (head.autoscaler)
         self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
@@ -71,27 +81,65 @@ class Head:
         return self.clock() - self._started < self.config.recovery_grace
 
     def bind(self) -> None:
-        keys = CurveKeys.load(self.config.curve_dir)
-        self._auth = keys.start_authenticator(self._ctx) if keys else None
+        keys = Path(self.config.curve_dir) if self.config.curve_dir else None
+        self._auth: Optional[ZapHandler] = None
+        self._registry: Optional[Registry] = None
+        self._owners: dict[str, str] = {}
+        if keys is not None:
+            self._pair = server_pair(keys, "head")
+            self._registry = Registry(keys)
+            self._revoked_seen = self._registry.revoked()
+            self._owners = self.store.owners()
+            self._auth = ZapHandler(self._ctx, self._registry, self._refused).start()
         self._control = self._ctx.socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.setsockopt(zmq.SNDHWM, 10_000)
-        if keys:
-            keys.serve(self._control)
+        if keys is not None:
+            curve.serve(self._control, self._pair, authz.CONTROL)
         self._control.bind(self.config.control)
         self.control_endpoint = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._bind_pub(self.config.publish)
+        host = self.config.metrics_host
+        self.metrics.start(*((host, host) if host else endpoint_host(self.control_endpoint)))
+        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s), %s",
+                 self.control_endpoint, self.publish_endpoint, self.tables.epoch, len(self.state.deployments),
+                 curve.describe(keys))
+
+    def _bind_pub(self, endpoint: str) -> None:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100)
-        if keys:
-            keys.serve(self._pub)
-        self._pub.bind(self.config.publish)
+        if self._registry is not None:
+            curve.serve(self._pub, self._pair, authz.PUBLISH)
+        self._pub.bind(endpoint)
         self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        host = self.config.metrics_host
-        self.metrics.start(*((host, host) if host else endpoint_host(self.control_endpoint)))
-        log.info("[startup] control %s, publish %s, epoch %d, %d deployment(s), CURVE %s",
-                 self.control_endpoint, self.publish_endpoint, self.tables.epoch, len(self.state.deployments),
-                 "on" if keys else "off")
+
+    def _refused(self, role: str, reason: str, who: str) -> None:
+        """Count and log one refusal (called from the loop and from the ZAP thread)."""
+        log.warning("[auth] refused %s: %s", who, reason)
+        self.metrics.auth_refused.labels(role, reason).inc()
+
+    def _check_revocations(self, now: float) -> None:
+        """A key was revoked: forget the agent it named, and rebind the PUB socket so every subscriber
+        reconnects through ZAP (a revoked proxy's subscription ends; the others resume within a second)."""
+        if self._registry is None:
+            return
+        revoked = self._registry.revoked()
+        new = revoked - self._revoked_seen
+        self._revoked_seen = revoked
+        if not new:
+            return
+        for peer in new:
+            if peer.role == "agent" and peer.name in self.state.agents:
+                self.state.agents[peer.name].last_seen = float("-inf")
+        self.state.expire_agents(now)
+        log.warning("[auth] key(s) %s revoked: dropping their sessions", sorted(p.label for p in new))
+        self._pub.close(0)
+        try:
+            self._bind_pub(self.publish_endpoint)
+        except zmq.ZMQError as exc:  # the port was taken meanwhile: proxies find the new one via HeadHello
+            log.error("[auth] cannot rebind %s (%s); binding %s", self.publish_endpoint, exc, self.config.publish)
+            self._bind_pub(self.config.publish)
 
     def run(self) -> int:
         """Serve until stop() or SIGTERM/SIGINT. Returns the exit code."""
@@ -129,15 +177,18 @@ class Head:
     def _drain_control(self) -> None:
         for _ in range(1000):  # bounded so housekeeping still runs under a flood
             try:
-                frames = self._control.recv_multipart(zmq.NOBLOCK)
+                parts = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
-                self._handle(frames)
+                user = None
+                if self._registry is not None:
+                    user = parts[-1].get("User-Id")  # set by our ZAP handler for this connection
+                self._handle([p.bytes for p in parts], user)
             except Exception:
                 log.exception("error handling a control message; going on")
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], user: Optional[str] = None) -> None:
         if len(frames) != 3:
             log.warning("dropping control message with %d frames", len(frames))
             return
@@ -148,8 +199,13 @@ class Head:
             log.warning("dropping bad control message: %s", exc)
             self._reply(peer, ControlReply(False, "protocol", str(exc)))
             return
-        self.metrics.note(msg)
         now = self.clock()
+        if self._registry is not None:
+            checked = self._authorize(peer, user, msg, now)
+            if checked is None:
+                return
+            msg = checked
+        self.metrics.note(msg)
         if isinstance(msg, AgentHeartbeat):
             if self.state.heartbeat(msg, now):
                 self._send_assignment(peer, msg.agent_id)
@@ -183,6 +239,86 @@ class Head:
         else:
             self._reply(peer, ControlReply(False, "unexpected", "unexpected %s" % type(msg).__name__))
 
+    # ------------------------------------------------------------------ authorisation
+
+    def _authorize(self, peer: bytes, user: Optional[str], msg: object, now: float) -> Optional[object]:
+        """`msg` if its sender may send it (agent messages without another agent's replicas), else None
+        after answering the refusal."""
+        assert self._registry is not None
+        kind = type(msg).__name__
+        sender, key = parse_user_id(user or "")
+        current, reason = self._registry.lookup(key) if sender is not None else (None, "unknown_key")
+        if not reason and current != sender:
+            reason = "revoked"  # the name now belongs to another key
+        if not reason and sender is not None:
+            reason = authz.message_refusal(sender, kind, getattr(msg, "agent_id", None)) or ""
+        if reason:
+            label = sender.label if sender is not None else "an unknown key"
+            agent_id = getattr(msg, "agent_id", None)
+            self._refused(sender.role if sender is not None else "unknown", reason, "%s %s%s" % (
+                label, kind, " for agent %s" % agent_id if agent_id is not None else ""))
+            if reason == "revoked" and sender is not None and sender.role == "agent" \
+                    and sender.name in self.state.agents:
+                self.state.agents[sender.name].last_seen = float("-inf")
+                self.state.expire_agents(now)
+            self._reply(peer, ControlReply(False, "forbidden", "key %s may not send %s (%s)"
+                                           % (label, kind, reason)))
+            return None
+        if isinstance(msg, (AgentRegister, AgentHeartbeat)):
+            return self._own_reports(msg)
+        return msg
+
+    def _own_reports(self, msg: AgentRegister | AgentHeartbeat) -> AgentRegister | AgentHeartbeat:
+        """Drop reports of replicas another agent owns; bind unclaimed ones to this agent (persisted)."""
+        ids = [r.replica_id for r in msg.replicas]
+        claims = dict(self._owners)  # bound owners, else the agent the head placed the replica on
+        for rid in ids:
+            placement = self.state.placements.get(rid)
+            if rid not in claims and placement is not None:
+                claims[rid] = placement.agent_id
+        mine, foreign = authz.owned_reports(msg.agent_id, ids, claims)
+        for rid in foreign:
+            self._refused("agent", "replica_not_owned", "agent-%s report for replica %s of agent %s"
+                          % (msg.agent_id, rid, claims[rid]))
+        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners]
+        if new:
+            self.store.bind_owners(new)
+            self._owners.update(new)
+        if not foreign:
+            return msg
+        keep = set(mine)
+        return msgspec.structs.replace(msg, replicas=[r for r in msg.replicas if r.replica_id in keep])
+
+    def _seed(self, seed: tuple[DeploymentSpec, ...], reset: bool) -> None:
+        """The config file seeds deployments into a new state only; on later starts the stored ones
+        (what deploy/scale set) win and each difference from the file is logged."""
+        if not seed and not reset:
+            return
+        if reset or not self.store.seeded():
+            wanted = {spec.name for spec in seed}
+            for name in [n for n in self.state.deployments if n not in wanted]:
+                self.store.delete(name)
+                self.state.delete_deployment(name)
+                log.info("[startup] deployment %s deleted (--reset-deployments: not in the config)", name)
+            for spec in seed:
+                self._put(spec)
+            self.store.mark_seeded()
+            return
+        for spec in seed:
+            have = self.state.deployments.get(spec.name)
+            if have is None:
+                log.info("[startup] deployment %s is in the config but not in the state (deleted); keeping "
+                         "the state (--reset-deployments to take the file's)", spec.name)
+            elif have != spec:
+                mine, theirs = have.to_dict(), spec.to_dict()
+                diff = ", ".join("%s %s (file: %s)" % (k, json.dumps(mine[k]), json.dumps(theirs[k]))
+                                 for k in sorted(mine) if mine[k] != theirs[k])
+                log.info("[startup] deployment %s differs from the config: %s; keeping the state "
+                         "(--reset-deployments to take the file's)", spec.name, diff)
+        extra = sorted(set(self.state.deployments) - {spec.name for spec in seed})
+        if extra:
+            log.info("[startup] deployment(s) %s not in the config (added by deploy); keeping them", extra)
+
     # ------------------------------------------------------------------ admin commands
 
     def _put(self, spec: DeploymentSpec) -> tuple[str, int]:
@@ -197,12 +333,17 @@ class Head:
         if isinstance(msg, StatusRequest):
             deployments, agents = self.state.status(now, time.time())
             self.metrics.enrich_status(self.state, deployments, agents)
+            for d in deployments:
+                d["autoscale"] = self.autoscale_status(d["name"])
             return StatusReply(self.tables.epoch, self.tables.version, deployments, agents)
         if isinstance(msg, DeployRequest):
             try:
                 spec = parse_deployment(msg.spec, "spec")
             except ValueError as exc:
                 return ControlReply(False, "invalid_spec", str(exc))
+            refused = self._unplaceable(spec)
+            if refused is not None:
+                return refused
             result, generation = self._put(spec)
         elif isinstance(msg, ScaleRequest):
             old = self.state.deployments.get(msg.name)
@@ -210,7 +351,15 @@ class Head:
                 return ControlReply(False, "not_found", "no deployment named %r" % msg.name)
             if msg.replicas < 0:
                 return ControlReply(False, "invalid_spec", "replicas: must be an integer >= 0")
-            result, generation = self._put(dataclasses.replace(old, replicas=msg.replicas))
+            if old.autoscaling is not None:
+                return ControlReply(False, "autoscaled", "%s is autoscaled between %d and %d replicas; change "
+                                    "autoscaling.min_replicas/max_replicas with deploy (or remove autoscaling)"
+                                    % (msg.name, old.autoscaling.min_replicas, old.autoscaling.max_replicas))
+            spec = dataclasses.replace(old, replicas=msg.replicas)
+            refused = self._unplaceable(spec)
+            if refused is not None:
+                return refused
+            result, generation = self._put(spec)
         else:
             assert isinstance(msg, DeleteRequest)
             if msg.name not in self.state.deployments:
@@ -221,6 +370,48 @@ class Head:
             result, generation = "deleted", 0
         self._housekeeping()
         return ControlReply(True, data={"result": result, "generation": generation})
+
+    def _unplaceable(self, spec: DeploymentSpec) -> Optional[ControlReply]:
+        """Refuse a change whose replicas cannot all be placed on the agents we know (nothing is
+        changed then). Not judged while recovering or before any agent registered."""
+        old = self.state.deployments.get(spec.name)
+        if self.recovering or (old is not None and old == spec) or (
+                old is not None and old.same_replicas_as(spec) and spec.replicas <= old.replicas):
+            return None
+        why = self.state.why_unplaceable(spec)
+        if not why:
+            return None
+        log.warning("refused %s: %s", spec.name, why)
+        return ControlReply(False, "unplaceable", "%s; nothing changed (free capacity, lower replicas or "
+                                                  "cpus/gpus/memory)" % why)
+
+    def _autoscale(self, now: float) -> None:
+        """Apply each autoscaled deployment's decision like `tokenrelay scale` would (persisted), never
+        beyond what can be placed."""
+        for name in [n for n in self.scalers if n not in self.state.deployments]:
+            del self.scalers[name]
+        for dep in list(self.state.deployments.values()):
+            cfg = dep.autoscaling
+            if cfg is None:
+                self.scalers.pop(dep.name, None)
+                continue
+            scaler = self.scalers.get(dep.name)
+            if scaler is None or scaler.config != cfg:
+                scaler = self.scalers[dep.name] = Autoscaler(cfg)
+            ongoing, ready, starting = self.state.load_of(dep.name)
+
+            def fits(n: int, dep: DeploymentSpec = dep) -> bool:
+                return not self.state.why_unplaceable(dataclasses.replace(dep, replicas=n))
+            d = scaler.decide(now, dep.replicas, ongoing, ready, starting,
+                              failing=dep.name in self.state.healer.failures, fits=fits)
+            if d.replicas != dep.replicas:
+                log.info("[autoscale] %s: %d -> %d replica(s): %s", dep.name, dep.replicas, d.replicas, d.reason)
+                self._put(dataclasses.replace(dep, replicas=d.replicas))
+
+    def autoscale_status(self, name: str) -> dict[str, object]:
+        scaler = self.scalers.get(name)
+        d: Optional[Decision] = scaler.last if scaler else None
+        return {} if d is None else {"desired": d.replicas, "wanted": d.wanted, "reason": d.reason}
 
     def _reply(self, peer: bytes, msg: object) -> None:
         try:
@@ -238,9 +429,11 @@ class Head:
         now = self.clock()
         started = time.perf_counter()
         try:
+            self._check_revocations(now)
             self.state.expire_agents(now)
             if not self.recovering:  # let every agent re-register (and report) before placing anything
                 self.state.reconcile(now)
+                self._autoscale(now)
         except Exception:
             log.exception("reconcile pass failed; going on")
         self.reconcile_seconds = time.perf_counter() - started

@@ -2,7 +2,8 @@
 
 Runs in the head process, called from its reactor thread only; owns no socket. Every write is committed
 before the head acknowledges the command that caused it, so an acknowledged deploy survives a crash.
-Soft state (agents, placements, health) is never stored: agents report it again after a restart.
+Soft state (agents, placements, health) is never stored: agents report it again after a restart; only
+which agent owns which replica is kept, as a security binding.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ CREATE TABLE IF NOT EXISTS deployments (
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replica_owners (  -- which agent started each replica (runtime.authz)
+    replica_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL
+);
 """
 
 
@@ -45,6 +50,15 @@ class StateStore:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
         return epoch
 
+    def seeded(self) -> bool:
+        """True once a config file's deployments were applied, or any deployment was ever stored."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='seeded'").fetchone()
+        return row is not None or self._db.execute("SELECT 1 FROM deployments LIMIT 1").fetchone() is not None
+
+    def mark_seeded(self) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seeded', '1')")
+
     def load(self) -> list[tuple[DeploymentSpec, int]]:
         rows = self._db.execute("SELECT spec, generation FROM deployments ORDER BY name").fetchall()
         return [(parse_deployment(json.loads(spec)), gen) for spec, gen in rows]
@@ -57,6 +71,19 @@ class StateStore:
     def delete(self, name: str) -> None:
         with self._tx():
             self._db.execute("DELETE FROM deployments WHERE name=?", (name,))
+
+    def owners(self) -> dict[str, str]:
+        """replica id -> the agent bound to it at its first report (kept across head restarts, so an agent
+        key cannot claim another agent's replicas while the head re-learns placements)."""
+        return dict(self._db.execute("SELECT replica_id, agent_id FROM replica_owners").fetchall())
+
+    def bind_owners(self, pairs: list[tuple[str, str]]) -> None:
+        with self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO replica_owners VALUES (?, ?)", pairs)
+
+    def drop_owners(self, replica_ids: list[str]) -> None:
+        with self._tx():
+            self._db.executemany("DELETE FROM replica_owners WHERE replica_id=?", [(r,) for r in replica_ids])
 
     def close(self) -> None:
         self._db.close()

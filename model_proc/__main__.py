@@ -1,11 +1,12 @@
 """`python -m model_proc`: start one replica (normally the agent does this).
 
-Exit codes: 0 stopped cleanly, 1 unexpected crash, 2 bad command line, 3 engine cannot load (a restart
+Exit codes: 0 stopped cleanly, 1 unexpected crash, 2 bad command line or missing keys, 3 engine cannot load (a restart
 will not help), 4 engine died while serving.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import sys
@@ -15,6 +16,8 @@ from model_proc.config import EXIT_CRASH, EXIT_LOAD_ERROR, EXIT_USAGE, config_fr
 from model_proc.engine import EngineLoadError, create_engine
 from model_proc.server import ReplicaServer
 from runtime import parent_guard
+from runtime.curve import keys_dir, warn_insecure
+from runtime.keyring import KeyFileError, identity, server_pair
 from runtime.logs import setup_logging
 
 log = logging.getLogger("model_proc")
@@ -47,8 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("model_proc[%s]" % config.replica_id, config.log_level)
     if config.parent_pid is not None:
         parent_guard.install(config.parent_pid)
+    if config.insecure:
+        warn_insecure("replica %s" % config.replica_id)
+    else:
+        keys = keys_dir(config.curve_dir)
+        try:
+            server_pair(keys, "replica")
+            if config.agent:
+                if not config.agent_key:
+                    raise KeyFileError("--agent needs --agent-key (the agent's id) to connect securely")
+                identity(keys, "agent", config.agent_key)
+        except KeyFileError as exc:
+            log.error("[startup] %s (or pass --insecure)", exc)
+            return EXIT_USAGE
+        config = dataclasses.replace(config, curve_dir=str(keys))
     try:
-        engine = create_engine(config.engine, config.model, config.engine_args)
+        engine_args = dict(config.engine_args)
+        if config.engine == "vllm":  # clients name the deployment: vLLM's serving layer must answer to it
+            own = engine_args.get("served_model_name") or []
+            names = [own] if isinstance(own, str) else list(own)
+            name = config.deployment or config.model
+            engine_args["served_model_name"] = names if name in names else [name] + names
+        engine = create_engine(config.engine, config.model, engine_args)
     except EngineLoadError as exc:
         log.error("[startup] %s", exc)
         return EXIT_LOAD_ERROR

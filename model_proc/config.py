@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from runtime.curve import AGENT_KEY_ENV, insecure_from_env
 
 # Exit codes the agent classifies (agent.lifecycle): a load error will not be cured by a restart.
 EXIT_OK = 0
@@ -17,6 +20,7 @@ EXIT_LOAD_ERROR = 3
 EXIT_ENGINE_DIED = 4
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+METRICS_HOST_ENV = "TOKENRELAY_METRICS_HOST"  # the agent passes its --metrics-host to its replicas
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,13 @@ class ReplicaConfig:
     drain_seconds: float = 3.0
     deployment: str = ""
     generation: int = 0
-    metrics_port: int = 0  # Prometheus /metrics on the bind host; 0 picks a free port, < 0 turns it off
+    metrics_port: int = 0  # Prometheus /metrics; 0 picks a free port, < 0 turns it off
+    metrics_host: str = "127.0.0.1"  # where it binds: loopback unless configured
     log_level: str = "INFO"
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
+    curve_dir: Optional[str] = None  # CURVE keys (runtime.keyring); None here: plain (__main__ resolves it)
+    agent_key: Optional[str] = None  # the agent's id: its key is the one we connect to it with
+    insecure: bool = False  # --insecure: plain sockets, explicitly asked for
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -68,11 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, default=3.0,
                    help="on SIGTERM, how long in-flight requests may finish")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics HTTP port on the bind host (0: a free one, -1: off)")
+                   help="Prometheus /metrics HTTP port (0: a free one, -1: off)")
+    p.add_argument("--metrics-host", default=os.environ.get(METRICS_HOST_ENV) or "127.0.0.1",
+                   help="address the /metrics port binds on (default $%s, set by the agent, else loopback)"
+                        % METRICS_HOST_ENV)
     p.add_argument("--deployment", default="", help="deployment this replica belongs to (for adoption)")
     p.add_argument("--generation", type=int, default=0, help="the deployment's spec generation")
     p.add_argument("--event-loop", default="auto", choices=EVENT_LOOPS,
                    help="the replica's asyncio loop: auto (uvloop when installed), uvloop or asyncio")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE key directory (default $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys): the data "
+                        "socket serves with replica.key_secret and admits proxy keys only")
+    p.add_argument("--agent-key", default=os.environ.get(AGENT_KEY_ENV) or None,
+                   help="id of the agent whose key (agent-ID.key_secret) we report to it with "
+                        "(default $%s, set by the agent)" % AGENT_KEY_ENV)
+    p.add_argument("--insecure", action="store_true",
+                   help="plain sockets (benchmarks and debugging only; logged loudly); also $TOKENRELAY_INSECURE=1")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -91,8 +110,9 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
             replica_id=ns.replica_id, engine=ns.engine, model=ns.model, engine_args=engine_args,
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
             parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
-            generation=ns.generation, metrics_port=ns.metrics_port,
-            log_level=ns.log_level, event_loop=ns.event_loop)
+            generation=ns.generation, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
+            log_level=ns.log_level, event_loop=ns.event_loop, curve_dir=ns.curve_dir,
+            agent_key=ns.agent_key, insecure=ns.insecure or insecure_from_env())
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable

@@ -23,18 +23,23 @@ endpoint also serves prometheus-client's default registry, where vLLM registers 
                                                                   fatal (the engine died)
   tokenrelay_replica_engine_steps_total         counter           loop iterations that flushed tokens
   tokenrelay_replica_token_batches_total        counter           TokenBatch messages with tokens sent
+  tokenrelay_replica_auth_refused_total         counter  role, reason   data-socket connections refused
+                                                                  (not a proxy key, unknown, revoked)
 """
 from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from runtime import metrics_http
 
 PREFIX = "tokenrelay_replica_"
+# counted from the ZAP thread (runtime.zap); one per process, served by every registry `start` builds
+AUTH_REFUSED = Counter(PREFIX + "auth_refused", "Connections to the data socket refused by CURVE "
+                       "authentication or authorisation", ["role", "reason"], registry=None)
 DEAD_EXIT_CODE = 4  # model_proc.config.EXIT_ENGINE_DIED (not imported: keep this module dependency-free)
 
 
@@ -88,4 +93,5 @@ def start(server: Any, host: str, port: int) -> Optional[metrics_http.MetricsSer
     """Serve this replica's metrics (and the default registry's) on host:port; None when port < 0."""
     registry: CollectorRegistry = metrics_http.registry_with_defaults()
     registry.register(ReplicaCollector(server))
+    registry.register(AUTH_REFUSED)
     return metrics_http.serve(registry, host, port)

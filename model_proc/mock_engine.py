@@ -12,6 +12,7 @@ engine_args (all optional):
   max_running     requests generated at once; more wait in FIFO order (default: unlimited)
   max_context     prompt words + max_tokens allowed (default 4096), else a 400
   fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
+  startup_ms      how long the engine takes to start (default 0), to stand in for a real cold start
   abort_raises    true: abort() raises (tests that a crash in the replica's receive path kills it loudly)
 Prompt "tokens" are whitespace-separated words; each output token is one word plus a space, and its
 token id is the word's index in WORDS. The text is a function of (prompt, position) only: the word after
@@ -21,6 +22,14 @@ token ids another replica sent (GenerateRequest.resume) continues exactly as an 
 Timing is an absolute schedule on the loop's clock: the k-th token this replica makes for a request is
 due at begin + ttft + k * itl (begin: when the request started running here), so a late loop iteration
 does not push every later token back (no drift), as with a fixed-rate engine.
+
+What a mock deployment serves (docs/api.md, "Engines"): the proxy maps OpenAI requests for it itself
+(proxy/openai_request.py), so this engine sees only prompt/messages and SamplingParams. Honoured:
+`max_tokens`/`max_completion_tokens` (output length), `stop` (a stop word ends the text), `stream`,
+`stream_options.include_usage`. Accepted with no effect on the fixed text: `temperature`, `top_p`,
+`top_k`, `seed`, `presence_penalty`, `frequency_penalty`, `user`; `n` must be 1. Any other field (tools,
+response_format, logprobs, ...) and the routes /v1/responses, /tokenize, /detokenize are refused by the
+proxy with a 400 naming them. Relayed requests (GenerateRequest.endpoint) are refused here with a 400.
 """
 from __future__ import annotations
 
@@ -40,7 +49,8 @@ WORDS = (
     "relay replicas to many patient clients under steady load"
 ).split()
 
-_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger", "abort_raises"}
+_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger", "startup_ms",
+               "abort_raises"}
 
 
 class _Request:
@@ -78,6 +88,9 @@ class MockEngine:
         self.max_context = int(engine_args.get("max_context", 4096))
         self.fatal_trigger: Optional[str] = engine_args.get("fatal_trigger")
         self.abort_raises = bool(engine_args.get("abort_raises", False))
+        self.startup = float(engine_args.get("startup_ms", 0)) / 1000.0  # a cold start, like a real engine's
+        if self.startup < 0:
+            raise ValueError("startup_ms must be >= 0")
         if self.ttft < 0 or self.itl < 0 or self.default_tokens < 1:
             raise ValueError("ttft_ms and itl_ms must be >= 0 and tokens >= 1")
         self._sink: Optional[DeltaSink] = None
@@ -88,11 +101,15 @@ class MockEngine:
     async def start(self, sink: DeltaSink) -> None:
         self._sink = sink
         self._loop = asyncio.get_running_loop()
+        if self.startup:
+            await asyncio.sleep(self.startup)
         log.info("[startup] MOCK engine (not a model): ttft=%.0fms itl=%.0fms tokens=%d",
                  self.ttft * 1000, self.itl * 1000, self.default_tokens)
 
     def add_request(self, req: GenerateRequest) -> None:
         assert self._loop is not None, "start() first"
+        if req.endpoint:  # only engines that serve the OpenAI API themselves take relayed bodies
+            raise EngineRequestError("the mock engine does not serve %s" % req.endpoint, param="endpoint")
         if req.messages is not None:
             text = " ".join(m.content for m in req.messages)
             param = "messages"

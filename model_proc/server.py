@@ -11,6 +11,9 @@ Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only
   silently dropped.
 - agent DEALER (connects `config.agent`): ReplicaHello once, then ReplicaStatus every status interval from
   the loop itself, so a stuck loop stops the heartbeat.
+With a key directory (runtime.curve) the data ROUTER is a CURVE server with the replicas' keypair that
+admits proxy keys only (a ZAP thread on our context decides; refusals are counted in
+tokenrelay_replica_auth_refused_total), and the agent DEALER connects with the agent's own key.
 Must never block the loop and never queue without bound: sends are non-blocking and a peer whose queue
 is full (slow or gone) has its requests aborted.
 """
@@ -28,8 +31,12 @@ import zmq.asyncio
 from model_proc import metrics
 from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
-from runtime import metrics_http, parent_guard
-from runtime.curve import CurveKeys
+from runtime import parent_guard
+from pathlib import Path
+
+from runtime import authz, curve
+from runtime.keyring import Registry, identity, server_pair
+from runtime.zap import ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
@@ -40,6 +47,12 @@ log = logging.getLogger(__name__)
 HELLO_EVERY = 2  # status reports between two ReplicaHello (a restarted agent learns of us within 0.5 s)
 DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is treated as gone
 LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
+
+
+def _refused(role: str, reason: str, who: str) -> None:
+    """Count and log one refused connection (called from the ZAP thread)."""
+    log.warning("[auth] refused %s: %s", who, reason)
+    metrics.AUTH_REFUSED.labels(role, reason).inc()
 
 
 class _Route:
@@ -88,11 +101,12 @@ class ReplicaServer:
         self._data.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._data.setsockopt(zmq.RCVHWM, DATA_HWM)
-        keys = CurveKeys.load(None)  # $TOKENRELAY_CURVE_DIR, set by the agent when CURVE is on
-        self._auth = None
+        keys = Path(cfg.curve_dir) if cfg.curve_dir else None
+        self._auth: Optional[ZapHandler] = None
         if keys is not None:
-            self._auth = keys.start_authenticator(zmq.Context.shadow(self._ctx.underlying))
-            keys.serve(self._data)
+            self._auth = ZapHandler(zmq.Context.shadow(self._ctx.underlying), Registry(keys),
+                                    _refused).start()
+            curve.serve(self._data, server_pair(keys, "replica"), authz.REPLICA_DATA)
         self._data.bind(cfg.bind)
         self.endpoint = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
         self._agent: Optional[zmq.asyncio.Socket] = None
@@ -100,11 +114,14 @@ class ReplicaServer:
             self._agent = self._ctx.socket(zmq.DEALER)
             self._agent.setsockopt(zmq.LINGER, 0)
             self._agent.setsockopt(zmq.SNDHWM, 16)
+            if keys is not None and cfg.agent_key:
+                agent = identity(keys, "agent", cfg.agent_key)
+                curve.connect(self._agent, agent, agent.public)  # the agent serves with its own key
             self._agent.connect(cfg.agent)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        exporter = metrics.start(self, metrics_http.endpoint_host(cfg.bind)[0], cfg.metrics_port)
+        exporter = metrics.start(self, cfg.metrics_host, cfg.metrics_port)
         log.info("[startup] data endpoint %s, engine %s, model %s, metrics port %s", self.endpoint, cfg.engine,
                  cfg.model, exporter.port if exporter else "off")
         # resent every HELLO_EVERY statuses, so a restarted agent (adopt mode) learns who we are
@@ -294,7 +311,7 @@ class ReplicaServer:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
-              etype: Optional[str] = None) -> None:
+              body: bytes = b"", etype: Optional[str] = None) -> None:
         route = self._routes.pop(request_id, None)
         if route is None:
             return
@@ -303,7 +320,7 @@ class ReplicaServer:
         if etype is None:
             etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
         self._flush()  # deltas before the error must arrive first
-        self._send(route.peer, RequestError(request_id, status, message, etype, param))
+        self._send(route.peer, RequestError(request_id, status, message, etype, param, body))
         self._load_changed()
 
     def fatal(self, reason: str, exit_code: int = EXIT_ENGINE_DIED) -> None:

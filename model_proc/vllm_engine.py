@@ -8,8 +8,12 @@ request mapping, unit-tested without vLLM; vLLM is imported by `VllmEngine.start
   the loop keeps heartbeating, then generates one token: ready means the engine produced a token.
   Before that it pins a CPU replica to its assigned cores and gives vLLM a private IPC directory
   (model_proc.vllm_process_env).
-- Requests are tokenized here, so the context check is exact and the counts we report are the engine's;
-  one asyncio task per request iterates `AsyncLLM.generate` in DELTA mode and feeds the sink.
+- OpenAI requests (GenerateRequest.endpoint and body, relayed by the proxy) are served by vLLM's own
+  serving layer, the app `vllm serve` runs, built from the same options (model_proc.vllm_serving): same
+  validation, chat templates, tool and reasoning parsers, structured outputs, response bytes.
+- Plain requests (the legacy endpoint) are tokenized here, so the context check is exact and the counts
+  we report are the engine's; one asyncio task per request iterates `AsyncLLM.generate` in DELTA mode and
+  feeds the sink.
 - Scheduler stats come from a custom vLLM stat logger whose `record` vLLM calls with every step's
   `SchedulerStats`: `stats()` only reads numbers already in memory.
 - Engine death (`EngineDeadError` in flight, or `AsyncLLM.errored` seen by `stats()` while idle) is
@@ -27,6 +31,7 @@ from typing import Any, Mapping, Optional
 
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError, EngineStats
 from model_proc.vllm_process_env import pin_to_assigned_cores, use_private_rpc_dir
+from model_proc.vllm_serving import ENDPOINTS, ServingApp, serve_namespace
 from runtime.protocol import GenerateRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -87,10 +92,6 @@ def resolve_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_l
             % (max_model_len, prompt_tokens + requested, prompt_tokens, prompt_param, requested, room,
                prompt_param), param=prompt_param)
     return requested
-
-
-def chat_messages(req: GenerateRequest) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in req.messages or []]
 
 
 def param_of_error(exc: BaseException) -> Optional[str]:
@@ -191,6 +192,7 @@ class VllmEngine:
         self._background: set[asyncio.Task] = set()
         self._dead = False
         self._vllm: Any = None  # see _import_vllm
+        self._serving: Optional[ServingApp] = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,9 +211,11 @@ class VllmEngine:
         if on_cpu and "kv_cache_memory_bytes" in self.engine_args and os.environ.get(CPU_KV_CACHE_ENV):
             log.warning("vllm_engine [startup] %s=%s overrides engine_args.kv_cache_memory_bytes",
                         CPU_KV_CACHE_ENV, os.environ[CPU_KV_CACHE_ENV])
+        # the options `vllm serve` would parse: one meaning for every engine and serving option
+        namespace = serve_namespace(model, {k: v for k, v in args.items() if k != "model"})
         try:
-            engine_args = self._vllm.AsyncEngineArgs(**args)
-        except TypeError as exc:
+            engine_args = self._vllm.AsyncEngineArgs.from_cli_args(namespace)
+        except (TypeError, ValueError) as exc:
             raise EngineLoadError("bad engine_args for vllm: %s" % exc) from exc
         log.info("vllm_engine [startup] model=%s args=%s", model,
                  {k: v for k, v in args.items() if k != "model"})
@@ -229,6 +233,7 @@ class VllmEngine:
             self._max_model_len = int(self._engine.model_config.max_model_len)
             self._defaults = dict(self._engine.model_config.get_diff_sampling_param())
             await self._warm_up()
+            self._serving = await ServingApp.build(self._engine, namespace, sink)
         except BaseException:
             await self.shutdown()  # never leave an engine-core process behind a failed start
             raise
@@ -251,6 +256,8 @@ class VllmEngine:
             raise EngineLoadError("vllm warm-up generated no token")
 
     async def shutdown(self) -> None:
+        if self._serving is not None:
+            self._serving.cancel_all()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -270,6 +277,11 @@ class VllmEngine:
             raise EngineRequestError("engine is dead", status=503)
         if req.request_id in self._tasks:
             raise EngineRequestError("duplicate request id %r" % req.request_id, param="request_id")
+        if req.endpoint:
+            if req.endpoint not in ENDPOINTS or self._serving is None:
+                raise EngineRequestError("endpoint %s is not served by vllm" % req.endpoint, status=404)
+            self._serving.submit(req.request_id, req.endpoint, req.body)
+            return
         prompt_ids, param = self._tokenize(req)
         kwargs = build_sampling_kwargs(req.params, self._defaults)
         kwargs["max_tokens"] = resolve_max_tokens(
@@ -285,17 +297,9 @@ class VllmEngine:
 
     def _tokenize(self, req: GenerateRequest) -> tuple[list[int], str]:
         """Prompt token ids, and the request field they came from (for error messages)."""
-        if req.messages is not None:
-            if not req.messages:
-                raise EngineRequestError("messages must not be empty", param="messages")
-            try:
-                text = self._tokenizer.apply_chat_template(
-                    chat_messages(req), add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template's raise_exception, or no template at all
-                raise EngineRequestError("cannot apply the model's chat template: %s" % exc,
-                                         param="messages") from exc
-            # The template already holds any BOS token: do not add special tokens twice.
-            return list(self._tokenizer.encode(text, add_special_tokens=False)), "messages"
+        if req.messages is not None:  # chat is vLLM's serving layer's: templates, tools, parsers
+            raise EngineRequestError("a vLLM replica takes chat requests as relayed OpenAI bodies "
+                                     "(GenerateRequest.endpoint and body)", param="messages")
         if req.prompt is None:
             raise EngineRequestError("either prompt or messages is required", param="prompt")
         ids = list(self._tokenizer.encode(req.prompt, add_special_tokens=True))
@@ -343,6 +347,8 @@ class VllmEngine:
             self._tasks.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
+        if self._serving is not None and self._serving.abort(request_id):
+            return
         task = self._tasks.pop(request_id, None)
         if task is None or self._engine is None:
             return  # unknown or finished: aborts are idempotent
@@ -358,7 +364,8 @@ class VllmEngine:
         if self._engine is not None and not self._dead and self._engine.errored:
             self._fail("vllm engine core died%s" % self._exit_detail())
         snap = self._snapshot
-        return combine_stats(len(self._tasks), snap.running, snap.waiting, snap.kv_cache_usage)
+        relayed = len(self._serving) if self._serving is not None else 0
+        return combine_stats(len(self._tasks) + relayed, snap.running, snap.waiting, snap.kv_cache_usage)
 
     @property
     def steps(self) -> int:
@@ -382,6 +389,8 @@ class VllmEngine:
         for task in list(self._tasks.values()):
             task.cancel()
         self._tasks.clear()
+        if self._serving is not None:
+            self._serving.cancel_all()
         if self._sink is not None:
             self._sink.fatal(reason)
 

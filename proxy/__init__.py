@@ -15,9 +15,10 @@ Module map:
   streams.py        per-request queue handed from reader greenlets to request greenlets
   router.py         pure: least in-flight choice
   app.py            Falcon app: routes, middleware, error handlers
-  openai_request.py pure: request body parsing and validation
-  chunks.py         pure: SSE chunk / JSON body bytes
-  bodies.py         WSGI streaming bodies whose close() aborts the request
+  openai_request.py pure: what the proxy reads of a body (routing fields; relayed to vLLM replicas as is),
+                    and the mock engine's request mapping with its refusals
+  chunks.py         pure: SSE chunk / JSON body bytes (mapped path; vLLM replicas send their own)
+  bodies.py         WSGI streaming bodies (SSE, relayed, plain) whose close() aborts the request
   errors.py         exception hierarchy and OpenAI error bodies
   metrics.py        prometheus metrics (multiprocess mode)
 """

@@ -16,14 +16,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from proxy.config import ProxyConfig, prepare_metrics_dir
 
     config = ProxyConfig.from_args(argv)  # exits 2 on bad arguments
-    from runtime.curve import CurveConfigError, CurveKeys
+    import dataclasses
+
+    from runtime import keyring
+    from runtime.curve import insecure_from_env, keys_dir
 
     try:
-        keys = CurveKeys.load(config.curve_dir)  # fail now, not in every worker
-        if keys is not None and keys.client_secret is None:
-            raise CurveConfigError("curve dir %s: a proxy needs client.key_secret" % keys.directory)
-    except CurveConfigError as exc:
-        print("python -m proxy: error: %s" % exc, file=sys.stderr)
+        insecure = config.insecure or insecure_from_env()
+        if not insecure:  # check the keys now, not in every worker
+            keys = keys_dir(config.curve_dir)
+            keyring.identity(keys, "proxy")
+            keyring.server_public(keys, "head")
+            keyring.server_public(keys, "replica")
+            config = dataclasses.replace(config, curve_dir=str(keys))
+        else:
+            config = dataclasses.replace(config, insecure=True, curve_dir=None)
+    except ValueError as exc:  # keyring.KeyFileError, or a bad $TOKENRELAY_INSECURE
+        print("python -m proxy: error: %s (or pass --insecure)" % exc, file=sys.stderr)
         return 2
     from proxy.access import load_api_keys
 
@@ -37,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from runtime.logs import proxy_role, setup_logging
 
     setup_logging(proxy_role(), config.log_level)
+    if config.insecure:
+        from runtime.curve import warn_insecure
+        warn_insecure("proxy")
     if api_keys.enabled:
         logging.getLogger("proxy").info("[startup] %d API key(s): /v1 requires Authorization: Bearer%s",
                                         len(api_keys), " (health and metrics too)" if config.protect_health else "")

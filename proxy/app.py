@@ -8,8 +8,13 @@ replica's first token, so errors before it get a real HTTP status; only a stream
 later failure becomes an SSE error event.
 
 Routes:
-  POST /v1/chat/completions   POST /v1/completions   POST /v1/chat/{deployment} (legacy plain text)
+  POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /tokenize   POST /detokenize
+  POST /v1/chat/{deployment} (legacy plain text)
   GET /v1/models   GET /health   GET /ready   GET /metrics   GET /openapi.json
+
+OpenAI routes of deployments whose engine serves the OpenAI API itself (vLLM) are relayed: the proxy reads
+model and stream, sends the body as it is, and writes back the bytes the replica's serving layer wrote
+(openai_request.py says which fields the proxy maps itself for the other engines).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import msgspec
 
 from proxy import metrics
 from proxy.access import ApiKeys, RateLimiter, load_api_keys
-from proxy.bodies import BodyLimits, PlainBody, SseBody, collect
+from proxy.bodies import BodyLimits, PlainBody, RelayBody, SseBody, collect
 from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, text_completion_body
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
@@ -33,7 +38,10 @@ from proxy.errors import (
 )
 from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
-from proxy.openai_request import CHAT, parse_chat, parse_completion, parse_plain
+from proxy.openai_request import (
+    CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, prompt_text,
+    routing_fields,
+)
 from proxy.openapi import SPEC
 from proxy.router import route_key
 from runtime.protocol import Delta, DeploymentRoute, GenerateRequest
@@ -61,8 +69,8 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
                            backend.clock)
     middleware: list[Any] = [RequestContext(backend.next_request_id, backend.clock), access]
     app = falcon.App(middleware=middleware)
-    app.add_route("/v1/chat/completions", OpenAIResource(backend, config, CHAT))
-    app.add_route("/v1/completions", OpenAIResource(backend, config, "completion"))
+    for path in ENDPOINT_KINDS:
+        app.add_route(path, OpenAIResource(backend, config, path))
     app.add_route("/v1/chat/{deployment}", PlainResource(backend, config))
     app.add_route("/v1/models", ModelsResource(backend))
     app.add_route("/health", HealthResource())
@@ -130,23 +138,32 @@ class _Inference:
         self._backend = backend
         self._config = config
 
-    def _start(self, req: falcon.Request, deployment: str, request: GenerateRequest, prompt: str,
-               streaming: bool) -> tuple[Dispatch, Optional[Delta], BodyLimits]:
-        """Admit, route and send the request, then wait for its first token (headers not sent yet).
-        The first token is None only when `streaming` and none came within the keep-alive interval."""
-        ctx = req.context
+    def _route(self, deployment: str) -> DeploymentRoute:
         route = self._backend.deployment(deployment)
         if route is None:
             if not self._backend.has_table():  # the model may well exist: say "later", not "never"
                 raise NoHealthyReplica("no routing table received from the head yet")
             raise ModelNotFound(deployment)
+        return route
+
+    def _start(self, req: falcon.Request, deployment: str, request: GenerateRequest, prompt: str,
+               streaming: bool, whole: bool = False) -> tuple[Dispatch, Optional[Delta], BodyLimits]:
+        """Admit, route and send the request, then wait for its first token (headers not sent yet).
+        The first token is None only when `streaming` and none came within the keep-alive interval.
+        `whole`: the replica answers only at the end (a relayed non-streamed request: vLLM hands it the
+        final output only), so the first-token and idle timeouts are the total one."""
+        ctx = req.context
+        route = self._route(deployment)
         ctx.deployment = deployment
         cfg, timeouts, rs = self._config, route.timeouts, route.routing
-        limits = Limits(first_token=timeouts.first_token_s or cfg.first_token_timeout,
-                        total=timeouts.total_s or cfg.total_timeout, max_attempts=cfg.max_attempts,
-                        retry_window=cfg.retry_window, resume=rs.resume, max_resumes=cfg.max_resumes)
-        body_limits = BodyLimits(idle=timeouts.idle_s or cfg.idle_timeout, keepalive=cfg.keepalive_interval,
-                                 max_chunk=cfg.max_chunk_chars)
+        total = timeouts.total_s or cfg.total_timeout
+        first_token = total if whole else timeouts.first_token_s or cfg.first_token_timeout
+        # a relayed request's bytes come from the engine's own serving layer: not resumable elsewhere
+        limits = Limits(first_token=first_token, total=total, max_attempts=cfg.max_attempts,
+                        retry_window=cfg.retry_window, resume=rs.resume and not request.endpoint,
+                        max_resumes=cfg.max_resumes)
+        body_limits = BodyLimits(idle=total if whole else timeouts.idle_s or cfg.idle_timeout,
+                                 keepalive=cfg.keepalive_interval, max_chunk=cfg.max_chunk_chars)
         key = route_key(rs.policy, rs.prefix_chars, rs.session_affinity, req.get_header("X-Session-ID"), prompt)
         dispatch = Dispatch(self._backend, deployment, request, key, limits, self._backend.clock,
                             client_probe(req.env), started_at=ctx.started)
@@ -163,18 +180,34 @@ class _Inference:
 
 
 class OpenAIResource(_Inference):
-    """POST /v1/chat/completions (kind CHAT) and POST /v1/completions."""
+    """POST one of the OpenAI routes (ENDPOINT_KINDS): relayed, or mapped for engines in neither."""
 
-    def __init__(self, backend: Backend, config: ProxyConfig, kind: str) -> None:
+    def __init__(self, backend: Backend, config: ProxyConfig, endpoint: str) -> None:
         super().__init__(backend, config)
-        self._kind = kind
+        self._endpoint = endpoint
+        self._kind = ENDPOINT_KINDS[endpoint]
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         ctx = req.context
         ctx.deployment = ""  # until the model is known to exist
         require_media(req, ("application/json",))
         body = read_body(req, self._config.max_body_bytes)
-        parsed = parse_json(parse_chat if self._kind == CHAT else parse_completion, body)
+        fields = parse_json(routing_fields, body)
+        model = fields.model
+        if model is None:  # as `vllm serve` answers with its only model
+            deployments = self._backend.deployments()
+            if len(deployments) != 1 or deployments[0].engine not in RELAY_ENGINES:
+                raise InvalidRequest("'model' is required", param="model")
+            model = deployments[0].name
+        route = self._route(model)
+        if route.engine in RELAY_ENGINES:
+            self._relay(req, resp, model, route, body, bool(fields.stream))
+            return
+        if self._kind not in (CHAT, COMPLETION):
+            raise InvalidRequest("%s is not served by this deployment's engine (%s); see docs/api.md"
+                                 % (self._endpoint, route.engine))
+        parse = parse_chat if self._kind == CHAT else parse_completion
+        parsed = parse_json(lambda b: parse(b, route.engine), body)
         rid = ctx.request_id
         dispatch, first, limits = self._start(req, parsed.model, parsed.to_generate(rid), parsed.routing_text(),
                                               parsed.stream)
@@ -199,6 +232,30 @@ class OpenAIResource(_Inference):
         resp.content_type = falcon.MEDIA_JSON
         resp.data = render(rid, parsed.model, created, text, last.finish_reason, last.prompt_tokens,
                            last.completion_tokens)
+
+
+    def _relay(self, req: falcon.Request, resp: falcon.Response, model: str, route: DeploymentRoute,
+               body: bytes, stream: bool) -> None:
+        """Send the body as it is; write back what the replica's serving layer wrote."""
+        ctx = req.context
+        request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body)
+        prompt = prompt_text(body) if route.routing.policy == "prefix" else ""
+        streaming = stream and self._kind not in ("tokenize", "detokenize")
+        dispatch, first, limits = self._start(req, model, request, prompt, streaming, whole=not streaming)
+        if streaming:
+            resp.content_type = "text/event-stream; charset=utf-8"
+            resp.set_headers(SSE_HEADERS)
+            environ = req.env if self._config.direct_writes else None
+            resp.stream = RelayBody(dispatch, first, limits, ctx.tracker, environ)
+            ctx.streaming = True  # from here on the body's close() owns the stream
+            return
+        assert first is not None
+        try:
+            text, _ = collect(dispatch, first, limits, ctx.tracker)
+        finally:
+            dispatch.close("error")  # only an unfinished (failed) request is aborted
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = text.encode()
 
 
 class PlainResource(_Inference):
@@ -289,10 +346,10 @@ def _close_if_body_unread(req: falcon.Request) -> None:
 
 
 def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
-                 headers: Optional[dict[str, str]]) -> None:
+                 headers: Optional[dict[str, str]], raw: Optional[bytes] = None) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = _json(body)
+    resp.data = raw if raw is not None else _json(body)
     resp.stream = None
     if headers:
         resp.set_headers(headers)
@@ -302,7 +359,7 @@ def _on_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, 
     log.log(logging.WARNING if ex.status >= 500 else logging.INFO, "req=%s %s %s -> %d %s",
             _rid(req), req.method, req.path, ex.status, ex.message)
     _close_if_body_unread(req)
-    _write_error(resp, ex.status, ex.body(), ex.headers)
+    _write_error(resp, ex.status, ex.body(), ex.headers, ex.raw)
 
 
 def _http_error_body(ex: falcon.HTTPError) -> dict[str, Any]:

@@ -265,6 +265,8 @@ PLAIN_TEMPLATE = (b"", str.encode, b"")  # the legacy stream's chunks are the te
 class PlainBody(_StreamBody):
     """The legacy plain-text stream: one body chunk per batch, `\\n[error] ...\\n` on failure."""
 
+    keepalive = False  # plain streams send headers only with the first token
+
     def __init__(self, dispatch: Dispatch, first: Optional[Delta], limits: BodyLimits,
                  tracker: RequestTracker, environ: Optional[dict[str, Any]] = None) -> None:
         sink = ClientSink.for_environ(environ, PLAIN_TEMPLATE, tracker) if environ is not None else None
@@ -274,12 +276,14 @@ class PlainBody(_StreamBody):
         first = True
         for batch in self._batches():
             if isinstance(batch, bytes):
-                continue  # never: plain streams send headers only with the first token
+                if self.keepalive:
+                    yield batch
+                continue
             text, last, err = _split(batch)
             _count_tokens(self._tracker, batch)
             if err is not None:
                 self._failed(err)
-                yield text.encode() + ("\n[error] %s\n" % err.message).encode()
+                yield text.encode() + self._error_bytes(err)
                 return
             if text or first:  # the first write sends the headers, even with no text: a sink may follow
                 first = False
@@ -287,6 +291,20 @@ class PlainBody(_StreamBody):
             if last is not None:
                 self._status = 200
                 return
+
+    def _error_bytes(self, err: RequestError) -> bytes:
+        return ("\n[error] %s\n" % err.message).encode()
+
+
+class RelayBody(PlainBody):
+    """A relayed OpenAI stream: the replica's serving layer (vLLM's) wrote the SSE events, and they go
+    out as they are, directly or coalesced like any text. A failure on our side (replica lost, timeout)
+    ends the stream with an SSE error event and [DONE], as a vLLM server ends a failed stream."""
+
+    keepalive = True
+
+    def _error_bytes(self, err: RequestError) -> bytes:
+        return sse_error(UpstreamError.from_message(err).body()) + DONE
 
 
 def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: RequestTracker,

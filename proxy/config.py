@@ -10,6 +10,7 @@ Every environment variable the proxy reads is declared here:
   TOKENRELAY_API_KEYS        comma-separated API keys, added to those of --api-keys-file
   PROMETHEUS_MULTIPROC_DIR   prometheus-client multiprocess directory; a fresh temp dir if unset
   TOKENRELAY_CURVE_DIR       CURVE keys when --curve-dir is not given (read by runtime.curve)
+  TOKENRELAY_INSECURE        1: plain sockets, like --insecure (read by runtime.curve)
 """
 from __future__ import annotations
 
@@ -88,8 +89,15 @@ class ProxyConfig:
     hwm: int = setting(100_000, help="SNDHWM/RCVHWM of every replica DEALER", cli=False, env=False)
     max_body_bytes: int = setting(16 * 1024 * 1024, help="largest request body; bigger ones get 413")
     curve_dir: Optional[str] = setting(
-        None, help="CURVE key directory (see `tokenrelay keys generate`); default $TOKENRELAY_CURVE_DIR, "
-                   "plain sockets when neither is set", env=False, metavar="DIR")
+        None, help="CURVE key directory holding one proxy-NAME.key_secret, head.key and replica.key (see "
+                   "`tokenrelay keys add proxy`)", env=False, metavar="DIR",
+        default_help="$TOKENRELAY_CURVE_DIR, else STATE_DIR/keys")
+    insecure: bool = setting(
+        False, help="plain ZeroMQ sockets, no authentication (benchmarks and debugging only; logged at "
+                    "WARNING); also $TOKENRELAY_INSECURE=1")
+    certfile: Optional[str] = setting(
+        None, help="serve HTTPS with this PEM certificate (chain); needs --keyfile", metavar="FILE")
+    keyfile: Optional[str] = setting(None, help="the certificate's PEM private key", metavar="FILE")
     parent_pid: Optional[int] = setting(
         None, help="stop (gracefully) when this process dies (set by `tokenrelay up`)", env=False)
 
@@ -115,8 +123,18 @@ class ProxyConfig:
                      "retry_window", "breaker_cooldown", "load_stale_after"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("--certfile and --keyfile go together (HTTPS needs both)")
+        for name in ("certfile", "keyfile"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError("--%s %s: not a readable file" % (name, path))
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError("--log-level must be one of %s" % ", ".join(LOG_LEVELS))
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certfile else "http"
 
     @classmethod
     def from_args(cls, argv: Optional[Sequence[str]] = None) -> "ProxyConfig":

@@ -244,6 +244,8 @@ class Dispatch:
         stream = self.stream
         if stream is None or not self.limits.resume or self.resumes >= self.limits.max_resumes:
             return False
+        if self._request.endpoint:
+            return False  # relayed: the bytes sent came from the engine's serving layer, not token ids
         if not (stream.lost or (err.status == 503 and err.type == SHUTTING_DOWN)):
             return False
         if len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:

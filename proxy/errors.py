@@ -57,12 +57,13 @@ class ProxyError(Exception):
         if type_ is not None:
             self.type = type_
         self.headers: dict[str, str] = headers or {}
+        self.raw: Optional[bytes] = None  # a body to send as it is (a relayed engine's own error body)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
     def body_bytes(self) -> bytes:
-        return msgspec.json.encode(self.body())
+        return self.raw if self.raw is not None else msgspec.json.encode(self.body())
 
 
 class InvalidRequest(ProxyError):
@@ -128,8 +129,10 @@ class UpstreamError(ProxyError):
     @classmethod
     def from_message(cls, err: RequestError) -> "UpstreamError":
         headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-        return cls(err.message, status=err.status, type_=err.type, param=err.param, headers=headers,
-                   code=_UPSTREAM_CODES.get(err.status))
+        exc = cls(err.message, status=err.status, type_=err.type, param=err.param, headers=headers,
+                  code=_UPSTREAM_CODES.get(err.status))
+        exc.raw = err.body or None
+        return exc
 
 
 class ClientGone(ProxyError):

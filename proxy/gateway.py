@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import gevent
@@ -33,7 +34,7 @@ from proxy.router import DOWN, NONE, Decision, Policy, Router
 from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber
 from proxy.table_state import TableState
-from runtime.curve import CurveKeys
+from runtime import curve, keyring
 from runtime.protocol import DeploymentRoute, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,24 @@ class Gateway:
         self._subscriber: Optional[gevent.Greenlet] = None
 
     def start(self) -> None:
-        keys = CurveKeys.load(self.config.curve_dir)
-        secure = keys.connect_as_client if keys is not None else None
+        keys = Path(self.config.curve_dir) if self.config.curve_dir else None
+        to_head = to_replicas = None
+        curve_note = ""
+        if keys is not None:  # this proxy's key; the head's and the replicas' public keys (runtime.keyring)
+            me = keyring.identity(keys, "proxy")
+            to_head = curve.client(me, keyring.server_public(keys, "head"))
+            to_replicas = curve.client(me, keyring.server_public(keys, "replica"))
+            curve_note = " (CURVE client as %s-%s)" % (me.role, me.name)
         self._ctx = zmq_green.Context()
-        self._pool = ReplicaPool(self._ctx, self.identity, self.config.hwm, secure=secure, clock=self.clock,
+        self._pool = ReplicaPool(self._ctx, self.identity, self.config.hwm, secure=to_replicas, clock=self.clock,
                                  on_capacity=self._on_capacity)
         sub = TableSubscriber(self._ctx, self.config.head, self.state, self._pool,
                               self.config.head_timeout, self.config.head_timeout_max, clock=self.clock,
-                              on_tick=metrics.TABLE_AGE.set, secure=secure,
+                              on_tick=metrics.TABLE_AGE.set, secure=to_head,
                               http_endpoint=advertised_endpoint(self.config.bind),
                               on_table=metrics.table_applied)
         self._subscriber = gevent.spawn(sub.run)
-        log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(),
-                 " (CURVE client)" if keys is not None else "")
+        log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(), curve_note)
 
     def stop(self) -> None:
         if self._subscriber is not None:

@@ -1,13 +1,23 @@
-"""Parse and validate OpenAI-style request bodies into tokenrelay GenerateRequests.
+"""What the proxy reads of an OpenAI request body, and the proxy-side mapping for engines that do not
+serve the OpenAI API themselves.
 
 Pure logic; runs in proxy workers; owns no socket and does no I/O. Raises InvalidRequest (HTTP 400) with
-`param` naming the offending field. Unknown fields are ignored, as OpenAI does; `null` means "absent".
+`param` naming the offending field; `null` means "absent".
+
+Two paths (docs/api.md):
+- relayed (engines in RELAY_ENGINES, i.e. vLLM): the proxy reads only `RoutingFields` (model, stream, and
+  the prompt text when a deployment routes by prefix) and sends the body untouched; the replica's engine
+  serves it with its own OpenAI serving layer, so every field means what it means to that engine.
+- mapped (the mock engine): `parse_chat` / `parse_completion` map the body into a GenerateRequest. They
+  accept the fields in CHAT_FIELDS / COMPLETION_FIELDS and refuse any other with a 400 naming it:
+  nothing is silently ignored.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -16,6 +26,15 @@ from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams
 
 CHAT = "chat"
 COMPLETION = "completion"
+# engines whose replicas serve the OpenAI API themselves (the proxy relays the body to them)
+RELAY_ENGINES = frozenset({"vllm"})
+# endpoint (proxy route) -> kind; only CHAT and COMPLETION exist on the mapped path
+ENDPOINT_KINDS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/responses": "responses",
+                  "/tokenize": "tokenize", "/detokenize": "detokenize"}
+_COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p",
+                            "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "user"})
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
 INT32_MAX = 2**31 - 1  # counts (max_tokens, top_k): more is never meant and must stay encodable
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seed
 
@@ -56,16 +75,78 @@ def decode_object(body: bytes) -> dict[str, Any]:
     return obj
 
 
-def parse_chat(body: bytes) -> ParsedRequest:
-    obj = decode_object(body)
+class RoutingFields(msgspec.Struct):
+    """The fields the proxy reads of a relayed request: the one schema it validates itself."""
+
+    model: Optional[str] = None  # absent: the only deployment, as `vllm serve` takes its only model
+    stream: Optional[bool] = None
+
+
+class PromptFields(msgspec.Struct):
+    """Decoded only for prefix routing: the text a shared prompt start is recognised by."""
+
+    messages: Any = None
+    prompt: Any = None
+    input: Any = None  # the Responses API
+
+
+_routing_decoder = msgspec.json.Decoder(RoutingFields)
+_prompt_decoder = msgspec.json.Decoder(PromptFields)
+
+
+def routing_fields(body: bytes) -> RoutingFields:
+    """model and stream of a JSON body; 400 when it is not a JSON object or they have the wrong type."""
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        fields = _routing_decoder.decode(body)
+    except msgspec.ValidationError as exc:  # "Expected `str`, got `int` - at `$.model`"
+        where = re.search(r"at `\$\.([A-Za-z_]+)", str(exc))
+        raise InvalidRequest("invalid request body: %s" % exc, param=where.group(1) if where else None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest("request body is not valid JSON: %s" % exc) from None
+    if fields.model is not None and not fields.model:
+        raise InvalidRequest("'model' must be a non-empty string", param="model")
+    return fields
+
+
+def prompt_text(body: bytes) -> str:
+    """The prompt as prefix routing sees it: the message contents in order, or the prompt (or input)
+    as text. The replica's chat template is not known here, but a shared conversation start renders the
+    same. Never raises: a body the engine will refuse still gets a route."""
+    try:
+        p = _prompt_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+    if isinstance(p.messages, list):
+        return "".join("%s: %s\n" % (m.get("role"), m.get("content")) for m in p.messages if isinstance(m, dict))
+    value = p.prompt if p.prompt is not None else p.input
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode() if value is not None else ""
+
+
+def _refuse_unknown(obj: dict[str, Any], known: frozenset[str], engine: str) -> None:
+    for name, value in obj.items():
+        if name not in known and value is not None:
+            raise InvalidRequest("'%s' is not supported by this deployment's engine (%s); see docs/api.md"
+                                 % (name, engine), param=name)
+
+
+def parse_chat(body: Union[bytes, dict[str, Any]], engine: Optional[str] = None) -> ParsedRequest:
+    """Map a chat body; with `engine`, refuse any field outside CHAT_FIELDS naming that engine."""
+    obj = decode_object(body) if isinstance(body, bytes) else body
+    if engine is not None:
+        _refuse_unknown(obj, CHAT_FIELDS, engine)
     model = _model(obj)
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream(obj)
     return ParsedRequest(CHAT, model, stream, include_usage, _sampling(obj), messages=messages)
 
 
-def parse_completion(body: bytes) -> ParsedRequest:
-    obj = decode_object(body)
+def parse_completion(body: Union[bytes, dict[str, Any]], engine: Optional[str] = None) -> ParsedRequest:
+    """Map a completion body; with `engine`, refuse any field outside COMPLETION_FIELDS."""
+    obj = decode_object(body) if isinstance(body, bytes) else body
+    if engine is not None:
+        _refuse_unknown(obj, COMPLETION_FIELDS, engine)
     model = _model(obj)
     prompt = obj.get("prompt")
     if prompt is None:

@@ -2,14 +2,23 @@
 
 Pure data, built once at import; runs in proxy workers; owns no socket. It must say exactly what the
 proxy accepts and answers (tests/integration/test_proxy_fuzz.py fuzzes a running proxy against it with
-schemathesis): request fields mirror openai_request.py's checks (null means absent; unknown fields are
-ignored), and every error is the OpenAI error object. Keep both in step when either changes.
+schemathesis). Two surfaces share the OpenAI paths (docs/api.md): a vLLM deployment accepts and answers
+exactly what `vllm serve` 0.32.0 does (its own request models validate the relayed body: they are the
+schema there, see VLLM_SURFACE), a mock deployment the fields below, which mirror openai_request.py's
+mapping (null means absent; any other field is a 400 naming it). Every error is the OpenAI error object
+(`code` is the status as an integer in vLLM's own errors). Keep both in step when either changes.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from proxy.openai_request import INT32_MAX, INT64_MAX, INT64_MIN
+import msgspec
+
+from proxy.openai_request import INT32_MAX, INT64_MAX, INT64_MIN, RoutingFields
+
+VLLM_SURFACE = ("On a vLLM deployment every field of `vllm serve` 0.32.0 for this path is accepted and "
+                "answered by vLLM's own serving layer (tools, response_format, logprobs, n, ...); the "
+                "fields listed here are the mock engine's, which refuses any other with a 400 naming it.")
 
 Schema = dict[str, Any]
 
@@ -34,7 +43,7 @@ SAMPLING: dict[str, Schema] = {
     "seed": _nullable({"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}),
     "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1 is supported"}),
+    "n": _nullable({"type": "integer", "minimum": 1, "description": "the mock engine takes only 1"}),
     "stream": _nullable({"type": "boolean"}),
     "stream_options": _nullable({"type": "object", "properties": {
         "include_usage": _nullable({"type": "boolean"})}}),
@@ -57,13 +66,13 @@ MODEL: Schema = {"type": "string", "minLength": 1, "description": "a deployment 
                  "examples": ["mock"]}
 
 CHAT_REQUEST: Schema = {
-    "type": "object", "required": ["model", "messages"],
+    "type": "object", "required": ["model", "messages"], "description": VLLM_SURFACE,
     "properties": dict(SAMPLING, model=MODEL, messages={"type": "array", "minItems": 1, "items": MESSAGE}),
     "examples": [{"model": "mock", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}],
 }
 
 COMPLETION_REQUEST: Schema = {
-    "type": "object", "required": ["model", "prompt"],
+    "type": "object", "required": ["model", "prompt"], "description": VLLM_SURFACE,
     "properties": dict(SAMPLING, model=MODEL, prompt={"type": "string", "description": "one prompt"}),
     "examples": [{"model": "mock", "prompt": "Once upon a time", "max_tokens": 8}],
 }
@@ -77,7 +86,8 @@ ERROR: Schema = {
     "properties": {"error": {
         "type": "object", "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "integer", "null"]}},
     }},
 }
 
@@ -173,6 +183,24 @@ def _inference(summary: str, request: str, response: str) -> Schema:
     }}
 
 
+# what the proxy itself reads of a relayed body (the rest is the engine's): derived from the struct it decodes
+RELAYED_REQUEST: Schema = dict(
+    msgspec.json.schema(RoutingFields)["$defs"]["RoutingFields"],
+    description="vLLM deployments only: the body of `vllm serve` 0.32.0 for this path, relayed untouched; "
+                "the proxy reads `model` (absent: the only deployment) and `stream`. Mock deployments "
+                "answer 400.")
+
+
+def _relayed(summary: str) -> Schema:
+    return {"post": {
+        "summary": summary, "parameters": [_SESSION],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RelayedRequest")}}},
+        "responses": dict({"200": _ok("vLLM's answer (JSON, or server-sent events with stream: true)",
+                                      {"application/json": {"type": "object"}, "text/event-stream": SSE})},
+                          **_errors(*_INFERENCE_ERRORS)),
+    }}
+
+
 SPEC: Schema = {
     "openapi": "3.1.0",
     "info": {"title": "tokenrelay proxy", "version": "1.0.0",
@@ -181,6 +209,9 @@ SPEC: Schema = {
     "paths": {
         "/v1/chat/completions": _inference("chat completion", "ChatRequest", "ChatCompletion"),
         "/v1/completions": _inference("text completion", "CompletionRequest", "TextCompletion"),
+        "/v1/responses": _relayed("OpenAI Responses API (vLLM deployments)"),
+        "/tokenize": _relayed("vLLM's /tokenize (vLLM deployments)"),
+        "/detokenize": _relayed("vLLM's /detokenize (vLLM deployments)"),
         "/v1/chat/{deployment}": {"post": {
             "summary": "legacy plain interface: the raw prompt in, the text streamed back as plain chunks",
             "parameters": [
@@ -210,7 +241,7 @@ SPEC: Schema = {
     },
     "components": {
         "schemas": {
-            "ChatRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST,
+            "ChatRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST, "RelayedRequest": RELAYED_REQUEST,
             "ChatCompletion": CHAT_COMPLETION, "TextCompletion": TEXT_COMPLETION, "Error": ERROR,
             "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"const": "list"}, "data": {"type": "array", "items": {

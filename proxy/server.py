@@ -53,6 +53,8 @@ class ProxyApplication(BaseApplication):
             "worker_exit": self._worker_exit,
             "child_exit": _child_exit,
         }
+        if c.certfile:  # HTTPS: gunicorn wraps each accepted socket (the gevent worker included)
+            settings.update(certfile=c.certfile, keyfile=c.keyfile)
         for key, value in settings.items():
             if key in self.cfg.settings:  # control_socket_disable only exists in newer gunicorn
                 self.cfg.set(key, value)
@@ -69,7 +71,7 @@ class ProxyApplication(BaseApplication):
         return create_app(self.gateway, self.config)
 
     def _on_starting(self, server: Any) -> None:
-        log.info("[startup] proxy on %s with %d gevent worker(s), head %s, metrics in %s",
+        log.info("[startup] proxy on %s://%s with %d gevent worker(s), head %s, metrics in %s", self.config.scheme,
                  self.config.bind, self.config.workers, self.config.head, os.environ.get(METRICS_DIR_ENV))
 
     def _post_worker_init(self, worker: Any) -> None:

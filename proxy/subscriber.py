@@ -28,8 +28,8 @@ from proxy.replica_pool import ReplicaPool
 from proxy.replicas import Secure
 from proxy.table_state import TableState
 from runtime.protocol import (
-    PROTOCOL_VERSION, TABLE_TOPIC, HeadHello, HeadInfo, ProtocolError, RoutingTable, SnapshotRequest,
-    decode_frames, encode,
+    PROTOCOL_VERSION, TABLE_TOPIC, ControlReply, HeadHello, HeadInfo, ProtocolError, RoutingTable,
+    SnapshotRequest, decode_frames, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,12 @@ class TableSubscriber:
                 self._offer(msg)
             elif isinstance(msg, HeadInfo) and sock is self._dealer:
                 self._on_info(msg)
+            elif isinstance(msg, ControlReply) and msg.code == "recovering" and self._awaiting == "snapshot":
+                # a head that is starting waits for its agents before it has a table: it publishes one
+                # on the SUB when ready; no snapshot is due, and the staleness check asks again later
+                log.info("[startup] head %s is starting; its routing table follows", self._head)
+                self._awaiting = None
+                self._backoff.reset()
             else:
                 log.warning("unexpected %s from head", type(msg).__name__)
 

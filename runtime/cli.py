@@ -6,9 +6,12 @@ operation failed (head unreachable, refused), 2 bad command line or config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,8 +37,42 @@ DEFAULT_STACK = {
 }
 
 
-def _cmd_up(ns: argparse.Namespace) -> int:
+def stack_name(config: Optional[str], explicit: Optional[str] = None) -> str:
+    """Whose head state a `tokenrelay up` uses: --stack, else one per config file (its name and a hash
+    of its absolute path), else "default"; so two configs never share deployments."""
+    if explicit:
+        return explicit
+    if not config:
+        return "default"
+    path = Path(config).resolve()
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:40] or "stack"
+    return "%s-%s" % (stem, hashlib.sha256(str(path).encode()).hexdigest()[:8])
+
+
+def _up_launcher(ns: argparse.Namespace) -> Any:
+    """The Launcher class with this command line's stack name, reset flag and proxy address bound in."""
     from runtime.launcher import Launcher
+    name = stack_name(ns.config, ns.stack)
+
+    def make(stack: StackConfig, path: Path, log_level: str, **kwargs: Any) -> Any:
+        if ns.bind or ns.port:
+            host, _, port = stack.proxy_bind.rpartition(":")
+            stack = dataclasses.replace(stack, proxy_bind="%s:%s" % (ns.bind or host, ns.port or port))
+        log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
+        return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments,
+                        verbose=ns.verbose, **kwargs)
+    return make
+
+
+def _cmd_up(ns: argparse.Namespace) -> int:
+    from head.config import STACK_NAME_RE
+    if ns.stack is not None and not STACK_NAME_RE.match(ns.stack):
+        log.error("--stack must be 1-63 letters, digits, '.', '_' or '-', got %r", ns.stack)
+        return 2
+    if ns.port is not None and not 0 < ns.port < 65536:
+        log.error("--port must be between 1 and 65535, got %d", ns.port)
+        return 2
+    Launcher = _up_launcher(ns)
     if ns.config:
         path = Path(ns.config)
         try:
@@ -43,7 +80,7 @@ def _cmd_up(ns: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("%s", exc)
             return 2
-        return _prepare_and_run(stack, path, ns.log_level, Launcher)
+        return _prepare_and_run(stack, path, ns, Launcher)
     if importlib.util.find_spec("vllm") is None:  # find_spec: importing vllm here would cost ~8 s
         log.error("the vLLM engine is not installed: run `bash scripts/install.sh` (vLLM for this "
                   "machine), or start the mock stack with --config examples/mock.yaml")
@@ -53,15 +90,30 @@ def _cmd_up(ns: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tokenrelay-up-") as tmp:
         path = Path(tmp) / "stack.yaml"
         path.write_text(yaml.safe_dump(DEFAULT_STACK))
-        return _prepare_and_run(load_stack(path), path, ns.log_level, Launcher)
+        return _prepare_and_run(load_stack(path), path, ns, Launcher)
 
 
-def _prepare_and_run(stack: StackConfig, path: Path, log_level: str, launcher: Any) -> int:
+def _prepare_and_run(stack: StackConfig, path: Path, ns: argparse.Namespace, launcher: Any) -> int:
     """Convert known models once before any process starts (so progress shows here), then run."""
     for dep in stack.deployments:
-        if dep.engine == "vllm" and not _prepare(dep.model):
+        if dep.engine == "vllm" and not _prepare_in_child(dep.model, ns.log_level):
             return 1
-    return launcher(stack, path, log_level).run()
+    if (ns.certfile is None) != (ns.keyfile is None):
+        log.error("--certfile and --keyfile go together (HTTPS needs both)")
+        return 2
+    tls = (str(Path(ns.certfile).resolve()), str(Path(ns.keyfile).resolve())) if ns.certfile else None
+    return launcher(stack, path, ns.log_level, insecure=ns.insecure, tls=tls).run()
+
+
+def _prepare_in_child(model: str, log_level: str) -> bool:
+    """Convert a known model in a child process (`tokenrelay models prepare`): torch and transformers
+    then never load into the launcher, which stays small for the whole run (~1 GiB less resident)."""
+    from runtime.models import KNOWN_MODELS, default_cache_dir, is_prepared
+    if model not in KNOWN_MODELS or is_prepared(default_cache_dir(model)):
+        return True
+    log.info("[startup] preparing model %s (once)", model)
+    cmd = [sys.executable, "-m", "runtime", "--log-level", log_level, "models", "prepare", model]
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode == 0
 
 
 def _prepare(model: str) -> bool:
@@ -88,10 +140,19 @@ def _token(ns: argparse.Namespace) -> str:
     return client_token(ns.token, ns.state_dir)
 
 
+def _keys(ns: argparse.Namespace) -> Optional[str]:
+    """The CLI's key directory: --curve-dir, else (with --state-dir) that state dir's keys/, else the
+    default (runtime.curve.keys_dir)."""
+    if ns.curve_dir or ns.state_dir:
+        from runtime.curve import keys_dir
+        return str(keys_dir(ns.curve_dir, ns.state_dir))
+    return None
+
+
 def _admin_call(ns: argparse.Namespace, fn, *args) -> int:
     """Run one admin command against the head; print its result (JSON with --json)."""
     try:
-        data = fn(ns.head, _token(ns), *args, timeout=ns.timeout)
+        data = fn(ns.head, _token(ns), *args, timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
         if ns.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -128,22 +189,42 @@ def _cmd_delete(ns: argparse.Namespace) -> int:
     return _admin_call(ns, head_client.delete, ns.name)
 
 
-def _cmd_keys_generate(ns: argparse.Namespace) -> int:
-    from runtime.curve import CurveConfigError, generate
+def _cmd_keys(ns: argparse.Namespace) -> int:
+    """`tokenrelay keys init|add|list|revoke` (runtime.keyring; docs/operations.md walks through it)."""
+    from runtime import keyring
+    from runtime.curve import keys_dir
+    directory = keys_dir(ns.dir)
     try:
-        paths = generate(Path(ns.dir))
-    except CurveConfigError as exc:
+        if ns.keys_command == "init":
+            paths = keyring.init_cluster(directory)
+            print("cluster keys in %s (keep head.key_secret on the head's host only):" % directory)
+        elif ns.keys_command == "add":
+            out = Path(ns.out) if ns.out else (None if ns.here else directory / "hosts" / (
+                "%s-%s" % (ns.role, ns.name)))
+            paths = keyring.add(directory, ns.role, ns.name, out)
+            print("key %s-%s registered in %s; copy these files to that host's key directory%s:"
+                  % (ns.role, ns.name, directory / keyring.REGISTRY,
+                     "" if ns.role != "proxy" else " (and registry/proxy-%s.key to every agent host)" % ns.name))
+        elif ns.keys_command == "revoke":
+            paths = [keyring.revoke(directory, ns.role, ns.name)]
+            print("revoked %s-%s: refused from its next connection (the head: its next message)%s"
+                  % (ns.role, ns.name, "; also remove registry/proxy-%s.key on every agent host" % ns.name
+                     if ns.role == "proxy" else ""))
+        else:
+            for label, state, key in keyring.Registry(directory).listing():
+                print("%-40s %-8s %s" % (label, state, key))
+            return 0
+    except keyring.KeyFileError as exc:
         log.error("%s", exc)
         return 1
     for path in paths:
-        print(path)
-    print("distribute as described in docs/operations.md, then pass --curve-dir or set TOKENRELAY_CURVE_DIR")
+        print("  %s" % path)
     return 0
 
 
 def _cmd_status(ns: argparse.Namespace) -> int:
     try:
-        reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout)
+        reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
         log.error("%s", exc)
         return 1
@@ -157,6 +238,13 @@ def _cmd_status(ns: argparse.Namespace) -> int:
                                                d["engine"], d["model"]))
         if d.get("pending_reason"):
             print("    pending: %s" % d["pending_reason"])
+        if d.get("rollout_note"):
+            print("    update: %s" % d["rollout_note"])
+        if d.get("failures"):
+            print("    failures: %s" % d["failures"])
+        if d.get("autoscale"):
+            a = d["autoscale"]
+            print("    autoscale: desired %d (load wants %d): %s" % (a["desired"], a["wanted"], a["reason"]))
         for r in d["replica_list"]:
             print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
                   "age=%.0fs %s" % (
@@ -181,13 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start head, agent and proxy on this host")
     up.add_argument("--config", help="stack config (default: serve SmolLM2-135M-Instruct with vLLM)")
+    up.add_argument("--certfile", help="serve HTTPS with this PEM certificate (needs --keyfile)")
+    up.add_argument("--keyfile", help="the certificate's PEM private key")
+    up.add_argument("--insecure", action="store_true",
+                    help="plain ZeroMQ sockets, no keys (benchmarks and debugging only; logged loudly)")
+    up.add_argument("--stack", default=None, help="name of this stack's head state (default: one per "
+                                                  "config file; 'default' without --config)")
+    up.add_argument("--reset-deployments", action="store_true",
+                    help="replace the stack's stored deployments with the config's (default: the config "
+                         "seeds a new stack only; deploy/scale changes are kept across restarts)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port of the proxy (default: proxy.bind's)")
+    up.add_argument("--verbose", action="store_true",
+                    help="stream the replicas' (engines') logs here instead of to per-replica log files")
+    up.add_argument("--bind", default=None, help="HTTP address of the proxy (default: proxy.bind's host)")
     up.set_defaults(func=_cmd_up)
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
         cmd.add_argument("--head", default=DEFAULT_HEAD, help="the head's control endpoint")
         cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
                                                        "the state directory's admin.token)")
-        cmd.add_argument("--state-dir", default=None, help="where to look for admin.token")
+        cmd.add_argument("--state-dir", default=None, help="where to look for admin.token (and keys/)")
+        cmd.add_argument("--curve-dir", default=None, help="key directory holding one operator-NAME.key_secret "
+                                                           "and head.key (default $TOKENRELAY_CURVE_DIR, else "
+                                                           "STATE_DIR/keys)")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
         cmd.add_argument("--timeout", type=float, default=3.0)
         cmd.set_defaults(func=func)
@@ -200,11 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("name")
     scale.add_argument("replicas", type=int)
     head_command("delete", "delete a deployment (its replicas drain, then stop)", _cmd_delete).add_argument("name")
-    keys = sub.add_parser("keys", help="CURVE keys for encrypted, authenticated sockets across hosts")
+    keys = sub.add_parser("keys", help="CURVE keys: one per head, agent, proxy, operator (runtime.keyring)")
+    kdir = argparse.ArgumentParser(add_help=False)
+    kdir.add_argument("--dir", default=None, help="the cluster's key directory (default $TOKENRELAY_CURVE_DIR, "
+                                                  "else STATE_DIR/keys)")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
-    gen = ksub.add_parser("generate", help="write a server and a client keypair into DIR")
-    gen.add_argument("dir")
-    gen.set_defaults(func=_cmd_keys_generate)
+    ksub.add_parser("init", parents=[kdir], help="create a cluster: the head's and the replicas' keypairs"
+                    ).set_defaults(func=_cmd_keys)
+    add = ksub.add_parser("add", parents=[kdir], help="register a new key and write the files its host needs")
+    add.add_argument("role", choices=("agent", "proxy", "operator"))
+    add.add_argument("name", help="an agent's name is its --agent-id")
+    add.add_argument("--out", default=None, help="where to write that host's files (default DIR/hosts/ROLE-NAME)")
+    add.add_argument("--here", action="store_true", help="write the secret into DIR itself (this host)")
+    add.set_defaults(func=_cmd_keys)
+    ksub.add_parser("list", parents=[kdir], help="registered and revoked keys").set_defaults(func=_cmd_keys)
+    rev = ksub.add_parser("revoke", parents=[kdir], help="refuse a key from its next connection on")
+    rev.add_argument("role", choices=("agent", "proxy", "operator"))
+    rev.add_argument("name")
+    rev.set_defaults(func=_cmd_keys)
     models = sub.add_parser("models", help="model files")
     msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert a packaged model once into the cache")

@@ -1,107 +1,86 @@
-"""ZeroMQ CURVE encryption and authentication for every socket that crosses hosts.
+"""ZeroMQ CURVE on every socket: which key directory a process uses, and how a socket is made secure.
 
-Runs in every process that opens such a socket; owns no socket itself (it configures the caller's).
-Off unless a key directory is configured (`--curve-dir` or $TOKENRELAY_CURVE_DIR). Layout, as written
-by `tokenrelay keys generate DIR`:
+Runs in every process that opens a ZeroMQ socket; owns no socket (it configures the caller's, before
+bind or connect). Security is on by default: `python -m head|agent|model_proc|proxy` and the CLI use the
+key directory `--curve-dir`, else $TOKENRELAY_CURVE_DIR, else STATE_DIR/keys (runtime.keyring describes
+its layout; `tokenrelay up` creates it on first start). Plain sockets need `--insecure` (or
+$TOKENRELAY_INSECURE=1), which each process logs at WARNING when it starts. Library classes built
+without a key directory (in-process component tests) use plain sockets.
 
-    DIR/server.key, DIR/server.key_secret   the cluster's server keypair: head and replicas serve with it
-    DIR/client.key, DIR/client.key_secret   a client keypair: proxies, agents and the CLI connect with it
-    DIR/authorized/*.key                    client public keys the servers accept (ZAP)
-
-Hosts that run servers (head, agents' replicas) need the server secret and `authorized/`; hosts that only
-connect (proxies) need `server.key` and a client keypair. Sockets bound on loopback for one host only
-(the agent's replica socket) stay plain.
+    socket                       server keypair     clients                   ZAP domain (runtime.authz)
+    head control ROUTER, PUB     head               agents, proxies, CLI      control, publish
+    replica data ROUTER          replica            proxies                   replica
+    agent's replica ROUTER       the agent's own    its replicas (agent key)  agent-replicas
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import zmq
-import zmq.auth
+
+from runtime.credentials import state_dir
+from runtime.keyring import Identity, KeyFileError
+from runtime.settings import parse_bool
 
 log = logging.getLogger(__name__)
 
 CURVE_ENV = "TOKENRELAY_CURVE_DIR"
+INSECURE_ENV = "TOKENRELAY_INSECURE"
+AGENT_KEY_ENV = "TOKENRELAY_REPLICA_AGENT"  # set by the agent for its replicas: whose key they connect with
+KEYS_SUBDIR = "keys"
+
+CurveConfigError = KeyFileError  # the name callers used before the key registry
 
 
-class CurveConfigError(ValueError):
-    pass
+def keys_dir(explicit: Optional[str] = None, state: Optional[str] = None) -> Path:
+    """--curve-dir, else $TOKENRELAY_CURVE_DIR, else the state directory's keys/."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CURVE_ENV)
+    if env:
+        return Path(env)
+    return state_dir(state) / KEYS_SUBDIR
 
 
-@dataclass(frozen=True)
-class CurveKeys:
-    directory: Path
-    server_public: bytes
-    server_secret: Optional[bytes]  # None on hosts that only connect
-    client_public: Optional[bytes]
-    client_secret: Optional[bytes]
-
-    @classmethod
-    def load(cls, directory: Optional[str]) -> Optional["CurveKeys"]:
-        """Keys from `directory` (or $TOKENRELAY_CURVE_DIR); None when CURVE is not configured."""
-        directory = directory or os.environ.get(CURVE_ENV)
-        if not directory:
-            return None
-        d = Path(directory)
-        try:
-            server_public, server_secret = _pair(d / "server.key_secret", d / "server.key")
-            client_public, client_secret = _pair(d / "client.key_secret", d / "client.key")
-        except (OSError, ValueError) as exc:
-            raise CurveConfigError("curve dir %s: %s (create it with `tokenrelay keys generate`)" % (d, exc)) from exc
-        if server_public is None:
-            raise CurveConfigError("curve dir %s: server.key is missing" % d)
-        return cls(d, server_public, server_secret, client_public, client_secret)
-
-    def serve(self, sock: zmq.Socket) -> None:
-        """Make a binding socket a CURVE server (before bind)."""
-        if self.server_secret is None:
-            raise CurveConfigError("curve dir %s: server.key_secret is needed to serve" % self.directory)
-        sock.curve_secretkey = self.server_secret
-        sock.curve_publickey = self.server_public
-        sock.curve_server = True
-
-    def connect_as_client(self, sock: zmq.Socket) -> None:
-        """Make a connecting socket a CURVE client of the cluster's servers (before connect)."""
-        if self.client_secret is None or self.client_public is None:
-            raise CurveConfigError("curve dir %s: client.key and client.key_secret are needed" % self.directory)
-        sock.curve_secretkey = self.client_secret
-        sock.curve_publickey = self.client_public
-        sock.curve_serverkey = self.server_public
-
-    def start_authenticator(self, ctx: zmq.Context) -> Any:
-        """ZAP handler in a thread: only clients whose public key is in authorized/ may connect."""
-        from zmq.auth.thread import ThreadAuthenticator
-        auth = ThreadAuthenticator(ctx)
-        auth.start()
-        auth.configure_curve(domain="*", location=str(self.directory / "authorized"))
-        return auth
+def insecure_from_env() -> bool:
+    """$TOKENRELAY_INSECURE as a boolean (unset: False); a bad value is a ValueError naming it."""
+    text = os.environ.get(INSECURE_ENV, "")
+    if not text:
+        return False
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise ValueError("$%s: %s" % (INSECURE_ENV, exc)) from exc
 
 
-def _pair(secret_file: Path, public_file: Path) -> tuple[Optional[bytes], Optional[bytes]]:
-    if secret_file.exists():
-        public, secret = zmq.auth.load_certificate(str(secret_file))
-        return public, secret
-    if public_file.exists():
-        public, _ = zmq.auth.load_certificate(str(public_file))
-        return public, None
-    return None, None
+def warn_insecure(process: str) -> None:
+    log.warning("[startup] INSECURE MODE: %s runs with plain ZeroMQ sockets (--insecure): any process that "
+                "can reach its ports can read and inject traffic. For benchmarks and debugging only.", process)
 
 
-def generate(directory: Path) -> list[Path]:
-    """Write a server and a client keypair and authorize the client. Refuses to overwrite keys."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if (directory / "server.key_secret").exists():
-        raise CurveConfigError("%s already holds keys; remove them first to regenerate" % directory)
-    authorized = directory / "authorized"
-    authorized.mkdir(exist_ok=True)
-    server_public, server_secret = zmq.auth.create_certificates(str(directory), "server")
-    client_public, client_secret = zmq.auth.create_certificates(str(directory), "client")
-    shutil.copy(client_public, authorized / "client.key")
-    for secret in (server_secret, client_secret):
-        os.chmod(secret, 0o600)
-    return [Path(p) for p in (server_public, server_secret, client_public, client_secret)]
+def serve(sock: zmq.Socket[Any], pair: tuple[bytes, bytes], domain: str) -> None:
+    """Make a binding socket a CURVE server whose clients the ZAP handler vets for `domain` (before bind)."""
+    sock.curve_publickey, sock.curve_secretkey = pair
+    sock.curve_server = True
+    sock.zap_domain = domain.encode()
+
+
+def connect(sock: zmq.Socket[Any], ident: Identity, server_public: bytes) -> None:
+    """Make a connecting socket a CURVE client with this process's identity (before connect)."""
+    sock.curve_publickey = ident.public
+    sock.curve_secretkey = ident.secret
+    sock.curve_serverkey = server_public
+
+
+def client(ident: Identity, server_public: bytes) -> Callable[[zmq.Socket[Any]], None]:
+    """`connect` bound to one identity and server: what proxy sockets take as `secure`."""
+    def secure(sock: zmq.Socket[Any]) -> None:
+        connect(sock, ident, server_public)
+    return secure
+
+
+def describe(directory: Optional[Path]) -> str:
+    return "CURVE on (keys in %s)" % directory if directory is not None else "CURVE OFF (insecure)"

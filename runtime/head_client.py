@@ -1,15 +1,19 @@
 """A blocking request/reply client for the head's control socket (CLI and tests).
 
 Runs in the CLI process; owns one DEALER per call, closed before returning. Never waits past `timeout`:
-an unreachable head is a `HeadUnreachable` error, not a hang.
+an unreachable head is a `HeadUnreachable` error, not a hang. The DEALER is a CURVE client with the
+operator key of `keys` (default: runtime.curve.keys_dir(), the one operator-NAME.key_secret there), plain
+only with $TOKENRELAY_INSECURE=1 or when no operator key is found (a secure head then never answers, and
+the error says so).
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import zmq
 
-from runtime.curve import CurveKeys
+from runtime import curve, keyring
 from runtime.protocol import (
     PROTOCOL_VERSION, ControlReply, DeleteRequest, DeployRequest, ScaleRequest, StatusReply, StatusRequest,
     decode_frames, encode,
@@ -24,18 +28,33 @@ class HeadRefused(RuntimeError):
     pass
 
 
-def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
+Keys = Optional[Union[str, Path]]
+
+
+def _secure(sock: zmq.Socket[bytes], keys: Keys) -> str:
+    """Make `sock` a CURVE client with the operator key; returns what the error hint should say."""
+    if keys is None and curve.insecure_from_env():
+        return " (plain socket: $%s is set)" % curve.INSECURE_ENV
+    directory = Path(keys) if keys is not None else curve.keys_dir()
+    try:
+        me = keyring.identity(directory, "operator")
+        head = keyring.server_public(directory, "head")
+    except keyring.KeyFileError as exc:
+        return " (sent without CURVE: %s)" % exc
+    curve.connect(sock, me, head)
+    return " (as %s-%s)" % (me.role, me.name)
+
+
+def request(endpoint: str, msg: Any, timeout: float = 3.0, keys: Keys = None) -> Any:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    keys = CurveKeys.load(None)  # $TOKENRELAY_CURVE_DIR
-    if keys is not None:
-        keys.connect_as_client(sock)
+    how = _secure(sock, keys)
     try:
         sock.connect(endpoint)
         sock.send_multipart(encode(msg))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-            raise HeadUnreachable("no answer from the head at %s within %.1fs" % (endpoint, timeout))
+            raise HeadUnreachable("no answer from the head at %s within %.1fs%s" % (endpoint, timeout, how))
         reply = decode_frames(sock.recv_multipart())
     finally:
         sock.close(0)
@@ -44,20 +63,23 @@ def request(endpoint: str, msg: Any, timeout: float = 3.0) -> Any:
     return reply
 
 
-def status(endpoint: str, token: str, timeout: float = 3.0) -> StatusReply:
-    reply = request(endpoint, StatusRequest(PROTOCOL_VERSION, token), timeout)
+def status(endpoint: str, token: str, timeout: float = 3.0, keys: Keys = None) -> StatusReply:
+    reply = request(endpoint, StatusRequest(PROTOCOL_VERSION, token), timeout, keys)
     if not isinstance(reply, StatusReply):
         raise HeadRefused("unexpected reply %s" % type(reply).__name__)
     return reply
 
 
-def deploy(endpoint: str, token: str, spec: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
-    return request(endpoint, DeployRequest(token, spec), timeout).data
+def deploy(endpoint: str, token: str, spec: dict[str, Any], timeout: float = 3.0,
+           keys: Keys = None) -> dict[str, Any]:
+    return request(endpoint, DeployRequest(token, spec), timeout, keys).data
 
 
-def scale(endpoint: str, token: str, name: str, replicas: int, timeout: float = 3.0) -> dict[str, Any]:
-    return request(endpoint, ScaleRequest(token, name, replicas), timeout).data
+def scale(endpoint: str, token: str, name: str, replicas: int, timeout: float = 3.0,
+          keys: Keys = None) -> dict[str, Any]:
+    return request(endpoint, ScaleRequest(token, name, replicas), timeout, keys).data
 
 
-def delete(endpoint: str, token: str, name: str, timeout: float = 3.0) -> dict[str, Any]:
-    return request(endpoint, DeleteRequest(token, name), timeout).data
+def delete(endpoint: str, token: str, name: str, timeout: float = 3.0,
+           keys: Keys = None) -> dict[str, Any]:
+    return request(endpoint, DeleteRequest(token, name), timeout, keys).data

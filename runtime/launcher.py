@@ -3,34 +3,57 @@
 Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ socket. Each component
 is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
 stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
-grace period: everything is gone within 10 s. Each child also carries a parent-death guard.
+grace period: everything is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
+Each child also carries a parent-death guard.
+Secure by default: before starting anything it creates, once, the keys this host needs (runtime.keyring,
+in the head's state directory's keys/, or $TOKENRELAY_CURVE_DIR) and hands every child `--curve-dir`;
+`insecure` hands them `--insecure` instead.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
+
+from proxy.config import API_KEYS_ENV
+from runtime import keyring
+from runtime.credentials import state_dir
+from runtime.curve import keys_dir, warn_insecure
+from runtime.settings import parse_csv
 from runtime.proctree import collect_tree, signal_all
 from runtime.stack_config import StackConfig, single_host_proxy_workers
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE = 8.0  # seconds between SIGTERM and SIGKILL; the agent's own replica grace fits inside
+STOP_GRACE = 13.0  # seconds between SIGTERM and SIGKILL; the agent's replica grace (10 s + 1) fits inside
 MAX_CRASHES = 5
 CRASH_WINDOW = 60.0
 
 
 class Launcher:
-    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO") -> None:
+    def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
+                 insecure: bool = False, tls: Optional[tuple[str, str]] = None, stack_name: Optional[str] = None,
+                 reset_deployments: bool = False, verbose: bool = False) -> None:
         self.stack = stack
+        self.insecure = insecure
+        self.tls = tls  # (certfile, keyfile): the proxy serves HTTPS
+        self._security: list[str] = []
+        self._keys: Optional[Path] = None  # this host's keys (None: insecure)
         self.config_path = config_path
         self.log_level = log_level
+        self.stack_name = stack_name  # the head keeps this stack's deployments apart (head --stack)
+        self.reset_deployments = reset_deployments
+        self.verbose = verbose  # replicas' (engines') output on this terminal instead of log files
         self.children: dict[str, subprocess.Popen] = {}
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
@@ -38,37 +61,89 @@ class Launcher:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
-        cmd = [sys.executable, "-m", name] + args + ["--log-level", self.log_level,
-                                                    "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", name] + args + self._security + ["--log-level", self.log_level,
+                                                                     "--parent-pid", str(os.getpid())]
         self.children[name] = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
         log.info("[startup] %s started, pid %d", name, self.children[name].pid)
 
+    def _secure(self, agent_id: str) -> list[str]:
+        """The security arguments every child gets; creates this host's keys on first start."""
+        if self.insecure:
+            warn_insecure("the whole stack")
+            return ["--insecure"]
+        directory = keys_dir(None, self.stack.head_state_dir)
+        if keyring.ensure_single_host(directory, agent_id):
+            log.info("[startup] created this host's CURVE keys in %s (see `tokenrelay keys list`)", directory)
+        self._keys = directory
+        return ["--curve-dir", str(directory)]
+
     def run(self) -> int:
         s = self.stack
+        agent_id = socket.gethostname()
+        try:
+            self._security = self._secure(agent_id)
+        except keyring.KeyFileError as exc:
+            log.error("[startup] %s", exc)
+            return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
             head_args += ["--state-dir", s.head_state_dir]
+        if self.stack_name:
+            head_args += ["--stack", self.stack_name]
+        if self.reset_deployments:
+            head_args += ["--reset-deployments"]
         head_args += ["--metrics-port", str(s.head_metrics_port), "--proxy-metrics", s.proxy_bind]
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
-        self._spawn("agent", ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
-                             "--metrics-port", str(s.agent_metrics_port)])
+        agent_args = ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
+                      "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port)]
+        if not self.verbose:
+            logs = self.replica_log_dir()
+            agent_args += ["--replica-log-dir", str(logs)]
+            log.info("[startup] replica (engine) logs go to %s/<replica>.log (--verbose: to this terminal)", logs)
+        self._spawn("agent", agent_args)
         workers = s.proxy_workers or single_host_proxy_workers()
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
+        if self.tls:
+            proxy_args += ["--certfile", self.tls[0], "--keyfile", self.tls[1]]
         self._spawn("proxy", proxy_args)
         code = self._watch()
         self.shutdown()
         return code
 
+    def replica_log_dir(self) -> Path:
+        base = state_dir(self.stack.head_state_dir)
+        return base / "stacks" / self.stack_name / "logs" if self.stack_name else base / "logs"
+
+    def _replica_progress(self, last: str) -> Optional[str]:
+        """Log the replicas' readiness when it changed ("smollm2 1/2 ready"); None once all are ready."""
+        from runtime.credentials import client_token
+        from runtime.head_client import status
+        if self._keys is None:  # insecure: the CLI's default keys may not match; progress is best effort
+            return None
+        try:
+            reply = status(local_endpoint(self.stack.head_control), client_token(None, self.stack.head_state_dir),
+                           timeout=0.5, keys=self._keys)
+        except Exception:  # head starting, or refused: try again later; progress lines are best effort
+            return last
+        line = ", ".join("%s %d/%d ready" % (d["name"], d["ready_replicas"], d["replicas"])
+                         for d in reply.deployments)
+        if line and line != last:
+            log.info("[startup] replicas: %s", line)
+        done = all(d["ready_replicas"] >= d["replicas"] for d in reply.deployments)
+        return None if done else line
+
     def _watch(self) -> int:
         """Supervise until Ctrl-C: a component that crashes is restarted (the head restores its state
         from SQLite, agents re-register); one that exits with 2 (bad configuration) or crashes more than
         MAX_CRASHES times within CRASH_WINDOW seconds stops the stack."""
-        url = "http://%s/ready" % self.stack.proxy_bind
+        base = "%s://%s" % ("https" if self.tls else "http", self.stack.proxy_bind)
         announced = False
+        progress: Optional[str] = ""  # last replica summary logged; None once every replica was ready
+        next_progress = time.monotonic() + 2.0
         while not self._stop.wait(0.25):
             for name, child in list(self.children.items()):
                 rc = child.poll()
@@ -83,22 +158,30 @@ class Launcher:
                     return 1
                 log.warning("[restart] %s exited with code %d; restarting it", name, rc)
                 self._spawn(name, self._args[name])
-            if not announced and _ready(url):
+            outcome = None if announced else probe(base + "/ready", os.environ.get(API_KEYS_ENV, ""))
+            if outcome is not None:
                 announced = True
-                log.info("[startup] serving on http://%s (OpenAI API under /v1); Ctrl-C stops",
-                         self.stack.proxy_bind)
+                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base,
+                         "" if outcome == "ready" else " (/ready needs an API key: readiness not checked)")
+            if progress is not None and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + 2.0
+                progress = self._replica_progress(progress)
         log.info("[shutdown] stopping the stack")
         return 0
 
     def shutdown(self) -> None:
+        """Stop in order, each after the one before it is gone (proxy first, so no client request and no
+        proxy connection sees a replica go away; the agent before the head, so it never misses the head),
+        all within STOP_GRACE; then SIGKILL whatever is left of every tree."""
         start = time.monotonic()
         trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
+        deadline = start + STOP_GRACE
         for name in ("proxy", "agent", "head"):
             child = self.children.get(name)
-            if child is not None and child.poll() is None:
+            if child is None:
+                continue
+            if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = start + STOP_GRACE
-        for name, child in self.children.items():
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -117,9 +200,21 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _ready(url: str) -> bool:
+def probe(url: str, api_keys: str = "") -> Optional[str]:
+    """The launcher's own look at its proxy: "ready" (200), "protected" (401: --protect-health and no key
+    of ours works, so the proxy serves but hides readiness), None (not up or not ready yet). Sends the
+    first key of $TOKENRELAY_API_KEYS when there is one; accepts the proxy's own (maybe self-signed) TLS
+    certificate, since it only asks its child."""
+    request = urllib.request.Request(url)
+    keys = parse_csv(api_keys)
+    key = keys[0] if keys else ""
+    if key:
+        request.add_header("Authorization", "Bearer " + key)
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as resp:
-            return resp.status == 200
+        with urllib.request.urlopen(request, timeout=0.5, context=context) as resp:
+            return "ready" if resp.status == 200 else None
+    except urllib.error.HTTPError as exc:
+        return "protected" if exc.code == 401 else None
     except OSError:
-        return False
+        return None

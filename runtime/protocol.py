@@ -68,12 +68,20 @@ class Resume(msgspec.Struct, frozen=True, array_like=True):
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):
-    """proxy -> replica. `prompt` for completions and the plain endpoint, `messages` for chat."""
+    """proxy -> replica. `prompt` for completions and the plain endpoint, `messages` for chat.
+
+    Relayed OpenAI requests (engines that serve the OpenAI API themselves, see docs/api.md) set `endpoint`
+    (the HTTP path, e.g. "/v1/chat/completions") and `body` (the client's JSON body, untouched) instead:
+    the replica's engine answers with the response bytes its own serving layer wrote, as Delta texts
+    (SSE events when streaming, else one JSON body) that the proxy writes through.
+    """
 
     request_id: str
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     params: SamplingParams = SamplingParams()
+    endpoint: str = ""
+    body: bytes = b""
     resume: Optional[Resume] = None  # set when the proxy moves a stream here from a lost replica
 
 
@@ -118,6 +126,7 @@ class RequestError(msgspec.Struct, frozen=True):
     message: str
     type: str = "server_error"
     param: Optional[str] = None
+    body: bytes = b""  # a relayed request's error body exactly as the engine's serving layer wrote it
 
 
 # RequestError.type of a replica that is shutting down (drain): it refused the request or stopped it

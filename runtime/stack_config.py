@@ -21,6 +21,7 @@ naming the field to change (e.g. "deployments[0].replicas: must be an integer >=
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,7 +39,27 @@ ENGINES = ("mock", "vllm")
 
 
 # fields replicas never see: changing them updates the routing table, not the replicas
-PROXY_SIDE_FIELDS = ("replicas", "routing", "timeouts", "max_ongoing_requests")
+PROXY_SIDE_FIELDS = ("replicas", "routing", "timeouts", "max_ongoing_requests", "rollout", "autoscaling")
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """A deployment's `autoscaling` block (docs/deployments.md); head.autoscaler applies it."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0  # per replica: requests running or waiting in its engine
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a rolling update proceeds (docs/deployments.md, Updates), like Kubernetes' maxSurge and
+    maxUnavailable. Read by the head only."""
+
+    max_surge: Optional[int] = None  # new replicas beyond `replicas` at once; None: as many as fit
+    max_unavailable: int = 1  # when no new replica fits beside the old ones: ready replicas short at most
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,8 @@ class DeploymentSpec:
     drain_seconds: float = 10.0   # in-flight requests may finish this long when a replica is retired
     routing: RoutingSettings = RoutingSettings()    # read by proxies (policy, queue)
     timeouts: TimeoutSettings = TimeoutSettings()   # read by proxies; None: the proxy's default
+    rollout: Rollout = Rollout()                    # read by the head: rolling update pace
+    autoscaling: Optional[AutoscalingConfig] = None  # read by the head; None: `replicas` is fixed
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "engine": self.engine, "model": self.model,
@@ -67,7 +90,9 @@ class DeploymentSpec:
                 "placement": {"labels": dict(self.placement_labels)},
                 "drain_seconds": self.drain_seconds,
                 "routing": msgspec.structs.asdict(self.routing),
-                "timeouts": msgspec.structs.asdict(self.timeouts)}
+                "timeouts": msgspec.structs.asdict(self.timeouts),
+                "rollout": {"max_surge": self.rollout.max_surge, "max_unavailable": self.rollout.max_unavailable},
+                "autoscaling": dataclasses.asdict(self.autoscaling) if self.autoscaling else None}
 
     def same_replicas_as(self, other: "DeploymentSpec") -> bool:
         """True if replicas of `self` serve `other` unchanged: only fields the head and proxies act on
@@ -109,7 +134,8 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
     known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
-             "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts"}
+             "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts", "rollout",
+             "autoscaling"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError("%s: unknown field(s) %s (known: %s)" % (where, unknown, ", ".join(sorted(known))))
@@ -146,7 +172,41 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
         drain_seconds=_number(raw.get("drain_seconds", 10.0), where + ".drain_seconds"),
         routing=_routing(raw.get("routing"), where + ".routing"),
         timeouts=_timeouts(raw.get("timeouts"), where + ".timeouts"),
+        rollout=_rollout(raw.get("rollout"), where + ".rollout"),
+        autoscaling=_autoscaling(raw.get("autoscaling"), where + ".autoscaling"),
     )
+
+
+def _autoscaling(raw: Any, where: str) -> Optional[AutoscalingConfig]:
+    if raw is None:
+        return None
+    known = [f.name for f in dataclasses.fields(AutoscalingConfig)]
+    if not isinstance(raw, dict) or set(raw) - set(known):
+        raise ValueError("%s: must be a mapping with %s" % (where, ", ".join(known)))
+    d = AutoscalingConfig()
+    low = _int(raw.get("min_replicas", d.min_replicas), where + ".min_replicas", 0)
+    if low == 0:
+        raise ValueError("%s.min_replicas: 0 (scale to zero) is not supported yet; use 1 or more" % where)
+    high = _int(raw.get("max_replicas", max(low, d.max_replicas)), where + ".max_replicas", low)
+    target = _number(raw.get("target_ongoing_requests", d.target_ongoing_requests),
+                     where + ".target_ongoing_requests")
+    if target <= 0:
+        raise ValueError("%s.target_ongoing_requests: must be > 0, got %r" % (where, target))
+    return AutoscalingConfig(low, high, target,
+                             _number(raw.get("upscale_delay_s", d.upscale_delay_s), where + ".upscale_delay_s"),
+                             _number(raw.get("downscale_delay_s", d.downscale_delay_s), where + ".downscale_delay_s"))
+
+
+def _rollout(raw: Any, where: str) -> Rollout:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict) or set(raw) - {"max_surge", "max_unavailable"}:
+        raise ValueError("%s: must be a mapping with max_surge and/or max_unavailable" % where)
+    surge = raw.get("max_surge")
+    out = Rollout(max_surge=None if surge is None else _int(surge, where + ".max_surge", 0),
+                  max_unavailable=_int(raw.get("max_unavailable", 1), where + ".max_unavailable", 0))
+    if out.max_surge == 0 and out.max_unavailable == 0:
+        raise ValueError("%s: max_surge 0 and max_unavailable 0 can never update; raise one of them" % where)
+    return out
 
 
 def _fields(raw: Any, where: str, struct: type[msgspec.Struct]) -> dict[str, Any]:

@@ -18,9 +18,9 @@ TOKEN = "s3cret"
 
 
 class RunningHead:
-    def __init__(self, db, recovery_grace=0.0):
+    def __init__(self, db, recovery_grace=0.0, seed=(), reset=False):
         cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=recovery_grace)
-        self.head = Head(cfg, StateStore(db), TOKEN)
+        self.head = Head(cfg, StateStore(db), TOKEN, seed, reset=reset)
         self.head.bind()
         self.endpoint = self.head.control_endpoint
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -135,3 +135,50 @@ def test_agent_register_heartbeat_and_table(head):
     assert reply.code == "protocol"
     sub.close(0)
     agent.close(0)
+
+
+def test_a_change_that_cannot_be_placed_is_refused_and_changes_nothing(head):
+    head_client.deploy(head.endpoint, TOKEN, {"name": "v", "engine": "vllm", "model": "m", "replicas": 1})
+    agent = _dealer(head.endpoint)
+    agent.send_multipart(encode(AgentRegister(PROTOCOL_VERSION, "a1", "h", Capacity(2, 1 << 30))))
+    assert _recv(agent).ok
+    assert head_client.scale(head.endpoint, TOKEN, "v", 2)["result"] == "scaled"  # one core each
+    with pytest.raises(HeadRefused, match=r"unplaceable: only 2 of 3 replica\(s\) of v fit: a1: 0 of 2 CPU"):
+        head_client.scale(head.endpoint, TOKEN, "v", 3)
+    with pytest.raises(HeadRefused, match="unplaceable"):
+        head_client.deploy(head.endpoint, TOKEN, {"name": "w", "engine": "mock", "cpus": 4})
+    status = {d["name"]: d for d in head_client.status(head.endpoint, TOKEN).deployments}
+    assert status["v"]["replicas"] == 2 and "w" not in status
+    assert head_client.scale(head.endpoint, TOKEN, "v", 1)["result"] == "scaled"
+    agent.close(0)
+
+
+def test_config_seeds_a_new_state_only_and_later_starts_keep_what_scale_and_deploy_set(tmp_path, caplog):
+    from runtime.stack_config import DeploymentSpec
+    db = tmp_path / "head.db"
+    seed = (DeploymentSpec("m", "mock", "m", replicas=1),)
+    h = RunningHead(db, seed=seed)
+    assert h.head.state.deployments["m"].replicas == 1
+    head_client.scale(h.endpoint, TOKEN, "m", 3)
+    head_client.deploy(h.endpoint, TOKEN, {"name": "extra", "engine": "mock"})
+    h.stop()
+    caplog.set_level("INFO")
+    h = RunningHead(db, seed=seed)  # `tokenrelay up` again with the same file
+    assert h.head.state.deployments["m"].replicas == 3 and "extra" in h.head.state.deployments
+    assert "deployment m differs from the config: replicas 3 (file: 1); keeping the state" in caplog.text
+    head_client.delete(h.endpoint, TOKEN, "m")
+    h.stop()
+    h = RunningHead(db, seed=seed)  # deleted stays deleted
+    assert "m" not in h.head.state.deployments
+    h.stop()
+    h = RunningHead(db, seed=seed, reset=True)  # --reset-deployments: the file wins
+    assert set(h.head.state.deployments) == {"m"} and h.head.state.deployments["m"].replicas == 1
+    h.stop()
+
+
+def test_scale_of_an_autoscaled_deployment_is_refused_with_the_knob_to_change(head):
+    head_client.deploy(head.endpoint, TOKEN, {"name": "a", "engine": "mock",
+                                              "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    with pytest.raises(HeadRefused, match=r"autoscaled: a is autoscaled between 1 and 3 replicas; change "
+                                          r"autoscaling.min_replicas/max_replicas"):
+        head_client.scale(head.endpoint, TOKEN, "a", 5)

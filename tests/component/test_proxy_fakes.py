@@ -33,8 +33,8 @@ TEXT = "".join(WORDS)
 
 
 class _Fake(threading.Thread):
-    """`keys` (runtime.curve.CurveKeys): serve CURVE on every bound socket; give a `ctx` with a ZAP
-    authenticator then."""
+    """`keys` (an object whose serve(sock) makes it a CURVE server): serve CURVE on every bound socket;
+    give a `ctx` with a ZAP handler then."""
 
     def __init__(self, name: str, ctx: Optional[zmq.Context] = None, keys: Any = None) -> None:
         super().__init__(name=name, daemon=True)

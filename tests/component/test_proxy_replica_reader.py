@@ -13,6 +13,7 @@ import pytest
 import zmq
 import zmq.green as zmq_green
 
+import proxy.replicas
 from proxy.raw_dealer import DRAIN_BATCH
 from proxy.replicas import ReplicaConnection
 from proxy.streams import RequestStream
@@ -96,16 +97,16 @@ def test_a_message_that_breaks_the_reader_fails_its_requests_and_reading_goes_on
     router, conn = replica
     victim = _stream(conn, "victim")
     peer, _req = _recv_request(router)
-    real_dispatch = conn._dispatch
+    real_decode = proxy.replicas.decode_frames
     calls = []
 
-    def dispatch_with_a_bug(frames):
+    def decode_with_a_bug(frames):  # looked up per message, so the running reader picks it up
         calls.append(frames)
         if len(calls) == 1:
             raise RuntimeError("bug while handling a message")
-        real_dispatch(frames)
+        return real_decode(frames)
 
-    monkeypatch.setattr(conn, "_dispatch", dispatch_with_a_bug)
+    monkeypatch.setattr(proxy.replicas, "decode_frames", decode_with_a_bug)
     router.send_multipart([peer] + encode(TokenBatch([Delta("victim", "lost", None, 1, 1)])))
     failed = victim.get(5.0)
     assert isinstance(failed, RequestError) and failed.status == 503, failed

@@ -21,7 +21,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_proxy_fakes import TEXT, FakeHead, FakeReplica, wait_for  # noqa: E402
 
+from runtime import authz, curve, keyring  # noqa: E402
 from runtime.protocol import DeploymentRoute  # noqa: E402
+from runtime.zap import ZapHandler  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.integration]  # starts the proxy as a process
@@ -58,9 +60,12 @@ def _ready(base: str) -> bool:
 
 def start_proxy(head_control: str, port: int, log_path: Path, metrics_dir: Path,
                 *extra: str) -> subprocess.Popen:
-    """`python -m proxy` with one worker, logging to `log_path`; returns once /ready is 200."""
+    """`python -m proxy` with one worker, logging to `log_path`; returns once /ready is 200. The fakes are
+    plain unless `extra` names a --curve-dir, so the proxy runs --insecure otherwise."""
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     env.pop("TOKENRELAY_CURVE_DIR", None)
+    if "--curve-dir" not in extra:
+        extra = extra + ("--insecure",)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--head", head_control, "--bind", "127.0.0.1:%d" % port,
@@ -371,17 +376,28 @@ def test_new_head_epoch_on_new_publish_endpoint(cluster: Cluster) -> None:
     assert "epoch 2" in cluster.log()
 
 
-def test_curve_keys_encrypt_every_proxy_socket(tmp_path: Path) -> None:
-    """With --curve-dir the proxy is a CURVE client of the head (DEALER + SUB) and of replicas."""
-    import zmq
-    from runtime.curve import CurveKeys, generate
+class _CurveServer:
+    """What the fakes take as `keys`: serve CURVE with one server keypair, vetted for one ZAP domain."""
 
-    generate(tmp_path / "keys")
-    keys = CurveKeys.load(str(tmp_path / "keys"))
+    def __init__(self, pair: tuple[bytes, bytes], domain: str) -> None:
+        self.pair, self.domain = pair, domain
+
+    def serve(self, sock: Any) -> None:
+        curve.serve(sock, self.pair, self.domain)
+
+
+def test_curve_keys_encrypt_every_proxy_socket(tmp_path: Path) -> None:
+    """With --curve-dir the proxy is a CURVE client of the head (DEALER + SUB) and of replicas, with its
+    proxy key (which the replicas' ZAP domain admits)."""
+    import zmq
+
+    keys = tmp_path / "keys"
+    keyring.ensure_single_host(keys, None)
     ctx = zmq.Context()
-    auth = keys.start_authenticator(ctx)
-    replica = FakeReplica("rc", ctx=ctx, keys=keys).start_and_wait()
-    head = FakeHead(ctx=ctx, keys=keys).start_and_wait()
+    auth = ZapHandler(ctx, keyring.Registry(keys), lambda *a: None).start()
+    replica = FakeReplica("rc", ctx=ctx, keys=_CurveServer(keyring.server_pair(keys, "replica"),
+                                                           authz.REPLICA_DATA)).start_and_wait()
+    head = FakeHead(ctx=ctx, keys=_CurveServer(keyring.server_pair(keys, "head"), authz.CONTROL)).start_and_wait()
     try:
         head.set_deployments([DeploymentRoute("secure", "fake", "m", [replica.route()])])
         port = free_port()
@@ -392,7 +408,7 @@ def test_curve_keys_encrypt_every_proxy_socket(tmp_path: Path) -> None:
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == TEXT
         finally:
             stop_proxy(proc)
-        assert "(CURVE client)" in (tmp_path / "proxy.log").read_text()
+        assert "(CURVE client as proxy-%s)" % keyring.local_name() in (tmp_path / "proxy.log").read_text()
     finally:
         head.stop()
         replica.stop()
@@ -404,4 +420,4 @@ def test_bad_curve_dir_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "proxy", "--head", "tcp://127.0.0.1:1",
                           "--curve-dir", str(tmp_path / "missing")],
                          cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "server.key is missing" in out.stderr
+    assert out.returncode == 2 and "holds 0 proxy keys" in out.stderr and "--insecure" in out.stderr

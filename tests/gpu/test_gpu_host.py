@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runtime import keyring
+
 from agent.devices import DeviceAllocator, discover_gpus, host_cpu_cores
 from agent.metrics import GpuSampler
 from tests.support import free_port
@@ -158,6 +160,7 @@ def test_head_places_by_the_gpus_the_agent_discovered(tmp_path: Path) -> None:
     metrics_port = free_port()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, TOKENRELAY_STATE_DIR=str(state))
+    keyring.ensure_single_host(state / "keys", "gpu-host")  # secure by default: the host's keys
     logs = {name: open(tmp_path / ("%s.log" % name), "wb") for name in ("head", "agent")}
     procs = [
         subprocess.Popen([sys.executable, "-m", "head", "--control", control, "--publish",
@@ -172,7 +175,7 @@ def test_head_places_by_the_gpus_the_agent_discovered(tmp_path: Path) -> None:
         reply = None
         while time.monotonic() < deadline:
             try:
-                reply = status(control, client_token(directory=str(state)))
+                reply = status(control, client_token(directory=str(state)), keys=state / "keys")
             except (HeadUnreachable, HeadRefused):  # not up yet, or its token file not written yet
                 reply = None
             if reply and reply.agents and any(d["pending_reason"] for d in reply.deployments) \

@@ -3,7 +3,9 @@
 Unlike `Stack` (one `tokenrelay up`), each component here can be killed and restarted on its own. Agents
 get their own loopback addresses (127.0.0.2, 127.0.0.3, ...), so their replicas listen on distinct hosts
 as they would across machines. Every process is started with `sys.executable -m ...`, logs to the test's
-temp dir, and is killed (whole tree) at teardown.
+temp dir, and is killed (whole tree) at teardown. Secure by default: the harness makes the cluster's
+keys in STATE/keys (runtime.keyring) as `tokenrelay keys` would, one per agent; insecure=True passes
+--insecure to every process instead.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import httpx
 import psutil
 import yaml
 
+from runtime import keyring
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable, status
 from tests.integration.stack import ROOT, free_port, proxy_routes, wait_for
@@ -26,9 +29,13 @@ from tests.integration.stack import ROOT, free_port, proxy_routes, wait_for
 
 class Cluster:
     def __init__(self, tmp: Path, deployments: list[dict], proxy_workers: int = 2,
-                 agent_timeout: float = 3.0) -> None:
+                 agent_timeout: float = 3.0, insecure: bool = False) -> None:
         self.tmp = tmp
         self.state_dir = tmp / "state"
+        self.insecure = insecure
+        self.keys = self.state_dir / "keys"
+        if not insecure:
+            keyring.ensure_single_host(self.keys, None)
         self.head = "tcp://127.0.0.1:%d" % free_port()
         self.publish = "tcp://127.0.0.1:%d" % free_port()
         self.http_port = free_port()
@@ -46,14 +53,18 @@ class Cluster:
         log = open(self.tmp / ("%s.log" % name), "ab")
         self._logs.append(log)
         env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENRELAY_STATE_DIR=str(self.state_dir))
+        if args[0] == "agent" and "--agent-id" in args and not self.insecure:
+            keyring.ensure(self.keys, "agent", args[args.index("--agent-id") + 1])  # `tokenrelay keys add agent`
+        args = args + (["--insecure"] if self.insecure else [])
         proc = subprocess.Popen([sys.executable, "-m"] + args, cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
-    def start_head(self) -> None:
+    def start_head(self, *extra: str) -> None:
         self._spawn("head", ["head", "--control", self.head, "--publish", self.publish,
-                             "--config", str(self.config_path), "--agent-timeout", str(self.agent_timeout)])
+                             "--config", str(self.config_path), "--agent-timeout", str(self.agent_timeout),
+                             *extra])
 
     def start_agent(self, name: str, host: str) -> None:
         self._spawn("agent-" + name, ["agent", "--head", self.head, "--host", host, "--agent-id", name])
@@ -95,7 +106,8 @@ class Cluster:
     # ------------------------------------------------------------------ observing
 
     def status(self) -> dict:
-        reply = status(self.head, client_token(None, str(self.state_dir)), timeout=2.0)
+        reply = status(self.head, client_token(None, str(self.state_dir)), timeout=2.0,
+                       keys=None if self.insecure else self.keys)
         return {"deployments": {d["name"]: d for d in reply.deployments},
                 "agents": {a["agent_id"]: a for a in reply.agents}}
 

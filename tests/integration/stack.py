@@ -1,4 +1,5 @@
 """Start a whole tokenrelay stack (`python -m runtime up`) as real processes, for integration tests.
+Secure (CURVE, keys made by `up` in the state dir) unless built with insecure=True.
 
 Logs go to the test's temp dir; teardown always stops the launcher and kills anything left of its tree.
 """
@@ -6,10 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import httpx
 import psutil
@@ -23,17 +26,26 @@ from runtime.head_client import HeadRefused, HeadUnreachable, status
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def proxy_routes(base_url: str) -> dict[str, int]:
+def proxy_routes(base_url: str, **http: Any) -> dict[str, int]:
     """Replicas per deployment that every proxy worker has in its routing table (the proxy's
-    tokenrelay_proxy_routing_table_replicas gauge: min over live workers)."""
-    text = httpx.get(base_url + "/metrics", timeout=2.0).text
+    tokenrelay_proxy_routing_table_replicas gauge: min over live workers). `http`: httpx options."""
+    text = httpx.get(base_url + "/metrics", timeout=2.0, **http).text
     return {s.labels["deployment"]: int(s.value) for fam in text_string_to_metric_families(text)
             if fam.name == "tokenrelay_proxy_routing_table_replicas" for s in fam.samples}
 
 
 class Stack:
-    def __init__(self, tmp: Path, deployments: list[dict], workers: int = 1) -> None:
+    def __init__(self, tmp: Path, deployments: list[dict], workers: int = 1, insecure: bool = False,
+                 tls: Optional[tuple[Path, Path]] = None, env: Optional[dict[str, str]] = None,
+                 api_key: str = "") -> None:
         self.tmp = tmp
+        self.insecure = insecure  # True: `tokenrelay up --insecure` (plain sockets)
+        self.tls = tls  # (certfile, keyfile): `up --certfile --keyfile`, HTTPS checked against that cert
+        self.env = env or {}  # extra environment of `tokenrelay up` (e.g. the proxy's API keys)
+        # what every HTTP call of the harness passes to httpx
+        self.http: dict[str, Any] = {"verify": ssl.create_default_context(cafile=str(tls[0])) if tls else True}
+        if api_key:
+            self.http["headers"] = {"Authorization": "Bearer " + api_key}
         self.http_port = free_port()
         self.head = "tcp://127.0.0.1:%d" % free_port()
         self.state_dir = tmp / "state"
@@ -47,20 +59,28 @@ class Stack:
         self.config_path = tmp / "stack.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / "stack.log"
-        self.base_url = "http://127.0.0.1:%d" % self.http_port
+        self.base_url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.http_port)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "Stack":
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **self.env)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "up", "--config", str(self.config_path)],
+        cmd = [sys.executable, "-m", "runtime", "up", "--config", str(self.config_path)]
+        if self.tls:
+            cmd += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
+        self.proc = subprocess.Popen(cmd + (["--insecure"] if self.insecure else []),
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self.all_ready, timeout, "every replica READY and the proxy /ready")
         return self
 
     def status(self) -> dict:
-        reply = status(self.head, self.token, timeout=2.0)
+        reply = status(self.head, self.token, timeout=2.0, keys=self.keys)
         return {"deployments": {d["name"]: d for d in reply.deployments}, "agents": reply.agents}
+
+    @property
+    def keys(self) -> Path:
+        """The stack's CURVE key directory (runtime.keyring), made by `tokenrelay up` on start."""
+        return self.state_dir / "keys"
 
     @property
     def token(self) -> str:
@@ -74,7 +94,7 @@ class Stack:
             raise AssertionError("stack exited with %s; log:\n%s" % (self.proc.returncode, self.log()))
         try:
             st = self.status()
-            r = httpx.get(self.base_url + "/ready", timeout=1.0)
+            r = httpx.get(self.base_url + "/ready", timeout=1.0, **self.http)
         except (HeadUnreachable, HeadRefused, httpx.HTTPError):
             return False
         deployments = st["deployments"].values()
@@ -82,7 +102,7 @@ class Stack:
             return False
         # The head counts a replica ready a tick before the proxy workers get the table that has it.
         try:
-            routes = proxy_routes(self.base_url)
+            routes = proxy_routes(self.base_url, **self.http)
         except httpx.HTTPError:
             return False
         return all(routes.get(d["name"], 0) >= d["replicas"] for d in deployments)
@@ -120,4 +140,7 @@ class Stack:
         return elapsed, names
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-20000:]
+        """The launcher's terminal, then each replica's log file (`tokenrelay up` writes those apart)."""
+        replicas = sorted(self.state_dir.glob("stacks/*/logs/*.log"))
+        return self.log_path.read_text(errors="replace")[-20000:] + "".join(
+            p.read_text(errors="replace")[-20000:] for p in replicas)

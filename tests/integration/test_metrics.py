@@ -204,7 +204,8 @@ def test_vllm_replica_serves_vllm_metrics_next_to_ours(tmp_path):
     log = open(tmp_path / "replica.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "model_proc", "--replica-id", "v1", "--engine", "vllm",
                              "--model", str(model), "--engine-args", json.dumps({"max_model_len": 256}),
-                             "--metrics-port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--metrics-port", str(port), "--insecure"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         def ready():
             if proc.poll() is not None:

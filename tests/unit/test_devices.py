@@ -7,7 +7,6 @@ import pytest
 
 from agent.devices import (
     DeviceAllocator,
-    cores_per_replica,
     discover_gpus,
     format_id_list,
     host_cpu_cores,
@@ -84,15 +83,6 @@ def test_host_cpu_cores_is_a_sorted_nonempty_list() -> None:
 ])
 def test_format_id_list(ids: list[int], text: str) -> None:
     assert format_id_list(ids) == text
-
-
-def test_cores_split_evenly() -> None:
-    assert cores_per_replica(16, 3) == 5
-    assert cores_per_replica(2, 2) == 1
-    with pytest.raises(ValueError, match="replica count"):
-        cores_per_replica(2, 3)
-    with pytest.raises(ValueError):
-        cores_per_replica(4, 0)
 
 
 def test_pick_cores_prefers_a_contiguous_run() -> None:

@@ -143,3 +143,13 @@ def test_tokens_follow_an_absolute_schedule_without_drift():
         return begun, sink.times
     begun, times = run(go())
     assert abs(times[-1] - (begun + 0.020 + 39 * 0.005)) < 0.012, times[-1] - begun  # not 30 ms late
+
+
+def test_relayed_openai_bodies_are_refused_naming_the_endpoint():
+    async def go():
+        eng = create_engine("mock", "m", {})
+        await eng.start(Sink())
+        eng.add_request(GenerateRequest("a", endpoint="/v1/responses", body=b'{"model":"m","input":"x"}'))
+    with pytest.raises(EngineRequestError, match="does not serve /v1/responses") as exc:
+        run(go())
+    assert exc.value.param == "endpoint" and exc.value.status == 400

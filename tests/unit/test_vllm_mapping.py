@@ -13,14 +13,13 @@ from model_proc.vllm_engine import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     VllmEngine,
     build_sampling_kwargs,
-    chat_messages,
     combine_stats,
     engine_arguments,
     map_finish_reason,
     param_of_error,
     resolve_max_tokens,
 )
-from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams
+from runtime.protocol import GenerateRequest, SamplingParams
 
 
 def test_importing_the_engine_module_does_not_import_vllm() -> None:
@@ -84,12 +83,6 @@ def test_nonpositive_max_tokens_is_a_400_on_max_tokens() -> None:
     with pytest.raises(EngineRequestError) as err:
         resolve_max_tokens(1, 0, 100, "prompt")
     assert err.value.param == "max_tokens"
-
-
-def test_chat_messages_become_template_dicts() -> None:
-    req = GenerateRequest("r", messages=[ChatMessage("system", "be brief"), ChatMessage("user", "hi")])
-    assert chat_messages(req) == [{"role": "system", "content": "be brief"},
-                                  {"role": "user", "content": "hi"}]
 
 
 class _NamedError(ValueError):

@@ -38,7 +38,8 @@ class RecordingSink:
         self.deltas.setdefault(request_id, []).append(
             Event(time.monotonic(), text, finish_reason, prompt_tokens, completion_tokens))
 
-    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None) -> None:
+    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
+              body: bytes = b"") -> None:
         self.errors[request_id] = (status, message, param)
 
     def fatal(self, reason: str) -> None:

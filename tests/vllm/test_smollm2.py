@@ -6,6 +6,7 @@ name "smollm2" (so the engine resolves it the way a deployment config does) and 
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,7 @@ if _missing:
     pytest.skip("the smollm2 model needs %s" % ", ".join(_missing), allow_module_level=True)
 
 from runtime.models import MARKER_FILE, prepare_model, resolve_model  # noqa: E402
-from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams  # noqa: E402
+from runtime.protocol import GenerateRequest, SamplingParams  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
@@ -61,21 +62,22 @@ def test_prepared_checkpoint_is_complete_and_reused(prepared: Path) -> None:
 def test_capital_of_france_is_paris_with_exact_usage(smol: EngineHarness, prepared: Path) -> None:
     from transformers import AutoTokenizer
 
-    question = [ChatMessage("user", "What is the capital of France?")]
-    final = smol.generate(GenerateRequest("paris", messages=question,
-                                          params=SamplingParams(temperature=0.0, max_tokens=48)))
-    text = smol.sink.text("paris")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    body = json.dumps({"messages": question, "temperature": 0.0, "max_tokens": 48}).encode()
+    final = smol.generate(GenerateRequest("paris", endpoint="/v1/chat/completions", body=body))
+    answer = json.loads(smol.sink.text("paris"))  # vLLM's own chat completion body
+    text = answer["choices"][0]["message"]["content"]
     assert "Paris" in text, text
 
     tokenizer = AutoTokenizer.from_pretrained(str(prepared))
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question[0].content}],
-                                               add_generation_prompt=True, tokenize=True)
+    prompt_ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)
     if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
         prompt_ids = prompt_ids["input_ids"]
-    assert final.prompt_tokens == len(prompt_ids)
+    assert answer["usage"]["prompt_tokens"] == final.prompt_tokens == len(prompt_ids)
     generated = len(tokenizer.encode(text, add_special_tokens=False))
     # the end-of-turn token ends a "stop" and counts as generated, but is not in the text
-    assert final.completion_tokens == generated + (1 if final.finish == "stop" else 0), (final, text)
+    stop = answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == final.completion_tokens == generated + stop, (answer, text)
 
 
 def test_completion_prompt_streams_real_words(smol: EngineHarness) -> None:

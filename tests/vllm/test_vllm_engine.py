@@ -5,6 +5,7 @@ One engine for the whole module (start-up is ~10-15 s on two cores). Request ids
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -62,15 +63,25 @@ def test_deltas_stream_and_counts_are_running_totals(eng: EngineHarness, tokeniz
     assert eng.sink.text("stream") == "".join(e.text for e in events) != ""
 
 
-def test_chat_uses_the_models_template_and_counts_its_tokens(eng: EngineHarness, tokenizer) -> None:
-    messages = [ChatMessage("system", "You are terse."), ChatMessage("user", "Hello there")]
-    final = eng.generate(GenerateRequest("chat", messages=messages, params=SamplingParams(max_tokens=5)))
-    expected = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                             add_generation_prompt=True, tokenize=True)
+def test_relayed_chat_uses_the_models_template_and_counts_its_tokens(eng: EngineHarness, tokenizer) -> None:
+    """A chat body goes to vLLM's serving layer: its JSON answer, and the delta's counts, are vLLM's."""
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}]
+    body = json.dumps({"messages": messages, "max_tokens": 5}).encode()  # no model: the served one
+    final = eng.generate(GenerateRequest("chat", endpoint="/v1/chat/completions", body=body))
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if not isinstance(expected, list):  # transformers 5 returns a BatchEncoding
         expected = expected["input_ids"]
-    assert final.prompt_tokens == len(expected)
-    assert final.finish in ("length", "stop")
+    answer = json.loads(eng.sink.text("chat"))
+    assert answer["usage"]["prompt_tokens"] == final.prompt_tokens == len(expected)
+    assert answer["usage"]["completion_tokens"] == final.completion_tokens
+    assert final.finish == "stop"  # the end of vLLM's response body
+    assert answer["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_unrelayed_chat_messages_are_refused_naming_them(eng: EngineHarness) -> None:
+    with pytest.raises(EngineRequestError) as err:
+        eng.add(GenerateRequest("old-chat", messages=[ChatMessage("user", "hi")]))
+    assert err.value.param == "messages" and "relayed" in str(err.value)
 
 
 def test_stop_string_ends_the_text_before_it(eng: EngineHarness) -> None:
@@ -126,16 +137,6 @@ def test_prompt_longer_than_context_is_400_with_the_limits(eng: EngineHarness) -
         eng.add(req("too-long", prompt=long_prompt, max_tokens=10))
     assert err.value.status == 400 and err.value.param == "prompt"
     assert str(MAX_MODEL_LEN) in str(err.value)
-
-
-def test_prompt_plus_max_tokens_over_context_is_400_on_messages(eng: EngineHarness, tokenizer) -> None:
-    messages = [ChatMessage("user", "word " * 100)]
-    with pytest.raises(EngineRequestError) as err:
-        eng.add(GenerateRequest("over", messages=messages, params=SamplingParams(max_tokens=MAX_MODEL_LEN)))
-    assert err.value.param == "messages" and "max_tokens" in str(err.value)
-    # the same prompt with room left runs, and without max_tokens it may use the rest of the context
-    final = eng.generate(GenerateRequest("fits", messages=messages, params=SamplingParams(max_tokens=4)))
-    assert final.completion_tokens <= 4
 
 
 def test_missing_prompt_and_duplicate_ids_are_rejected(eng: EngineHarness) -> None:

@@ -1,0 +1,255 @@
+"""vLLM's own OpenAI serving layer inside the replica: the app `vllm serve` builds, driven without HTTP.
+
+Runs inside model_proc's asyncio loop, next to `AsyncLLM` (vllm_engine.py); owns no socket. Must never
+re-implement a piece of the OpenAI protocol: requests and responses are built by vLLM's serving classes
+(OpenAIServingChat, OpenAIServingCompletion, OpenAIServingResponses, ServingTokenization), reached through
+vLLM's own FastAPI app (the routes, request validation, error handlers and middleware of `vllm serve`),
+which this module calls as an ASGI application, one call per relayed request, the way an HTTP server
+would, minus the HTTP: the proxy already parsed that.
+
+- `serve_namespace` turns a deployment's engine_args into the `argparse.Namespace` that `vllm serve`
+  would parse from the same options (vLLM's own parser), so engine and serving options (tool_call_parser,
+  reasoning_parser, chat_template, enable_auto_tool_choice, generation_config, ...) mean what they mean
+  there.
+- `ServingApp.submit` runs one request as an asyncio task. Response bytes go to the `DeltaSink` as they
+  come: each body chunk (an SSE event when streaming) is one delta's text; the last one carries
+  finish_reason "stop". A status >= 400 becomes `sink.error` with the body untouched. Abort cancels the
+  task, which is what a client disconnect does to `vllm serve` (vLLM then aborts the generation).
+- Token counts: `count_tokens` wraps the engine's `generate`; a context variable ties each engine
+  request to the relayed request that started it, so deltas carry prompt and completion token counts
+  and the request keeps its output token ids (state a mid-stream resume needs).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from model_proc.engine import DeltaSink, EngineLoadError
+
+log = logging.getLogger(__name__)
+
+# Endpoints relayed to vLLM's app (the proxy's OpenAI routes; docs/api.md).
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize")
+
+
+# --------------------------------------------------------------------------- options
+
+
+def serve_argv(engine_args: dict[str, Any], option_actions: dict[str, argparse.Action]) -> list[str]:
+    """`vllm serve` command-line options for engine_args (keys are the options' dest names, as in vLLM's
+    Python API: tool_call_parser, enable_auto_tool_choice, max_model_len, ...). Raises ValueError naming
+    a key that is not a `vllm serve` option."""
+    argv: list[str] = []
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        action = option_actions.get(flag)
+        if action is None:
+            raise ValueError("engine_args.%s is not a `vllm serve` option" % key)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+            elif "--no-" + flag[2:] in option_actions:
+                argv.append("--no-" + flag[2:])
+            continue  # a store_true option that is off is its default
+        if isinstance(value, (dict,)):
+            argv += [flag, json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag] + [json.dumps(v) if isinstance(v, dict) else str(v) for v in value]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def serve_namespace(model: str, engine_args: dict[str, Any]) -> argparse.Namespace:
+    """The Namespace `vllm serve MODEL <engine_args as options>` parses, checked as it checks it."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="tokenrelay-replica", exit_on_error=False))
+    argv: list[str] = []
+    try:
+        argv = ["--model", model] + serve_argv(engine_args, parser._option_string_actions)
+        ns = parser.parse_args(argv)
+        validate_parsed_serve_args(ns)
+    except (argparse.ArgumentError, TypeError, ValueError, SystemExit) as exc:
+        raise EngineLoadError("bad engine_args for vllm (as `vllm serve` options %s): %s" % (argv, exc)) from exc
+    return ns
+
+
+# --------------------------------------------------------------------------- per-request state
+
+
+@dataclass
+class Relayed:
+    """One relayed request: what the replica knows of it while vLLM's app serves it."""
+
+    request_id: str
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # per engine request (n, list prompts)
+    completion_tokens: dict[str, int] = field(default_factory=dict)
+    token_ids: dict[str, list[int]] = field(default_factory=dict)  # output 0's ids per engine request
+
+    @property
+    def prompt_total(self) -> int:
+        return sum(self.prompt_tokens.values())
+
+    @property
+    def completion_total(self) -> int:
+        return sum(self.completion_tokens.values())
+
+
+_current: contextvars.ContextVar[Optional[Relayed]] = contextvars.ContextVar("tokenrelay_relayed", default=None)
+
+
+def record_output(rec: Relayed, engine_request_id: str, out: Any, delta: bool) -> None:
+    """Count one engine output (a vLLM RequestOutput) against the relayed request."""
+    if out.prompt_token_ids is not None:
+        rec.prompt_tokens[engine_request_id] = len(out.prompt_token_ids)
+    new = sum(len(o.token_ids) for o in out.outputs)
+    first = out.outputs[0].token_ids if out.outputs else []
+    ids = rec.token_ids.setdefault(engine_request_id, [])
+    if delta:
+        rec.completion_tokens[engine_request_id] = rec.completion_tokens.get(engine_request_id, 0) + new
+        ids.extend(first)
+    else:  # cumulative or final-only outputs
+        rec.completion_tokens[engine_request_id] = new
+        ids[:] = first
+
+
+def count_tokens(engine: Any) -> None:
+    """Wrap `engine.generate` (an AsyncLLM instance) so outputs are counted against the relayed request
+    running in the caller's context."""
+    from vllm.sampling_params import RequestOutputKind
+
+    original = engine.generate
+
+    async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                       **kwargs: Any) -> AsyncIterator[Any]:
+        rec = _current.get()
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        async for out in original(prompt, sampling_params, request_id, *args, **kwargs):
+            if rec is not None:
+                record_output(rec, request_id, out, delta)
+            yield out
+
+    engine.generate = generate
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def error_fields(body: bytes) -> tuple[str, str, Optional[str]]:
+    """(message, type, param) of a vLLM error body {"error": {...}} (or of anything else)."""
+    try:
+        err = json.loads(body)["error"]
+        return str(err.get("message", "")), str(err.get("type", "")), err.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body.decode("utf-8", "replace")[:500], "server_error", None
+
+
+class ServingApp:
+    """vLLM's OpenAI FastAPI app with its state, serving relayed requests into a DeltaSink."""
+
+    def __init__(self, app: Any, sink: DeltaSink) -> None:
+        self._app = app
+        self._sink = sink
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    @classmethod
+    async def build(cls, engine: Any, args: argparse.Namespace, sink: DeltaSink) -> "ServingApp":
+        """The app and state `vllm serve` builds on this engine (vLLM's build_app and init_app_state)."""
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+
+        supported = await engine.get_supported_tasks()
+        app = build_app(args, supported, engine.model_config)
+        await init_app_state(engine, app.state, args, supported)
+        serving = cls(app, sink)
+        count_tokens(engine)
+        return serving
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def submit(self, request_id: str, endpoint: str, body: bytes) -> None:
+        rec = Relayed(request_id)
+        ctx = contextvars.copy_context()
+        ctx.run(_current.set, rec)
+        # a task copies the context it is created in: every engine request it starts sees `rec`
+        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body),
+                       name="vllm-serve-%s" % request_id)
+        self._tasks[request_id] = task
+
+    def abort(self, request_id: str) -> bool:
+        task = self._tasks.pop(request_id, None)
+        if task is None:
+            return False
+        task.cancel()  # as a client disconnect: vLLM's handler is cancelled and aborts the generation
+        return True
+
+    def cancel_all(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+
+    async def _serve(self, rec: Relayed, endpoint: str, body: bytes) -> None:
+        rid = rec.request_id
+        status = 0
+        error_body: list[bytes] = []
+        gone = asyncio.Event()
+        sent_body = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()  # never set: an abort cancels this task instead
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = int(message["status"])
+                return
+            if kind != "http.response.body":
+                return
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if status >= 400:
+                error_body.append(chunk)
+                if not more:
+                    raw = b"".join(error_body)
+                    message_, _type, param = error_fields(raw)
+                    self._sink.error(rid, status, message_, param, raw)
+                return
+            if chunk or not more:
+                self._sink.emit(rid, chunk.decode("utf-8"), None if more else "stop", rec.prompt_total,
+                                rec.completion_total)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": endpoint, "raw_path": endpoint.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"x-request-id", rid.encode())],
+        }
+        try:
+            await self._app(scope, receive, send)
+        except asyncio.CancelledError:
+            raise  # aborted: ends silently
+        except Exception as exc:  # vLLM's app answers errors itself; this is a bug on our side
+            log.exception("vllm_serving [request] %s failed", rid)
+            self._sink.error(rid, 500, "serving failed: %s: %s" % (type(exc).__name__, exc))
+        else:
+            if status == 0:
+                self._sink.error(rid, 500, "vLLM's app sent no response")
+        finally:
+            self._tasks.pop(rid, None)

@@ -1,0 +1,48 @@
+"""`tokenrelay up` keeps what operators set across restarts, and two config files never share
+deployments even with one state directory (issue 14)."""
+from __future__ import annotations
+
+import httpx
+import pytest
+import yaml
+
+from runtime import head_client
+from tests.integration.stack import Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+MOCK = {"name": "mock", "engine": "mock", "model": "mock", "replicas": 1,
+        "engine_args": {"ttft_ms": 5, "itl_ms": 5, "tokens": 4}}
+
+
+def _models(stack: Stack) -> list[str]:
+    return [m["id"] for m in httpx.get(stack.base_url + "/v1/models").json()["data"]]
+
+
+def test_scale_survives_a_restart_and_another_config_does_not_see_it(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Stack(tmp_path / "a", [MOCK])
+    try:
+        first.start()
+        assert head_client.scale(first.head, first.token, "mock", 2, keys=first.keys)["result"] == "scaled"
+        wait_for(lambda: first.status()["deployments"]["mock"]["ready_replicas"] == 2, 15, "two replicas")
+    finally:
+        first.stop()
+    again = Stack(tmp_path / "a", [MOCK])  # the same config file, the same state: a restart
+    try:
+        again.start()
+        assert again.status()["deployments"]["mock"]["replicas"] == 2  # not the file's 1
+        assert "differs from the config: replicas 2 (file: 1)" in again.log()
+    finally:
+        again.stop()
+    other = Stack(tmp_path / "b", [dict(MOCK, name="other")])
+    raw = yaml.safe_load(other.config_path.read_text())
+    raw["head"]["state_dir"] = str(first.state_dir)  # one state directory for both configs
+    other.config_path.write_text(yaml.safe_dump(raw))
+    other.state_dir = first.state_dir
+    try:
+        other.start()
+        assert _models(other) == ["other"]
+    finally:
+        other.stop()

@@ -1,0 +1,41 @@
+"""`tokenrelay up`: which head state a stack uses, and --port/--bind."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime import cli
+from runtime.stack_config import StackConfig
+
+
+def test_each_config_file_gets_its_own_stack_and_the_default_is_default(tmp_path):
+    a, b = tmp_path / "a" / "mock.yaml", tmp_path / "b" / "mock.yaml"
+    assert cli.stack_name(None) == "default"
+    assert cli.stack_name(str(a)) != cli.stack_name(str(b))  # same file name, different files
+    assert cli.stack_name(str(a)).startswith("mock-")
+    assert cli.stack_name(str(a)) == cli.stack_name(str(a))  # stable across runs
+    assert cli.stack_name(str(a), "prod") == "prod"
+
+
+def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypatch):
+    made = {}
+
+    class FakeLauncher:
+        def __init__(self, stack, path, log_level, stack_name=None, reset_deployments=False, verbose=False):
+            made.update(bind=stack.proxy_bind, name=stack_name, reset=reset_deployments)
+
+        def run(self):
+            return 0
+
+    import runtime.launcher
+    monkeypatch.setattr(runtime.launcher, "Launcher", FakeLauncher)
+    ns = cli.build_parser().parse_args(["up", "--port", "8123", "--bind", "0.0.0.0", "--reset-deployments"])
+    cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO").run()
+    assert made == {"bind": "0.0.0.0:8123", "name": "default", "reset": True}
+    ns = cli.build_parser().parse_args(["up", "--port", "9000"])
+    cli._up_launcher(ns)(StackConfig(proxy_bind="127.0.0.2:8000"), Path("x.yaml"), "INFO")
+    assert made["bind"] == "127.0.0.2:9000" and made["reset"] is False
+
+
+def test_bad_stack_name_and_port_are_usage_errors():
+    assert cli.main(["up", "--stack", "../etc"]) == 2
+    assert cli.main(["up", "--port", "70000"]) == 2

@@ -1,0 +1,160 @@
+"""Unit tests for the two OpenAI paths of proxy.app: relayed (a vLLM deployment: the body goes to the
+replica untouched, the replica's bytes come back untouched) and mapped (the mock engine: every field it
+cannot honour is a 400 naming it). No sockets: tests/unit/test_proxy_app.py's fake backend."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon.testing
+import pytest
+
+from proxy.app import create_app
+from proxy.openai_request import CHAT_FIELDS, COMPLETION_FIELDS, prompt_text, routing_fields
+from proxy.errors import InvalidRequest
+from runtime.protocol import Delta, DeploymentRoute, ReplicaRoute, RequestError
+from tests.unit.test_proxy_app import CONFIG, FakeBackend, assert_openai_error, chat_body
+
+pytestmark = pytest.mark.unit
+
+CHUNK = 'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+VLLM_ERROR = b'{"error":{"message":"bad role","type":"BadRequestError","param":"messages","code":400}}'
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    b = FakeBackend()
+    assert b.deps is not None
+    b.deps["llm"] = DeploymentRoute("llm", "vllm", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)])
+    b.deps["mock"] = DeploymentRoute("mock", "mock", "m", [ReplicaRoute("r1", "tcp://x:1", 0, 0, 0.0, 8)])
+    return b
+
+
+@pytest.fixture
+def client(backend: FakeBackend) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(backend, CONFIG))
+
+
+def test_relayed_body_reaches_the_replica_untouched(client: falcon.testing.TestClient,
+                                                    backend: FakeBackend) -> None:
+    body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tools": [],
+                       "tool_choice": "required", "logprobs": True}).encode()
+    backend.script = lambda rid: [Delta(rid, "", None, 3, 0), Delta(rid, '{"object":"chat.completion"}', "stop", 3, 1)]
+    r = client.simulate_post("/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.text == '{"object":"chat.completion"}'  # the replica's bytes, not re-rendered
+    sent = backend.requests[0]
+    assert (sent.endpoint, sent.body, sent.messages, sent.prompt) == ("/v1/chat/completions", body, None, None)
+
+
+def test_relayed_stream_is_written_through(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    backend.script = lambda rid: [Delta(rid, "", None, 3, 0), Delta(rid, CHUNK, None, 3, 1),
+                                  Delta(rid, "data: [DONE]\n\n", None, 3, 1), Delta(rid, "", "stop", 3, 1)]
+    r = client.simulate_post("/v1/chat/completions", json={"model": "llm", "messages": [], "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text == CHUNK + "data: [DONE]\n\n"
+    assert backend.aborted == []
+
+
+def test_relayed_error_keeps_the_engines_body(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    backend.script = lambda rid: [RequestError(rid, 400, "bad role", "BadRequestError", "messages", VLLM_ERROR)]
+    r = client.simulate_post("/v1/chat/completions", json={"model": "llm", "messages": [{"role": 1}]})
+    assert r.status_code == 400 and r.content == VLLM_ERROR
+
+
+def test_relayed_stream_that_fails_here_ends_with_an_error_event(client: falcon.testing.TestClient,
+                                                                 backend: FakeBackend) -> None:
+    backend.script = lambda rid: [Delta(rid, CHUNK, None, 3, 1), RequestError(rid, 503, "replica died")]
+    r = client.simulate_post("/v1/completions", json={"model": "llm", "prompt": "x", "stream": True})
+    assert r.status_code == 200
+    first, error, done = r.text.split("\n\n")[:3]
+    assert first + "\n\n" == CHUNK and json.loads(error[len("data: "):])["error"]["message"] == "replica died"
+    assert done == "data: [DONE]"
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/tokenize", "/detokenize"])
+def test_new_routes_are_relayed(client: falcon.testing.TestClient, backend: FakeBackend, path: str) -> None:
+    backend.script = lambda rid: [Delta(rid, '{"ok":1}', "stop", 0, 0)]
+    r = client.simulate_post(path, json={"model": "llm", "prompt": "x"})
+    assert r.status_code == 200 and r.json == {"ok": 1} and backend.requests[0].endpoint == path
+
+
+def test_tokenize_never_streams(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    backend.script = lambda rid: [Delta(rid, '{"count":1}', "stop", 0, 0)]
+    r = client.simulate_post("/tokenize", json={"model": "llm", "prompt": "x", "stream": True})
+    assert r.headers["content-type"] == "application/json" and r.json == {"count": 1}
+
+
+def test_model_may_be_left_out_when_one_vllm_deployment_serves(backend: FakeBackend) -> None:
+    assert backend.deps is not None
+    backend.deps = {"llm": backend.deps["llm"]}
+    backend.script = lambda rid: [Delta(rid, "{}", "stop", 0, 0)]
+    c = falcon.testing.TestClient(create_app(backend, CONFIG))
+    assert c.simulate_post("/v1/chat/completions", json={"messages": []}).status_code == 200
+
+
+def test_model_is_required_otherwise(client: falcon.testing.TestClient) -> None:
+    assert_openai_error(client.simulate_post("/v1/chat/completions", json={"messages": []}), 400, "model")
+
+
+@pytest.mark.parametrize("field,value", [("tools", []), ("tool_choice", "required"), ("logprobs", True),
+                                         ("response_format", {"type": "json_object"}), ("min_tokens", 2)])
+def test_mock_refuses_what_it_cannot_honour(client: falcon.testing.TestClient, backend: FakeBackend,
+                                            field: str, value: Any) -> None:
+    r = client.simulate_post("/v1/chat/completions", json=chat_body(model="mock", **{field: value}))
+    err = assert_openai_error(r, 400, field)
+    assert "mock" in err["message"] and backend.requests == []
+
+
+def test_mock_accepts_its_documented_fields(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    body = chat_body(model="mock", stream=False, stream_options=None, max_tokens=3, max_completion_tokens=3, n=1,
+                     temperature=0.5, top_p=0.9, top_k=4, stop=["x"], seed=1, presence_penalty=0.1,
+                     frequency_penalty=0.1, user="u", logprobs=None)  # null means absent
+    assert set(body) - {"logprobs"} <= CHAT_FIELDS
+    assert client.simulate_post("/v1/chat/completions", json=body).status_code == 200
+    completion = {"model": "mock", "prompt": "p", "max_tokens": 2, "stop": "x"}
+    assert set(completion) <= COMPLETION_FIELDS
+    assert client.simulate_post("/v1/completions", json=completion).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/tokenize", "/detokenize"])
+def test_mock_refuses_routes_it_does_not_serve(client: falcon.testing.TestClient, path: str) -> None:
+    err = assert_openai_error(client.simulate_post(path, json={"model": "mock", "input": "x"}), 400)
+    assert path in err["message"]
+
+
+def test_routing_fields_name_the_bad_field() -> None:
+    assert routing_fields(b'{"model":"a","stream":true,"x":[1]}').model == "a"
+    with pytest.raises(InvalidRequest) as exc:
+        routing_fields(b'{"model":3}')
+    assert exc.value.param == "model"
+    with pytest.raises(InvalidRequest) as exc:
+        routing_fields(b'{"model":"a","stream":"yes"}')
+    assert exc.value.param == "stream"
+    for bad in (b"", b"[1]", b"{nope"):
+        with pytest.raises(InvalidRequest):
+            routing_fields(bad)
+
+
+def test_prompt_text_for_prefix_routing() -> None:
+    assert prompt_text(b'{"messages":[{"role":"user","content":"hi"}]}') == "user: hi\n"
+    assert prompt_text(b'{"prompt":"abc"}') == "abc"
+    assert prompt_text(b'{"input":"abc"}') == "abc"
+    assert prompt_text(b'{"prompt":[1,2]}') == "[1,2]"
+    assert prompt_text(b"not json") == ""
+
+
+def test_a_relayed_whole_answer_may_take_longer_than_the_first_token_timeout(
+        client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    """vLLM hands a non-streamed request's output over only at the end: no first-token or idle timeout
+    (CONFIG: 0.05 s) may cut it off, only the total one."""
+    import gevent
+
+    def late(rid: str) -> list[Any]:
+        stream = backend.streams[-1]
+        gevent.spawn_later(0.2, stream.push, Delta(rid, '{"late":true}', "stop", 1, 1))
+        return []
+
+    backend.script = late
+    r = client.simulate_post("/v1/completions", json={"model": "llm", "prompt": "x"})
+    assert r.status_code == 200 and r.json == {"late": True}
