@@ -11,6 +11,12 @@ Contract:
 - The engine reports text with `sink.emit(...)` (deltas, never cumulative text) and ends each request
   with exactly one emit whose `finish_reason` is set, or one `sink.error`. Aborted requests end silently.
 - `abort(request_id)` is idempotent and stops generation for that request.
+- `emit(..., token_ids)` passes the completion token ids behind the delta's text (new ones only) when
+  the engine knows them; the proxy keeps them to resume the request elsewhere if this replica is lost.
+- Resume: an engine with `supports_resume = True` honours `GenerateRequest.resume` (protocol.Resume):
+  it continues after the given completion token ids as if it had generated them (prompt + those ids
+  as context, `completion_tokens` and `max_tokens` counting them, no text emitted for them). The server
+  refuses (501) a resume request to an engine without that attribute, so nothing is silently ignored.
 - A fatal failure (the engine cannot go on) is reported with `sink.fatal(reason)`; the server then tells
   every peer the replica is dead and exits.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 from runtime.protocol import GenerateRequest
 
@@ -45,7 +51,7 @@ class EngineStats:
 
 class DeltaSink(Protocol):
     def emit(self, request_id: str, text: str, finish_reason: Optional[str],
-             prompt_tokens: int, completion_tokens: int) -> None: ...
+             prompt_tokens: int, completion_tokens: int, token_ids: Sequence[int] = ()) -> None: ...
 
     def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
               body: bytes = b"") -> None: ...

@@ -13,7 +13,15 @@ engine_args (all optional):
   max_context     prompt words + max_tokens allowed (default 4096), else a 400
   fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
   startup_ms      how long the engine takes to start (default 0), to stand in for a real cold start
-Prompt "tokens" are whitespace-separated words; each output token is one word plus a space.
+  abort_raises    true: abort() raises (tests that a crash in the replica's receive path kills it loudly)
+Prompt "tokens" are whitespace-separated words; each output token is one word plus a space, and its
+token id is the word's index in WORDS. The text is a function of (prompt, position) only: the word after
+token id t is WORDS[t + 1], the first one is picked by the prompt's CRC. So a request resumed from the
+token ids another replica sent (GenerateRequest.resume) continues exactly as an uninterrupted run would.
+
+Timing is an absolute schedule on the loop's clock: the k-th token this replica makes for a request is
+due at begin + ttft + k * itl (begin: when the request started running here), so a late loop iteration
+does not push every later token back (no drift), as with a fixed-rate engine.
 
 What a mock deployment serves (docs/api.md, "Engines"): the proxy maps OpenAI requests for it itself
 (proxy/openai_request.py), so this engine sees only prompt/messages and SamplingParams. Honoured:
@@ -41,25 +49,30 @@ WORDS = (
     "relay replicas to many patient clients under steady load"
 ).split()
 
-_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger", "startup_ms"}
+_KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fatal_trigger", "startup_ms",
+               "abort_raises"}
 
 
 class _Request:
-    __slots__ = ("request_id", "prompt_tokens", "max_tokens", "start", "emitted", "handle", "stop")
+    __slots__ = ("request_id", "prompt_tokens", "max_tokens", "start", "emitted", "handle", "stop", "resumed",
+                 "begun_at")
 
     def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int, start: int,
-                 stop: list[str]) -> None:
+                 stop: list[str], resumed: int = 0) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
-        self.start = start
-        self.emitted = 0
+        self.start = start  # index in WORDS of completion token 0
+        self.emitted = resumed  # completion tokens so far (those made on a lost replica included)
+        self.resumed = resumed
         self.handle: Optional[asyncio.TimerHandle] = None
         self.stop = stop
+        self.begun_at = 0.0  # loop time it started running here
 
 
 class MockEngine:
     name = "mock"
+    supports_resume = True
 
     def __init__(self, model: str, engine_args: dict[str, Any]) -> None:
         unknown = set(engine_args) - _KNOWN_ARGS
@@ -74,6 +87,7 @@ class MockEngine:
         self.max_running = int(max_running) if max_running else None
         self.max_context = int(engine_args.get("max_context", 4096))
         self.fatal_trigger: Optional[str] = engine_args.get("fatal_trigger")
+        self.abort_raises = bool(engine_args.get("abort_raises", False))
         self.startup = float(engine_args.get("startup_ms", 0)) / 1000.0  # a cold start, like a real engine's
         if self.startup < 0:
             raise ValueError("startup_ms must be >= 0")
@@ -112,8 +126,15 @@ class MockEngine:
                 "This model's maximum context length is %d tokens; the request has %d prompt tokens "
                 "and asks for %d completion tokens." % (self.max_context, prompt_tokens, max_tokens),
                 param=param)
-        r = _Request(req.request_id, prompt_tokens, max_tokens, zlib.crc32(text.encode()) % len(WORDS),
-                     list(req.params.stop))
+        start = zlib.crc32(text.encode()) % len(WORDS)
+        resumed = 0
+        if req.resume is not None and req.resume.token_ids:
+            ids = req.resume.token_ids
+            if any(not 0 <= t < len(WORDS) for t in ids):
+                raise EngineRequestError("resume token ids must be in [0, %d)" % len(WORDS), param="resume")
+            resumed = len(ids)
+            start = (ids[-1] + 1 - resumed) % len(WORDS)  # continue after the last token sent
+        r = _Request(req.request_id, prompt_tokens, max_tokens, start, list(req.params.stop), resumed)
         if self.max_running is not None and len(self._running) >= self.max_running:
             self._waiting[r.request_id] = r
         else:
@@ -121,10 +142,18 @@ class MockEngine:
 
     def _begin(self, r: _Request) -> None:
         self._running[r.request_id] = r
-        r.handle = self._loop.call_later(self.ttft, self._tick, r)  # type: ignore[union-attr]
+        loop = self._loop
+        assert loop is not None
+        r.begun_at = loop.time()
+        r.handle = loop.call_at(r.begun_at + self.ttft, self._tick, r)
 
     def _tick(self, r: _Request) -> None:
-        word = WORDS[(r.start + r.emitted) % len(WORDS)]
+        if r.emitted >= r.max_tokens:  # resumed after its last token: only the end was lost
+            self._sink.emit(r.request_id, "", "length", r.prompt_tokens, r.emitted)  # type: ignore
+            self._finished(r.request_id)
+            return
+        index = (r.start + r.emitted) % len(WORDS)
+        word = WORDS[index]
         r.emitted += 1
         finish: Optional[str] = None
         if word in r.stop:
@@ -133,9 +162,10 @@ class MockEngine:
             text = word + " "
             if r.emitted >= r.max_tokens:
                 finish = "length"
-        self._sink.emit(r.request_id, text, finish, r.prompt_tokens, r.emitted)  # type: ignore
+        self._sink.emit(r.request_id, text, finish, r.prompt_tokens, r.emitted, (index,))  # type: ignore
         if finish is None:
-            r.handle = self._loop.call_later(self.itl, self._tick, r)  # type: ignore[union-attr]
+            due = r.begun_at + self.ttft + (r.emitted - r.resumed) * self.itl  # absolute: no drift
+            r.handle = self._loop.call_at(due, self._tick, r)  # type: ignore[union-attr]
         else:
             self._finished(r.request_id)
 
@@ -146,6 +176,8 @@ class MockEngine:
             self._begin(nxt)
 
     def abort(self, request_id: str) -> None:
+        if self.abort_raises:
+            raise RuntimeError("mock abort_raises is set")
         r = self._running.get(request_id)
         if r is not None:
             if r.handle is not None:

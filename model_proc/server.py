@@ -25,13 +25,13 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import zmq
 import zmq.asyncio
 
 from model_proc import metrics
-from model_proc.config import EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
+from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
 from runtime import parent_guard
 from pathlib import Path
@@ -40,7 +40,7 @@ from runtime import authz, curve
 from runtime.keyring import Registry, identity, server_pair
 from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
-    PROTOCOL_VERSION, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
+    PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
 )
 
@@ -135,7 +135,7 @@ class ReplicaServer:
         self._hello = ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
                                    exporter.port if exporter else 0, cfg.deployment, cfg.generation)
         self._send_agent(self._hello)
-        status_task = asyncio.ensure_future(self._status_loop())
+        status_task = self._supervised(self._status_loop(), "status loop")
         recv_task: Optional[asyncio.Future] = None
         try:
             try:
@@ -147,7 +147,7 @@ class ReplicaServer:
                 return EXIT_LOAD_ERROR
             self._ready = True
             log.info("[startup] ready")
-            recv_task = asyncio.ensure_future(self._recv_loop())
+            recv_task = self._supervised(self._recv_loop(), "receive loop")
             await self._stop.wait()
             if self._draining:
                 await self._drain()
@@ -172,6 +172,22 @@ class ReplicaServer:
                 exporter.close()
             log.info("[shutdown] replica stopped (exit %d)", self._exit_code)
 
+    def _supervised(self, coro: Any, what: str) -> "asyncio.Task[None]":
+        """Run a long-lived loop as a task whose crash kills the replica loudly: an exception there (in
+        the receive loop: handling a request or an abort) leaves state nobody knows, and a replica that
+        stopped reading but still reports READY would hang every client. So: ReplicaDead to every proxy
+        and the agent, then exit EXIT_CRASH (the agent restarts it)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+
+        def done(t: "asyncio.Task[None]") -> None:
+            if t.cancelled() or t.exception() is None:
+                return
+            exc = t.exception()
+            log.error("[failover] %s crashed; the replica dies", what, exc_info=exc)
+            self.fatal("%s crashed: %s: %s" % (what, type(exc).__name__, exc), EXIT_CRASH)
+        task.add_done_callback(done)
+        return task
+
     def _on_signal(self, sig: int) -> None:
         log.info("[shutdown] signal %d: draining for up to %.1fs", sig, self.config.drain_seconds)
         self._draining = True
@@ -184,7 +200,7 @@ class ReplicaServer:
             await asyncio.sleep(0.05)
         for request_id in list(self._routes):
             self.engine.abort(request_id)
-            self.error(request_id, 503, "replica shut down before the request finished")
+            self.error(request_id, 503, "replica shut down before the request finished", etype=SHUTTING_DOWN)
 
     # ------------------------------------------------------------------ sockets
 
@@ -238,12 +254,19 @@ class ReplicaServer:
     def _on_generate(self, peer: bytes, req: GenerateRequest) -> None:
         rid = req.request_id
         if self._draining:
-            self._send(peer, RequestError(rid, 503, "replica is shutting down", "service_unavailable"))
+            self._send(peer, RequestError(rid, 503, "replica is shutting down", SHUTTING_DOWN))
             return
         if rid in self._routes:
             self._send(peer, RequestError(rid, 400, "duplicate request id %s" % rid, "invalid_request_error"))
             return
-        self._routes[rid] = _Route(peer)
+        route = self._routes[rid] = _Route(peer)
+        if req.resume is not None:
+            if not getattr(self.engine, "supports_resume", False):
+                del self._routes[rid]
+                self._send(peer, RequestError(rid, 501, "engine %s cannot resume a request" % self.engine.name,
+                                              "server_error", "resume"))
+                return
+            route.completion_tokens = len(req.resume.token_ids)  # generated (and counted) elsewhere
         try:
             self.engine.add_request(req)
         except EngineRequestError as exc:
@@ -303,7 +326,7 @@ class ReplicaServer:
     # ------------------------------------------------------------------ DeltaSink (called by the engine)
 
     def emit(self, request_id: str, text: str, finish_reason: Optional[str],
-             prompt_tokens: int, completion_tokens: int) -> None:
+             prompt_tokens: int, completion_tokens: int, token_ids: Sequence[int] = ()) -> None:
         route = self._routes.get(request_id)
         if route is None:
             return  # aborted meanwhile
@@ -315,30 +338,33 @@ class ReplicaServer:
         box = self._outbox.get(route.peer)
         if box is None:
             box = self._outbox[route.peer] = []
-        box.append(Delta(request_id, text, finish_reason, prompt_tokens, completion_tokens))
+        box.append(Delta(request_id, text, finish_reason, prompt_tokens, completion_tokens, list(token_ids)))
         if not self._flush_scheduled:
             # everything emitted in this loop iteration (one engine step) leaves in one message per peer
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
-              body: bytes = b"") -> None:
+              body: bytes = b"", etype: Optional[str] = None) -> None:
         route = self._routes.pop(request_id, None)
         if route is None:
             return
         self.errors += 1
         log.warning("request %s failed (%d): %s", request_id, status, message)
-        etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        if etype is None:
+            etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
         self._flush()  # deltas before the error must arrive first
         self._send(route.peer, RequestError(request_id, status, message, etype, param, body))
         self._load_changed()
 
-    def fatal(self, reason: str) -> None:
-        log.error("[failover] engine died: %s", reason)
+    def fatal(self, reason: str, exit_code: int = EXIT_ENGINE_DIED) -> None:
+        if self._exit_code != EXIT_OK:
+            return  # dead already
+        log.error("[failover] replica dies: %s", reason)
         self._flush()
         self._broadcast_dead(reason)
         self._routes.clear()
-        self._exit_code = EXIT_ENGINE_DIED
+        self._exit_code = exit_code
         self._stop.set()
 
     def _flush(self) -> None:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from proxy.router import FULL, NONE, ROUTE
+from proxy.router import DOWN, FULL, NONE, ROUTE
 
 ADMIT = "admit"
 WAIT = "wait"
@@ -82,7 +82,7 @@ def decide(outcome: str, ticket: Optional[Ticket], queue: AdmissionQueue, now: f
         return ADMIT
     if outcome == NONE:
         return REJECT_NONE
-    assert outcome == FULL, outcome
+    assert outcome in (FULL, DOWN), outcome  # DOWN: wait for a replica to come back, as for room
     if ticket is None:
         return WAIT if len(queue) < queue.size and queue.timeout > 0 else REJECT_FULL
     if now >= ticket.deadline:

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Optional, Protocol
 
 import falcon
+import gevent
 import msgspec
 
 from proxy import metrics
@@ -32,9 +33,10 @@ from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, tex
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    BodyTooLarge, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType, error_body,
-    error_type_for,
+    BodyTooLarge, ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType,
+    error_body, error_type_for,
 )
+from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import (
     CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, prompt_text,
@@ -85,13 +87,40 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
 # --------------------------------------------------------------------------- inference
 
 
+READ_CHUNK = 65536  # bytes per read of a request body; the worker's other greenlets run in between
+BIG_UNREAD = 65536  # an unread body larger than this is not drained by the worker: the connection closes
+
+
 def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes, else 413 (at once when Content-Length says so, before
+    reading anything). Chunked bodies (no Content-Length) are read to their end within the same limit.
+    Read in 64 KiB pieces with a yield between them: gevent's recv does not yield while data is there,
+    so one fast upload would otherwise hold the worker (and every stream on it) until it ends."""
+    chunked = req.content_length is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
     if req.content_length is not None and req.content_length > limit:
         raise BodyTooLarge("request body exceeds %d bytes" % limit)
-    data = req.bounded_stream.read(limit + 1)
-    if len(data) > limit:
+    stream = req.stream if chunked else req.bounded_stream
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        data = stream.read(min(READ_CHUNK, limit + 1 - size))
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+        gevent.sleep(0)
+    if size > limit:
         raise BodyTooLarge("request body exceeds %d bytes" % limit)
-    return data
+    req.context.body_read = True
+    return b"".join(parts)
+
+
+def parse_json(parse: Callable[[bytes], Any], body: bytes) -> Any:
+    """`parse(body)`, with JSON nested too deeply for the decoder as a 400 (not a 500 RecursionError)."""
+    try:
+        return parse(body)
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
 
 
 def require_media(req: falcon.Request, accepted: tuple[str, ...]) -> None:
@@ -129,8 +158,10 @@ class _Inference:
         cfg, timeouts, rs = self._config, route.timeouts, route.routing
         total = timeouts.total_s or cfg.total_timeout
         first_token = total if whole else timeouts.first_token_s or cfg.first_token_timeout
+        # a relayed request's bytes come from the engine's own serving layer: not resumable elsewhere
         limits = Limits(first_token=first_token, total=total, max_attempts=cfg.max_attempts,
-                        retry_window=cfg.retry_window)
+                        retry_window=cfg.retry_window, resume=rs.resume and not request.endpoint,
+                        max_resumes=cfg.max_resumes)
         body_limits = BodyLimits(idle=total if whole else timeouts.idle_s or cfg.idle_timeout,
                                  keepalive=cfg.keepalive_interval, max_chunk=cfg.max_chunk_chars)
         key = route_key(rs.policy, rs.prefix_chars, rs.session_affinity, req.get_header("X-Session-ID"), prompt)
@@ -161,7 +192,7 @@ class OpenAIResource(_Inference):
         ctx.deployment = ""  # until the model is known to exist
         require_media(req, ("application/json",))
         body = read_body(req, self._config.max_body_bytes)
-        fields = routing_fields(body)
+        fields = parse_json(routing_fields, body)
         model = fields.model
         if model is None:  # as `vllm serve` answers with its only model
             deployments = self._backend.deployments()
@@ -175,7 +206,8 @@ class OpenAIResource(_Inference):
         if self._kind not in (CHAT, COMPLETION):
             raise InvalidRequest("%s is not served by this deployment's engine (%s); see docs/api.md"
                                  % (self._endpoint, route.engine))
-        parsed = (parse_chat if self._kind == CHAT else parse_completion)(body, route.engine)
+        parse = parse_chat if self._kind == CHAT else parse_completion
+        parsed = parse_json(lambda b: parse(b, route.engine), body)
         rid = ctx.request_id
         dispatch, first, limits = self._start(req, parsed.model, parsed.to_generate(rid), parsed.routing_text(),
                                               parsed.stream)
@@ -191,6 +223,9 @@ class OpenAIResource(_Inference):
         assert first is not None
         try:
             text, last = collect(dispatch, first, limits, ctx.tracker)
+        except ClientGone:
+            dispatch.close("client_gone")
+            raise
         finally:
             dispatch.close("error")  # only an unfinished (failed) request is aborted
         render = chat_completion_body if self._kind == CHAT else text_completion_body
@@ -267,8 +302,10 @@ class ReadyResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         ready, reason = self._backend.readiness()
         resp.content_type = falcon.MEDIA_JSON
-        if ready:
+        if ready and reason == "ok":
             resp.data = b'{"status":"ready"}'
+        elif ready:  # e.g. the head is unreachable: still serving, and saying so
+            resp.data = _json({"status": "ready", "reason": reason})
         else:
             resp.status = falcon.HTTP_503
             resp.data = _json({"status": "not_ready", "reason": reason})
@@ -297,6 +334,17 @@ def _rid(req: falcon.Request) -> str:
     return getattr(req.context, "request_id", "-")
 
 
+def _close_if_body_unread(req: falcon.Request) -> None:
+    """An error answered before a big (or chunked) body was read: ask the server hook to close the
+    connection after the response (server.py, linger_close) instead of letting gunicorn drain the
+    body through the worker, which would hold the worker's other streams while it comes in."""
+    if getattr(req.context, "body_read", False):
+        return
+    length = req.content_length
+    if (length is not None and length > BIG_UNREAD) or (length is None and req.get_header("Transfer-Encoding")):
+        req.env[LINGER_ENV] = True
+
+
 def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
                  headers: Optional[dict[str, str]], raw: Optional[bytes] = None) -> None:
     resp.status = status
@@ -310,6 +358,7 @@ def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
 def _on_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, params: dict) -> None:
     log.log(logging.WARNING if ex.status >= 500 else logging.INFO, "req=%s %s %s -> %d %s",
             _rid(req), req.method, req.path, ex.status, ex.message)
+    _close_if_body_unread(req)
     _write_error(resp, ex.status, ex.body(), ex.headers, ex.raw)
 
 
@@ -327,6 +376,7 @@ def _serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon
 
 def _on_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
     log.info("req=%s %s %s -> %d %s", _rid(req), req.method, req.path, ex.status_code, ex.title)
+    _close_if_body_unread(req)
     _write_error(resp, ex.status_code, _http_error_body(ex), dict(ex.headers or {}))
 
 

@@ -10,6 +10,10 @@ clean end.
 Headers may go out before the first token (SSE only): then the body first sends `: keep-alive` comments
 every `keepalive` seconds while the Dispatch keeps waiting (and retrying) for the first token.
 
+Replica lost mid-stream: the body hands the error to `Dispatch.resume` instead of the client when the
+request may go on elsewhere, then waits for the new replica's first token (keep-alives meanwhile) and
+carries on; the client sees one stream.
+
 Slow readers: every write takes whatever the replica sent meanwhile, up to `max_chunk` characters, as
 one chunk, so a client that reads slowly gets fewer, larger chunks; one that falls further behind than
 the stream's bound is cut off by the replica connection (see replicas.py) and gets an error event.
@@ -30,7 +34,7 @@ from proxy import metrics
 from proxy.chunks import DONE, ChatChunks, CompletionChunks, sse_error
 from proxy.client_sink import ClientSink
 from proxy.dispatch import Dispatch
-from proxy.errors import ProxyError, UpstreamError
+from proxy.errors import ClientGone, ProxyError, UpstreamError
 from proxy.metrics import RequestTracker
 from proxy.replicas import SLOW_READER_STATUS
 from proxy.streams import Item, RequestStream, as_error, is_terminal
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 Chunks = Union[ChatChunks, CompletionChunks]
 KEEPALIVE = b": keep-alive\n\n"
+CLIENT_CHECK = 0.25  # seconds between looks at the client's socket while no write would notice it gone
 ABORT_REASONS = {499: "client_gone", 504: "timeout", SLOW_READER_STATUS: "slow_reader"}  # by final status
 
 
@@ -66,6 +71,7 @@ class _StreamBody:
         self._clock = clock
         self._status = 499  # nginx's "client closed request" until we know better
         self._gen: Optional[Generator[bytes, None, None]] = None
+        self._checked_at = clock()  # last look at the client's socket (bodies without a sink)
 
     def __iter__(self) -> Iterator[bytes]:
         self._gen = self._render()
@@ -73,28 +79,56 @@ class _StreamBody:
 
     def _batches(self) -> Iterator[Union[bytes, list[Item]]]:
         """KEEPALIVE while waiting for the first token, then lists of items (the last one terminal). Ends
-        early, with no terminal item, when a direct write found the client gone."""
+        early, with no terminal item, when a direct write found the client gone. A replica lost mid-way
+        (Dispatch.resumable) is replaced without a word to the client: the items it sent go out, the
+        request resumes elsewhere, and the new replica's tokens follow (KEEPALIVE while it starts)."""
         d = self._dispatch
         first: Optional[Item] = self._first
         while first is None:
             yield KEEPALIVE
-            try:
-                first = d.first(self._limits.keepalive)
-            except ProxyError as exc:
-                first = _error_item(d.request_id, exc)
-        stream = d.stream
-        assert stream is not None
-        batch = [first]
+            first = self._first_item()
         while True:
-            if not is_terminal(batch[-1]):
-                batch += stream.drain(self._limits.max_chunk)
-            yield batch
-            if is_terminal(batch[-1]):
+            stream = d.stream
+            assert stream is not None
+            batch = [first]
+            lost: Optional[RequestError] = None
+            while True:
+                if not is_terminal(batch[-1]):
+                    batch += stream.drain(self._limits.max_chunk)
+                err = as_error(batch[-1])
+                if err is not None and batch[-1] is not first and d.resumable(err):
+                    lost = err
+                    break
+                yield batch
+                if is_terminal(batch[-1]):
+                    return
+                item = self._next(stream)
+                if item is None:
+                    return
+                batch = [item]
+                first = None  # from here on every item came from the stream
+            if len(batch) > 1:
+                yield batch[:-1]
+            failed = d.resume(lost)
+            if failed is not None:
+                yield [failed]
                 return
-            item = self._next(stream)
-            if item is None:
+            first = None
+            while first is None:
+                first = self._first_item()
+                if first is None:
+                    yield KEEPALIVE
+            if isinstance(first, RequestError):
+                yield [first]
                 return
-            batch = [item]
+
+    def _first_item(self) -> Optional[Item]:
+        """Dispatch.first for one keep-alive interval; a final failure as an error item."""
+        d = self._dispatch
+        try:
+            return d.first(self._limits.keepalive)
+        except ProxyError as exc:
+            return _error_item(d.request_id, exc)
 
     def _next(self, stream: RequestStream) -> Optional[Item]:
         """The next queued item, or a 504 error after `idle` seconds without a token or at the request's
@@ -103,14 +137,22 @@ class _StreamBody:
         d = self._dispatch
         sink = self._sink
         since = self._clock()  # the idle clock starts at the last token we know of
+        if sink is None and since - self._checked_at >= CLIENT_CHECK:
+            self._checked_at = since  # tokens keep coming, but nobody may be there to take them
+            if d.client_gone():
+                log.info("req=%s client gone; ending the request", d.request_id)
+                return None
         while True:
             if sink is not None and not stream.queued:
                 stream.sink = sink
             now = self._clock()
             left = d.deadline - now
             idle_left = self._limits.idle - (now - since)
+            wait = max(0.0, min(idle_left, left))
+            if sink is None:  # nothing writes to the client while we wait: look at its socket now and then
+                wait = min(wait, CLIENT_CHECK)
             try:
-                item = stream.get(max(0.0, min(idle_left, left)))
+                item = stream.get(wait)
             finally:  # also when the wait is interrupted (worker shutdown): never leave the sink attached
                 stream.sink = None  # from here until the next wait, only this greenlet writes to the client
             if item is not None:
@@ -122,6 +164,9 @@ class _StreamBody:
                 if sink.error is not None:
                     log.info("req=%s client gone (%s); ending the stream", d.request_id, sink.error)
                     return None
+            elif d.client_gone():
+                log.info("req=%s client gone while waiting for tokens; ending the request", d.request_id)
+                return None
             now = self._clock()
             if now >= d.deadline:
                 return RequestError(d.request_id, 504, "request took longer than %gs in all" % d.limits.total,
@@ -264,11 +309,13 @@ class RelayBody(PlainBody):
 
 def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: RequestTracker,
             clock: Callable[[], float] = time.monotonic) -> tuple[str, Delta]:
-    """Gather a whole response for stream=false; raises UpstreamError on failure."""
+    """Gather a whole response for stream=false; raises UpstreamError on failure, ClientGone when the
+    client left meanwhile (the caller's Dispatch.close then aborts the request at the replica)."""
     body = _StreamBody(dispatch, first, limits, tracker, clock)
     parts: list[str] = []
     for batch in body._batches():
-        assert not isinstance(batch, bytes)
+        if isinstance(batch, bytes):
+            continue  # a keep-alive while a resumed request waits for its new replica
         text, last, err = _split(batch)
         _count_tokens(tracker, batch)
         parts.append(text)
@@ -276,4 +323,4 @@ def collect(dispatch: Dispatch, first: Delta, limits: BodyLimits, tracker: Reque
             raise UpstreamError.from_message(err)
         if last is not None:
             return "".join(parts), last
-    raise AssertionError("unreachable: a stream always ends with a terminal item")
+    raise ClientGone()

@@ -43,6 +43,11 @@ class ProxyConfig:
     workers: int = setting(default_factory=default_workers, help="gunicorn workers",
                            default_help="one per CPU core this process may use")
     worker_connections: int = setting(2000, help="concurrent connections per worker")
+    max_idle_per_client: int = setting(
+        64, help="idle connections (no request in progress) one client address may hold per worker; "
+                 "past it that address's longest-idle one is closed")
+    max_idle_connections: int = setting(
+        512, help="idle connections per worker in all; past it the longest-idle one is closed")
     stale_after: float = setting(3.0, help="seconds without a routing table before /ready fails")
     log_level: str = setting("INFO", help="log level", parse=str.upper, choices=LOG_LEVELS)
     first_token_timeout: float = setting(
@@ -54,9 +59,15 @@ class ProxyConfig:
                   "': keep-alive' comment every as many seconds")
     max_attempts: int = setting(3, help="replicas tried per request before its first token")
     retry_window: float = setting(10.0, help="no retry starts later than this many seconds into a request")
+    max_resumes: int = setting(
+        3, help="times one request may move mid-stream to another replica after its replica was lost "
+                "(deployments switch resuming off with routing.resume: false)")
     breaker_failures: int = setting(5, help="failures in a row that eject a replica")
     breaker_cooldown: float = setting(
         5.0, help="seconds before an ejected replica is probed; doubles per failed probe")
+    breaker_max_share: float = setting(
+        0.5, help="largest share of a deployment's replicas the circuit breaker may eject at once "
+                  "(0: never eject; 1: all)")
     load_stale_after: float = setting(
         3.0, help="a replica whose load report is older is avoided while others are fresh")
     max_pending_chars: int = setting(1 << 20, help="text held for a slow client before its stream is cut off")
@@ -96,8 +107,13 @@ class ProxyConfig:
         host, sep, port = self.bind.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("--bind must be HOST:PORT, got %r" % self.bind)
+        if not 0.0 <= self.breaker_max_share <= 1.0:
+            raise ValueError("--breaker-max-share must be between 0 and 1")
+        if self.max_resumes < 0:
+            raise ValueError("--max-resumes must be >= 0")
         for name in ("workers", "worker_connections", "hwm", "max_body_bytes", "max_attempts",
-                     "breaker_failures", "max_pending_chars", "max_chunk_chars"):
+                     "breaker_failures", "max_pending_chars", "max_chunk_chars", "max_idle_per_client",
+                     "max_idle_connections"):
             if getattr(self, name) < 1:
                 raise ValueError("--%s must be >= 1" % name.replace("_", "-"))
         if self.rate_limit < 0:

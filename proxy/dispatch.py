@@ -5,14 +5,25 @@ Cluster (gateway.Gateway in production, a fake in unit tests). Must never wait w
 never retry once the first token was handed to the caller.
 
     admit()      route now, or wait in the deployment's bounded queue (FIFO, only the first ticket tries),
-                 or raise: 429 queue full / waited too long, 503 no usable replica
+                 or raise: 429 queue full / waited too long, 503 no usable replica. A deployment whose
+                 replicas are all down at the moment (a lost agent: their processes restart) waits in
+                 the same queue for one to come back, then 503.
     first(t)     wait up to t seconds for the first token; None when t passed with nothing yet (the caller
                  may send SSE keep-alives and call again). A failure before the first token that the
                  replica caused and that another replica may not have (503/429: refused, overloaded, dead,
                  unreachable, connection lost) is retried on another replica, at most `max_attempts` sends
                  in all and only within `retry_window` seconds of the start; a 4xx is the request's fault:
                  never retried and never held against the replica. Final failures raise ProxyError.
-Every outcome feeds the replica's circuit breaker through `Cluster.record`.
+    resume(err)  the replica was lost mid-stream (died, said ReplicaDead, connection lost or frozen past
+                 the liveness bound, or it stopped the request while shutting down): send the request to
+                 another replica with the token ids received so far (GenerateRequest.resume), so it
+                 continues where the lost one was; the caller then waits for the new first token with
+                 `first()` as usual. At most `max_resumes` per request, never past the request's deadline,
+                 only when the deployment allows it (`routing.resume`) and the replica reported a token
+                 id for every token it sent (else the text would repeat). With no usable replica at that
+                 moment (all lost at once) it waits for one, up to `retry_window`.
+Every outcome feeds the replica's circuit breaker through `Cluster.record`; a replica that refused or
+stopped a request because it is shutting down (protocol.SHUTTING_DOWN) is not counted against.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
+import msgspec
 from gevent.event import Event
 
 from proxy import metrics
@@ -28,9 +40,9 @@ from proxy.admission import (
 )
 from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.replicas import ReplicaUnavailable
-from proxy.router import FULL, NONE, Decision
+from proxy.router import DOWN, FULL, NONE, Decision
 from proxy.streams import RequestStream, as_error
-from runtime.protocol import Delta, GenerateRequest, RequestError
+from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError, Resume
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +55,9 @@ class Limits:
     first_token: float  # seconds from the first send to the first token
     total: float  # seconds from the request's start to its end
     max_attempts: int = 3  # sends to replicas, the first one included
-    retry_window: float = 10.0  # no retry starts later than this after the request's start
+    retry_window: float = 10.0  # no retry starts later than this after the request's (or resume's) start
+    resume: bool = True  # resume a stream elsewhere when its replica is lost mid-way
+    max_resumes: int = 3  # resumes per request
 
 
 class Cluster(Protocol):
@@ -72,6 +86,10 @@ class Dispatch:
         self._first_deadline = float("inf")
         self._last_error: Optional[RequestError] = None
         self.queued_s = 0.0
+        self._window_start = self.started_at  # retries (max_attempts, retry_window) count from here
+        self.resumes = 0
+        self._replayed: list[int] = []  # token ids received from replicas lost before the current one
+        self._resumed_at: Optional[float] = None
 
     @property
     def request_id(self) -> str:
@@ -85,17 +103,26 @@ class Dispatch:
         event = Event()
         ticket: Optional[Ticket] = None
         start = self._clock()
+        down = False  # the last answer was: replicas listed, every one down (restarting)
         try:
             while True:
                 now = self._clock()
                 mine = ticket is None or queue.is_first(ticket)
                 outcome = self._try_send() if mine else FULL
+                if mine:
+                    down = outcome == DOWN
                 verdict = decide(outcome, ticket, queue, now)
                 if verdict == ADMIT:
                     return
                 if verdict == REJECT_NONE:
                     raise self._no_replica()
                 if verdict in (REJECT_FULL, REJECT_TIMEOUT):
+                    if down and verdict == REJECT_TIMEOUT:
+                        raise NoHealthyReplica("every replica of %r is down and none came back within %.1fs"
+                                               % (self.deployment, queue.timeout))
+                    if down:
+                        raise NoHealthyReplica("every replica of %r is down for now and the wait queue is full"
+                                               % self.deployment)
                     raise self._overloaded(verdict, queue)
                 if ticket is None:
                     ticket = queue.join(now, event.set)
@@ -151,7 +178,7 @@ class Dispatch:
 
     def _may_retry(self) -> bool:
         return (self.attempts < self.limits.max_attempts
-                and self._clock() - self.started_at < self.limits.retry_window)
+                and self._clock() - self._window_start < self.limits.retry_window)
 
     # ----------------------------------------------------------------- first token
 
@@ -180,8 +207,16 @@ class Dispatch:
             if err is None:
                 self._cluster.record(self.stream.replica_id, True)
                 assert isinstance(item, Delta)
+                if self._resumed_at is not None:
+                    metrics.RESUME_GAP.labels(self.deployment).observe(self._clock() - self._resumed_at)
+                    self._resumed_at = None
                 return item
             self._fail_current(err)
+            if err.type == SHUTTING_DOWN:
+                # a draining replica's refusal is no attempt, and the router avoids it from now on (it
+                # is not "tried": with every replica draining, the request waits for their successors)
+                self.attempts -= 1
+                self._tried.discard(self.stream.replica_id)
             if err.status not in RETRYABLE or not self._may_retry():
                 raise UpstreamError.from_message(err)
             log.warning("req=%s [failover] replica %s failed before the first token (%d %s); retrying",
@@ -195,10 +230,73 @@ class Dispatch:
         stream = self.stream
         assert stream is not None
         stream.close("first_token_timeout" if err is None else "error")  # aborts it there if unfinished
-        if err is None or err.status >= 500 or err.status == 429:
+        if err is not None and err.type == SHUTTING_DOWN:
+            pass  # a draining replica: not its fault, and not the request's
+        elif err is None or err.status >= 500 or err.status == 429:
             self._cluster.record(stream.replica_id, False)
         else:
             self._cluster.record(stream.replica_id, True)  # it answered: a 4xx is the request's fault
+
+    # ----------------------------------------------------------------- mid-stream resume
+
+    def resumable(self, err: RequestError) -> bool:
+        """May the stream that ended with `err` (mid-way, from the current stream) go on elsewhere?"""
+        stream = self.stream
+        if stream is None or not self.limits.resume or self.resumes >= self.limits.max_resumes:
+            return False
+        if self._request.endpoint:
+            return False  # relayed: the bytes sent came from the engine's serving layer, not token ids
+        if not (stream.lost or (err.status == 503 and err.type == SHUTTING_DOWN)):
+            return False
+        if len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
+            return False  # the engine did not report every token's id: a resume would repeat text
+        return self._clock() < self.deadline and not self._client_gone()
+
+    def resume(self, err: RequestError) -> Optional[RequestError]:
+        """Send the request to another replica, to continue after the tokens received so far (call when
+        `resumable(err)`). None once sent (wait with `first()`), else the error that ends the request."""
+        old = self.stream
+        assert old is not None
+        ids = self._replayed + old.token_ids.tolist()
+        self._replayed = ids
+        old.close("error")
+        if err.type != SHUTTING_DOWN:
+            self._cluster.record(old.replica_id, False)
+        # a dead or unreachable replica is down in the router's view (and its restarted process is a new
+        # connection, usable again); one that is shutting down is still up: do not pick it again
+        self._tried = {old.replica_id} if err.type == SHUTTING_DOWN else set()
+        now = self._clock()
+        self.resumes += 1
+        self.attempts = 0
+        self._window_start = now
+        self._first_deadline = float("inf")
+        self._resumed_at = now
+        self._last_error = None
+        self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
+        metrics.RESUMES.labels(self.deployment).inc()
+        metrics.TOKENS_REPLAYED.labels(self.deployment).inc(len(ids))
+        log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); resuming elsewhere (%d/%d)",
+                    self.request_id, old.replica_id, len(ids), err.status, err.message, self.resumes,
+                    self.limits.max_resumes)
+        give_up = min(self.deadline, now + self.limits.retry_window)
+        while True:
+            try:
+                self.admit()
+                return None
+            except ProxyError as exc:
+                # no replica usable right now (every one died at once: a lost agent): wait for one to
+                # come back, within the retry window
+                if exc.status != 503 or self._clock() + SLICE >= give_up or self._client_gone():
+                    log.warning("req=%s [failover] resume failed: %d %s", self.request_id, exc.status,
+                                exc.message)
+                    return RequestError(self.request_id, exc.status, exc.message, exc.type, exc.param)
+                self.attempts = 0
+                self._tried = set()
+                Event().wait(SLICE)
+
+    def client_gone(self) -> bool:
+        """Did the client close its connection? (A peek at its socket; False when unknown.)"""
+        return self._client_gone()
 
     def close(self, reason: str = "client_gone") -> None:
         if self.stream is not None:

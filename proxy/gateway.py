@@ -26,11 +26,11 @@ import zmq.green as zmq_green
 
 from proxy import metrics
 from proxy.admission import AdmissionQueue
-from proxy.breaker import Breaker
+from proxy.breaker import Breakers
 from proxy.config import ProxyConfig
 from proxy.replica_pool import ReplicaPool
-from proxy.replicas import ReplicaUnavailable
-from proxy.router import NONE, Decision, Policy, Router
+from proxy.replicas import ReplicaConnection, ReplicaUnavailable
+from proxy.router import DOWN, NONE, Decision, Policy, Router
 from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber
 from proxy.table_state import TableState
@@ -65,8 +65,9 @@ class Gateway:
         self.state = TableState(config.stale_after)
         self.started_at = int(time.time())
         self._router = router or Router()
-        self._breakers: dict[str, Breaker] = {}
+        self._breakers = Breakers(config.breaker_failures, config.breaker_cooldown, config.breaker_max_share)
         self._queues: dict[str, AdmissionQueue] = {}
+        self._listed_at: dict[str, float] = {}  # deployment -> last time it had a replica connection
         self._ctx: Optional[zmq_green.Context] = None
         self._pool: Optional[ReplicaPool] = None
         self._subscriber: Optional[gevent.Greenlet] = None
@@ -120,7 +121,7 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         if self._pool is None:
             return False, "proxy worker is starting"
-        return self.state.readiness(self.clock())
+        return self.state.readiness(self.clock(), self._pool.reachable())
 
     # ----------------------------------------------------------------- Cluster (see dispatch.py)
 
@@ -129,7 +130,14 @@ class Gateway:
         if route is None or self._pool is None:
             return Decision(NONE)
         now = self.clock()
-        views = [c.view(self._breaker(c.replica_id).allow(now)) for c in self._pool.connections(deployment)]
+        conns = self._pool.connections(deployment)
+        if conns:
+            self._listed_at[deployment] = now
+        elif now - self._listed_at.get(deployment, float("-inf")) < route.routing.queue_timeout_s:
+            # it had replicas a moment ago: the table lost them all at once (their agent restarts
+            # them); wait in the queue for them (router.DOWN) rather than refuse at once
+            return Decision(DOWN)
+        views = [c.view(not c.draining and self._breakers.get(_incarnation(c)).allow(now)) for c in conns]
         policy = Policy(route.routing.policy, route.routing.max_imbalance, self.config.load_stale_after,
                         self.config.workers)
         return self._router.choose(views, policy, now, key, exclude)
@@ -141,7 +149,7 @@ class Gateway:
         stream = RequestStream(request.request_id, replica_id, on_close=conn.release,
                                max_pending=self.config.max_pending_chars)
         conn.submit(stream, request)
-        if self._breaker(replica_id).on_send(self.clock()):
+        if self._breakers.get(_incarnation(conn)).on_send(self.clock()):
             log.info("[failover] req=%s probes ejected replica %s", request.request_id, replica_id)
         return stream
 
@@ -156,29 +164,39 @@ class Gateway:
         return q
 
     def record(self, replica_id: str, ok: bool) -> None:
-        breaker = self._breaker(replica_id)
+        """An outcome of the replica's current incarnation (a connection that is gone records nothing)."""
+        conn = self._pool.get(replica_id) if self._pool is not None else None
+        if conn is None:
+            return
+        key = _incarnation(conn)
+        breaker = self._breakers.get(key)
         now = self.clock()
         if ok:
             if breaker.state(now) != "closed":
                 log.info("[failover] replica %s answered again; back in rotation", replica_id)
             breaker.success(now)
-        elif breaker.failure(now):
-            conn = self._pool.get(replica_id) if self._pool is not None else None
-            deployment = conn.deployment if conn is not None else "-"
-            metrics.EJECTIONS.labels(deployment).inc()
+            return
+        assert self._pool is not None
+        peers = [_incarnation(c) for c in self._pool.connections(conn.deployment)]
+        opened, capped = self._breakers.failure(key, peers, now)
+        if opened:
+            metrics.EJECTIONS.labels(conn.deployment).inc()
             log.warning("[failover] replica %s of %s ejected for %.1fs after repeated failures", replica_id,
-                        deployment, breaker.current_cooldown)
-
-    def _breaker(self, replica_id: str) -> Breaker:
-        b = self._breakers.get(replica_id)
-        if b is None:
-            if len(self._breakers) > 4096:  # replicas come and go: forget those long gone
-                live = set(self._pool.replica_ids()) if self._pool is not None else set()
-                self._breakers = {k: v for k, v in self._breakers.items() if k in live}
-            b = self._breakers[replica_id] = Breaker(self.config.breaker_failures, self.config.breaker_cooldown)
-        return b
+                        conn.deployment, breaker.current_cooldown)
+        elif capped:
+            log.warning("[failover] replica %s of %s keeps failing but stays in rotation: %.0f%% of the "
+                        "deployment is ejected already (--breaker-max-share)", replica_id, conn.deployment,
+                        self.config.breaker_max_share * 100)
+        if len(self._breakers) > 4096:  # replicas come and go: forget the incarnations long gone
+            self._breakers.forget_except(_incarnation(c) for c in self._pool.all_connections())
 
     def _on_capacity(self, deployment: str) -> None:
         q = self._queues.get(deployment)
         if q is not None:
             q.wake_first()
+
+
+def _incarnation(conn: ReplicaConnection) -> tuple[str, str]:
+    """Whose breaker: a replica process, told apart from a restarted one by its endpoint (a replica binds
+    a fresh port each start; the pool opens a new connection when the endpoint changes)."""
+    return conn.replica_id, conn.endpoint

@@ -45,6 +45,15 @@ REJECTED = Counter("tokenrelay_proxy_rejected_requests",
                    ["deployment", "reason"])
 RETRIES = Counter("tokenrelay_proxy_retries", "Requests retried on another replica before the first token",
                   ["deployment"])
+RESUMES = Counter("tokenrelay_proxy_resumes",
+                  "Requests moved mid-stream to another replica after theirs was lost (dispatch.resume)",
+                  ["deployment"])
+TOKENS_REPLAYED = Counter("tokenrelay_proxy_resume_replayed_tokens",
+                          "Completion tokens handed to the new replica on a resume (GenerateRequest.resume)",
+                          ["deployment"])
+RESUME_GAP = Histogram("tokenrelay_proxy_resume_gap_seconds",
+                       "From a lost replica noticed to the first token of the replica resuming the request",
+                       ["deployment"], buckets=BUCKETS)
 EJECTIONS = Counter("tokenrelay_proxy_replica_ejections",
                     "Circuit breaker openings: a replica ejected after repeated failures", ["deployment"])
 ABORTS = Counter("tokenrelay_proxy_aborts",
@@ -54,6 +63,12 @@ DIRECT_CHUNKS = Counter("tokenrelay_proxy_direct_chunks",
                         "Response chunks the replica reader wrote straight to the client socket "
                         "(direct writes)",
                         ["deployment"])
+IDLE_CLOSED = Counter("tokenrelay_proxy_idle_connections_closed",
+                      "Idle client connections closed to keep them within --max-idle-per-client and "
+                      "--max-idle-connections")
+CONNECTIONS_PARKED = Counter("tokenrelay_proxy_connections_parked",
+                             "New connections from an address over --max-idle-per-client, held unserved "
+                             "and closed later (proxy/gunicorn_worker.py)")
 AUTH_FAILURES = Counter("tokenrelay_proxy_auth_failures", "Requests refused with 401 (missing or unknown key)")
 TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
                   "Seconds since this worker last got a routing table (max over live workers)",

@@ -139,7 +139,15 @@ ERRORS: dict[str, str] = {
            "the API key's rate limit (code rate_limit_exceeded)",
     "503": "no healthy replica, or the replica failed before the first token (code no_healthy_replica)",
     "504": "no first token in time, or the request took longer than its total timeout (code timeout)",
+    # made by the HTTP server for requests it cannot parse, on any path (proxy/gunicorn_hooks.py)
+    "414": "request line too long (code uri_too_long)",
+    "417": "an Expect header other than 100-continue (code expectation_failed)",
+    "431": "request headers too many or too large (code request_header_fields_too_large)",
+    "500": "internal proxy error",
+    "501": "a Transfer-Encoding other than chunked (code not_implemented)",
 }
+# statuses every operation may answer (the HTTP server's own, a bad request line or header, a bug)
+_ANY_PATH_ERRORS = ("400", "414", "417", "431", "500", "501")
 
 
 def _error(status: str) -> Schema:
@@ -246,3 +254,9 @@ SPEC: Schema = {
                                            "description": "required on /v1 when API keys are configured"}},
     },
 }
+
+
+for _methods in SPEC["paths"].values():
+    for _operation in _methods.values():
+        for _status in _ANY_PATH_ERRORS:
+            _operation["responses"].setdefault(_status, _error(_status))

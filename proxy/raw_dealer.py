@@ -40,6 +40,13 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
+# The liveness bound of a replica: libzmq's I/O thread answers ZMTP pings even while the replica's Python
+# loop is busy, so a missed pong means the process is frozen (SIGSTOP, swapped out) or its host is gone.
+# Its requests are then resumed elsewhere (dispatch.Dispatch.resume) instead of waiting for it.
+HEARTBEAT_IVL_MS = 500
+LIVENESS_TIMEOUT_MS = 2000
+
+
 class RawDealer:
     """One connected DEALER, its FD watcher and its reader's Event (see the module doc's invariant)."""
 
@@ -55,8 +62,8 @@ class RawDealer:
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings: a vanished host -> EVENT_DISCONNECTED
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)  # ZMTP pings: a vanished host -> EVENT_DISCONNECTED
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LIVENESS_TIMEOUT_MS)
         if monitor is not None:
             sock.monitor(*monitor)
         if secure is not None:

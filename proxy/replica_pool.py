@@ -106,6 +106,13 @@ class ReplicaPool:
     def replica_ids(self) -> list[str]:
         return list(self._by_id)
 
+    def reachable(self) -> int:
+        """Replicas in the table this worker is connected to and has not seen die."""
+        return sum(1 for c in self._by_id.values() if c.connected and not c.down)
+
+    def all_connections(self) -> list[ReplicaConnection]:
+        return list(self._by_id.values()) + list(self._retired.values())
+
     def in_flight(self) -> int:
         return sum(len(c.inflight) for c in list(self._by_id.values()) + list(self._retired.values()))
 

@@ -16,7 +16,9 @@ RawDealer: the one class that relies on pyzmq's backend calls and ZMQ_FD's edges
 that every send or EVENTS read outside its reader goes through `poke` (stated there).
 
 Failure handling: ReplicaDead, a lost TCP connection (a replica SIGKILLed says nothing; libzmq heartbeats
-catch a vanished host) and leaving the routing table all fail every in-flight request on that replica.
+catch a vanished host or a frozen process, raw_dealer.LIVENESS_TIMEOUT_MS) and leaving the routing table
+all fail every in-flight request on that replica, marked `lost` so the request's Dispatch resumes it on
+another replica (the reader keeps each stream's token ids for that: `RequestStream.token_ids`).
 Must never block in a reader (it serves every request on the replica) nor raise out of a greenlet silently.
 
 Load: each connection keeps the replica's latest load report (router.ReplicaView): from the TokenBatches
@@ -46,8 +48,8 @@ from proxy.raw_dealer import RawDealer, Secure
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
-    Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, TokenBatch, decode_frames,
-    encode,
+    SHUTTING_DOWN, Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, TokenBatch,
+    decode_frames, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class ReplicaConnection:
         self.down = False
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
+        self.draining = False  # it said it is shutting down (protocol.SHUTTING_DOWN): no new requests
         monitor_addr = "inproc://tokenrelay-replica-monitor-%d" % next(_monitor_ids)
         self._dealer = RawDealer(ctx, identity, self.endpoint, hwm, (monitor_addr, _MONITOR_EVENTS), secure)
         self._monitor = ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
@@ -105,7 +108,8 @@ class ReplicaConnection:
         """A request is done with this replica: unregister it, and abort it if still running there."""
         if self.inflight.pop(stream.request_id, None) is not None:
             self._on_capacity(self.deployment)
-        if not stream.finished and not self.closed:
+        if (not stream.finished or stream.lost) and not self.closed:
+            # a lost replica may come back (thawed, reconnected) still generating a request that moved on
             try:
                 self._send(Abort(request_ids=[stream.request_id]))
                 metrics.ABORTS.labels(self.deployment, stream.close_reason or "client_gone").inc()
@@ -171,6 +175,8 @@ class ReplicaConnection:
                 stream = inflight.get(delta.request_id)
                 if stream is None:
                     continue
+                stream.token_ids.extend(delta.token_ids)  # kept for a resume elsewhere if this replica is lost
+                stream.completion_tokens = delta.completion_tokens
                 sink = stream.sink  # direct writes: RequestStream.push's fast path, inlined (per token)
                 if sink is not None and delta.finish_reason is None:
                     if not sink.offer(delta):
@@ -186,6 +192,9 @@ class ReplicaConnection:
             if ended:
                 self._on_capacity(self.deployment)
         elif isinstance(msg, RequestError):
+            if msg.type == SHUTTING_DOWN and not self.draining:
+                log.info("[failover] replica %s is shutting down; no new requests go there", self.replica_id)
+                self.draining = True  # it refuses new requests: stop choosing it (not a failure)
             stream = self.inflight.pop(msg.request_id, None)
             if stream is not None:
                 stream.push(msg)
@@ -238,9 +247,11 @@ class ReplicaConnection:
             while True:
                 event = recv_monitor_message(self._monitor)["event"]
                 if event == zmq.EVENT_CONNECTED:
-                    if self.down:
+                    was_down = self.down
+                    if was_down:
                         log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
-                    self.connected, self.down = True, False
+                    self.connected, self.down, self.draining = True, False, False
+                    self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
                 elif event == zmq.EVENT_DISCONNECTED:
                     self._let_reader_drain()
                     log.warning("[failover] lost connection to replica %s at %s (%d in flight)",
@@ -268,14 +279,16 @@ class ReplicaConnection:
     def _mark_down(self, message: str) -> None:
         self.connected = False
         self.down = True
-        self.fail_all(503, message)
+        self.fail_all(503, message, lost=True)
         self._on_capacity(self.deployment)  # queued requests must learn there is one replica fewer
 
-    def fail_all(self, status: int, message: str) -> None:
+    def fail_all(self, status: int, message: str, lost: bool = False) -> None:
+        """Fail every request in flight here; `lost`: the replica (or the way to it) is gone, so they may
+        be resumed elsewhere (dispatch.Dispatch.resume)."""
         streams = list(self.inflight.values())
         self.inflight.clear()
         for stream in streams:
-            stream.fail(status, message)
+            stream.fail(status, message, lost=lost)
         if streams:
             log.warning("[failover] failed %d in-flight request(s) on replica %s: %s",
                         len(streams), self.replica_id, message)
@@ -294,6 +307,6 @@ class ReplicaConnection:
             return
         self.closed = True
         gevent.killall([self._reader, self._watcher], block=True, timeout=2)
-        self.fail_all(503, reason)
+        self.fail_all(503, reason, lost=True)
         self._dealer.close()
         self._monitor.close(linger=0)

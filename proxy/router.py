@@ -19,7 +19,9 @@ proxy), plus what races a report on the wire (reports come with every TokenBatch
 
 Choice (`Router.choose`), over the replicas that are usable (not down, breaker closed or probing, not
 already tried by this request):
-  * none usable                           -> NONE (the caller answers 503)
+  * none usable                           -> NONE (the caller answers 503), or DOWN when some are
+                                             listed but every one is down or ejected right now (their
+                                             processes restarting: the caller waits, like FULL, then 503)
   * with room: fresh reports first; a report older than `stale_after` is only used when no fresh
     replica has room
   * no replica with room                  -> FULL (the caller queues, then 429)
@@ -39,6 +41,7 @@ from typing import Collection, Optional, Sequence
 ROUTE = "route"
 FULL = "full"
 NONE = "none"
+DOWN = "down"
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,11 @@ class Router:
 
     def choose(self, views: Sequence[ReplicaView], policy: Policy, now: float, key: Optional[str] = None,
                exclude: Collection[str] = ()) -> Decision:
-        usable = [v for v in views if not v.down and v.allowed and v.replica_id not in exclude]
+        candidates = [v for v in views if v.replica_id not in exclude]
+        usable = [v for v in candidates if not v.down and v.allowed]
         usable = [v for v in usable if v.connected] or usable
         if not usable:
-            return Decision(NONE)
+            return Decision(DOWN if candidates else NONE)
         roomy = [v for v in usable if has_room(v, policy.workers)]
         if not roomy:
             return Decision(FULL)

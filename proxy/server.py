@@ -35,7 +35,7 @@ class ProxyApplication(BaseApplication):
         settings = {
             "bind": [c.bind],
             "workers": c.workers,
-            "worker_class": "gevent",
+            "worker_class": "proxy.gunicorn_worker.ProxyGeventWorker",  # gevent, idle connections bounded
             "worker_connections": c.worker_connections,
             "graceful_timeout": int(max(1, c.graceful_timeout)),
             "timeout": 30,
@@ -49,6 +49,7 @@ class ProxyApplication(BaseApplication):
             "control_socket_disable": True,
             "on_starting": self._on_starting,
             "post_worker_init": self._post_worker_init,
+            "post_request": _post_request,
             "worker_exit": self._worker_exit,
             "child_exit": _child_exit,
         }
@@ -62,6 +63,9 @@ class ProxyApplication(BaseApplication):
         # Runs in the worker after gevent patched it; the master never imports gevent/zmq code paths.
         from proxy.app import create_app
         from proxy.gateway import Gateway
+        from proxy.gunicorn_hooks import install_json_errors
+
+        install_json_errors()  # gunicorn's own errors (414, 431, bad headers) as OpenAI JSON
 
         self.gateway = Gateway(self.config)
         return create_app(self.gateway, self.config)
@@ -81,6 +85,15 @@ class ProxyApplication(BaseApplication):
                 self.gateway.stop()
             except Exception:
                 log.exception("[shutdown] closing the worker's gateway failed")
+
+
+def _post_request(worker: Any, req: Any, environ: dict[str, Any], resp: Any) -> None:
+    # In the worker, after a response: one refused with its big body unread closes the connection
+    # (proxy/gunicorn_hooks.py says why), instead of gunicorn draining the body through the worker.
+    from proxy.gunicorn_hooks import LINGER_ENV, linger_close
+
+    if environ.get(LINGER_ENV):
+        linger_close(environ["gunicorn.socket"])
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -7,8 +7,10 @@ one OS thread of the worker, so there is no lock: a greenlet switch only happens
 Items are `Delta` (running) or `RequestError` (terminal). A Delta with a finish_reason is terminal too.
 Never block in `push`: it runs on the reader greenlet that serves every request on the replica.
 
-Bounded: text waiting for a slow client is counted, and `push` refuses a delta that would take it past
-`max_pending` characters; the replica connection then aborts the request at the replica and fails the
+Bounded: text waiting for a slow client is counted, each queued delta as its characters plus
+ITEM_COST for the object around them (a flood of one-word deltas is mostly that overhead: 1 MiB of
+6-character deltas counted as text alone held ~30 MiB), and `push` refuses a delta that would take it
+past `max_pending`; the replica connection then aborts the request at the replica and fails the
 stream (`fail` always gets through and drops what was pending), so a slow reader costs at most that much
 memory, never more.
 
@@ -19,6 +21,7 @@ always queued, so the consumer (never the reader) ends the response.
 """
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 Item = Union[Delta, RequestError]
 
 DEFAULT_MAX_PENDING = 1 << 20
+ITEM_COST = 200  # about the bytes a queued Delta takes besides its text (struct, str header, id list)
 
 
 def is_terminal(item: Item) -> bool:
@@ -49,7 +53,8 @@ def as_error(item: Item) -> Optional[RequestError]:
 
 class RequestStream:
     __slots__ = ("request_id", "replica_id", "finished", "closed", "sent_at", "pending", "max_pending",
-                 "sink", "close_reason", "_items", "_event", "_on_close")
+                 "sink", "close_reason", "token_ids", "completion_tokens", "lost", "_items", "_event",
+                 "_on_close")
 
     def __init__(self, request_id: str, replica_id: str,
                  on_close: Optional[Callable[["RequestStream"], None]] = None, sent_at: float = 0.0,
@@ -59,10 +64,15 @@ class RequestStream:
         self.finished = False  # a terminal item was pushed: the replica is done with this request
         self.closed = False
         self.sent_at = sent_at  # when the request was sent to the replica (worker clock)
-        self.pending = 0  # characters of text queued and not yet taken by the request greenlet
+        self.pending = 0  # queued and not yet taken by the request greenlet: characters + ITEM_COST each
         self.max_pending = max_pending
         self.close_reason = ""  # why it was closed: the abort reason when it had not finished
         self.sink: Optional[ClientSink] = None  # attached only while the consumer waits with nothing queued
+        # kept by the replica reader for a resume elsewhere (dispatch.Dispatch.resume): the token ids of
+        # every delta received, and the replica's running count of completion tokens
+        self.token_ids = array("q")  # 8 bytes an id
+        self.completion_tokens = 0
+        self.lost = False  # failed because the replica died or its connection was lost (not the request)
         self._items: deque[Item] = deque()
         self._event = Event()
         self._on_close = on_close
@@ -79,7 +89,7 @@ class RequestStream:
                 return True
             self.sink = None  # a terminal item: the consumer ends the response
         if isinstance(item, Delta):
-            size = len(item.text)
+            size = len(item.text) + ITEM_COST
             if self.pending + size > self.max_pending and self._items:
                 return False
             self.pending += size
@@ -94,7 +104,10 @@ class RequestStream:
         self.sink = None
         self._event.set()
 
-    def fail(self, status: int, message: str, type_: str = "server_error", drop_pending: bool = False) -> None:
+    def fail(self, status: int, message: str, type_: str = "server_error", drop_pending: bool = False,
+             lost: bool = False) -> None:
+        if lost and not self.finished:
+            self.lost = True
         if drop_pending and not self.finished:
             self._items.clear()
             self.pending = 0
@@ -132,7 +145,7 @@ class RequestStream:
     def _take(self) -> Item:
         item = self._items.popleft()
         if isinstance(item, Delta):
-            self.pending -= len(item.text)
+            self.pending -= len(item.text) + ITEM_COST
         return item
 
     def close(self, reason: str = "client_gone") -> None:

@@ -10,8 +10,10 @@ Rules for an offered table (from the SUB or a snapshot reply):
                                             still counts as fresh
   * same epoch, version == ours + 1      -> apply
   * same epoch, version  > ours + 1      -> gap: apply (tables are always whole) and resync
-A table is stale when none was applied or refreshed for `stale_after` seconds. Stale means /ready says
-503, but routing goes on with the last table: the head being down must not stop serving.
+A table is stale when none was applied or refreshed for `stale_after` seconds. Routing goes on with the
+last table, and /ready stays 200 (saying the table is stale) while the worker still has a replica it can
+reach: the head being down is a control-plane outage, and must not make load balancers pull every proxy
+out. Only a stale table with no reachable replica is not ready.
 """
 from __future__ import annotations
 
@@ -87,13 +89,17 @@ class TableState:
             return "fresh"
         return None
 
-    def readiness(self, now: float) -> tuple[bool, str]:
-        """(ready, reason) for GET /ready."""
+    def readiness(self, now: float, reachable: Optional[int] = None) -> tuple[bool, str]:
+        """(ready, reason) for GET /ready; reason "ok" when all is well. `reachable`: replicas of the
+        table this worker is connected to (None: unknown, counted as none when the table is stale)."""
         if self.table is None:
             return False, "no routing table received from the head yet"
-        if self.is_stale(now):
-            return False, "routing table is stale: none received for %.1fs (limit %.1fs)" % (
-                self.age(now) or 0.0, self.stale_after)
         if not any(d.replicas for d in self.table.deployments):
             return False, "no deployment has a healthy replica"
+        if self.is_stale(now):
+            stale = "routing table is stale: none received for %.1fs (limit %.1fs)" % (
+                self.age(now) or 0.0, self.stale_after)
+            if not reachable:
+                return False, stale + ", and no replica of it is reachable"
+            return True, stale + "; serving with the last table (%d replica(s) reachable)" % reachable
         return True, "ok"

@@ -58,6 +58,15 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
+class Resume(msgspec.Struct, frozen=True, array_like=True):
+    """GenerateRequest.resume: the request already produced `token_ids` (completion tokens, in order) on
+    a replica that was lost; the client has their text. The engine continues after them as if it had
+    generated them itself: its first delta holds token len(token_ids), `completion_tokens` counts them
+    too, and `max_tokens` bounds the total. An engine that cannot resume refuses the request (501)."""
+
+    token_ids: list[int]
+
+
 class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     """proxy -> replica. `prompt` for completions and the plain endpoint, `messages` for chat.
 
@@ -73,6 +82,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     params: SamplingParams = SamplingParams()
     endpoint: str = ""
     body: bytes = b""
+    resume: Optional[Resume] = None  # set when the proxy moves a stream here from a lost replica
 
 
 class Abort(msgspec.Struct, frozen=True):
@@ -82,13 +92,17 @@ class Abort(msgspec.Struct, frozen=True):
 
 
 class Delta(msgspec.Struct, frozen=True, array_like=True):
-    """New text of one request since the previous delta. Token counts are running totals."""
+    """New text of one request since the previous delta. Token counts are running totals.
+
+    `token_ids`: the completion token ids behind `text` (new ones only), which the proxy keeps so it can
+    resume the request elsewhere (GenerateRequest.resume); empty from engines that do not report them."""
 
     request_id: str
     text: str
     finish_reason: Optional[str]  # None while running; "stop", "length", "abort" at the end
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = []
 
 
 class TokenBatch(msgspec.Struct, frozen=True, array_like=True):
@@ -113,6 +127,12 @@ class RequestError(msgspec.Struct, frozen=True):
     type: str = "server_error"
     param: Optional[str] = None
     body: bytes = b""  # a relayed request's error body exactly as the engine's serving layer wrote it
+
+
+# RequestError.type of a replica that is shutting down (drain): it refused the request or stopped it
+# unfinished. Not the replica's fault and not the request's: proxies send it elsewhere (or resume it there)
+# and never count it against the replica.
+SHUTTING_DOWN = "service_unavailable"
 
 
 class ReplicaDead(msgspec.Struct, frozen=True):
@@ -286,6 +306,7 @@ class RoutingSettings(msgspec.Struct, frozen=True):
     session_affinity: bool = True  # X-Session-ID picks the replica (with the same load guard)
     queue_size: int = 32  # requests one proxy worker holds waiting for a free replica
     queue_timeout_s: float = 2.0  # longest wait in that queue before 429
+    resume: bool = True  # a stream whose replica is lost mid-way goes on on another one (docs/api.md)
 
 
 class TimeoutSettings(msgspec.Struct, frozen=True):

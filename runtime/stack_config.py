@@ -241,6 +241,9 @@ def _routing(raw: Any, where: str) -> RoutingSettings:
     if not isinstance(affinity, bool):
         raise ValueError("%s.session_affinity: must be true or false, got %r" % (where, affinity))
     timeout = _number(raw.get("queue_timeout_s", d.queue_timeout_s), where + ".queue_timeout_s")
+    resume = raw.get("resume", d.resume)
+    if not isinstance(resume, bool):
+        raise ValueError("%s.resume: must be true or false, got %r" % (where, resume))
     return RoutingSettings(
         policy=policy,
         prefix_chars=_int(raw.get("prefix_chars", d.prefix_chars), where + ".prefix_chars", 1),
@@ -248,6 +251,7 @@ def _routing(raw: Any, where: str) -> RoutingSettings:
         session_affinity=affinity,
         queue_size=_int(raw.get("queue_size", d.queue_size), where + ".queue_size", 0),
         queue_timeout_s=timeout,
+        resume=resume,
     )
 
 

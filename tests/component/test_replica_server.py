@@ -4,7 +4,7 @@ import asyncio
 import zmq
 import zmq.asyncio
 
-from model_proc.config import EXIT_ENGINE_DIED, ReplicaConfig
+from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, ReplicaConfig
 from model_proc.engine import create_engine
 from model_proc.server import ReplicaServer
 from runtime.protocol import (
@@ -173,5 +173,32 @@ def test_load_reaches_every_proxy_worker_once():
         await asyncio.wait_for(task, 5)
         idle.close(0)
         busy.close(0)
+        ctx.term()
+    asyncio.run(go())
+
+
+def test_a_crash_in_the_receive_path_is_announced_and_exits_non_zero():
+    """engine.abort raising inside the receive loop: never a deaf replica that still looks alive."""
+    async def go():
+        ctx = zmq.asyncio.Context()
+        agent = ctx.socket(zmq.ROUTER)
+        port = agent.bind_to_random_port("tcp://127.0.0.1")
+        server, task = await _start({"ttft_ms": 1, "itl_ms": 50, "abort_raises": True}, ctx,
+                                    agent="tcp://127.0.0.1:%d" % port)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        await dealer.send_multipart(encode(GenerateRequest("a", prompt="p", params=SamplingParams(max_tokens=100))))
+        await _recv(dealer)
+        await dealer.send_multipart(encode(Abort(["a"])))
+        msg = await _recv(dealer)
+        while isinstance(msg, TokenBatch):
+            msg = await _recv(dealer)
+        assert isinstance(msg, ReplicaDead) and "receive loop crashed" in msg.reason
+        assert await asyncio.wait_for(task, 5) == EXIT_CRASH
+        seen_dead = False
+        while not seen_dead:
+            seen_dead = isinstance(await _recv(agent), ReplicaDead)
+        dealer.close(0)
+        agent.close(0)
         ctx.term()
     asyncio.run(go())

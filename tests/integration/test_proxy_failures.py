@@ -40,10 +40,11 @@ DEPLOYMENTS = [
     mock("flood", ttft_ms=10, itl_ms=0, tokens=FLOOD, max_context=2 * FLOOD),
     mock("brisk", ttft_ms=10, itl_ms=1, tokens=1500),
 ]
-# characters held for a slow client (TOKENRELAY_PROXY_MAX_PENDING_CHARS): well above what the replica
-# reader hands over in one wakeup (1000 messages of ~6 characters); the flood (itl 0, tens of thousands
-# of tokens a second) fills it within a second once the kernel's socket buffers are full
-MAX_PENDING = 20000
+# held for a slow client (TOKENRELAY_PROXY_MAX_PENDING_CHARS: characters + streams.ITEM_COST per delta):
+# well above what the replica reader hands over in one wakeup (1000 messages of ~6 characters, 206,000);
+# the flood (itl 0, tens of thousands of tokens a second) fills it within a second once the kernel's
+# socket buffers are full
+MAX_PENDING = 300000
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +166,22 @@ def test_disconnect_mid_stream_stops_the_engine_within_a_second(stack: Stack) ->
     assert time.monotonic() - closed_at < 5
 
 
+def test_disconnect_of_a_non_streaming_client_stops_the_engine_within_a_second(stack: Stack) -> None:
+    before = totals(stack, "endless")
+    sock = raw_request(stack, {"model": "endless", "prompt": "whole", "max_tokens": 4000})
+    started = time.monotonic()
+    wait_for(lambda: totals(stack, "endless")["running"] > before["running"], 5, "the request to run")
+    time.sleep(1.0)  # the client gives up mid-way; nothing was sent to it yet
+    sock.close()
+    closed_at = time.monotonic()
+    wait_for(lambda: totals(stack, "endless")["requests_aborted"] > before["requests_aborted"]
+             and totals(stack, "endless")["running"] == 0, 5, "the abort at the replica")
+    generated = totals(stack, "endless")["tokens_generated"] - before["tokens_generated"]
+    # tokens made while the client was there, plus at most a second's worth after it left
+    assert generated < (closed_at - started + 1.0) * 1000 / ITL_MS, generated
+    assert generated < 4000
+
+
 def test_disconnect_while_waiting_for_the_first_token_aborts_too(stack: Stack) -> None:
     before = totals(stack, "slowstart")
     sock = raw_request(stack, {"model": "slowstart", "prompt": "never mind", "stream": True})
@@ -193,6 +210,30 @@ def test_slow_reader_is_cut_off_and_the_replica_stops(stack: Stack) -> None:
     assert after["tokens_generated"] - before["tokens_generated"] < FLOOD  # stopped before the end
     wait_for(lambda: totals(stack, "flood")["running"] == 0, 3, "the replica to be idle")
     assert "client reads too slowly" in stack.log()
+
+
+def proxy_workers_rss(stack: Stack) -> int:
+    procs = [p for p in stack.tree() if "worker" in " ".join(p.cmdline()) and "proxy" in " ".join(p.cmdline())]
+    assert procs, [" ".join(p.cmdline()) for p in stack.tree()]
+    return sum(p.memory_info().rss for p in procs)
+
+
+def test_ten_slow_readers_cost_a_bounded_amount_of_memory(stack: Stack) -> None:
+    before = totals(stack, "flood")
+    rss_before = proxy_workers_rss(stack)
+    socks = [raw_request(stack, {"model": "flood", "prompt": "x", "stream": True}, rcvbuf=2048) for _ in range(10)]
+    wait_for(lambda: totals(stack, "flood")["requests_aborted"] >= before["requests_aborted"] + 10, 30,
+             "all ten slow readers cut off")
+    rss_peak = proxy_workers_rss(stack)
+    for sock in socks:
+        sock.close()
+    grown = rss_peak - rss_before
+    print("\n[slow readers] proxy worker RSS %.1f -> %.1f MiB with 10 slow readers cut off (bound %.1f MiB "
+          "each)" % (rss_before / 2**20, rss_peak / 2**20, MAX_PENDING / 2**20))
+    # each reader holds at most ~MAX_PENDING (text and delta objects) until it is cut off; the rest is
+    # the flood itself (libzmq's receive queue, allocator arenas): 16-31 MiB seen here in all, against
+    # +168 MiB when only the text was counted (~30 times the bound per reader, as the issue saw)
+    assert grown < 10 * 2 * MAX_PENDING + (40 << 20), grown
 
 
 def test_a_reader_that_keeps_up_gets_everything(stack: Stack) -> None:

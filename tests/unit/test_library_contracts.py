@@ -10,6 +10,8 @@ upgrade of the pinned library changes what that class relies on:
   gevent             a gevent socket's `_sock`: the stdlib socket     proxy/client_sink.py ClientSink,
                      it wraps                                         proxy/middleware.py client_probe
   gunicorn           environ["gunicorn.socket"]: the client socket    proxy/client_sink.py ClientSink
+                     util.write_error(sock, status, reason, mesg),    proxy/gunicorn_hooks.py
+                     called as util.write_error by handle_error       install_json_errors
   prometheus-client  a histogram child's `_upper_bounds`, `_buckets`  proxy/metrics.py BatchedObservations
                      (per-bucket, non-cumulative) and `_sum`
 """
@@ -89,3 +91,12 @@ def test_prometheus_histogram_child_layout() -> None:
     child.observe(0.5)
     assert [b.get() for b in child._buckets] == [0, 1, 0]  # per bucket, not cumulative
     assert child._sum.get() == 0.5
+
+
+def test_gunicorn_writes_its_own_errors_through_util_write_error() -> None:
+    from gunicorn import util
+    from gunicorn.workers import base
+
+    assert list(inspect.signature(util.write_error).parameters) == ["sock", "status_int", "reason", "mesg"]
+    source = inspect.getsource(base.Worker.handle_error)
+    assert "util.write_error(client, status_int, reason, mesg)" in source

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from model_proc.engine import EngineLoadError, EngineRequestError, create_engine
-from runtime.protocol import ChatMessage, GenerateRequest, SamplingParams
+from runtime.protocol import ChatMessage, GenerateRequest, Resume, SamplingParams
 
 
 class Sink:
@@ -13,8 +13,10 @@ class Sink:
         self.fatals = []
         self.done = asyncio.Event()
 
-    def emit(self, rid, text, finish, prompt_tokens, completion_tokens):
+    def emit(self, rid, text, finish, prompt_tokens, completion_tokens, token_ids=()):
         self.deltas.append((rid, text, finish, prompt_tokens, completion_tokens))
+        self.ids = getattr(self, "ids", []) + list(token_ids)
+        self.times = getattr(self, "times", []) + [asyncio.get_running_loop().time()]
         if finish:
             self.done.set()
 
@@ -92,6 +94,55 @@ def test_bad_args_and_too_long_prompts():
         eng.add_request(GenerateRequest("a", prompt="a b c", params=SamplingParams(max_tokens=2)))
     with pytest.raises(EngineRequestError, match="maximum context length is 4"):
         run(go())
+
+
+def _generate(request, args=None):
+    async def go():
+        eng = create_engine("mock", "m", args or {"ttft_ms": 0, "itl_ms": 0})
+        sink = Sink()
+        await eng.start(sink)
+        eng.add_request(request)
+        await sink.done.wait()
+        return sink
+    return run(go())
+
+
+def test_resumed_request_continues_exactly_where_the_lost_replica_was():
+    params = SamplingParams(max_tokens=12)
+    whole = _generate(GenerateRequest("a", prompt="resume me", params=params))
+    for cut in (1, 5, 11):
+        rest = _generate(GenerateRequest("b", prompt="resume me", params=params, resume=Resume(whole.ids[:cut])))
+        assert "".join(d[1] for d in whole.deltas[:cut] + rest.deltas) == "".join(d[1] for d in whole.deltas)
+        assert [d[4] for d in rest.deltas] == list(range(cut + 1, 13))  # counts include the replayed tokens
+        assert rest.deltas[-1][2] == "length"
+    done = _generate(GenerateRequest("c", prompt="resume me", params=params, resume=Resume(whole.ids)))
+    assert done.deltas == [("c", "", "length", 2, 12)]  # only the end was lost
+
+
+def test_resume_with_foreign_token_ids_is_refused():
+    async def go():
+        eng = create_engine("mock", "m", {})
+        await eng.start(Sink())
+        eng.add_request(GenerateRequest("x", prompt="p", resume=Resume([10**6])))
+    with pytest.raises(EngineRequestError, match="resume"):
+        run(go())
+
+
+def test_tokens_follow_an_absolute_schedule_without_drift():
+    """A loop stalled for 30 ms mid-stream delays the tokens due meanwhile, not every later one."""
+    async def go():
+        import time
+        eng = create_engine("mock", "m", {"ttft_ms": 20, "itl_ms": 5})
+        sink = Sink()
+        await eng.start(sink)
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        eng.add_request(GenerateRequest("t", prompt="timing", params=SamplingParams(max_tokens=40)))
+        loop.call_later(0.06, time.sleep, 0.03)  # the loop is late by 30 ms once, around token 8
+        await sink.done.wait()
+        return begun, sink.times
+    begun, times = run(go())
+    assert abs(times[-1] - (begun + 0.020 + 39 * 0.005)) < 0.012, times[-1] - begun  # not 30 ms late
 
 
 def test_relayed_openai_bodies_are_refused_naming_the_endpoint():

@@ -6,7 +6,7 @@ import pytest
 from proxy.admission import (
     ADMIT, REJECT_FULL, REJECT_NONE, REJECT_TIMEOUT, WAIT, AdmissionQueue, decide, retry_after,
 )
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers
 from proxy.router import FULL, NONE, ROUTE
 
 # --------------------------------------------------------------------------- admission decisions
@@ -117,3 +117,31 @@ def test_breaker_probe_that_never_reports_frees_the_slot_after_a_cooldown() -> N
     assert b.on_send(2.0)
     assert not b.allow(3.9)
     assert b.allow(4.0)  # the probe's client went away: try again
+
+
+def test_breakers_never_eject_more_than_the_share_of_a_deployment() -> None:
+    board = Breakers(failures=2, cooldown=5.0, max_share=0.5)
+    reps = [("r%d" % i, "tcp://h:%d" % i) for i in range(4)]
+    outcomes = [board.failure(r, reps, 0.0) for _ in range(2) for r in reps]  # every replica fails twice
+    ejected = [r for r in reps if board.get(r).state(0.1) == OPEN]
+    assert len(ejected) == 2  # half of four; the other two stay in rotation
+    assert sum(1 for opened, capped in outcomes if capped) == 2
+    # once an ejected one is back, another may go
+    board.get(ejected[0]).success(1.0)
+    kept = [r for r in reps if r not in ejected][0]
+    assert board.failure(kept, reps, 1.0) == (True, False)
+
+
+def test_breakers_with_one_replica_never_eject_it_at_the_default_share() -> None:
+    board = Breakers(failures=1, cooldown=5.0)
+    only = [("r0", "tcp://h:1")]
+    assert board.failure(only[0], only, 0.0) == (False, True)
+    assert board.get(only[0]).allow(0.0)
+
+
+def test_a_restarted_replica_is_a_new_incarnation_with_a_clean_breaker() -> None:
+    board = Breakers(failures=1, cooldown=60.0, max_share=1.0)
+    old, new = ("r0", "tcp://h:1000"), ("r0", "tcp://h:2000")
+    assert board.failure(old, [old], 0.0) == (True, False)
+    assert not board.get(old).allow(1.0)
+    assert board.get(new).allow(1.0)  # same replica id, new process (new port): not ejected

@@ -16,9 +16,9 @@ from proxy.admission import AdmissionQueue
 from proxy.dispatch import Dispatch, Limits
 from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, UpstreamError, UpstreamTimeout
 from proxy.replicas import ReplicaUnavailable
-from proxy.router import FULL, NONE, ROUTE, Decision
+from proxy.router import DOWN, FULL, NONE, ROUTE, Decision
 from proxy.streams import Item, RequestStream
-from runtime.protocol import Delta, GenerateRequest, RequestError
+from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError
 
 Script = Callable[[str], list[Item]]
 
@@ -41,11 +41,16 @@ class FakeCluster:
         self.sent: list[str] = []
         self.records: list[tuple[str, bool]] = []
         self.streams: list[RequestStream] = []
+        self.down = False
+        self.draining: set[str] = set()
 
     def choose(self, deployment: str, key: Optional[str], exclude: frozenset[str]) -> Decision:
         usable = [r for r in self.scripts if r not in exclude]
         if not usable:
             return Decision(NONE)
+        usable = [r for r in usable if r not in self.draining]  # as ReplicaConnection.draining
+        if self.down or not usable:  # listed, but every one is down or draining for now
+            return Decision(DOWN)
         roomy = [r for r in usable if self.free[r] > 0]
         return Decision(ROUTE, roomy[0]) if roomy else Decision(FULL)
 
@@ -57,6 +62,8 @@ class FakeCluster:
         stream = RequestStream(request.request_id, replica_id, on_close=self._release)
         for item in self.scripts[replica_id](request.request_id):
             stream.push(item)
+            if isinstance(item, RequestError) and item.type == SHUTTING_DOWN:
+                self.draining.add(replica_id)
         self.streams.append(stream)
         return stream
 
@@ -100,6 +107,31 @@ def test_refused_before_the_first_token_is_retried_on_another_replica() -> None:
     assert c.sent == ["r1", "r2"]
     assert c.records == [("r1", False), ("r2", True)]
     assert c.streams[0].closed  # the failed attempt was let go
+
+
+def test_a_drain_refusal_is_retried_elsewhere_and_never_held_against_the_replica() -> None:
+    c = FakeCluster({"r1": lambda rid: [RequestError(rid, 503, "replica is shutting down", SHUTTING_DOWN)],
+                     "r2": ok})
+    d = dispatch(c)
+    d.admit()
+    assert d.first(None) is not None and d.stream.replica_id == "r2"
+    assert c.records == [("r2", True)]  # r1 is draining: not a failure
+
+
+def test_every_replica_down_waits_in_the_queue_for_one_to_come_back() -> None:
+    c = FakeCluster({"r1": ok}, queue_timeout=1.0)
+    c.down = True
+    gevent.spawn_later(0.2, lambda: (setattr(c, "down", False), c.q.wake_first()))
+    d = dispatch(c)
+    d.admit()
+    assert d.first(None) is not None and c.sent == ["r1"]
+
+
+def test_every_replica_down_past_the_queue_timeout_is_503_not_429() -> None:
+    c = FakeCluster({"r1": ok}, queue_timeout=0.2)
+    c.down = True
+    with pytest.raises(NoHealthyReplica, match="down"):
+        dispatch(c).admit()
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])

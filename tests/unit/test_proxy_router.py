@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.router import FULL, NONE, Policy, ReplicaView, Router, estimated_load, has_room, route_key
+from proxy.router import DOWN, FULL, NONE, Policy, ReplicaView, Router, estimated_load, has_room, route_key
 
 NOW = 100.0
 P2C = Policy("p2c", max_imbalance=2, stale_after=3.0)
@@ -96,11 +96,13 @@ def test_full_replicas_are_skipped_and_all_full_is_FULL() -> None:
     assert d.outcome == FULL and d.replica_id is None
 
 
-def test_no_usable_replica_is_NONE() -> None:
+def test_no_usable_replica_is_NONE_or_DOWN_when_listed_ones_are_down_for_now() -> None:
     router = Router(random.Random(1))
     assert router.choose([], P2C, NOW).outcome == NONE
+    assert router.choose([view("c")], P2C, NOW, exclude={"c"}).outcome == NONE  # tried already
     views = [view("a", down=True), view("b", allowed=False), view("c")]
-    assert router.choose(views, P2C, NOW, exclude={"c"}).outcome == NONE
+    # listed but down or ejected: they may come back (restarting), the caller waits for one
+    assert router.choose(views, P2C, NOW, exclude={"c"}).outcome == DOWN
 
 
 def test_down_ejected_and_already_tried_replicas_are_never_chosen() -> None:

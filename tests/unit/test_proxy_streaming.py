@@ -12,7 +12,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import ProxyConfig
-from proxy.streams import RequestStream
+from proxy.streams import ITEM_COST, RequestStream
 from runtime.protocol import Delta, DeploymentRoute, ReplicaRoute, TimeoutSettings
 from tests.unit.test_proxy_app import FakeBackend, assert_openai_error, chat_body
 
@@ -119,9 +119,9 @@ def test_deployment_timeouts_override_the_proxy_defaults() -> None:
 
 
 def test_stream_buffer_is_bounded() -> None:
-    s = RequestStream("r", "rep", max_pending=10)
+    s = RequestStream("r", "rep", max_pending=10 + 2 * ITEM_COST)
     assert s.push(Delta("r", "x" * 6, None, 1, 1))
-    assert s.push(Delta("r", "x" * 4, None, 1, 2)) and s.pending == 10
+    assert s.push(Delta("r", "x" * 4, None, 1, 2)) and s.pending == 10 + 2 * ITEM_COST
     assert not s.push(Delta("r", "y", None, 1, 3))  # refused: the connection cuts the request off
     s.fail(408, "too slow", drop_pending=True)
     assert s.finished and s.pending == 0
@@ -134,13 +134,21 @@ def test_a_single_big_delta_is_accepted_into_an_empty_buffer() -> None:
     assert s.push(Delta("r", "x" * 100, None, 1, 1))
 
 
+def test_many_small_deltas_count_their_overhead_not_just_their_text() -> None:
+    s = RequestStream("r", "rep", max_pending=100 * (6 + ITEM_COST))
+    pushed = 0
+    while s.push(Delta("r", "word. ", None, 1, pushed + 1)):
+        pushed += 1
+    assert pushed == 100  # not 100 * (6 + ITEM_COST) / 6 objects for a bound of that many characters
+
+
 def test_drain_coalesces_up_to_the_bound_and_stops_at_a_terminal_item() -> None:
     s = RequestStream("r", "rep")
     for i in range(5):
         s.push(Delta("r", "abc", None, 1, i + 1))
     s.push(Delta("r", "", "stop", 1, 6))
     first = s.drain(7)
-    assert [d.text for d in first] == ["abc", "abc"] and s.pending == 9
+    assert [d.text for d in first] == ["abc", "abc"] and s.pending == 3 * (3 + ITEM_COST) + ITEM_COST
     rest = s.drain(100)
     assert [d.finish_reason for d in rest] == [None, None, None, "stop"] and s.pending == 0
     assert s.drain(100) == []

@@ -99,7 +99,12 @@ def test_readiness_reasons() -> None:
     s.offer(table(1, 2, replicas=1), 1.0)
     assert s.readiness(2.0) == (True, "ok")
     ready, reason = s.readiness(10.0)
+    assert not ready and "stale" in reason and "no replica" in reason
+    ready, reason = s.readiness(10.0, reachable=0)
     assert not ready and "stale" in reason
+    # the head is gone but the replicas are not: still ready, saying the table is stale
+    ready, reason = s.readiness(10.0, reachable=2)
+    assert ready and "stale" in reason and "2 replica(s) reachable" in reason
 
 
 def test_backoff_doubles_to_a_cap_and_resets() -> None:
