@@ -22,7 +22,7 @@ async def _server(**kwargs) -> FloorServer:
 
 def test_stream_timing_and_content():
     async def main():
-        server = await _server(tokens=8)
+        server = await _server(tokens=8, schedule="relative")  # each gap >= ITL (absolute: see below)
         conn = Connection("127.0.0.1", server.port)
         body = {"model": "mock", "prompt": "hi", "stream": True, "stream_options": {"include_usage": True}}
         rec, gaps = await conn.stream(build_request("127.0.0.1", server.port, "/v1/completions", body), 10)
