@@ -299,16 +299,30 @@ class Recorder(threading.Thread):
             dst.close()
 
 
-def replay(target: tuple[str, int], chunks: list[bytes]) -> None:
-    with socket.create_connection(target, timeout=2) as sock:
-        for chunk in chunks:
+def replay(target: tuple[str, int], chunks: list[bytes]) -> socket.socket:
+    """Send what the client sent, piece by piece as it did, reading the server's answer to each piece
+    before the next (libzmq's handshake is lock-step); the connection is returned."""
+    sock = socket.create_connection(target, timeout=0.5)
+    for chunk in chunks:
+        try:
             sock.sendall(chunk)
-            time.sleep(0.1)
-            try:
-                sock.recv(65536)
-            except OSError:
-                break
-        time.sleep(0.5)
+            sock.recv(65536)
+        except socket.timeout:  # nothing to answer to this piece (e.g. a ZMTP command): go on
+            continue
+        except OSError:  # hung up
+            break
+    sock.settimeout(10)
+    return sock
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """True when the server closes the connection (within the socket's timeout), reading what it sends."""
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except OSError:  # timed out: the server kept the connection
+        return False
 
 
 @pytest.mark.parametrize("insecure", [False, True], ids=["curve", "insecure"])
@@ -328,10 +342,12 @@ def test_captured_and_replayed_deploy_is_refused(tmp_path, monkeypatch, insecure
         head_client.deploy("tcp://127.0.0.1:%d" % rec.port, token, spec, keys=keys)
         head_client.delete(c.head, token, "replayed", keys=keys)
         assert "replayed" not in c.status()["deployments"]
-        replay((host, int(port)), rec.sent)
-        time.sleep(0.5)
-        replayed = "replayed" in c.status()["deployments"]
-        assert replayed == insecure  # plain ZeroMQ executes the replayed deploy; CURVE's nonces refuse it
+        with replay((host, int(port)), rec.sent) as sock:
+            if insecure:  # plain ZeroMQ executes the replayed deploy
+                wait_for(lambda: "replayed" in c.status()["deployments"], 10, "the replayed deploy")
+            else:  # CURVE: the replayed INITIATE's cookie is not this session's: the head hangs up
+                assert hung_up(sock), "the head kept a replayed CURVE connection open"
+                assert "replayed" not in c.status()["deployments"]
     finally:
         c.stop_all()
 
