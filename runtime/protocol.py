@@ -361,11 +361,88 @@ class DeleteRequest(msgspec.Struct, frozen=True):
     name: str
 
 
+class ReplicaStatusRow(msgspec.Struct):
+    """One replica in `tokenrelay status` (filled by head.cluster; head.metrics adds the usage fields).
+    Encoded as a map with the same keys the reply carried when it was a dict, so old CLIs still read it."""
+
+    replica_id: str
+    agent: str
+    host: str
+    state: str          # a ReplicaState value, or "assigned" (not yet reported) / "draining"
+    generation: int
+    endpoint: str = ""
+    pid: int = 0
+    restarts: int = 0
+    age_s: float = 0.0
+    message: str = ""
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    tokens_generated: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    metrics_endpoint: str = ""
+
+
+class AutoscaleStatus(msgspec.Struct, frozen=True):
+    desired: int
+    wanted: int
+    reason: str
+
+
+class DeploymentStatus(msgspec.Struct):
+    """One deployment in `tokenrelay status`: the spec as DeploymentSpec.to_dict() spells it, then the
+    head's view of it (state is "pending", "healthy" or "degraded")."""
+
+    name: str
+    engine: str
+    model: str
+    replicas: int
+    engine_args: dict[str, Any] = {}
+    gpus: int = 0
+    cpus: float = 0.0
+    memory: int = 0
+    max_ongoing_requests: int = 0
+    placement: dict[str, Any] = {}
+    drain_seconds: float = 0.0
+    routing: dict[str, Any] = {}
+    timeouts: dict[str, Any] = {}
+    rollout: dict[str, Any] = {}
+    autoscaling: Optional[dict[str, Any]] = None
+    state: str = ""
+    ready_replicas: int = 0
+    generation: int = 0
+    pending_reason: str = ""
+    rollout_note: str = ""
+    failures: str = ""
+    replica_list: list[ReplicaStatusRow] = []
+    autoscale: Optional[AutoscaleStatus] = None
+
+
+class AgentStatus(msgspec.Struct):
+    """One agent in `tokenrelay status` (head.cluster; head.metrics adds the usage fields)."""
+
+    agent_id: str
+    host: str
+    cpus: int
+    memory_bytes: int
+    gpus: list[GpuInfo] = []
+    labels: dict[str, str] = {}
+    last_heartbeat_s: float = 0.0
+    replicas: int = 0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    gpu_usage: list[GpuUsage] = []
+    metrics_endpoint: str = ""
+
+
 class StatusReply(msgspec.Struct, frozen=True):
     epoch: int
     version: int
-    deployments: list[dict[str, Any]]
-    agents: list[dict[str, Any]]
+    deployments: list[DeploymentStatus]
+    agents: list[AgentStatus]
 
 
 # --------------------------------------------------------------------------- framing
