@@ -18,13 +18,13 @@ from head.healing import Healer
 from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
     AgentHeartbeat, AgentRegister, AgentStatus, Capacity, DeploymentRoute, DeploymentStatus, ReplicaReport,
-    ReplicaRoute, ReplicaSpec, ReplicaStatusRow,
+    ReplicaRoute, ReplicaSpec, ReplicaState, ReplicaStatusRow,
 )
 from runtime.stack_config import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
-ROUTABLE_STATE = "ready"
+ROUTABLE_STATE = ReplicaState.READY
 DRAIN_DELAY = 1.0  # seconds a retired replica stays assigned after leaving routing (table propagation)
 
 

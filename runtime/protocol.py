@@ -28,6 +28,7 @@ per connected proxy worker, holding the new text of all that worker's requests.
 """
 from __future__ import annotations
 
+import enum
 from typing import Any, Optional, Union
 
 import msgspec
@@ -37,6 +38,28 @@ PROTOCOL_VERSION = 1
 
 class ProtocolError(ValueError):
     """A frame that is not a valid tokenrelay message (unknown type byte, bad payload)."""
+
+
+class StrEnum(str, enum.Enum):
+    """A state name that is also its string (enum.StrEnum before Python 3.11): compares equal to the bare
+    string, prints as it in %-style logs and metric labels, and msgspec encodes it as the string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class ReplicaState(StrEnum):
+    """A replica's state as its agent reports it (agent.lifecycle drives the transitions)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    FAILED = "failed"
 
 
 # --------------------------------------------------------------------------- data plane
@@ -206,7 +229,7 @@ class ReplicaReport(msgspec.Struct, frozen=True):
 
     replica_id: str
     deployment: str
-    state: str  # see agent.lifecycle.ReplicaState
+    state: ReplicaState  # an unknown name is a decode error, not a silently unroutable replica
     endpoint: str = ""
     pid: int = 0
     restarts: int = 0
@@ -368,7 +391,7 @@ class ReplicaStatusRow(msgspec.Struct):
     replica_id: str
     agent: str
     host: str
-    state: str          # a ReplicaState value, or "assigned" (not yet reported) / "draining"
+    state: str          # a ReplicaState, or "assigned" (not yet reported) / "draining" (head-side)
     generation: int
     endpoint: str = ""
     pid: int = 0
