@@ -3,7 +3,8 @@
 No sockets: a FakeCluster hands out RequestStreams pre-filled with scripted replica events. The Dispatch
 sleeps on gevent events but reads time from a FakeClock: frozen (a deadline never passes by itself, so a
 test decides what happens first by ordering events) or stepping on every read (deadlines pass after a few
-reads, whatever the machine's load). No assert reads the wall clock.
+reads, whatever the machine's load). Frozen is the default: a test that needs a deadline to pass says so.
+No assert reads the wall clock.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ LIMITS = Limits(first_token=0.3, total=5.0, max_attempts=3, retry_window=5.0)
 def dispatch(cluster: FakeCluster, limits: Limits = LIMITS, rid: str = "q1",
              client_gone: Callable[[], bool] = lambda: False, clock: Optional[FakeClock] = None) -> Dispatch:
     return Dispatch(cluster, "dep", GenerateRequest(rid, prompt="x"), None, limits,
-                    clock if clock is not None else FakeClock(step=0.01), client_gone)
+                    clock if clock is not None else FakeClock(), client_gone)
 
 
 def when(condition: Callable[[], bool], then: Callable[[], object]) -> gevent.Greenlet:
@@ -156,7 +157,7 @@ def test_every_replica_down_past_the_queue_timeout_is_503_not_429() -> None:
     c = FakeCluster({"r1": ok}, queue_timeout=0.2)
     c.down = True
     with pytest.raises(NoHealthyReplica, match="down"):
-        dispatch(c).admit()
+        dispatch(c, clock=FakeClock(step=0.05)).admit()
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
@@ -220,7 +221,7 @@ def test_unreachable_replica_on_send_moves_on() -> None:
 def test_first_token_timeout_still_applies_after_an_unreachable_first_choice() -> None:
     c = FakeCluster({"r1": ok, "r2": lambda rid: []})
     c.unreachable.add("r1")
-    d = dispatch(c, Limits(first_token=0.1, total=5.0))
+    d = dispatch(c, Limits(first_token=0.1, total=5.0), clock=FakeClock(step=0.05))
     d.admit()
     with pytest.raises(UpstreamTimeout, match="first token"):  # not the 5 s total limit
         d.first(None)
@@ -238,7 +239,7 @@ def test_no_replica_at_all_is_503() -> None:
 
 def test_first_returns_none_after_its_timeout_and_the_token_later() -> None:
     c = FakeCluster({"r1": lambda rid: []})
-    clock = FakeClock(step=0.01)
+    clock = FakeClock(step=0.02)
     d = dispatch(c, clock=clock)
     d.admit()
     assert d.first(0.05) is None and clock.now >= 0.05  # it gave up once its timeout had passed
@@ -249,7 +250,7 @@ def test_first_returns_none_after_its_timeout_and_the_token_later() -> None:
 
 def test_first_token_timeout_aborts_and_counts_against_the_replica() -> None:
     c = FakeCluster({"r1": lambda rid: [], "r2": ok})
-    d = dispatch(c, Limits(first_token=0.1, total=5.0))
+    d = dispatch(c, Limits(first_token=0.1, total=5.0), clock=FakeClock(step=0.05))
     d.admit()
     with pytest.raises(UpstreamTimeout) as info:
         d.first(None)
@@ -293,7 +294,7 @@ def test_queued_request_is_admitted_when_room_appears() -> None:
 
 def test_queued_request_times_out_with_429() -> None:
     c = FakeCluster({"r1": ok}, capacity=0, queue_size=4, queue_timeout=0.1)
-    clock = FakeClock(step=0.01)
+    clock = FakeClock(step=0.05)
     with pytest.raises(Overloaded) as info:
         dispatch(c, clock=clock).admit()
     assert clock.now >= 0.1  # it gave up only once the queue timeout had passed
