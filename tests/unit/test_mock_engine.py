@@ -170,7 +170,7 @@ def test_tokens_follow_an_absolute_schedule_without_drift():
         loop.close()
     assert len(times) == 40
     due = [begun + 0.020 + k * 0.005 for k in range(40)]
-    late = [round(t - d, 6) for t, d in zip(times, due)]
+    late = [round(t - d, 6) for t, d in zip(times, due, strict=True)]
     assert late[:9] == [0.0] * 9 and late[9] > 0.02  # the stall delays the token due during it ...
     assert late[-1] == 0.0, late  # ... and no later one: the last is on time, not 30 ms late
 
