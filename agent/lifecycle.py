@@ -13,21 +13,11 @@ process itself: the agent's reactor does that when these records say so.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
 from model_proc.config import EXIT_LOAD_ERROR, EXIT_USAGE
-from runtime.protocol import ReplicaReport, ReplicaSpec, ReplicaStatus
-
-
-class ReplicaState(str, enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    UNHEALTHY = "unhealthy"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    FAILED = "failed"
+from runtime.protocol import ReplicaReport, ReplicaSpec, ReplicaState, ReplicaStatus
 
 
 @dataclass(frozen=True)
@@ -156,7 +146,7 @@ class ReplicaRecord:
     def report(self, wall_offset: float = 0.0) -> ReplicaReport:
         """`wall_offset` turns this record's clock into wall time (other hosts read started_at)."""
         return ReplicaReport(
-            replica_id=self.replica_id, deployment=self.spec.deployment, state=self.state.value,
+            replica_id=self.replica_id, deployment=self.spec.deployment, state=self.state,
             endpoint=self.endpoint, pid=self.pid, restarts=self.restarts,
             started_at=self.started_at + wall_offset if self.started_at else 0.0,
             message=self.message, status=self.last_status, generation=self.spec.generation)

@@ -24,7 +24,7 @@ import zmq
 
 from agent.config import AgentConfig
 from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_cores
-from agent.lifecycle import ReplicaRecord, ReplicaState
+from agent.lifecycle import ReplicaRecord
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
 from model_proc.config import METRICS_HOST_ENV
@@ -35,7 +35,7 @@ from runtime.keyring import Registry, identity, server_public
 from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
-    ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaStatus, decode_frames, encode,
+    ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaState, ReplicaStatus, decode_frames, encode,
 )
 
 log = logging.getLogger(__name__)

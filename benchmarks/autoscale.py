@@ -77,10 +77,10 @@ def sampler(run: Run, stack: MockStack, model: str, stop: threading.Event) -> No
             reply = status(stack.control, token, timeout=1.0)
         except (HeadUnreachable, HeadRefused):
             continue
-        dep = next((d for d in reply.deployments if d["name"] == model), None)
+        dep = next((d for d in reply.deployments if d.name == model), None)
         if dep is not None:
-            run.samples.append((time.monotonic() - run.t0, run.clients, dep["replicas"], dep["ready_replicas"],
-                                (dep.get("autoscale") or {}).get("reason", "")))
+            run.samples.append((time.monotonic() - run.t0, run.clients, dep.replicas, dep.ready_replicas,
+                                dep.autoscale.reason if dep.autoscale else ""))
 
 
 def p90(values: list[float]) -> Optional[float]:

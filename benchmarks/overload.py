@@ -89,10 +89,10 @@ class LoadSampler:
             except (HeadRefused, HeadUnreachable):
                 continue
             for dep in reply.deployments:
-                if dep["name"] == self._deployment:
-                    for r in dep["replica_list"]:
-                        held = r["running"] + r["waiting"]
-                        self.peak[r["replica_id"]] = max(self.peak.get(r["replica_id"], 0), held)
+                if dep.name == self._deployment:
+                    for r in dep.replica_list:
+                        held = r.running + r.waiting
+                        self.peak[r.replica_id] = max(self.peak.get(r.replica_id, 0), held)
 
 
 def summarize(records: list[RequestRecord], duration: float) -> dict[str, Any]:

@@ -49,8 +49,8 @@ def prompts(n_prefixes: int) -> list[str]:
 
 def finished(head: str, token: str, deployment: str) -> Counter:
     reply = status(head, token, timeout=3.0)
-    dep = next(d for d in reply.deployments if d["name"] == deployment)
-    return Counter({r["replica_id"]: r["requests_finished"] for r in dep["replica_list"]})
+    dep = next(d for d in reply.deployments if d.name == deployment)
+    return Counter({r.replica_id: r.requests_finished for r in dep.replica_list})
 
 
 async def _one(port: int, body: dict[str, Any], failures: Counter, timeout: float) -> None:

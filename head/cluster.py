@@ -12,18 +12,19 @@ import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from head.healing import Healer
 from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
-    AgentHeartbeat, AgentRegister, Capacity, DeploymentRoute, ReplicaReport, ReplicaRoute, ReplicaSpec,
+    AgentHeartbeat, AgentRegister, AgentStatus, Capacity, DeploymentRoute, DeploymentStatus, ReplicaReport,
+    ReplicaRoute, ReplicaSpec, ReplicaState, ReplicaStatusRow,
 )
 from runtime.stack_config import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
-ROUTABLE_STATE = "ready"
+ROUTABLE_STATE = ReplicaState.READY
 DRAIN_DELAY = 1.0  # seconds a retired replica stays assigned after leaving routing (table propagation)
 
 
@@ -348,7 +349,7 @@ class ClusterState:
             out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts))
         return out
 
-    def status(self, now: float, wall_now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def status(self, now: float, wall_now: float) -> tuple[list[DeploymentStatus], list[AgentStatus]]:
         deployments = []
         for dep in sorted(self.deployments.values(), key=lambda d: d.name):
             replicas = []
@@ -358,35 +359,31 @@ class ClusterState:
                 rep = self._report(p)
                 agent = self.agents.get(p.agent_id)
                 st = rep.status if rep else None
-                replicas.append({
-                    "replica_id": p.replica_id, "agent": p.agent_id, "host": agent.host if agent else "",
-                    "state": "draining" if p.draining_since is not None else (rep.state if rep else "assigned"),
-                    "generation": p.generation, "endpoint": rep.endpoint if rep else "",
-                    "pid": rep.pid if rep else 0, "restarts": rep.restarts if rep else 0,
-                    "age_s": round(wall_now - rep.started_at, 1) if rep and rep.started_at else 0.0,
-                    "message": rep.message if rep else "",
-                    "running": st.running if st else 0, "waiting": st.waiting if st else 0,
-                    "kv_cache_usage": st.kv_cache_usage if st else 0.0,
-                    "tokens_generated": st.tokens_generated if st else 0,
-                    "requests_finished": st.requests_finished if st else 0,
-                    "requests_aborted": st.requests_aborted if st else 0,
-                })
-            ready = sum(1 for r in replicas if r["state"] == ROUTABLE_STATE
-                        and r["generation"] == self.generations[dep.name])
+                replicas.append(ReplicaStatusRow(
+                    replica_id=p.replica_id, agent=p.agent_id, host=agent.host if agent else "",
+                    state="draining" if p.draining_since is not None else (rep.state if rep else "assigned"),
+                    generation=p.generation, endpoint=rep.endpoint if rep else "",
+                    pid=rep.pid if rep else 0, restarts=rep.restarts if rep else 0,
+                    age_s=round(wall_now - rep.started_at, 1) if rep and rep.started_at else 0.0,
+                    message=rep.message if rep else "",
+                    running=st.running if st else 0, waiting=st.waiting if st else 0,
+                    kv_cache_usage=st.kv_cache_usage if st else 0.0,
+                    tokens_generated=st.tokens_generated if st else 0,
+                    requests_finished=st.requests_finished if st else 0,
+                    requests_aborted=st.requests_aborted if st else 0,
+                ))
+            ready = sum(1 for r in replicas if r.state == ROUTABLE_STATE
+                        and r.generation == self.generations[dep.name])
             state = "pending" if dep.name in self.pending_reason else (
                 "healthy" if ready >= dep.replicas else "degraded")
-            deployments.append({**dep.to_dict(), "state": state, "ready_replicas": ready,
-                                "generation": self.generations[dep.name],
-                                "pending_reason": self.pending_reason.get(dep.name, ""),
-                                "rollout_note": self.rollout_note.get(dep.name, ""),
-                                "failures": self.healer.describe(dep.name, now),
-                                "replica_list": replicas})
-        agents = [{
-            "agent_id": a.agent_id, "host": a.host, "cpus": a.capacity.cpus,
-            "memory_bytes": a.capacity.memory_bytes,
-            "gpus": [{"index": g.index, "name": g.name, "memory_bytes": g.memory_bytes}
-                     for g in a.capacity.gpus],
-            "labels": a.labels, "last_heartbeat_s": round(now - a.last_seen, 2),
-            "replicas": len(a.reports),
-        } for a in sorted(self.agents.values(), key=lambda a: a.agent_id)]
+            deployments.append(DeploymentStatus(
+                **dep.to_dict(), state=state, ready_replicas=ready, generation=self.generations[dep.name],
+                pending_reason=self.pending_reason.get(dep.name, ""),
+                rollout_note=self.rollout_note.get(dep.name, ""),
+                failures=self.healer.describe(dep.name, now), replica_list=replicas))
+        agents = [AgentStatus(
+            agent_id=a.agent_id, host=a.host, cpus=a.capacity.cpus, memory_bytes=a.capacity.memory_bytes,
+            gpus=list(a.capacity.gpus), labels=a.labels, last_heartbeat_s=round(now - a.last_seen, 2),
+            replicas=len(a.reports),
+        ) for a in sorted(self.agents.values(), key=lambda a: a.agent_id)]
         return deployments, agents

@@ -40,7 +40,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from runtime import metrics_http
-from runtime.protocol import AgentHeartbeat, AgentRegister, AgentUsage, HeadHello
+from runtime.protocol import AgentHeartbeat, AgentRegister, AgentStatus, AgentUsage, DeploymentStatus, HeadHello
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +159,15 @@ class HeadCollector(Collector):
         yield targets
 
 
-def summarize(deployments: list[dict[str, Any]]) -> tuple[tuple, tuple]:
+def summarize(deployments: list[DeploymentStatus]) -> tuple[tuple, tuple]:
     """(deployment rows, replica-state rows) for a Snapshot, from ClusterState.status() deployments."""
     rows, counts = [], []
     for d in deployments:
-        rows.append((d["name"], d["replicas"], d["ready_replicas"], d["state"]))
+        rows.append((d.name, d.replicas, d.ready_replicas, d.state))
         by_state = dict.fromkeys(REPLICA_STATES, 0)
-        for r in d["replica_list"]:
-            by_state[r["state"]] = by_state.get(r["state"], 0) + 1
-        counts += [(d["name"], s, n) for s, n in by_state.items()]
+        for r in d.replica_list:
+            by_state[r.state] = by_state.get(r.state, 0) + 1
+        counts += [(d.name, s, n) for s, n in by_state.items()]
     return tuple(rows), tuple(counts)
 
 
@@ -278,22 +278,19 @@ class HeadMetrics:
 
     # ------------------------------------------------------------------ `tokenrelay status`
 
-    def enrich_status(self, state: Any, deployments: list[dict[str, Any]],
-                      agents: list[dict[str, Any]]) -> None:
+    def enrich_status(self, state: Any, deployments: list[DeploymentStatus],
+                      agents: list[AgentStatus]) -> None:
         """Add resource use and metrics endpoints to ClusterState.status() rows, in place."""
         for d in deployments:
-            for r in d["replica_list"]:
-                agent = state.agents.get(r["agent"])
-                rep = agent.reports.get(r["replica_id"]) if agent is not None else None
-                r["cpu_percent"] = round(rep.cpu_percent, 1) if rep else 0.0
-                r["rss_bytes"] = rep.rss_bytes if rep else 0
-                r["metrics_endpoint"] = rep.metrics_endpoint if rep else ""
+            for r in d.replica_list:
+                agent = state.agents.get(r.agent)
+                rep = agent.reports.get(r.replica_id) if agent is not None else None
+                r.cpu_percent = round(rep.cpu_percent, 1) if rep else 0.0
+                r.rss_bytes = rep.rss_bytes if rep else 0
+                r.metrics_endpoint = rep.metrics_endpoint if rep else ""
         for a in agents:
-            usage = self.agent_usage.get(a["agent_id"])
-            a["cpu_percent"] = round(usage.cpu_percent, 1) if usage else 0.0
-            a["rss_bytes"] = usage.rss_bytes if usage else 0
-            a["gpu_usage"] = [{"index": g.index, "utilization": g.utilization,
-                               "memory_used_bytes": g.memory_used_bytes,
-                               "memory_total_bytes": g.memory_total_bytes}
-                              for g in (usage.gpus if usage else [])]
-            a["metrics_endpoint"] = self.agent_endpoints.get(a["agent_id"], "")
+            usage = self.agent_usage.get(a.agent_id)
+            a.cpu_percent = round(usage.cpu_percent, 1) if usage else 0.0
+            a.rss_bytes = usage.rss_bytes if usage else 0
+            a.gpu_usage = list(usage.gpus) if usage else []
+            a.metrics_endpoint = self.agent_endpoints.get(a.agent_id, "")

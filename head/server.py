@@ -36,8 +36,8 @@ from runtime import authz, curve
 from runtime.keyring import Registry, server_pair
 from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
-    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, ControlReply, DeleteRequest,
-    DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
+    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, AutoscaleStatus, ControlReply,
+    DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
     StatusRequest, decode, encode,
 )
 from runtime.stack_config import DeploymentSpec, check_replicas, parse_deployment
@@ -336,7 +336,7 @@ class Head:
             deployments, agents = self.state.status(now, time.time())
             self.metrics.enrich_status(self.state, deployments, agents)
             for d in deployments:
-                d["autoscale"] = self.autoscale_status(d["name"])
+                d.autoscale = self.autoscale_status(d.name)
             return StatusReply(self.tables.epoch, self.tables.version, deployments, agents)
         if isinstance(msg, DeployRequest):
             try:
@@ -412,10 +412,10 @@ class Head:
                 log.info("[autoscale] %s: %d -> %d replica(s): %s", dep.name, dep.replicas, d.replicas, d.reason)
                 self._put(dataclasses.replace(dep, replicas=d.replicas))
 
-    def autoscale_status(self, name: str) -> dict[str, object]:
+    def autoscale_status(self, name: str) -> Optional[AutoscaleStatus]:
         scaler = self.scalers.get(name)
         d: Optional[Decision] = scaler.last if scaler else None
-        return {} if d is None else {"desired": d.replicas, "wanted": d.wanted, "reason": d.reason}
+        return None if d is None else AutoscaleStatus(d.replicas, d.wanted, d.reason)
 
     def _reply(self, peer: bytes, msg: object) -> None:
         try:

@@ -1,1 +1,13 @@
-"""model_proc: one replica process. A ZeroMQ ROUTER that proxies connect to, an engine inside."""
+"""model_proc: one replica process. A ZeroMQ ROUTER that proxies connect to, an engine inside.
+
+Module map (tests/unit/test_module_maps.py keeps it complete):
+  __main__.py          `python -m model_proc`: start one replica (normally the agent does)
+  config.py            ReplicaConfig, built from the command line; exit codes
+  server.py            the replica server: ZeroMQ in front of one engine
+  engine.py            the Engine interface every engine implements, and the engine lookup
+  mock_engine.py       deterministic fake text with configurable timing (tests and benchmarks)
+  vllm_engine.py       the real engine: vLLM's v1 AsyncLLM behind the Engine interface
+  vllm_serving.py      vLLM's own OpenAI serving layer inside the replica, driven without HTTP
+  vllm_process_env.py  process-level settings made before vLLM's engine starts (IPC socket paths)
+  metrics.py           prometheus metrics of a replica, read from the server at scrape time
+"""

@@ -4,21 +4,34 @@ Runs as its own process tree (`python -m proxy`): a gunicorn master plus gevent 
 subscribes to the head's routing table and holds one ZeroMQ DEALER per replica. This package file owns no
 socket and imports nothing heavy: importing `proxy` must never import prometheus_client, gevent or zmq.
 
-Module map:
-  config.py         ProxyConfig (frozen), CLI/env parsing, the metrics-dir env var
-  server.py         gunicorn BaseApplication + hooks; `run(config)`
-  gateway.py        per-worker object joining the table subscriber, replica pool and router
-  subscriber.py     routing-table subscriber greenlet (head DEALER + SUB; Clone pattern)
-  table_state.py    pure: apply/ignore/stale decisions for routing tables
-  backoff.py        pure: exponential backoff for head reconnects
-  replicas.py       one DEALER per replica, reader + monitor greenlets, in-flight bookkeeping
-  streams.py        per-request queue handed from reader greenlets to request greenlets
-  router.py         pure: least in-flight choice
-  app.py            Falcon app: routes, middleware, error handlers
-  openai_request.py pure: what the proxy reads of a body (routing fields; relayed to vLLM replicas as is),
-                    and the mock engine's request mapping with its refusals
-  chunks.py         pure: SSE chunk / JSON body bytes (mapped path; vLLM replicas send their own)
-  bodies.py         WSGI streaming bodies (SSE, relayed, plain) whose close() aborts the request
-  errors.py         exception hierarchy and OpenAI error bodies
-  metrics.py        prometheus metrics (multiprocess mode)
+Module map (tests/unit/test_module_maps.py keeps it complete):
+  __main__.py         `python -m proxy`: parse args, set up logging and metrics, serve
+  config.py           ProxyConfig (frozen), CLI over env over defaults (runtime.settings)
+  server.py           gunicorn BaseApplication + hooks; `run(config)`
+  gunicorn_worker.py  the gevent worker class that bounds idle client connections
+  gunicorn_hooks.py   what the proxy changes in gunicorn's handling of bad clients
+  idle_connections.py pure: which idle client connections a worker closes
+  gateway.py          per-worker object joining the table subscriber, replica pool, router and queues
+  subscriber.py       routing-table subscriber greenlet (head DEALER + SUB; Clone pattern)
+  table_state.py      pure: apply/ignore/stale decisions for routing tables, readiness
+  backoff.py          pure: exponential backoff for head reconnects
+  replica_pool.py     all replica connections of one worker, kept in step with the routing table
+  replicas.py         one worker's connection to one replica: reader + monitor greenlets, in-flight requests
+  raw_dealer.py       the plain pyzmq DEALER behind replicas.py (the one zmq fast path; its invariant)
+  streams.py          per-request queue handed from reader greenlets to request greenlets
+  client_sink.py      writes a stream's tokens straight to the client socket from the reader greenlet
+  router.py           pure: replica choice by power of two choices on load, prefix and session affinity
+  admission.py        pure: the bounded per-deployment wait queue and its verdicts (admit, wait, 429, 503)
+  breaker.py          pure: circuit breaker per replica (eject, cool down, probe)
+  dispatch.py         one request's way to a replica: admission, choice, send, first token, retries, resume
+  app.py              Falcon app: routes, error handlers
+  middleware.py       Falcon middleware: request ids, metrics, API keys and rate limits
+  access.py           pure: API keys and per-key rate limits
+  openai_request.py   pure: what the proxy reads of a body (routing fields; relayed to vLLM replicas as is),
+                      and the mock engine's request mapping with its refusals
+  openapi.py          the OpenAPI document served at GET /openapi.json
+  chunks.py           pure: SSE chunk / JSON body bytes (mapped path; vLLM replicas send their own)
+  bodies.py           WSGI streaming bodies (SSE, relayed, plain) whose close() aborts the request
+  errors.py           exception hierarchy and OpenAI error bodies
+  metrics.py          prometheus metrics (multiprocess mode)
 """

@@ -17,12 +17,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from proxy.router import DOWN, FULL, NONE, ROUTE
+from runtime.protocol import StrEnum
 
-ADMIT = "admit"
-WAIT = "wait"
-REJECT_FULL = "reject_full"  # 429: the queue is full (or waiting is not allowed)
-REJECT_TIMEOUT = "reject_timeout"  # 429: waited the whole queue timeout
-REJECT_NONE = "reject_none"  # 503: no usable replica
+class Verdict(StrEnum):
+    ADMIT = "admit"
+    WAIT = "wait"
+    REJECT_FULL = "reject_full"  # 429: the queue is full (or waiting is not allowed)
+    REJECT_TIMEOUT = "reject_timeout"  # 429: waited the whole queue timeout
+    REJECT_NONE = "reject_none"  # 503: no usable replica
+
+
+# the names callers import
+ADMIT, WAIT, REJECT_FULL, REJECT_TIMEOUT, REJECT_NONE = (
+    Verdict.ADMIT, Verdict.WAIT, Verdict.REJECT_FULL, Verdict.REJECT_TIMEOUT, Verdict.REJECT_NONE)
 
 
 @dataclass(eq=False)
@@ -76,8 +83,9 @@ class AdmissionQueue:
         self.size, self.timeout = size, timeout
 
 
-def decide(outcome: str, ticket: Optional[Ticket], queue: AdmissionQueue, now: float) -> str:
-    """What a request does after the router answered `outcome` (ticket: the one it holds, if any)."""
+def decide(outcome: str, ticket: Optional[Ticket], queue: AdmissionQueue, now: float) -> Verdict:
+    """What a request does after the router answered `outcome`, an Outcome (ticket: the one it holds, if
+    any)."""
     if outcome == ROUTE:
         return ADMIT
     if outcome == NONE:

@@ -23,9 +23,15 @@ import math
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Optional
 
-CLOSED = "closed"
-OPEN = "open"
-HALF_OPEN = "half_open"
+from runtime.protocol import StrEnum
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN  # the names callers import
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Breaker:
     def current_cooldown(self) -> float:
         return self._current_cooldown
 
-    def state(self, now: float) -> str:
+    def state(self, now: float) -> BreakerState:
         if self._opened_at is None:
             return CLOSED
         if now - self._opened_at < self._current_cooldown:

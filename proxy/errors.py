@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import msgspec
-
 from runtime.protocol import RequestError
 
 
@@ -61,9 +59,6 @@ class ProxyError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
-
-    def body_bytes(self) -> bytes:
-        return self.raw if self.raw is not None else msgspec.json.encode(self.body())
 
 
 class InvalidRequest(ProxyError):
@@ -151,6 +146,3 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "timeout"
-
-    def as_request_error(self, request_id: str) -> RequestError:
-        return RequestError(request_id, self.status, self.message, self.type)

@@ -113,9 +113,6 @@ class ReplicaPool:
     def all_connections(self) -> list[ReplicaConnection]:
         return list(self._by_id.values()) + list(self._retired.values())
 
-    def in_flight(self) -> int:
-        return sum(len(c.inflight) for c in list(self._by_id.values()) + list(self._retired.values()))
-
     def close_all(self) -> None:
         for conn in list(self._by_id.values()) + list(self._retired.values()):
             conn.close("proxy worker is shutting down")

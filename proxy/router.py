@@ -38,10 +38,16 @@ import random
 from dataclasses import dataclass
 from typing import Collection, Optional, Sequence
 
-ROUTE = "route"
-FULL = "full"
-NONE = "none"
-DOWN = "down"
+from runtime.protocol import StrEnum
+
+class Outcome(StrEnum):
+    ROUTE = "route"
+    FULL = "full"
+    NONE = "none"
+    DOWN = "down"
+
+
+ROUTE, FULL, NONE, DOWN = Outcome.ROUTE, Outcome.FULL, Outcome.NONE, Outcome.DOWN  # the names callers import
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class Policy:
 
 @dataclass(frozen=True)
 class Decision:
-    outcome: str  # ROUTE, FULL or NONE
+    outcome: Outcome  # ROUTE, FULL, NONE or DOWN
     replica_id: Optional[str] = None
     how: str = ""  # "p2c", "key", "single": for logs and metrics
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import gevent
 import zmq
@@ -35,6 +35,7 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between staleness checks when nothing arrives
+Awaiting = Literal["hello", "snapshot"]  # the head reply a subscriber is waiting for
 
 
 def connectable_endpoint(publish: str, head: str) -> str:
@@ -69,7 +70,7 @@ class TableSubscriber:
         self._sub: Optional[zmq_green.Socket] = None
         self._sub_endpoint = ""
         self._poller = zmq_green.Poller()
-        self._awaiting: Optional[str] = None  # "hello" | "snapshot" | None
+        self._awaiting: Optional[Awaiting] = None  # the reply this worker waits for, if any
         self._deadline = 0.0
         self._sent_at = 0.0
         self._hello_at = float("-inf")
@@ -208,7 +209,7 @@ class TableSubscriber:
             return
         self._await("snapshot", self._clock(), self._snapshot_timeout)
 
-    def _await(self, what: str, now: float, timeout: float) -> None:
+    def _await(self, what: Awaiting, now: float, timeout: float) -> None:
         self._awaiting = what
         self._sent_at = now
         self._deadline = now + timeout

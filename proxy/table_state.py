@@ -18,7 +18,7 @@ out. Only a stale table with no reachable replica is not ready.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from runtime.protocol import DeploymentRoute, RoutingTable
 
@@ -73,7 +73,7 @@ class TableState:
         age = self.age(now)
         return age is None or age > self.stale_after
 
-    def staleness_change(self, now: float) -> Optional[str]:
+    def staleness_change(self, now: float) -> Optional[Literal["stale", "fresh"]]:
         """"stale" once when a table goes stale, "fresh" once when it recovers, else None.
 
         Lets the caller log one warning per stale period instead of one per poll.

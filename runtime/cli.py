@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import msgspec
 import yaml
 
 from runtime import head_client
@@ -255,36 +256,35 @@ def _cmd_status(ns: argparse.Namespace) -> int:
         return 1
     if ns.json:
         print(json.dumps({"epoch": reply.epoch, "version": reply.version,
-                          "deployments": reply.deployments, "agents": reply.agents}, indent=2))
+                          "deployments": msgspec.to_builtins(reply.deployments),
+                          "agents": msgspec.to_builtins(reply.agents)}, indent=2))
         return 0
     print("DEPLOYMENT        STATE     READY  ENGINE  MODEL")
     for d in reply.deployments:
-        print("%-17s %-9s %2d/%-3d %-7s %s" % (d["name"], d["state"], d["ready_replicas"], d["replicas"],
-                                               d["engine"], d["model"]))
-        if d.get("pending_reason"):
-            print("    pending: %s" % d["pending_reason"])
-        if d.get("rollout_note"):
-            print("    update: %s" % d["rollout_note"])
-        if d.get("failures"):
-            print("    failures: %s" % d["failures"])
-        if d.get("autoscale"):
-            a = d["autoscale"]
-            print("    autoscale: desired %d (load wants %d): %s" % (a["desired"], a["wanted"], a["reason"]))
-        for r in d["replica_list"]:
+        print("%-17s %-9s %2d/%-3d %-7s %s" % (d.name, d.state, d.ready_replicas, d.replicas, d.engine, d.model))
+        if d.pending_reason:
+            print("    pending: %s" % d.pending_reason)
+        if d.rollout_note:
+            print("    update: %s" % d.rollout_note)
+        if d.failures:
+            print("    failures: %s" % d.failures)
+        if d.autoscale:
+            a = d.autoscale
+            print("    autoscale: desired %d (load wants %d): %s" % (a.desired, a.wanted, a.reason))
+        for r in d.replica_list:
             print("    %-22s %-10s host=%-15s run=%d wait=%d kv=%.0f%% cpu=%.0f%% rss=%.0fMiB restarts=%d "
                   "age=%.0fs %s" % (
-                      r["replica_id"], r["state"], r["host"], r["running"], r["waiting"],
-                      100 * r["kv_cache_usage"], r.get("cpu_percent", 0.0), r.get("rss_bytes", 0) / 2**20,
-                      r["restarts"], r["age_s"], r["message"]))
+                      r.replica_id, r.state, r.host, r.running, r.waiting, 100 * r.kv_cache_usage,
+                      r.cpu_percent, r.rss_bytes / 2**20, r.restarts, r.age_s, r.message))
     print("AGENTS")
-    for a in reply.agents:
+    for ag in reply.agents:
         print("    %-22s host=%-15s cpus=%d gpus=%d replicas=%d cpu=%.0f%% rss=%.0fMiB last_heartbeat=%.1fs ago"
-              % (a["agent_id"], a["host"], a["cpus"], len(a["gpus"]), a["replicas"], a.get("cpu_percent", 0.0),
-                 a.get("rss_bytes", 0) / 2**20, a["last_heartbeat_s"]))
-        for g in a.get("gpu_usage", []):  # cpu/rss: the agent and its replicas' process trees
-            print("        gpu%d util=%.0f%% mem=%.0f/%.0fMiB" % (g["index"], 100 * g["utilization"],
-                                                            g["memory_used_bytes"] / 2**20,
-                                                            g["memory_total_bytes"] / 2**20))
+              % (ag.agent_id, ag.host, ag.cpus, len(ag.gpus), ag.replicas, ag.cpu_percent,
+                 ag.rss_bytes / 2**20, ag.last_heartbeat_s))
+        for g in ag.gpu_usage:  # cpu/rss: the agent and its replicas' process trees
+            print("        gpu%d util=%.0f%% mem=%.0f/%.0fMiB" % (g.index, 100 * g.utilization,
+                                                            g.memory_used_bytes / 2**20,
+                                                            g.memory_total_bytes / 2**20))
     return 0
 
 

@@ -129,11 +129,11 @@ class Launcher:
                            timeout=0.5, keys=self._keys)
         except Exception:  # head starting, or refused: try again later; progress lines are best effort
             return last
-        line = ", ".join("%s %d/%d ready" % (d["name"], d["ready_replicas"], d["replicas"])
+        line = ", ".join("%s %d/%d ready" % (d.name, d.ready_replicas, d.replicas)
                          for d in reply.deployments)
         if line and line != last:
             log.info("[startup] replicas: %s", line)
-        done = all(d["ready_replicas"] >= d["replicas"] for d in reply.deployments)
+        done = all(d.ready_replicas >= d.replicas for d in reply.deployments)
         return None if done else line
 
     def _watch(self) -> int:

@@ -28,6 +28,7 @@ per connected proxy worker, holding the new text of all that worker's requests.
 """
 from __future__ import annotations
 
+import enum
 from typing import Any, Optional, Union
 
 import msgspec
@@ -37,6 +38,28 @@ PROTOCOL_VERSION = 1
 
 class ProtocolError(ValueError):
     """A frame that is not a valid tokenrelay message (unknown type byte, bad payload)."""
+
+
+class StrEnum(str, enum.Enum):
+    """A state name that is also its string (enum.StrEnum before Python 3.11): compares equal to the bare
+    string, prints as it in %-style logs and metric labels, and msgspec encodes it as the string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class ReplicaState(StrEnum):
+    """A replica's state as its agent reports it (agent.lifecycle drives the transitions)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    FAILED = "failed"
 
 
 # --------------------------------------------------------------------------- data plane
@@ -206,7 +229,7 @@ class ReplicaReport(msgspec.Struct, frozen=True):
 
     replica_id: str
     deployment: str
-    state: str  # see agent.lifecycle.ReplicaState
+    state: ReplicaState  # an unknown name is a decode error, not a silently unroutable replica
     endpoint: str = ""
     pid: int = 0
     restarts: int = 0
@@ -361,11 +384,88 @@ class DeleteRequest(msgspec.Struct, frozen=True):
     name: str
 
 
+class ReplicaStatusRow(msgspec.Struct):
+    """One replica in `tokenrelay status` (filled by head.cluster; head.metrics adds the usage fields).
+    Encoded as a map with the same keys the reply carried when it was a dict, so old CLIs still read it."""
+
+    replica_id: str
+    agent: str
+    host: str
+    state: str          # a ReplicaState, or "assigned" (not yet reported) / "draining" (head-side)
+    generation: int
+    endpoint: str = ""
+    pid: int = 0
+    restarts: int = 0
+    age_s: float = 0.0
+    message: str = ""
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    tokens_generated: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    metrics_endpoint: str = ""
+
+
+class AutoscaleStatus(msgspec.Struct, frozen=True):
+    desired: int
+    wanted: int
+    reason: str
+
+
+class DeploymentStatus(msgspec.Struct):
+    """One deployment in `tokenrelay status`: the spec as DeploymentSpec.to_dict() spells it, then the
+    head's view of it (state is "pending", "healthy" or "degraded")."""
+
+    name: str
+    engine: str
+    model: str
+    replicas: int
+    engine_args: dict[str, Any] = {}
+    gpus: int = 0
+    cpus: float = 0.0
+    memory: int = 0
+    max_ongoing_requests: int = 0
+    placement: dict[str, Any] = {}
+    drain_seconds: float = 0.0
+    routing: dict[str, Any] = {}
+    timeouts: dict[str, Any] = {}
+    rollout: dict[str, Any] = {}
+    autoscaling: Optional[dict[str, Any]] = None
+    state: str = ""
+    ready_replicas: int = 0
+    generation: int = 0
+    pending_reason: str = ""
+    rollout_note: str = ""
+    failures: str = ""
+    replica_list: list[ReplicaStatusRow] = []
+    autoscale: Optional[AutoscaleStatus] = None
+
+
+class AgentStatus(msgspec.Struct):
+    """One agent in `tokenrelay status` (head.cluster; head.metrics adds the usage fields)."""
+
+    agent_id: str
+    host: str
+    cpus: int
+    memory_bytes: int
+    gpus: list[GpuInfo] = []
+    labels: dict[str, str] = {}
+    last_heartbeat_s: float = 0.0
+    replicas: int = 0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    gpu_usage: list[GpuUsage] = []
+    metrics_endpoint: str = ""
+
+
 class StatusReply(msgspec.Struct, frozen=True):
     epoch: int
     version: int
-    deployments: list[dict[str, Any]]
-    agents: list[dict[str, Any]]
+    deployments: list[DeploymentStatus]
+    agents: list[AgentStatus]
 
 
 # --------------------------------------------------------------------------- framing

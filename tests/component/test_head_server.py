@@ -80,8 +80,8 @@ def test_deploy_validates_and_is_idempotent(head):
         head_client.scale(head.endpoint, TOKEN, "x", 10**6, timeout=3.0)  # a typo, answered at once
     with pytest.raises(HeadRefused, match=r"must be at most 1024"):
         head_client.deploy(head.endpoint, TOKEN, {"name": "y", "engine": "mock", "replicas": 10**6})
-    d = {d["name"]: d for d in head_client.status(head.endpoint, TOKEN).deployments}["x"]
-    assert d["replicas"] == 3 and d["state"] == "pending" and d["pending_reason"] == "no agent registered"
+    d = {d.name: d for d in head_client.status(head.endpoint, TOKEN).deployments}["x"]
+    assert d.replicas == 3 and d.state == "pending" and d.pending_reason == "no agent registered"
     assert head_client.delete(head.endpoint, TOKEN, "x")["result"] == "deleted"
     assert head_client.delete(head.endpoint, TOKEN, "x")["result"] == "absent"
 
@@ -94,7 +94,7 @@ def test_deployments_survive_a_restart_and_recovery_publishes_nothing(tmp_path):
     h2 = RunningHead(tmp_path / "head.db", recovery_grace=30.0)
     try:
         assert h2.head.tables.epoch > epoch1
-        names = [d["name"] for d in head_client.status(h2.endpoint, TOKEN).deployments]
+        names = [d.name for d in head_client.status(h2.endpoint, TOKEN).deployments]
         assert names == ["keep"]
         proxy = _dealer(h2.endpoint)
         proxy.send_multipart(encode(HeadHello(PROTOCOL_VERSION, "proxy")))
@@ -151,8 +151,8 @@ def test_a_change_that_cannot_be_placed_is_refused_and_changes_nothing(head):
         head_client.scale(head.endpoint, TOKEN, "v", 3)
     with pytest.raises(HeadRefused, match="unplaceable"):
         head_client.deploy(head.endpoint, TOKEN, {"name": "w", "engine": "mock", "cpus": 4})
-    status = {d["name"]: d for d in head_client.status(head.endpoint, TOKEN).deployments}
-    assert status["v"]["replicas"] == 2 and "w" not in status
+    status = {d.name: d for d in head_client.status(head.endpoint, TOKEN).deployments}
+    assert status["v"].replicas == 2 and "w" not in status
     assert head_client.scale(head.endpoint, TOKEN, "v", 1)["result"] == "scaled"
     agent.close(0)
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
@@ -178,21 +179,21 @@ def test_head_places_by_the_gpus_the_agent_discovered(tmp_path: Path) -> None:
                 reply = status(control, client_token(directory=str(state)), keys=state / "keys")
             except (HeadUnreachable, HeadRefused):  # not up yet, or its token file not written yet
                 reply = None
-            if reply and reply.agents and any(d["pending_reason"] for d in reply.deployments) \
+            if reply and reply.agents and any(d.pending_reason for d in reply.deployments) \
                     and b"gets gpus=" in (tmp_path / "agent.log").read_bytes():
                 break
             time.sleep(0.2)
         assert reply is not None and reply.agents, "the agent never registered"
         agent = reply.agents[0]
-        print("agent as the head sees it:", json.dumps(agent))
-        assert [(g["index"], g["name"], g["memory_bytes"]) for g in agent["gpus"]] == \
+        print("agent as the head sees it:", json.dumps(msgspec.to_builtins(agent)))
+        assert [(g.index, g.name, g.memory_bytes) for g in agent.gpus] == \
             [(g.index, g.name, g.memory_bytes) for g in GPUS]
-        by_name = {d["name"]: d for d in reply.deployments}
-        print("one-gpu:", by_name["one-gpu"]["state"], by_name["one-gpu"]["pending_reason"])
-        print("too-big:", by_name["too-big"]["state"], by_name["too-big"]["pending_reason"])
-        assert by_name["too-big"]["state"] == "pending"
-        assert "need %d" % too_many in by_name["too-big"]["pending_reason"]
-        assert by_name["one-gpu"]["pending_reason"] == ""
+        by_name = {d.name: d for d in reply.deployments}
+        print("one-gpu:", by_name["one-gpu"].state, by_name["one-gpu"].pending_reason)
+        print("too-big:", by_name["too-big"].state, by_name["too-big"].pending_reason)
+        assert by_name["too-big"].state == "pending"
+        assert "need %d" % too_many in by_name["too-big"].pending_reason
+        assert by_name["one-gpu"].pending_reason == ""
         agent_log = (tmp_path / "agent.log").read_text()
         assigned = [line for line in agent_log.splitlines() if "gets gpus=" in line]
         print("agent assignment:", assigned)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+import msgspec
 import psutil
 import yaml
 
@@ -108,8 +109,9 @@ class Cluster:
     def status(self) -> dict:
         reply = status(self.head, client_token(None, str(self.state_dir)), timeout=2.0,
                        keys=None if self.insecure else self.keys)
-        return {"deployments": {d["name"]: d for d in reply.deployments},
-                "agents": {a["agent_id"]: a for a in reply.agents}}
+        # plain data (the shape `tokenrelay status --json` prints), by name
+        return {"deployments": {d.name: msgspec.to_builtins(d) for d in reply.deployments},
+                "agents": {a.agent_id: msgspec.to_builtins(a) for a in reply.agents}}
 
     def replicas(self, deployment: str) -> list[dict]:
         return self.status()["deployments"][deployment]["replica_list"]

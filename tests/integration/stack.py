@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
+import msgspec
 import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,8 +75,10 @@ class Stack:
         return self
 
     def status(self) -> dict:
+        """The head's status as plain data (the shape `tokenrelay status --json` prints), by name."""
         reply = status(self.head, self.token, timeout=2.0, keys=self.keys)
-        return {"deployments": {d["name"]: d for d in reply.deployments}, "agents": reply.agents}
+        return {"deployments": {d.name: msgspec.to_builtins(d) for d in reply.deployments},
+                "agents": msgspec.to_builtins(reply.agents)}
 
     @property
     def keys(self) -> Path:

@@ -67,8 +67,8 @@ def test_scale_down_removes_extra_and_gpu_shortage_is_pending():
     state.reconcile(0.0)
     assert len(state.assignment_for("a1")) == 1
     deployments, _ = state.status(0.0, 0.0)
-    assert deployments[0]["state"] == "pending"
-    assert "0 of 1 GPU(s) free, need 1" in deployments[0]["pending_reason"]
+    assert deployments[0].state == "pending"
+    assert "0 of 1 GPU(s) free, need 1" in deployments[0].pending_reason
 
 
 def test_table_versions_bump_on_change_and_republish_every_interval():
@@ -122,7 +122,7 @@ def test_labels_and_memory_constrain_placement():
     state.register_agent(AgentRegister(PROTOCOL_VERSION, "b", "b", cap, {"zone": "b"}), 0.0)
     state.reconcile(0.0)
     assert len(state.assignment_for("a")) == 0 and len(state.assignment_for("b")) == 1
-    reason = state.status(0.0, 0.0)[0][0]["pending_reason"]
+    reason = state.status(0.0, 0.0)[0][0].pending_reason
     assert "labels do not match" in reason and "GiB free" in reason
 
 

@@ -46,9 +46,9 @@ def test_a_failed_replica_is_replaced_after_backoff_on_another_agent_and_status_
     assert state.assignment_for("a1") == [] and state.assignment_for("a2") == []
     deployments, _ = state.status(1.5, 0.0)
     d = deployments[0]
-    assert d["state"] == "pending" and d["pending_reason"].startswith("retrying in 2s (failure 1: replica %s on a1"
+    assert d.state == "pending" and d.pending_reason.startswith("retrying in 2s (failure 1: replica %s on a1"
                                                                        % first.replica_id)
-    assert "engine cannot start" in d["failures"] and "next try in 2s" in d["failures"]
+    assert "engine cannot start" in d.failures and "next try in 2s" in d.failures
     state.reconcile(2.9)
     assert state.assignment_for("a2") == []
     state.reconcile(3.0)
@@ -63,7 +63,7 @@ def test_a_failed_replica_is_replaced_after_backoff_on_another_agent_and_status_
     owner = "a1" if state.assignment_for("a1") else "a2"
     _report(state, owner, 9.0, "ready")
     state.reconcile(9.0)
-    assert state.status(9.0, 0.0)[0][0]["failures"] == "" and state.status(9.0, 0.0)[0][0]["state"] == "healthy"
+    assert state.status(9.0, 0.0)[0][0].failures == "" and state.status(9.0, 0.0)[0][0].state == "healthy"
 
 
 def test_a_spec_change_starts_the_count_over():

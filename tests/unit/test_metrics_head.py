@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from head.cluster import ClusterState
 from head.metrics import HeadMetrics, Target, host_of, sd_document, summarize, write_atomic
 from runtime.protocol import (
-    PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, AgentUsage, Capacity, GpuUsage, HeadHello, ReplicaReport,
-    ReplicaStatus,
+    PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, AgentUsage, Capacity, DeploymentStatus, GpuUsage, HeadHello,
+    ReplicaReport, ReplicaStatus, ReplicaStatusRow,
 )
 from runtime.stack_config import DeploymentSpec
 
@@ -125,8 +125,8 @@ def test_collector_reports_the_snapshot():
 
 
 def test_summarize_counts_unknown_states_too():
-    rows, counts = summarize([{"name": "d", "replicas": 1, "ready_replicas": 0, "state": "pending",
-                               "replica_list": [{"state": "weird"}]}])
+    rows, counts = summarize([DeploymentStatus("d", "mock", "m", 1, ready_replicas=0, state="pending",
+                                               replica_list=[ReplicaStatusRow("r", "a", "h", "weird", 1)])])
     assert rows == (("d", 1, 0, "pending"),)
     assert ("d", "weird", 1) in counts and ("d", "ready", 0) in counts
 
@@ -138,10 +138,9 @@ def test_enrich_status_adds_usage_and_endpoints():
     m.note(AgentHeartbeat("a1", 2, [], usage=AgentUsage(55.0, 3 * 2**30, [GpuUsage(0, 0.5, 2**30, 2**34)])))
     deployments, agents = state.status(100.0, 1000.0)
     m.enrich_status(state, deployments, agents)
-    ready = next(r for r in deployments[0]["replica_list"] if r["state"] == "ready")
-    assert ready["cpu_percent"] == 12.5 and ready["rss_bytes"] == 2**20
-    assert ready["metrics_endpoint"].startswith("10.0.0.5:")
-    assert agents[0]["cpu_percent"] == 55.0 and agents[0]["rss_bytes"] == 3 * 2**30
-    assert agents[0]["gpu_usage"] == [{"index": 0, "utilization": 0.5, "memory_used_bytes": 2**30,
-                                       "memory_total_bytes": 2**34}]
-    assert agents[0]["metrics_endpoint"] == "10.0.0.5:7200"
+    ready = next(r for r in deployments[0].replica_list if r.state == "ready")
+    assert ready.cpu_percent == 12.5 and ready.rss_bytes == 2**20
+    assert ready.metrics_endpoint.startswith("10.0.0.5:")
+    assert agents[0].cpu_percent == 55.0 and agents[0].rss_bytes == 3 * 2**30
+    assert agents[0].gpu_usage == [GpuUsage(0, 0.5, 2**30, 2**34)]
+    assert agents[0].metrics_endpoint == "10.0.0.5:7200"

@@ -128,21 +128,51 @@ def test_resume_with_foreign_token_ids_is_refused():
         run(go())
 
 
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: where it would sleep until the next timer, its clock jumps there.
+    `stall` makes it late, as a callback that blocked the loop would; no wall clock is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+        select = self._selector.select
+
+        def jump(timeout=None):
+            events = select(0)
+            if not events and timeout:
+                self.now += timeout
+            return events
+        self._selector.select = jump
+
+    def time(self):
+        return self.now
+
+    def stall(self, seconds):
+        self.now += seconds
+
+
 def test_tokens_follow_an_absolute_schedule_without_drift():
     """A loop stalled for 30 ms mid-stream delays the tokens due meanwhile, not every later one."""
     async def go():
-        import time
         eng = create_engine("mock", "m", {"ttft_ms": 20, "itl_ms": 5})
         sink = Sink()
         await eng.start(sink)
         loop = asyncio.get_running_loop()
         begun = loop.time()
         eng.add_request(GenerateRequest("t", prompt="timing", params=SamplingParams(max_tokens=40)))
-        loop.call_later(0.06, time.sleep, 0.03)  # the loop is late by 30 ms once, around token 8
+        loop.call_later(0.0625, loop.stall, 0.03)  # the loop is late by 30 ms once, between tokens 8 and 9
         await sink.done.wait()
         return begun, sink.times
-    begun, times = run(go())
-    assert abs(times[-1] - (begun + 0.020 + 39 * 0.005)) < 0.012, times[-1] - begun  # not 30 ms late
+    loop = VirtualTimeLoop()
+    try:
+        begun, times = loop.run_until_complete(asyncio.wait_for(go(), 10))
+    finally:
+        loop.close()
+    assert len(times) == 40
+    due = [begun + 0.020 + k * 0.005 for k in range(40)]
+    late = [round(t - d, 6) for t, d in zip(times, due, strict=True)]
+    assert late[:9] == [0.0] * 9 and late[9] > 0.02  # the stall delays the token due during it ...
+    assert late[-1] == 0.0, late  # ... and no later one: the last is on time, not 30 ms late
 
 
 def test_relayed_openai_bodies_are_refused_naming_the_endpoint():

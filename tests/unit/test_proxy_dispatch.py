@@ -1,12 +1,13 @@
 """Unit tests for proxy.dispatch: admission waits, retries before the first token, timeouts.
 
-No sockets: a FakeCluster hands out RequestStreams pre-filled with scripted replica events. Waits are
-gevent waits of tens of milliseconds (the Dispatch sleeps on gevent events), so the clock is the real
-monotonic one; every decision underneath is covered with a fake clock in test_proxy_admission.py.
+No sockets: a FakeCluster hands out RequestStreams pre-filled with scripted replica events. The Dispatch
+sleeps on gevent events but reads time from a FakeClock: frozen (a deadline never passes by itself, so a
+test decides what happens first by ordering events) or stepping on every read (deadlines pass after a few
+reads, whatever the machine's load). Frozen is the default: a test that needs a deadline to pass says so.
+No assert reads the wall clock.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional
 
 import gevent
@@ -78,12 +79,37 @@ class FakeCluster:
         self.records.append((replica_id, ok))
 
 
+class FakeClock:
+    """Time that moves only when told: by `advance`, or by `step` seconds on every read."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 LIMITS = Limits(first_token=0.3, total=5.0, max_attempts=3, retry_window=5.0)
 
 
 def dispatch(cluster: FakeCluster, limits: Limits = LIMITS, rid: str = "q1",
-             client_gone: Callable[[], bool] = lambda: False) -> Dispatch:
-    return Dispatch(cluster, "dep", GenerateRequest(rid, prompt="x"), None, limits, time.monotonic, client_gone)
+             client_gone: Callable[[], bool] = lambda: False, clock: Optional[FakeClock] = None) -> Dispatch:
+    return Dispatch(cluster, "dep", GenerateRequest(rid, prompt="x"), None, limits,
+                    clock if clock is not None else FakeClock(), client_gone)
+
+
+def when(condition: Callable[[], bool], then: Callable[[], object]) -> gevent.Greenlet:
+    """Run `then` once `condition` holds (checked each time the other greenlets yield)."""
+    def run() -> None:
+        while not condition():
+            gevent.sleep(0)
+        then()
+    return gevent.spawn(run)
 
 
 # --------------------------------------------------------------------------- happy path and retries
@@ -121,8 +147,8 @@ def test_a_drain_refusal_is_retried_elsewhere_and_never_held_against_the_replica
 def test_every_replica_down_waits_in_the_queue_for_one_to_come_back() -> None:
     c = FakeCluster({"r1": ok}, queue_timeout=1.0)
     c.down = True
-    gevent.spawn_later(0.2, lambda: (setattr(c, "down", False), c.q.wake_first()))
-    d = dispatch(c)
+    when(lambda: len(c.q) == 1, lambda: (setattr(c, "down", False), c.q.wake_first()))
+    d = dispatch(c, clock=FakeClock())  # frozen: only the replica coming back can end the wait
     d.admit()
     assert d.first(None) is not None and c.sent == ["r1"]
 
@@ -131,7 +157,7 @@ def test_every_replica_down_past_the_queue_timeout_is_503_not_429() -> None:
     c = FakeCluster({"r1": ok}, queue_timeout=0.2)
     c.down = True
     with pytest.raises(NoHealthyReplica, match="down"):
-        dispatch(c).admit()
+        dispatch(c, clock=FakeClock(step=0.05)).admit()
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
@@ -195,12 +221,11 @@ def test_unreachable_replica_on_send_moves_on() -> None:
 def test_first_token_timeout_still_applies_after_an_unreachable_first_choice() -> None:
     c = FakeCluster({"r1": ok, "r2": lambda rid: []})
     c.unreachable.add("r1")
-    d = dispatch(c, Limits(first_token=0.1, total=5.0))
+    d = dispatch(c, Limits(first_token=0.1, total=5.0), clock=FakeClock(step=0.05))
     d.admit()
-    t0 = time.monotonic()
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(UpstreamTimeout, match="first token"):  # not the 5 s total limit
         d.first(None)
-    assert time.monotonic() - t0 < 1.0
+    assert c.sent == ["r1", "r2"]
 
 
 def test_no_replica_at_all_is_503() -> None:
@@ -214,18 +239,18 @@ def test_no_replica_at_all_is_503() -> None:
 
 def test_first_returns_none_after_its_timeout_and_the_token_later() -> None:
     c = FakeCluster({"r1": lambda rid: []})
-    d = dispatch(c)
+    clock = FakeClock(step=0.02)
+    d = dispatch(c, clock=clock)
     d.admit()
-    t0 = time.monotonic()
-    assert d.first(0.05) is None
-    assert 0.04 < time.monotonic() - t0 < 0.5
-    gevent.spawn_later(0.05, d.stream.push, Delta("q1", "late", None, 1, 1))
+    assert d.first(0.05) is None and clock.now >= 0.05  # it gave up once its timeout had passed
+    clock.step = 0.0  # frozen: only the token can end the next wait
+    when(lambda: True, lambda: d.stream.push(Delta("q1", "late", None, 1, 1)))
     assert d.first(1.0).text == "late"
 
 
 def test_first_token_timeout_aborts_and_counts_against_the_replica() -> None:
     c = FakeCluster({"r1": lambda rid: [], "r2": ok})
-    d = dispatch(c, Limits(first_token=0.1, total=5.0))
+    d = dispatch(c, Limits(first_token=0.1, total=5.0), clock=FakeClock(step=0.05))
     d.admit()
     with pytest.raises(UpstreamTimeout) as info:
         d.first(None)
@@ -237,7 +262,7 @@ def test_first_token_timeout_aborts_and_counts_against_the_replica() -> None:
 def test_client_gone_while_waiting_for_the_first_token() -> None:
     c = FakeCluster({"r1": lambda rid: []})
     gone = {"now": False}
-    d = dispatch(c, client_gone=lambda: gone["now"])
+    d = dispatch(c, client_gone=lambda: gone["now"], clock=FakeClock())  # frozen: no timeout comes first
     d.admit()
     gevent.spawn_later(0.05, gone.__setitem__, "now", True)
     with pytest.raises(ClientGone):
@@ -249,50 +274,49 @@ def test_client_gone_while_waiting_for_the_first_token() -> None:
 
 def test_full_without_a_queue_is_429_at_once() -> None:
     c = FakeCluster({"r1": ok}, capacity=0, queue_size=0)
-    t0 = time.monotonic()
-    with pytest.raises(Overloaded) as info:
-        dispatch(c).admit()
-    assert time.monotonic() - t0 < 0.05
+    with pytest.raises(Overloaded) as info, gevent.Timeout(5):  # frozen clock: any wait would hang
+        dispatch(c, clock=FakeClock()).admit()
     assert info.value.status == 429 and info.value.code == "overloaded" and info.value.headers["Retry-After"]
 
 
 def test_queued_request_is_admitted_when_room_appears() -> None:
     c = FakeCluster({"r1": ok}, capacity=1, queue_size=4, queue_timeout=2.0)
-    busy = dispatch(c, rid="busy")
+    clock = FakeClock()
+    busy = dispatch(c, rid="busy", clock=clock)
     busy.admit()
-    gevent.spawn_later(0.05, busy.close)  # its stream ends: the release wakes the queue
-    d = dispatch(c, rid="waiter")
-    t0 = time.monotonic()
+    # once the waiter is queued, 0.05 s pass and busy's stream ends: the release wakes the queue
+    when(lambda: len(c.q) == 1, lambda: (clock.advance(0.05), busy.close()))
+    d = dispatch(c, rid="waiter", clock=clock)
     d.admit()
-    assert d.stream.replica_id == "r1" and 0.04 < time.monotonic() - t0 < 0.2
-    assert 0.04 < d.queued_s < 0.2 and len(c.q) == 0
+    assert d.stream.replica_id == "r1" and c.sent == ["r1", "r1"]
+    assert d.queued_s == pytest.approx(0.05) and len(c.q) == 0
 
 
 def test_queued_request_times_out_with_429() -> None:
     c = FakeCluster({"r1": ok}, capacity=0, queue_size=4, queue_timeout=0.1)
-    t0 = time.monotonic()
+    clock = FakeClock(step=0.05)
     with pytest.raises(Overloaded) as info:
-        dispatch(c).admit()
-    assert 0.09 < time.monotonic() - t0 < 0.4
+        dispatch(c, clock=clock).admit()
+    assert clock.now >= 0.1  # it gave up only once the queue timeout had passed
     assert "stayed busy" in info.value.message and len(c.q) == 0
 
 
 def test_queue_full_rejects_newcomers_at_once_and_keeps_fifo_order() -> None:
     c = FakeCluster({"r1": ok}, capacity=0, queue_size=2, queue_timeout=1.0)
+    clock = FakeClock()  # frozen: the waiters stay queued until room appears
     order: list[str] = []
 
     def wait(name: str) -> None:
-        d = dispatch(c, rid=name)
+        d = dispatch(c, rid=name, clock=clock)
         d.admit()
         order.append(name)
 
-    waiters = [gevent.spawn(wait, "a"), gevent.spawn(wait, "b")]
-    gevent.sleep(0.02)
+    waiters = [gevent.spawn(wait, "a")]
+    when(lambda: len(c.q) == 1, lambda: waiters.append(gevent.spawn(wait, "b"))).join(timeout=2)
+    when(lambda: len(c.q) == 2, lambda: None).join(timeout=2)
     assert len(c.q) == 2
-    t0 = time.monotonic()
-    with pytest.raises(Overloaded):
-        dispatch(c, rid="c").admit()
-    assert time.monotonic() - t0 < 0.05
+    with pytest.raises(Overloaded), gevent.Timeout(5):  # at once: the frozen clock would hang a wait
+        dispatch(c, rid="c", clock=clock).admit()
     c.free["r1"] = 2
     c.q.wake_first()
     gevent.joinall(waiters, timeout=2)
@@ -304,5 +328,5 @@ def test_client_gone_while_queued_leaves_the_queue() -> None:
     gone = {"now": False}
     gevent.spawn_later(0.05, gone.__setitem__, "now", True)
     with pytest.raises(ClientGone):
-        dispatch(c, client_gone=lambda: gone["now"]).admit()
+        dispatch(c, client_gone=lambda: gone["now"], clock=FakeClock()).admit()  # frozen: no timeout first
     assert len(c.q) == 0
