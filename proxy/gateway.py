@@ -171,7 +171,7 @@ class Gateway:
         size, timeout = (route.routing.queue_size, route.routing.queue_timeout_s) if route else (0, 0.0)
         if route is not None and route.cold_start_timeout_s > 0 and self._pool is not None \
                 and not self._pool.connections(deployment):
-            timeout = max(timeout, route.cold_start_timeout_s)  # no replica: requests wait for a cold start
+            timeout = route.cold_start_timeout_s  # no replica: requests wait for one to start, this long
         q = self._queues.get(deployment)
         if q is None:
             q = self._queues[deployment] = AdmissionQueue(size, timeout)

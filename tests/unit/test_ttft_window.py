@@ -20,7 +20,7 @@ def test_p90_is_the_nearest_rank_of_the_window():
         w.observe(float(i) / 10, i / 10)
     assert w.p90(2.0) == pytest.approx(0.9)
     # slow first tokens a while ago leave the window; the recent fast ones remain
-    for i in range(20):
+    for _ in range(20):
         w.observe(12.0, 0.05)
     assert w.p90(12.0) == pytest.approx(0.05)
 
