@@ -70,9 +70,17 @@ SLOW = dict(ZERO, name="slow", engine_args={"startup_ms": 8000},
             autoscaling=dict(ZERO["autoscaling"], cold_start_timeout_s=1.0))
 
 
+# every first token takes 0.4 s, over its 0.2 s objective: one ongoing request is under the target of 100,
+# yet the replicas' TTFT p90 asks for a second replica
+SLO = {"name": "slo", "engine": "mock", "model": "mock", "replicas": 1, "drain_seconds": 2,
+       "engine_args": {"ttft_ms": 400, "itl_ms": 10, "tokens": 5},
+       "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 100,
+                       "upscale_delay_s": 1, "downscale_delay_s": 3, "target_ttft_p90_s": 0.2}}
+
+
 @pytest.fixture(scope="module")
 def zero_stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("zero"), [ZERO, SLOW], workers=1)
+    s = Stack(tmp_path_factory.mktemp("zero"), [ZERO, SLOW, SLO], workers=1)
     s.start()
     yield s
     s.stop()
@@ -123,3 +131,26 @@ def test_a_cold_start_longer_than_its_timeout_is_a_503_with_retry_after(zero_sta
     assert 0.9 <= waited < 1.9, waited  # the cold-start timeout, not the 2 s queue timeout nor a hang
     # the head was told: a replica is on its way for the next request
     assert zero_stack.status()["deployments"]["slow"]["replicas"] == 1
+
+
+def test_a_ttft_p90_over_the_objective_scales_up_although_ongoing_is_under_target(zero_stack):
+    stop = threading.Event()
+    failed: list = []
+
+    def client():
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                r = http.post(zero_stack.base_url + "/v1/completions", json={"model": "slo", "prompt": "u"})
+                if r.status_code != 200:
+                    failed.append(r.status_code)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        up = wait_for(lambda: (lambda d: d if d["replicas"] == 2 else None)(zero_stack.status()["deployments"]["slo"]),
+                      30, "a second replica for the slow first tokens")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert "TTFT p90 0.4" in up["autoscale"]["reason"] and "objective 0.2s" in up["autoscale"]["reason"], up
+    assert failed == []
