@@ -2,7 +2,8 @@
 
 Runs in the head process, one thread. Owns two sockets, used only from `Head.run`:
 - control ROUTER (binds `config.control`): agents register and heartbeat (we answer each heartbeat with
-  their full Assignment), proxies say hello and ask for snapshots, the CLI asks for status.
+  their full Assignment), proxies say hello and ask for snapshots (and tell of requests waiting for a
+  scaled-to-zero deployment: ScaleDemand, not answered), the CLI asks for status.
 - routing PUB (binds `config.publish`): the whole routing table on every change and every second.
 Never blocks on a peer: every send is non-blocking; a message for a vanished peer is dropped.
 With a key directory both sockets are CURVE servers (runtime.curve): a ZAP thread admits registered keys

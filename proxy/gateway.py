@@ -9,6 +9,8 @@ gunicorn master (the master never imports this module).
 It is the Cluster a Dispatch works against (dispatch.py): replica choice (router.Router over the pool's
 load views, with each replica's circuit breaker), sends, the per-deployment admission queues, and the
 breaker bookkeeping. Queued requests are woken when the pool reports that room may have appeared.
+A deployment that scales to zero (DeploymentRoute.cold_start_timeout_s > 0) with no replica makes its
+requests wait up to that timeout, and the subscriber tells the head (ScaleDemand, at most once a second).
 """
 from __future__ import annotations
 

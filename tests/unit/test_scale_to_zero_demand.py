@@ -86,7 +86,7 @@ def test_the_head_starts_a_replica_on_a_proxys_demand_at_once():
     head._handle([b"proxy-1"] + encode(ScaleDemand("nope", 3)))  # unknown deployment: ignored
     head._autoscale(clock.now)
     assert head.state.deployments["z"].replicas == 1
-    assert "3 waiting for a replica" in head.autoscale_status("z")["reason"]
+    assert "3 waiting for a replica" in head.scalers["z"].last.reason
 
 
 def test_demand_older_than_its_window_is_forgotten():
