@@ -1,6 +1,8 @@
 """Autoscaling under a load that steps up and down: replicas over time, TTFT p90 per window, failures.
 
     python -m benchmarks.autoscale --phases 1:20,16:40,4:40,0:30 --cold-start-s 10 [--json out.json] [--plot out.png]
+    python -m benchmarks.autoscale --min-replicas 0 --phases 0:15,2:20,0:15 --downscale-delay-s 5   # scale to zero
+    python -m benchmarks.autoscale --scale-on-ttft ...   # also scale on the TTFT p90 objective
 
 Starts a mock stack (`python -m runtime up`, benchmarks.stack.MockStack) whose deployment autoscales
 (`autoscaling` block, docs/deployments.md) and whose replicas take `--cold-start-s` to start (the mock's
@@ -72,9 +74,10 @@ def client_loop(index: int, run: Run, url: str, model: str, stop: threading.Even
 
 def sampler(run: Run, stack: MockStack, model: str, stop: threading.Event) -> None:
     token = client_token(None, str(stack.dir / "state"))
+    keys = None if stack.insecure else stack.dir / "state" / "keys"  # CURVE: the operator key up made
     while not stop.wait(1.0):
         try:
-            reply = status(stack.control, token, timeout=1.0)
+            reply = status(stack.control, token, timeout=1.0, keys=keys)
         except (HeadUnreachable, HeadRefused):
             continue
         dep = next((d for d in reply.deployments if d.name == model), None)
@@ -112,7 +115,7 @@ def step_times(run: Run, phases: list[tuple[int, float]]) -> list[dict[str, Any]
     out, t, prev = [], 0.0, 0
     for clients, seconds in phases:
         if clients > prev and t > 0:
-            before = max((s[3] for s in run.samples if s[0] <= t), default=0)
+            before = next((s[3] for s in reversed(run.samples) if s[0] <= t), 0)  # ready at the step
             later = [s[0] for s in run.samples if s[0] > t and s[3] > before]
             out.append({"at_s": t, "clients": clients, "ready_before": before,
                         "to_new_replica_serving_s": round(later[0] - t, 1) if later else None})
@@ -161,10 +164,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-running", type=int, default=4,
                    help="requests one mock replica generates at once (more wait): what makes TTFT grow")
     p.add_argument("--target", type=float, default=4.0, help="autoscaling.target_ongoing_requests")
+    p.add_argument("--min-replicas", type=int, default=1, help="autoscaling.min_replicas; 0: scale to zero")
     p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--upscale-delay-s", type=float, default=3.0)
     p.add_argument("--downscale-delay-s", type=float, default=15.0)
     p.add_argument("--ttft-objective-ms", type=float, default=500.0)
+    p.add_argument("--scale-on-ttft", action="store_true",
+                   help="set autoscaling.target_ttft_p90_s to the objective (else it is only reported)")
     p.add_argument("--window", type=float, default=10.0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
@@ -175,9 +181,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     stack = MockStack(1, 20, ns.itl_ms, ns.tokens, 1, 64)
     dep = stack.config["deployments"][0]
     dep["engine_args"].update(startup_ms=ns.cold_start_s * 1000, max_running=ns.max_running)
-    dep["autoscaling"] = {"min_replicas": 1, "max_replicas": ns.max_replicas,
+    dep["autoscaling"] = {"min_replicas": ns.min_replicas, "max_replicas": ns.max_replicas,
                           "target_ongoing_requests": ns.target, "upscale_delay_s": ns.upscale_delay_s,
                           "downscale_delay_s": ns.downscale_delay_s}
+    if ns.scale_on_ttft:
+        dep["autoscaling"]["target_ttft_p90_s"] = ns.ttft_objective_ms / 1000
+    if ns.min_replicas == 0:
+        dep["replicas"] = 0  # starts at zero; the readiness probe's request is the first cold start
     stack.start()
     stop = threading.Event()
     try:

@@ -12,6 +12,13 @@ short lull changes nothing and a flapping load never scales down. Better than sc
 - never up while the deployment's replicas are failing (head.healing backs off): more failing
   replicas help nobody;
 - never a second step up, nor down, while replicas are still starting (they will take load).
+Scale to zero (`min_replicas: 0`): with no replica, requests wait in the proxies (up to
+`cold_start_timeout_s`), which tell the head (protocol.ScaleDemand); those `waiting` requests count as
+load, and 0 -> 1 happens at once (the requests are already waiting: no upscale delay). Back to 0 after
+`downscale_delay_s` with no request ongoing or waiting.
+TTFT objective (`target_ttft_p90_s`): while the replicas' TTFT p90 (the worst ready replica's, over its
+last window, protocol.ReplicaStatus.ttft_p90_s) is above it, one more replica is wanted than there are,
+even when ongoing requests are under target.
 """
 from __future__ import annotations
 
@@ -41,17 +48,28 @@ class Autoscaler:
         self.last: Optional[Decision] = None
 
     def decide(self, now: float, current: int, ongoing: int, ready: int, starting: int,
-               failing: bool = False, fits: Callable[[int], bool] = lambda n: True) -> Decision:
+               failing: bool = False, fits: Callable[[int], bool] = lambda n: True,
+               waiting: int = 0, ttft_p90: Optional[float] = None) -> Decision:
         """`current`: the deployment's replica count; `ongoing`: requests running or waiting on its ready
         replicas; `ready`/`starting`: its replicas by state; `failing`: head.healing is backing off;
-        `fits(n)`: whether n replicas can be placed."""
+        `fits(n)`: whether n replicas can be placed; `waiting`: requests proxies hold for want of any
+        replica (recent ScaleDemand); `ttft_p90`: the ready replicas' TTFT p90 in seconds (None: unknown)."""
         c = self.config
-        wanted = max(c.min_replicas, min(c.max_replicas, math.ceil(ongoing / c.target_ongoing_requests)))
+        wanted = max(c.min_replicas, min(c.max_replicas,
+                                         math.ceil((ongoing + waiting) / c.target_ongoing_requests)))
+        load = "%d ongoing on %d ready (target %g each)" % (ongoing, ready, c.target_ongoing_requests)
+        if waiting:
+            load += ", %d waiting for a replica" % waiting
+        slow = (c.target_ttft_p90_s is not None and ttft_p90 is not None and ready > 0
+                and ttft_p90 > c.target_ttft_p90_s)
+        if ttft_p90 is not None and c.target_ttft_p90_s is not None:
+            load += ", TTFT p90 %.3fs (objective %gs)" % (ttft_p90, c.target_ttft_p90_s)
+        if slow:
+            wanted = max(wanted, min(c.max_replicas, current + 1))
         direction = (wanted > current) - (wanted < current)
         if direction != self._direction:
             self._direction, self._since = direction, now
         held = now - self._since
-        load = "%d ongoing on %d ready (target %g each)" % (ongoing, ready, c.target_ongoing_requests)
         if current < c.min_replicas or current > c.max_replicas:
             return self._done(Decision(max(c.min_replicas, min(c.max_replicas, current)), wanted,
                                        "outside [min_replicas, max_replicas]"))
@@ -63,7 +81,7 @@ class Autoscaler:
             if starting:  # the last step up is not serving yet; its replicas will take load
                 return self._done(Decision(current, wanted, "holding: %d replica(s) starting; %s"
                                            % (starting, load)))
-            if held < c.upscale_delay_s:
+            if held < c.upscale_delay_s and current > 0:  # from zero: requests wait already, start now
                 return self._done(Decision(current, wanted, "up to %d in %.0fs unless the load drops: %s"
                                            % (wanted, c.upscale_delay_s - held, load)))
             target = wanted

@@ -255,6 +255,16 @@ class ClusterState:
                 starting += 1
         return ongoing, ready, starting
 
+    def ttft_p90_of(self, name: str) -> Optional[float]:
+        """The worst TTFT p90 its ready replicas report (each over its last window); None: none reported."""
+        worst: Optional[float] = None
+        for p in self.placements.values():
+            rep = self._report(p) if p.deployment == name and p.draining_since is None else None
+            if rep is not None and rep.state == ROUTABLE_STATE and rep.status is not None \
+                    and rep.status.ttft_p90_s is not None:
+                worst = max(worst or 0.0, rep.status.ttft_p90_s)
+        return worst
+
     def _is_ready(self, p: Placement) -> bool:
         rep = self._report(p)
         return rep is not None and rep.state == ROUTABLE_STATE
@@ -346,7 +356,9 @@ class ClusterState:
                 replicas.append(ReplicaRoute(
                     rep.replica_id, rep.endpoint, st.running if st else 0, st.waiting if st else 0,
                     st.kv_cache_usage if st else 0.0, dep.max_ongoing_requests))
-            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts))
+            scaling = dep.autoscaling
+            cold = scaling.cold_start_timeout_s if scaling is not None and scaling.min_replicas == 0 else 0.0
+            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts, cold))
         return out
 
     def status(self, now: float, wall_now: float) -> tuple[list[DeploymentStatus], list[AgentStatus]]:

@@ -2,7 +2,8 @@
 
 Runs in the head process, one thread. Owns two sockets, used only from `Head.run`:
 - control ROUTER (binds `config.control`): agents register and heartbeat (we answer each heartbeat with
-  their full Assignment), proxies say hello and ask for snapshots, the CLI asks for status.
+  their full Assignment), proxies say hello and ask for snapshots (and tell of requests waiting for a
+  scaled-to-zero deployment: ScaleDemand, not answered), the CLI asks for status.
 - routing PUB (binds `config.publish`): the whole routing table on every change and every second.
 Never blocks on a peer: every send is non-blocking; a message for a vanished peer is dropped.
 With a key directory both sockets are CURVE servers (runtime.curve): a ZAP thread admits registered keys
@@ -37,7 +38,8 @@ from runtime.keyring import Registry, server_pair
 from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, AutoscaleStatus, ControlReply,
-    DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleRequest, SnapshotRequest, StatusReply,
+    DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleDemand, ScaleRequest, SnapshotRequest,
+    StatusReply,
     StatusRequest, decode, encode,
 )
 from runtime.stack_config import DeploymentSpec, check_replicas, parse_deployment
@@ -45,6 +47,7 @@ from runtime.stack_config import DeploymentSpec, check_replicas, parse_deploymen
 log = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between housekeeping passes
+DEMAND_WINDOW = 3.0  # seconds a proxy's ScaleDemand counts (they resend every second while requests wait)
 UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN, or run on the head's "
                 "host where the token file in the state directory is readable")
 
@@ -66,6 +69,7 @@ class Head:
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
         self.scalers: dict[str, Autoscaler] = {}  # autoscaled deployments (head.autoscaler)
+        self.demand: dict[tuple[bytes, str], tuple[float, int]] = {}  # (proxy, deployment) -> (when, waiting)
         self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
@@ -226,6 +230,9 @@ class Head:
             self._send_assignment(peer, msg.agent_id)
         elif isinstance(msg, HeadHello):
             self._reply(peer, HeadInfo(PROTOCOL_VERSION, self.tables.epoch, self.publish_endpoint))
+        elif isinstance(msg, ScaleDemand):  # no reply: the proxy resends while its requests wait
+            if msg.deployment in self.state.deployments and len(self.demand) < 10_000:
+                self.demand[(peer, msg.deployment)] = (now, max(0, msg.waiting))
         elif isinstance(msg, SnapshotRequest):
             if self.recovering or self.tables.current is None:
                 self._reply(peer, ControlReply(False, "recovering", "head is starting; retry shortly"))
@@ -394,6 +401,12 @@ class Head:
         beyond what can be placed."""
         for name in [n for n in self.scalers if n not in self.state.deployments]:
             del self.scalers[name]
+        waiting: dict[str, int] = {}
+        for key, (at, count) in list(self.demand.items()):
+            if now - at > DEMAND_WINDOW:
+                del self.demand[key]
+            else:
+                waiting[key[1]] = waiting.get(key[1], 0) + count
         for dep in list(self.state.deployments.values()):
             cfg = dep.autoscaling
             if cfg is None:
@@ -407,7 +420,9 @@ class Head:
             def fits(n: int, dep: DeploymentSpec = dep) -> bool:
                 return not self.state.why_unplaceable(dataclasses.replace(dep, replicas=n))
             d = scaler.decide(now, dep.replicas, ongoing, ready, starting,
-                              failing=dep.name in self.state.healer.failures, fits=fits)
+                              failing=dep.name in self.state.healer.failures, fits=fits,
+                              waiting=waiting.get(dep.name, 0) if ready == 0 else 0,
+                              ttft_p90=self.state.ttft_p90_of(dep.name))
             if d.replicas != dep.replicas:
                 log.info("[autoscale] %s: %d -> %d replica(s): %s", dep.name, dep.replicas, d.replicas, d.reason)
                 self._put(dataclasses.replace(dep, replicas=d.replicas))

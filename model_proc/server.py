@@ -25,6 +25,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Any, Optional, Sequence
 
 import zmq
@@ -33,6 +34,7 @@ import zmq.asyncio
 from model_proc import metrics
 from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
+from model_proc.ttft_window import TtftWindow
 from runtime import parent_guard
 from pathlib import Path
 
@@ -61,11 +63,12 @@ def _refused(role: str, reason: str, who: str) -> None:
 
 
 class _Route:
-    __slots__ = ("peer", "completion_tokens")
+    __slots__ = ("peer", "completion_tokens", "received_at")
 
-    def __init__(self, peer: bytes) -> None:
+    def __init__(self, peer: bytes, received_at: Optional[float] = None) -> None:
         self.peer = peer
         self.completion_tokens = 0
+        self.received_at = received_at  # monotonic time the request arrived; None once its first token left
 
 
 class ReplicaServer:
@@ -93,6 +96,7 @@ class ReplicaServer:
         self.requests_aborted = 0
         self.errors = 0
         self.batches_sent = 0
+        self.ttft = TtftWindow()  # first tokens of the last 10 s: ReplicaStatus.ttft_p90_s
         self.last_status: Optional[ReplicaStatus] = None  # read by model_proc.metrics at scrape time
 
     # ------------------------------------------------------------------ lifecycle
@@ -259,7 +263,7 @@ class ReplicaServer:
         if rid in self._routes:
             self._send(peer, RequestError(rid, 400, "duplicate request id %s" % rid, "invalid_request_error"))
             return
-        route = self._routes[rid] = _Route(peer)
+        route = self._routes[rid] = _Route(peer, time.monotonic())
         if req.resume is not None:
             if not getattr(self.engine, "supports_resume", False):
                 del self._routes[rid]
@@ -330,6 +334,10 @@ class ReplicaServer:
         route = self._routes.get(request_id)
         if route is None:
             return  # aborted meanwhile
+        if route.received_at is not None:  # its first delta: time to first token, for the autoscaler
+            now = time.monotonic()
+            self.ttft.observe(now, now - route.received_at)
+            route.received_at = None
         self.tokens_generated += completion_tokens - route.completion_tokens
         route.completion_tokens = completion_tokens
         if finish_reason is not None:
@@ -427,7 +435,8 @@ class ReplicaServer:
             running=stats.running if stats else 0, waiting=stats.waiting if stats else 0,
             kv_cache_usage=stats.kv_cache_usage if stats else 0.0, steps=self.steps,
             tokens_generated=self.tokens_generated, requests_finished=self.requests_finished,
-            requests_aborted=self.requests_aborted, errors=self.errors)
+            requests_aborted=self.requests_aborted, errors=self.errors,
+            ttft_p90_s=self.ttft.p90(time.monotonic()))
 
     def _send_status(self) -> None:
         self.last_status = self.status()

@@ -9,6 +9,8 @@ gunicorn master (the master never imports this module).
 It is the Cluster a Dispatch works against (dispatch.py): replica choice (router.Router over the pool's
 load views, with each replica's circuit breaker), sends, the per-deployment admission queues, and the
 breaker bookkeeping. Queued requests are woken when the pool reports that room may have appeared.
+A deployment that scales to zero (DeploymentRoute.cold_start_timeout_s > 0) with no replica makes its
+requests wait up to that timeout, and the subscriber tells the head (ScaleDemand, at most once a second).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from runtime.protocol import DeploymentRoute, GenerateRequest
 
 log = logging.getLogger(__name__)
 
+DEMAND_EVERY = 1.0  # seconds between two ScaleDemand of one deployment while its requests wait
+
 
 def advertised_endpoint(bind: str) -> str:
     """HOST:PORT where others reach this proxy's HTTP port (and /metrics): the bind address, or this
@@ -68,9 +72,11 @@ class Gateway:
         self._breakers = Breakers(config.breaker_failures, config.breaker_cooldown, config.breaker_max_share)
         self._queues: dict[str, AdmissionQueue] = {}
         self._listed_at: dict[str, float] = {}  # deployment -> last time it had a replica connection
+        self._demand_at: dict[str, float] = {}  # scaled-to-zero deployment -> last ScaleDemand noted
         self._ctx: Optional[zmq_green.Context] = None
         self._pool: Optional[ReplicaPool] = None
         self._subscriber: Optional[gevent.Greenlet] = None
+        self._sub: Optional[TableSubscriber] = None
 
     def start(self) -> None:
         keys = Path(self.config.curve_dir) if self.config.curve_dir else None
@@ -89,6 +95,7 @@ class Gateway:
                               on_tick=metrics.TABLE_AGE.set, secure=to_head,
                               http_endpoint=advertised_endpoint(self.config.bind),
                               on_table=metrics.table_applied)
+        self._sub = sub
         self._subscriber = gevent.spawn(sub.run)
         log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(), curve_note)
 
@@ -133,6 +140,14 @@ class Gateway:
         conns = self._pool.connections(deployment)
         if conns:
             self._listed_at[deployment] = now
+        elif route.cold_start_timeout_s > 0:
+            # scaled to zero (or not up yet): wait in the queue (router.DOWN, up to the cold-start
+            # timeout) and tell the head, at most once a second, that requests wait
+            if self._sub is not None and now - self._demand_at.get(deployment, float("-inf")) >= DEMAND_EVERY:
+                self._demand_at[deployment] = now
+                q = self._queues.get(deployment)
+                self._sub.note_demand(deployment, max(1, len(q) if q is not None else 0))
+            return Decision(DOWN)
         elif now - self._listed_at.get(deployment, float("-inf")) < route.routing.queue_timeout_s:
             # it had replicas a moment ago: the table lost them all at once (their agent restarts
             # them); wait in the queue for them (router.DOWN) rather than refuse at once
@@ -156,6 +171,9 @@ class Gateway:
     def queue(self, deployment: str) -> AdmissionQueue:
         route = self.state.deployment(deployment)
         size, timeout = (route.routing.queue_size, route.routing.queue_timeout_s) if route else (0, 0.0)
+        if route is not None and route.cold_start_timeout_s > 0 and self._pool is not None \
+                and not self._pool.connections(deployment):
+            timeout = route.cold_start_timeout_s  # no replica: requests wait for one to start, this long
         q = self._queues.get(deployment)
         if q is None:
             q = self._queues[deployment] = AdmissionQueue(size, timeout)

@@ -1,7 +1,8 @@
 """Routing-table subscriber: keeps one worker's TableState and ReplicaPool in step with the head.
 
 Runs as one greenlet in each proxy worker. Owns two zmq.green sockets, both used only by this greenlet:
-  * DEALER to the head control ROUTER (`--head`): HeadHello -> HeadInfo, SnapshotRequest -> RoutingTable
+  * DEALER to the head control ROUTER (`--head`): HeadHello -> HeadInfo, SnapshotRequest -> RoutingTable,
+    ScaleDemand (no reply: requests wait for a scaled-to-zero deployment; queued by `note_demand`)
   * SUB to HeadInfo.publish_endpoint, topic TABLE_TOPIC: frames [b"table", type byte, RoutingTable]
 
 Protocol (zguide Clone + Lazy Pirate, with epoch and gap detection):
@@ -29,7 +30,7 @@ from proxy.replicas import Secure
 from proxy.table_state import TableState
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, ControlReply, HeadHello, HeadInfo, ProtocolError, RoutingTable,
-    SnapshotRequest, decode_frames, encode,
+    ScaleDemand, SnapshotRequest, decode_frames, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ class TableSubscriber:
         self._sent_at = 0.0
         self._hello_at = float("-inf")
         self._epoch: Optional[int] = None
+        self._demand: dict[str, int] = {}  # deployment -> requests waiting, sent at the next step
+
+    def note_demand(self, deployment: str, waiting: int) -> None:
+        """Tell the head (at this greenlet's next step) that requests wait for a replica of `deployment`;
+        callers rate-limit (gateway: once a second per deployment)."""
+        self._demand[deployment] = waiting
 
     def run(self) -> None:
         log.info("[startup] routing-table subscriber for head %s", self._head)
@@ -106,6 +113,7 @@ class TableSubscriber:
             self._drain(self._sub)
         if self._dealer is not None and self._dealer in events:
             self._drain(self._dealer)
+        self._send_demand()
         now = self._clock()
         if self._awaiting is not None and now >= self._deadline:
             # Warn on the first miss and then every 10th, so a long head outage is not a log flood.
@@ -150,6 +158,8 @@ class TableSubscriber:
                 log.info("[startup] head %s is starting; its routing table follows", self._head)
                 self._awaiting = None
                 self._backoff.reset()
+            elif isinstance(msg, ControlReply) and not msg.ok:
+                log.warning("head %s refused a message: %s %s", self._head, msg.code, msg.message)
             else:
                 log.warning("unexpected %s from head", type(msg).__name__)
 
@@ -198,6 +208,16 @@ class TableSubscriber:
         dealer.send_multipart(encode(hello), flags=zmq.NOBLOCK)
         self._await("hello", now, self._backoff.next())
         self._hello_at = now
+
+    def _send_demand(self) -> None:
+        demand, self._demand = self._demand, {}
+        for deployment, waiting in demand.items():
+            if self._dealer is None:
+                return  # dropped: the gateway notes it again within a second while requests wait
+            try:
+                self._dealer.send_multipart(encode(ScaleDemand(deployment, waiting)), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("scale demand for %s to head %s not sent (queue full)", deployment, self._head)
 
     def _request_snapshot(self) -> None:
         if self._dealer is None:

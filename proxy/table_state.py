@@ -94,7 +94,7 @@ class TableState:
         table this worker is connected to (None: unknown, counted as none when the table is stale)."""
         if self.table is None:
             return False, "no routing table received from the head yet"
-        if not any(d.replicas for d in self.table.deployments):
+        if not any(d.replicas or d.cold_start_timeout_s > 0 for d in self.table.deployments):
             return False, "no deployment has a healthy replica"
         if self.is_stale(now):
             stale = "routing table is stale: none received for %.1fs (limit %.1fs)" % (

@@ -13,6 +13,7 @@ registry says; a peer the registry does not know never gets here (its connection
     head message                          from
     AgentRegister, AgentHeartbeat         agent, and only for agent_id == the key's name
     HeadHello, SnapshotRequest            proxy, operator
+    ScaleDemand                           proxy (requests wait for a scaled-to-zero deployment)
     StatusRequest                         operator, proxy (status carries no secrets a proxy lacks)
     DeployRequest, ScaleRequest,          operator (plus the admin token, checked by the head)
       DeleteRequest
@@ -44,6 +45,7 @@ _MESSAGE_ROLES: dict[str, tuple[str, ...]] = {
     "AgentHeartbeat": ("agent",),
     "HeadHello": ("proxy", "operator"),
     "SnapshotRequest": ("proxy", "operator"),
+    "ScaleDemand": ("proxy",),
     "StatusRequest": ("operator", "proxy"),
     "DeployRequest": ("operator",),
     "ScaleRequest": ("operator",),

@@ -13,6 +13,7 @@ Sockets and the messages they carry (see README "Architecture"):
                                                                        <- ControlReply, Assignment
                                          proxy DEALER (connects)       HeadHello, SnapshotRequest ->
                                                                        <- HeadInfo, RoutingTable
+                                                                       ScaleDemand -> (no reply)
                                          CLI DEALER (connects)         StatusRequest -> <- StatusReply
                                                                        Deploy/Scale/DeleteRequest ->
                                                                        <- ControlReply
@@ -191,6 +192,7 @@ class ReplicaStatus(msgspec.Struct, frozen=True):
     requests_finished: int
     requests_aborted: int
     errors: int
+    ttft_p90_s: Optional[float] = None  # time to first token, p90 over the last TTFT window; None: no request
 
 
 # --------------------------------------------------------------------------- agent <-> head
@@ -347,6 +349,8 @@ class DeploymentRoute(msgspec.Struct, frozen=True):
     replicas: list[ReplicaRoute]
     routing: RoutingSettings = RoutingSettings()  # absent from older heads: the defaults
     timeouts: TimeoutSettings = TimeoutSettings()
+    # > 0: the deployment scales to zero; a request finding no replica waits this long for one to start
+    cold_start_timeout_s: float = 0.0
 
 
 class RoutingTable(msgspec.Struct, frozen=True):
@@ -356,6 +360,15 @@ class RoutingTable(msgspec.Struct, frozen=True):
     version: int
     published_at: float
     deployments: list[DeploymentRoute]
+
+
+class ScaleDemand(msgspec.Struct, frozen=True):
+    """proxy -> head, no reply: `waiting` requests of a scaled-to-zero deployment wait in this proxy
+    worker for a replica. Sent at most once a second per deployment while they wait; the autoscaler
+    starts a replica on it (head.autoscaler)."""
+
+    deployment: str
+    waiting: int
 
 
 # --------------------------------------------------------------------------- CLI <-> head
@@ -474,7 +487,7 @@ Message = Union[
     GenerateRequest, Abort, TokenBatch, RequestError, ReplicaDead,
     ReplicaHello, ReplicaStatus,
     AgentRegister, AgentHeartbeat, Assignment, ControlReply,
-    HeadHello, HeadInfo, SnapshotRequest, RoutingTable,
+    HeadHello, HeadInfo, SnapshotRequest, RoutingTable, ScaleDemand,
     StatusRequest, StatusReply, DeployRequest, ScaleRequest, DeleteRequest,
 ]
 
@@ -494,6 +507,7 @@ _TYPES: dict[int, type] = {
     0x31: HeadInfo,
     0x32: SnapshotRequest,
     0x33: RoutingTable,
+    0x34: ScaleDemand,
     0x40: StatusRequest,
     0x41: StatusReply,
     0x42: DeployRequest,

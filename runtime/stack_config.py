@@ -51,6 +51,8 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 8.0  # per replica: requests running or waiting in its engine
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
+    cold_start_timeout_s: float = 60.0  # min_replicas 0: longest a request waits in a proxy for a first replica
+    target_ttft_p90_s: Optional[float] = None  # scale up while the replicas' TTFT p90 is above this
 
 
 @dataclass(frozen=True)
@@ -195,16 +197,21 @@ def _autoscaling(raw: Any, where: str) -> Optional[AutoscalingConfig]:
         raise ValueError("%s: must be a mapping with %s" % (where, ", ".join(known)))
     d = AutoscalingConfig()
     low = _int(raw.get("min_replicas", d.min_replicas), where + ".min_replicas", 0)
-    if low == 0:
-        raise ValueError("%s.min_replicas: 0 (scale to zero) is not supported yet; use 1 or more" % where)
     high = _int(raw.get("max_replicas", max(low, d.max_replicas)), where + ".max_replicas", low, MAX_REPLICAS)
     target = _number(raw.get("target_ongoing_requests", d.target_ongoing_requests),
                      where + ".target_ongoing_requests")
     if target <= 0:
         raise ValueError("%s.target_ongoing_requests: must be > 0, got %r" % (where, target))
+    cold = _number(raw.get("cold_start_timeout_s", d.cold_start_timeout_s), where + ".cold_start_timeout_s")
+    if cold <= 0:
+        raise ValueError("%s.cold_start_timeout_s: must be > 0, got %r" % (where, cold))
+    ttft = raw.get("target_ttft_p90_s")
+    if ttft is not None and _number(ttft, where + ".target_ttft_p90_s") <= 0:
+        raise ValueError("%s.target_ttft_p90_s: must be > 0 (or null for none), got %r" % (where, ttft))
     return AutoscalingConfig(low, high, target,
                              _number(raw.get("upscale_delay_s", d.upscale_delay_s), where + ".upscale_delay_s"),
-                             _number(raw.get("downscale_delay_s", d.downscale_delay_s), where + ".downscale_delay_s"))
+                             _number(raw.get("downscale_delay_s", d.downscale_delay_s), where + ".downscale_delay_s"),
+                             cold, None if ttft is None else float(ttft))
 
 
 def _rollout(raw: Any, where: str) -> Rollout:

@@ -202,3 +202,25 @@ def test_a_crash_in_the_receive_path_is_announced_and_exits_non_zero():
         agent.close(0)
         ctx.term()
     asyncio.run(go())
+
+
+def test_status_reports_the_ttft_p90_of_recent_requests():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        server, task = await _start({"ttft_ms": 150, "itl_ms": 5}, ctx)
+        assert server.status().ttft_p90_s is None  # nothing served yet
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        for rid in ("a", "b"):
+            await dealer.send_multipart(encode(GenerateRequest(rid, prompt="p", params=SamplingParams(max_tokens=2))))
+        done = set()
+        while len(done) < 2:
+            msg = await _recv(dealer)
+            done.update(d.request_id for d in msg.deltas if d.finish_reason)
+        ttft = server.status().ttft_p90_s
+        assert ttft is not None and 0.14 <= ttft < 1.0, ttft  # the mock engine's 150 ms to its first token
+        server._on_signal(15)
+        assert await asyncio.wait_for(task, 5) == 0
+        dealer.close(0)
+        ctx.term()
+    asyncio.run(go())

@@ -35,6 +35,8 @@ def test_unknown_and_revoked_keys_are_refused_everywhere():
     (OPERATOR, "StatusRequest", None, None), (AGENT, "StatusRequest", None, "role"),
     (OPERATOR, "DeployRequest", None, None), (PROXY, "DeployRequest", None, "role"),
     (PROXY, "ScaleRequest", None, "role"), (AGENT, "DeleteRequest", None, "role"),
+    # requests waiting for a scaled-to-zero deployment: only a proxy may say so
+    (PROXY, "ScaleDemand", None, None), (OPERATOR, "ScaleDemand", None, "role"), (AGENT, "ScaleDemand", "vm", "role"),
     # types the table does not list are nobody's, not everybody's
     (OPERATOR, "GenerateRequest", None, "role"), (AGENT, "ReplicaHello", "vm", "role"),
     (PROXY, "SomethingNew", None, "role"),

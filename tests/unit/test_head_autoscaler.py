@@ -76,3 +76,85 @@ def test_failing_or_starting_replicas_hold_the_count():
     s = Autoscaler(CFG)
     s.decide(0, 3, 0, 2, 1)
     assert s.decide(100, 3, 0, 2, 1).replicas == 3  # never down while one is starting
+
+
+# ------------------------------------------------------------------ scale to zero (min_replicas 0)
+
+ZERO = AutoscalingConfig(min_replicas=0, max_replicas=3, target_ongoing_requests=4,
+                         upscale_delay_s=5, downscale_delay_s=30)
+
+
+def test_scaled_to_zero_stays_there_without_demand():
+    replicas, d = _run(Autoscaler(ZERO), 0, 0, 0, 120)
+    assert replicas == 0 and d.reason.startswith("steady")
+
+
+def test_requests_waiting_in_a_proxy_start_a_replica_at_once_not_after_the_upscale_delay():
+    s = Autoscaler(ZERO)
+    d = s.decide(0, 0, 0, 0, 0, waiting=1)
+    assert d.replicas == 1 and "1 waiting for a replica" in d.reason
+    # many waiting: as many replicas as the target asks for, at once
+    assert Autoscaler(ZERO).decide(0, 0, 0, 0, 0, waiting=9).replicas == 3
+
+
+def test_no_start_from_zero_while_replicas_fail_or_when_nothing_fits():
+    assert Autoscaler(ZERO).decide(0, 0, 0, 0, 0, waiting=2, failing=True).replicas == 0
+    d = Autoscaler(ZERO).decide(0, 0, 0, 0, 0, waiting=2, fits=lambda n: n == 0)
+    assert d.replicas == 0 and d.reason.startswith("capacity")
+
+
+def test_back_to_zero_after_the_downscale_delay_with_nothing_ongoing():
+    s = Autoscaler(ZERO)
+    assert s.decide(0, 1, 2, 1, 0).replicas == 1  # serving
+    assert s.decide(10, 1, 0, 1, 0).replicas == 1  # idle from t=10
+    assert s.decide(39, 1, 0, 1, 0).replicas == 1
+    d = s.decide(40, 1, 0, 1, 0)
+    assert d.replicas == 0 and d.reason.startswith("scaled down")
+
+
+def test_a_request_during_the_downscale_delay_keeps_the_replica():
+    s = Autoscaler(ZERO)
+    s.decide(0, 1, 0, 1, 0)
+    s.decide(29, 1, 1, 1, 0)  # one request ongoing just before the delay ends
+    assert s.decide(31, 1, 0, 1, 0).replicas == 1  # the idle clock started over at 31
+    assert s.decide(61, 1, 0, 1, 0).replicas == 0
+
+
+# ------------------------------------------------------------------ TTFT p90 objective
+
+SLO = AutoscalingConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=100,
+                        upscale_delay_s=5, downscale_delay_s=30, target_ttft_p90_s=0.5)
+
+
+def test_ttft_over_the_objective_scales_up_although_ongoing_is_under_target():
+    s = Autoscaler(SLO)
+    d = s.decide(0, 1, 4, 1, 0, ttft_p90=0.9)
+    assert d.replicas == 1 and d.wanted == 2 and "TTFT p90 0.900s (objective 0.5s)" in d.reason
+    assert s.decide(5, 1, 4, 1, 0, ttft_p90=0.9).replicas == 2
+    # the new replica is starting: no second step yet
+    assert s.decide(6, 2, 4, 1, 1, ttft_p90=0.9).replicas == 2
+
+
+def test_ttft_under_the_objective_or_unknown_changes_nothing():
+    replicas, d = _run(Autoscaler(SLO), 1, 4, 0, 60, ttft_p90=0.3)
+    assert replicas == 1
+    replicas, d = _run(Autoscaler(SLO), 1, 4, 0, 60, ttft_p90=None)
+    assert replicas == 1
+    # without an objective, a slow TTFT alone scales nothing
+    replicas, d = _run(Autoscaler(CFG), 1, 4, 0, 60, ttft_p90=5.0)
+    assert replicas == 1
+
+
+def test_ttft_objective_holds_a_scale_down_and_respects_max():
+    s = Autoscaler(SLO)
+    replicas, _ = _run(s, 2, 0, 0, 120, ttft_p90=0.8)  # no load to speak of but slow: up, never down
+    assert replicas == 3
+    replicas, d = _run(Autoscaler(SLO), 3, 0, 0, 120, ttft_p90=0.8)
+    assert replicas == 3 and d.wanted == 3
+
+
+def test_a_brief_ttft_spike_shorter_than_the_upscale_delay_scales_nothing():
+    s = Autoscaler(SLO)
+    assert s.decide(0, 1, 4, 1, 0, ttft_p90=0.9).replicas == 1
+    assert s.decide(3, 1, 4, 1, 0, ttft_p90=0.2).replicas == 1
+    assert s.decide(6, 1, 4, 1, 0, ttft_p90=0.2).replicas == 1

@@ -145,3 +145,13 @@ def test_routing_and_limits_changes_need_no_rolling_restart():
     assert state.put_deployment(dataclasses.replace(spec, replicas=3, max_ongoing_requests=7)) == ("configured", 1)
     assert state.put_deployment(dataclasses.replace(spec, replicas=3, max_ongoing_requests=7,
                                                     model="other")) == ("updated", 2)
+
+
+def test_a_scale_to_zero_deployment_tells_proxies_its_cold_start_timeout():
+    from runtime.stack_config import AutoscalingConfig
+    zero = DeploymentSpec("z", "mock", "m", replicas=0,
+                          autoscaling=AutoscalingConfig(min_replicas=0, cold_start_timeout_s=45.0))
+    floor = DeploymentSpec("f", "mock", "m", autoscaling=AutoscalingConfig(min_replicas=1))
+    routes = {r.name: r for r in ClusterState([zero, floor, DeploymentSpec("d", "mock", "m")]).routes()}
+    assert routes["z"].cold_start_timeout_s == 45.0
+    assert routes["f"].cold_start_timeout_s == 0.0 and routes["d"].cold_start_timeout_s == 0.0

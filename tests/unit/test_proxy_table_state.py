@@ -107,6 +107,14 @@ def test_readiness_reasons() -> None:
     assert ready and "stale" in reason and "2 replica(s) reachable" in reason
 
 
+def test_a_scaled_to_zero_deployment_keeps_the_proxy_ready() -> None:
+    # no replica, but requests wait for one to start (cold start): the proxy can serve them
+    s = TableState(3.0)
+    cold = DeploymentRoute("tiny", "fake", "m", [], cold_start_timeout_s=60.0)
+    s.offer(RoutingTable(1, 1, 0.0, [cold]), 0.0)
+    assert s.readiness(1.0) == (True, "ok")
+
+
 def test_backoff_doubles_to_a_cap_and_resets() -> None:
     b = Backoff(0.5, 3.0)
     assert [b.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]

@@ -45,3 +45,24 @@ def test_unreadable_and_invalid_files(tmp_path):
 def test_single_host_stack_leaves_most_cores_to_the_replicas(cores: int, workers: int) -> None:
     from runtime.stack_config import single_host_proxy_workers
     assert single_host_proxy_workers(cores) == workers
+
+
+def test_autoscaling_scale_to_zero_and_ttft_objective_parse_with_defaults():
+    dep = parse_deployment({"name": "x", "engine": "mock", "replicas": 0,
+                            "autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ttft_p90_s": 0.5}})
+    cfg = dep.autoscaling
+    assert cfg is not None and cfg.min_replicas == 0 and cfg.max_replicas == 2
+    assert cfg.cold_start_timeout_s == 60.0 and cfg.target_ttft_p90_s == 0.5
+    assert parse_deployment({"name": "x", "engine": "mock", "autoscaling": {}}).autoscaling.target_ttft_p90_s is None
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"min_replicas": 0, "cold_start_timeout_s": 0}, "cold_start_timeout_s: must be > 0"),
+    ({"cold_start_timeout_s": "soon"}, "cold_start_timeout_s: must be a number"),
+    ({"target_ttft_p90_s": 0}, "target_ttft_p90_s: must be > 0"),
+    ({"target_ttft_p90_s": -1}, "target_ttft_p90_s: must be a number >= 0"),
+    ({"ttft": 1}, "autoscaling: must be a mapping with"),
+])
+def test_bad_autoscaling_knobs_name_the_field(block, message):
+    with pytest.raises(ValueError, match=message):
+        parse_deployment({"name": "x", "engine": "mock", "autoscaling": block})
