@@ -22,6 +22,9 @@ never retry once the first token was handed to the caller.
                  only when the deployment allows it (`routing.resume`) and the replica reported a token
                  id for every token it sent (else the text would repeat). With no usable replica at that
                  moment (all lost at once) it waits for one, up to `retry_window`.
+                 A request whose client gets nothing before its end (`Limits.restart`: a relayed, not
+                 streamed vLLM request) starts over elsewhere with the same body instead, from `first()`,
+                 under the same bounds.
 Every outcome feeds the replica's circuit breaker through `Cluster.record`; a replica that refused or
 stopped a request because it is shutting down (protocol.SHUTTING_DOWN) is not counted against.
 """
@@ -58,6 +61,9 @@ class Limits:
     retry_window: float = 10.0  # no retry starts later than this after the request's (or resume's) start
     resume: bool = True  # resume a stream elsewhere when its replica is lost mid-way
     max_resumes: int = 3  # resumes per request
+    # nothing reaches the client before the request's end (a relayed non-streamed request: the replica
+    # sends vLLM's whole JSON body at once): a lost replica's request starts over elsewhere, same body
+    restart: bool = False
 
 
 class Cluster(Protocol):
@@ -211,6 +217,11 @@ class Dispatch:
                     metrics.RESUME_GAP.labels(self.deployment).observe(self._clock() - self._resumed_at)
                     self._resumed_at = None
                 return item
+            if self.limits.restart and self.resumable(err):  # lost before its (only) answer: start over
+                failed = self.resume(err)
+                if failed is not None:
+                    raise UpstreamError.from_message(failed)
+                continue
             self._fail_current(err)
             if err.type == SHUTTING_DOWN:
                 # a draining replica's refusal is no attempt, and the router avoids it from now on (it
@@ -244,11 +255,11 @@ class Dispatch:
         stream = self.stream
         if stream is None or not self.limits.resume or self.resumes >= self.limits.max_resumes:
             return False
-        if self._request.endpoint:
-            return False  # relayed: the bytes sent came from the engine's serving layer, not token ids
+        if self._request.endpoint and not self.limits.restart:
+            return False  # a relayed stream: the bytes sent came from the engine's serving layer
         if not (stream.lost or (err.status == 503 and err.type == SHUTTING_DOWN)):
             return False
-        if len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
+        if not self.limits.restart and len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
             return False  # the engine did not report every token's id: a resume would repeat text
         return self._clock() < self.deadline and not self._client_gone()
 
@@ -257,7 +268,8 @@ class Dispatch:
         `resumable(err)`). None once sent (wait with `first()`), else the error that ends the request."""
         old = self.stream
         assert old is not None
-        ids = self._replayed + old.token_ids.tolist()
+        restart = self.limits.restart
+        ids = [] if restart else self._replayed + old.token_ids.tolist()  # restart: the client has nothing
         self._replayed = ids
         old.close("error")
         if err.type != SHUTTING_DOWN:
@@ -272,12 +284,13 @@ class Dispatch:
         self._first_deadline = float("inf")
         self._resumed_at = now
         self._last_error = None
-        self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
+        if not restart:
+            self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
         metrics.RESUMES.labels(self.deployment).inc()
         metrics.TOKENS_REPLAYED.labels(self.deployment).inc(len(ids))
-        log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); resuming elsewhere (%d/%d)",
-                    self.request_id, old.replica_id, len(ids), err.status, err.message, self.resumes,
-                    self.limits.max_resumes)
+        log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); %s elsewhere (%d/%d)",
+                    self.request_id, old.replica_id, len(ids), err.status, err.message,
+                    "starting over" if restart else "resuming", self.resumes, self.limits.max_resumes)
         give_up = min(self.deadline, now + self.limits.retry_window)
         while True:
             try:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import falcon.testing
 import gevent
+import msgspec
 
 from proxy.app import create_app
 from proxy.config import ProxyConfig
@@ -152,3 +153,65 @@ def test_with_every_replica_lost_a_resume_waits_for_one_to_come_back() -> None:
     r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(stream=True))
     assert sse(r.text)[0] == "".join(WORDS[:6])
     assert backend.sent_to == ["r1", "r2"]
+
+
+# --------------------------------------------------------------------------- relayed (vLLM) requests
+
+WHOLE = '{"object":"chat.completion","choices":[{"message":{"content":"all of it"}}]}'
+EVENT = 'data: {"choices":[{"index":0,"delta":{"content":"w"}}]}\n\n'
+
+
+class RelayedReplicas(TwoReplicas):
+    """A vLLM deployment on r1 and r2: r1 is lost `lost_at` seconds in (past the retry window), r2 answers
+    with the whole JSON body, or streams SSE events when the request is streamed."""
+
+    def __init__(self, lost_at: float = 0.8) -> None:
+        super().__init__()
+        self.deps["tiny"] = msgspec.structs.replace(self.deps["tiny"], engine="vllm")
+        self.lost_at = lost_at
+
+    def _generate(self, stream: RequestStream, request: GenerateRequest, lose_after: Optional[int]) -> None:
+        streaming = json.loads(request.body).get("stream", False)
+        if lose_after is not None:  # r1: streams two events (if streamed), then is lost
+            for _ in range(lose_after if streaming else 0):
+                stream.push(Delta(stream.request_id, EVENT, None, 4, 1, [1]))
+            gevent.sleep(self.lost_at)
+            self.down.add(stream.replica_id)
+            stream.fail(503, "lost connection to replica %s" % stream.replica_id, lost=True)
+            return
+        gevent.sleep(0.01)
+        if streaming:
+            stream.push(Delta(stream.request_id, EVENT + "data: [DONE]\n\n", None, 4, 1, [1]))
+            stream.push(Delta(stream.request_id, "", "stop", 4, 1))
+        else:
+            stream.push(Delta(stream.request_id, WHOLE, "stop", 4, 6))
+
+
+def test_a_relayed_non_streaming_request_whose_replica_is_lost_starts_over_elsewhere() -> None:
+    """Nothing of a relayed non-streamed answer reached the client: the same body goes to another replica,
+    even after the retry window (0.6 s here) that bounds retries of refused sends."""
+    backend = RelayedReplicas(lost_at=0.8)
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", max_tokens=6))
+    assert r.status_code == 200, r.text
+    assert r.text == WHOLE
+    assert backend.sent_to == ["r1", "r2"]
+    assert backend.requests[1].body == backend.requests[0].body and backend.requests[1].resume is None
+    assert ("r1", False) in backend.recorded
+
+
+def test_a_relayed_non_streaming_request_is_not_restarted_when_the_deployment_says_no() -> None:
+    backend = RelayedReplicas(lost_at=0.8)
+    backend.deps["tiny"] = msgspec.structs.replace(backend.deps["tiny"], routing=RoutingSettings(resume=False))
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny"))
+    assert r.status_code == 503 and "lost connection" in r.json["error"]["message"]
+    assert backend.sent_to == ["r1"]
+
+
+def test_a_relayed_stream_is_not_resumed_mid_way() -> None:
+    """vLLM's serving layer wrote the bytes already sent: a relayed stream lost mid-way still ends with an
+    error event (docs/api.md, "Resume")."""
+    backend = RelayedReplicas(lost_at=0.05)
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", stream=True))
+    assert r.status_code == 200
+    assert r.text.startswith(EVENT + EVENT) and "lost connection" in r.text and r.text.endswith("data: [DONE]\n\n")
+    assert backend.sent_to == ["r1"]
