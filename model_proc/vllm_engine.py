@@ -174,6 +174,7 @@ def _stat_logger_factory(snapshot: _SchedulerSnapshot):
 
 class VllmEngine:
     name = "vllm"
+    supports_resume = True  # relayed chat/text completion streams (model_proc.relay_resume); else 501
 
     def __init__(self, model: str, engine_args: dict[str, Any]) -> None:
         if not isinstance(model, str) or not model:
@@ -280,8 +281,11 @@ class VllmEngine:
         if req.endpoint:
             if req.endpoint not in ENDPOINTS or self._serving is None:
                 raise EngineRequestError("endpoint %s is not served by vllm" % req.endpoint, status=404)
-            self._serving.submit(req.request_id, req.endpoint, req.body)
+            self._serving.submit(req.request_id, req.endpoint, req.body, req.resume)
             return
+        if req.resume is not None:
+            raise EngineRequestError("the vllm engine resumes only relayed OpenAI streams", param="resume",
+                                     status=501)
         prompt_ids, param = self._tokenize(req)
         kwargs = build_sampling_kwargs(req.params, self._defaults)
         kwargs["max_tokens"] = resolve_max_tokens(

@@ -22,6 +22,9 @@ never retry once the first token was handed to the caller.
                  only when the deployment allows it (`routing.resume`) and the replica reported a token
                  id for every token it sent (else the text would repeat). With no usable replica at that
                  moment (all lost at once) it waits for one, up to `retry_window`.
+                 Relayed vLLM streams resume too where the replica reported token ids (chat and text
+                 completions, n=1, no tools/structured outputs/stop strings: model_proc/relay_resume.py),
+                 with the first event's `created` (Resume.created) so the continuation matches.
                  A request whose client gets nothing before its end (`Limits.restart`: a relayed, not
                  streamed vLLM request) starts over elsewhere with the same body instead, from `first()`,
                  under the same bounds.
@@ -31,6 +34,7 @@ stopped a request because it is shutting down (protocol.SHUTTING_DOWN) is not co
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -49,6 +53,7 @@ from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError
 
 log = logging.getLogger(__name__)
 
+CREATED = re.compile(r'"created":\s*(\d+)')
 RETRYABLE = (429, 503)  # the replica refused or is gone: another one may well serve it
 SLICE = 0.25  # seconds between checks that the client is still there while we wait
 
@@ -64,6 +69,12 @@ class Limits:
     # nothing reaches the client before the request's end (a relayed non-streamed request: the replica
     # sends vLLM's whole JSON body at once): a lost replica's request starts over elsewhere, same body
     restart: bool = False
+
+
+def created_of(text: str) -> int:
+    """The `created` of a relayed stream's first event (0 when there is none)."""
+    match = CREATED.search(text)
+    return int(match.group(1)) if match else 0
 
 
 class Cluster(Protocol):
@@ -96,6 +107,7 @@ class Dispatch:
         self.resumes = 0
         self._replayed: list[int] = []  # token ids received from replicas lost before the current one
         self._resumed_at: Optional[float] = None
+        self._created = 0  # a relayed stream's `created`, as its client got it (kept on a resume)
 
     @property
     def request_id(self) -> str:
@@ -213,6 +225,8 @@ class Dispatch:
             if err is None:
                 self._cluster.record(self.stream.replica_id, True)
                 assert isinstance(item, Delta)
+                if self._request.endpoint and not self._created and not self.limits.restart:
+                    self._created = created_of(item.text)
                 if self._resumed_at is not None:
                     metrics.RESUME_GAP.labels(self.deployment).observe(self._clock() - self._resumed_at)
                     self._resumed_at = None
@@ -255,12 +269,11 @@ class Dispatch:
         stream = self.stream
         if stream is None or not self.limits.resume or self.resumes >= self.limits.max_resumes:
             return False
-        if self._request.endpoint and not self.limits.restart:
-            return False  # a relayed stream: the bytes sent came from the engine's serving layer
         if not (stream.lost or (err.status == 503 and err.type == SHUTTING_DOWN)):
             return False
         if not self.limits.restart and len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
-            return False  # the engine did not report every token's id: a resume would repeat text
+            return False  # the engine did not report every token's id (a relayed vLLM stream reports them
+            # only where it can be resumed: model_proc/relay_resume.py): a resume would repeat text
         return self._clock() < self.deadline and not self._client_gone()
 
     def resume(self, err: RequestError) -> Optional[RequestError]:
@@ -285,7 +298,7 @@ class Dispatch:
         self._resumed_at = now
         self._last_error = None
         if not restart:
-            self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
+            self._request = msgspec.structs.replace(self._request, resume=Resume(ids, self._created))
         metrics.RESUMES.labels(self.deployment).inc()
         metrics.TOKENS_REPLAYED.labels(self.deployment).inc(len(ids))
         log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); %s elsewhere (%d/%d)",

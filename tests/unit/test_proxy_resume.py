@@ -158,33 +158,47 @@ def test_with_every_replica_lost_a_resume_waits_for_one_to_come_back() -> None:
 # --------------------------------------------------------------------------- relayed (vLLM) requests
 
 WHOLE = '{"object":"chat.completion","choices":[{"message":{"content":"all of it"}}]}'
-EVENT = 'data: {"choices":[{"index":0,"delta":{"content":"w"}}]}\n\n'
+ROLE = 'data: {"id":"chatcmpl-x","created":1234,"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+EVENT = 'data: {"id":"chatcmpl-x","created":1234,"choices":[{"index":0,"delta":{"content":"w%d"}}]}\n\n'
 
 
 class RelayedReplicas(TwoReplicas):
     """A vLLM deployment on r1 and r2: r1 is lost `lost_at` seconds in (past the retry window), r2 answers
-    with the whole JSON body, or streams SSE events when the request is streamed."""
+    with the whole JSON body, or, streamed, continues after the ids it was given. `ids`: r1 reports the
+    token id behind each event (as a replica does for a resumable stream)."""
 
-    def __init__(self, lost_at: float = 0.8) -> None:
-        super().__init__()
+    def __init__(self, lost_at: float = 0.8, ids: bool = True) -> None:
+        super().__init__(ids=ids)
         self.deps["tiny"] = msgspec.structs.replace(self.deps["tiny"], engine="vllm")
         self.lost_at = lost_at
 
+    def _push(self, stream: RequestStream, text: str, finish: Optional[str], done: int, ids: list[int]) -> None:
+        delta = Delta(stream.request_id, text, finish, 4, done, ids if self.ids else [])
+        stream.token_ids.extend(delta.token_ids)  # as proxy/replicas.py's reader does
+        stream.completion_tokens = delta.completion_tokens
+        stream.push(delta)
+
     def _generate(self, stream: RequestStream, request: GenerateRequest, lose_after: Optional[int]) -> None:
         streaming = json.loads(request.body).get("stream", False)
-        if lose_after is not None:  # r1: streams two events (if streamed), then is lost
-            for _ in range(lose_after if streaming else 0):
-                stream.push(Delta(stream.request_id, EVENT, None, 4, 1, [1]))
+        if lose_after is not None:  # r1: the role event and `lose_after` tokens (if streamed), then lost
+            if streaming:
+                self._push(stream, ROLE, None, 0, [])
+                for k in range(lose_after):
+                    self._push(stream, EVENT % k, None, k + 1, [k])
             gevent.sleep(self.lost_at)
             self.down.add(stream.replica_id)
             stream.fail(503, "lost connection to replica %s" % stream.replica_id, lost=True)
             return
         gevent.sleep(0.01)
-        if streaming:
-            stream.push(Delta(stream.request_id, EVENT + "data: [DONE]\n\n", None, 4, 1, [1]))
-            stream.push(Delta(stream.request_id, "", "stop", 4, 1))
-        else:
-            stream.push(Delta(stream.request_id, WHOLE, "stop", 4, 6))
+        if not streaming:
+            self._push(stream, WHOLE, "stop", 6, [])
+            return
+        start = len(request.resume.token_ids) if request.resume else 0
+        if not start:
+            self._push(stream, ROLE, None, 0, [])
+        for k in range(start, 4):
+            self._push(stream, EVENT % k, None, k + 1, [k])
+        self._push(stream, "data: [DONE]\n\n", "stop", 4, [])
 
 
 def test_a_relayed_non_streaming_request_whose_replica_is_lost_starts_over_elsewhere() -> None:
@@ -207,11 +221,23 @@ def test_a_relayed_non_streaming_request_is_not_restarted_when_the_deployment_sa
     assert backend.sent_to == ["r1"]
 
 
-def test_a_relayed_stream_is_not_resumed_mid_way() -> None:
-    """vLLM's serving layer wrote the bytes already sent: a relayed stream lost mid-way still ends with an
-    error event (docs/api.md, "Resume")."""
+def test_a_relayed_stream_resumes_after_the_ids_with_the_clients_created() -> None:
     backend = RelayedReplicas(lost_at=0.05)
     r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", stream=True))
     assert r.status_code == 200
-    assert r.text.startswith(EVENT + EVENT) and "lost connection" in r.text and r.text.endswith("data: [DONE]\n\n")
+    assert r.text == ROLE + "".join(EVENT % k for k in range(4)) + "data: [DONE]\n\n"  # one seamless stream
+    assert backend.sent_to == ["r1", "r2"]
+    resume = backend.requests[1].resume
+    assert resume is not None and (resume.token_ids, resume.created) == ([0, 1], 1234)
+    assert backend.requests[1].body == backend.requests[0].body
+
+
+def test_a_relayed_stream_without_token_ids_is_not_resumed() -> None:
+    """A replica reports no ids for a stream it cannot resume (tools, n > 1, stop strings, ...): the stream
+    ends with an error event as before."""
+    backend = RelayedReplicas(lost_at=0.05, ids=False)
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", stream=True))
+    assert r.status_code == 200
+    assert r.text.startswith(ROLE + EVENT % 0 + EVENT % 1) and "lost connection" in r.text
+    assert r.text.endswith("data: [DONE]\n\n")
     assert backend.sent_to == ["r1"]
