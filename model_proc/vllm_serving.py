@@ -102,6 +102,7 @@ class Relayed:
     report_ids: bool = False  # report each chunk's token ids (a stream that may be resumed elsewhere)
     resume: Optional[Resume] = None  # continue after these ids (sent by a replica that was lost)
     reported: int = 0  # ids already reported
+    clean: int = 0  # ids whose text vLLM's detokenizer has let out (it holds back an unfinished character)
 
     @property
     def resumed(self) -> int:
@@ -116,13 +117,29 @@ class Relayed:
         return sum(self.completion_tokens.values()) + self.resumed
 
     def unreported_ids(self) -> list[int]:
-        """Ids recorded since the last call (one engine request, else nothing: not resumable)."""
+        """Ids whose text went out, not reported yet (one engine request, else none: not resumable)."""
         if not self.report_ids or len(self.token_ids) != 1:
             return []
         (ids,) = self.token_ids.values()
-        new = ids[self.reported:]
-        self.reported = len(ids)
+        new = ids[self.reported:self.clean]
+        self.reported = max(self.reported, self.clean)
         return new
+
+    def completion_reported(self, final: bool) -> int:
+        """completion_tokens for a Delta: while ids are reported, the count of those (so the proxy sees
+        every token sent has its id; the held-back ones follow with their text), else the engine's."""
+        if final or not self.report_ids:
+            return self.completion_total
+        return self.resumed + self.reported
+
+    def note_text(self, out: Any) -> None:
+        """After record_output (delta mode): mark the ids whose text is out. A replacement character
+        means the detokenizer gave up on invalid bytes: resuming after them would not match, so stop."""
+        text = out.outputs[0].text if out.outputs else ""
+        if "\ufffd" in text:
+            self.report_ids = False
+        elif text and len(self.token_ids) == 1:
+            self.clean = len(next(iter(self.token_ids.values())))
 
 
 _current: contextvars.ContextVar[Optional[Relayed]] = contextvars.ContextVar("tokenrelay_relayed", default=None)
@@ -161,6 +178,8 @@ def count_tokens(engine: Any) -> None:
         async for out in original(prompt, sampling_params, request_id, *args, **kwargs):
             if rec is not None:
                 record_output(rec, request_id, out, delta)
+                if rec.report_ids and delta:
+                    rec.note_text(out)
             yield out
 
     engine.generate = generate
@@ -274,7 +293,7 @@ class ServingApp:
                 ids = rec.unreported_ids()
                 if text or ids or not more:
                     self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
-                                    rec.completion_total, ids)
+                                    rec.completion_reported(not more), ids)
 
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",

@@ -95,13 +95,41 @@ def test_resumed_events_continue_the_clients_stream() -> None:
     assert last["usage"] == {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}
 
 
+def step(prompt: Any, ids: list[int], text: str) -> SimpleNamespace:
+    return SimpleNamespace(prompt_token_ids=prompt, outputs=[SimpleNamespace(token_ids=ids, text=text)])
+
+
 def test_a_resumed_request_counts_and_reports_ids_once() -> None:
     rec = Relayed("r", report_ids=True, resume=Resume([5, 6, 7], 42))
-    out = SimpleNamespace(prompt_token_ids=[1, 2, 5, 6, 7], outputs=[SimpleNamespace(token_ids=[8])])
-    record_output(rec, "a", out, delta=True)
+    for out in (step([1, 2, 5, 6, 7], [8], "a"),):
+        record_output(rec, "a", out, delta=True)
+        rec.note_text(out)
     assert (rec.prompt_total, rec.completion_total) == (2, 4)  # as the client counts them
     assert rec.unreported_ids() == [8] and rec.unreported_ids() == []
-    record_output(rec, "a", SimpleNamespace(prompt_token_ids=None, outputs=[SimpleNamespace(token_ids=[9])]),
-                  delta=True)
-    assert rec.unreported_ids() == [9]
+    assert rec.completion_reported(final=False) == 4
     assert Relayed("s").unreported_ids() == []  # not resumable: no ids
+
+
+def test_ids_whose_text_is_held_back_are_reported_with_it() -> None:
+    """vLLM's detokenizer holds back a character split over tokens: its ids go out with its text, and
+    the running count says only what was reported, so a resume never skips held-back text."""
+    rec = Relayed("r", report_ids=True)
+    outs = [step([1], [10], "a"), step(None, [11], ""), step(None, [12], "\u00e9")]
+    record_output(rec, "a", outs[0], delta=True)
+    rec.note_text(outs[0])
+    assert rec.unreported_ids() == [10]
+    record_output(rec, "a", outs[1], delta=True)
+    rec.note_text(outs[1])
+    assert rec.unreported_ids() == [] and rec.completion_reported(final=False) == 1
+    assert rec.completion_reported(final=True) == 2
+    record_output(rec, "a", outs[2], delta=True)
+    rec.note_text(outs[2])
+    assert rec.unreported_ids() == [11, 12] and rec.completion_reported(final=False) == 3
+
+
+def test_after_a_replacement_character_no_ids_are_reported() -> None:
+    rec = Relayed("r", report_ids=True)
+    out = step([1], [10, 11], "a\ufffd")
+    record_output(rec, "a", out, delta=True)
+    rec.note_text(out)
+    assert rec.unreported_ids() == [] and rec.completion_reported(final=False) == 2
