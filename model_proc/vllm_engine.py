@@ -11,6 +11,8 @@ request mapping, unit-tested without vLLM; vLLM is imported by `VllmEngine.start
 - OpenAI requests (GenerateRequest.endpoint and body, relayed by the proxy) are served by vLLM's own
   serving layer, the app `vllm serve` runs, built from the same options (model_proc.vllm_serving): same
   validation, chat templates, tool and reasoning parsers, structured outputs, response bytes.
+  Such a stream resumes here after its first replica was lost (GenerateRequest.resume, chat and text
+  completions with n=1: model_proc.relay_resume); plain requests are not resumed (501).
 - Plain requests (the legacy endpoint) are tokenized here, so the context check is exact and the counts
   we report are the engine's; one asyncio task per request iterates `AsyncLLM.generate` in DELTA mode and
   feeds the sink.

@@ -61,9 +61,13 @@ def words(tiny_model: Path) -> list[int]:
     return ids
 
 
-def body(stream: bool, words: list[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": MAX_TOKENS,
+def body(stream: bool, words: list[int], chat: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": MAX_TOKENS,
                            "ignore_eos": True, "stream": stream, "allowed_token_ids": words}
+    if chat:
+        out["messages"] = MESSAGES
+    else:
+        out["prompt"] = "Once upon a time"
     if stream:
         out["stream_options"] = {"include_usage": True}
     return out
@@ -81,8 +85,9 @@ def events(text: str) -> list[Any]:
 
 
 def content(chunks: list[Any]) -> str:
-    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
-                   if isinstance(c, dict) and c.get("choices"))
+    """The text of chat chunks (delta.content) or completion chunks (text)."""
+    return "".join((c["choices"][0]["delta"].get("content") or "") if "delta" in c["choices"][0]
+                   else c["choices"][0].get("text") or "" for c in chunks if isinstance(c, dict) and c.get("choices"))
 
 
 def seam(got: str, want: str) -> str:
@@ -130,9 +135,10 @@ def uninterrupted(stack: Stack, words: list[int]) -> dict[str, Any]:
     whole = httpx.post(stack.base_url + "/v1/chat/completions", json=body(False, words), timeout=120)
     took = time.monotonic() - started
     streamed = httpx.post(stack.base_url + "/v1/chat/completions", json=body(True, words), timeout=120)
-    assert whole.status_code == 200 and streamed.status_code == 200
+    completion = httpx.post(stack.base_url + "/v1/completions", json=body(True, words, chat=False), timeout=120)
+    assert whole.status_code == 200 and streamed.status_code == 200 and completion.status_code == 200
     print("\nuninterrupted: %d tokens in %.2f s" % (whole.json()["usage"]["completion_tokens"], took))
-    return {"whole": whole.json(), "stream": events(streamed.text)}
+    return {"whole": whole.json(), "stream": events(streamed.text), "completion": events(completion.text)}
 
 
 def test_a_stream_whose_replica_is_killed_goes_on_without_a_seam(stack: Stack, uninterrupted: dict,
@@ -184,4 +190,29 @@ def test_a_non_streamed_request_whose_replica_is_killed_starts_over(stack: Stack
     got, want = r.json(), uninterrupted["whole"]
     assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
     assert got["usage"] == want["usage"]
+    ready_again(stack)
+
+
+def test_a_text_completion_stream_whose_replica_is_killed_goes_on_without_a_seam(
+        stack: Stack, uninterrupted: dict, words: list[int]) -> None:
+    before = resumes(stack)
+    got: list[str] = []
+    with httpx.stream("POST", stack.base_url + "/v1/completions", json=body(True, words, chat=False),
+                      timeout=120) as r:
+        assert r.status_code == 200
+        parts = r.iter_text()
+        while "".join(got).count("data: ") < 8:
+            got.append(next(parts))
+        victim = wait_for(lambda: busy_replica(stack), 2, "the replica serving the stream")
+        os.kill(victim["pid"], signal.SIGKILL)
+        got.extend(parts)
+    chunks = events("".join(got))
+    want = uninterrupted["completion"]
+    assert not any(isinstance(c, dict) and "error" in c for c in chunks)
+    assert resumes(stack) == before + 1, "the kill did not land mid-stream"
+    assert content(chunks) == content(want), seam(content(chunks), content(want))
+    data = [c for c in chunks if isinstance(c, dict)]
+    assert len({c["id"] for c in data}) == 1 and len({c["created"] for c in data}) == 1
+    assert chunks.count("[DONE]") == 1
+    assert data[-1]["usage"] == [c for c in want if isinstance(c, dict)][-1]["usage"]
     ready_again(stack)
