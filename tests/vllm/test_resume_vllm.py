@@ -103,6 +103,11 @@ def resumes(stack: Stack) -> float:
                for s in fam.samples if s.name.endswith("_total"))
 
 
+def proxy_metric(stack: Stack, sample: str) -> float:
+    text = httpx.get(stack.base_url + "/metrics", timeout=5).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == sample)
+
+
 def busy_replica(stack: Stack) -> dict | None:
     """The replica generating right now: the one whose process tree burned over 30% of a core in the
     last 0.3 s, and 3 times what the other did (None: neither, or no clear one)."""
@@ -170,6 +175,9 @@ def test_a_stream_whose_replica_is_killed_goes_on_without_a_seam(stack: Stack, u
     assert len(roles) == 1 and finishes == ["length"]
     assert data[-1]["usage"] == [c for c in want if isinstance(c, dict)][-1]["usage"]  # each token once
     assert data[-1]["usage"]["completion_tokens"] == MAX_TOKENS
+    print("\nresumed after %d replayed tokens; pause seen by the client %.3f s" % (
+        proxy_metric(stack, "tokenrelay_proxy_resume_replayed_tokens_total"),
+        proxy_metric(stack, "tokenrelay_proxy_resume_gap_seconds_sum")))
     ready_again(stack)
 
 
