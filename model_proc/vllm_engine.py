@@ -11,6 +11,8 @@ request mapping, unit-tested without vLLM; vLLM is imported by `VllmEngine.start
 - OpenAI requests (GenerateRequest.endpoint and body, relayed by the proxy) are served by vLLM's own
   serving layer, the app `vllm serve` runs, built from the same options (model_proc.vllm_serving): same
   validation, chat templates, tool and reasoning parsers, structured outputs, response bytes.
+  Such a stream resumes here after its first replica was lost (GenerateRequest.resume, chat and text
+  completions with n=1: model_proc.relay_resume); plain requests are not resumed (501).
 - Plain requests (the legacy endpoint) are tokenized here, so the context check is exact and the counts
   we report are the engine's; one asyncio task per request iterates `AsyncLLM.generate` in DELTA mode and
   feeds the sink.
@@ -174,6 +176,7 @@ def _stat_logger_factory(snapshot: _SchedulerSnapshot):
 
 class VllmEngine:
     name = "vllm"
+    supports_resume = True  # relayed chat/text completion streams (model_proc.relay_resume); else 501
 
     def __init__(self, model: str, engine_args: dict[str, Any]) -> None:
         if not isinstance(model, str) or not model:
@@ -280,8 +283,11 @@ class VllmEngine:
         if req.endpoint:
             if req.endpoint not in ENDPOINTS or self._serving is None:
                 raise EngineRequestError("endpoint %s is not served by vllm" % req.endpoint, status=404)
-            self._serving.submit(req.request_id, req.endpoint, req.body)
+            self._serving.submit(req.request_id, req.endpoint, req.body, req.resume)
             return
+        if req.resume is not None:
+            raise EngineRequestError("the vllm engine resumes only relayed OpenAI streams", param="resume",
+                                     status=501)
         prompt_ids, param = self._tokenize(req)
         kwargs = build_sampling_kwargs(req.params, self._defaults)
         kwargs["max_tokens"] = resolve_max_tokens(

@@ -18,6 +18,9 @@ would, minus the HTTP: the proxy already parsed that.
 - Token counts: `count_tokens` wraps the engine's `generate`; a context variable ties each engine
   request to the relayed request that started it, so deltas carry prompt and completion token counts
   and the request keeps its output token ids (state a mid-stream resume needs).
+- Resume (model_proc.relay_resume): a streamed chat or text completion with n=1 reports, with each
+  chunk, the token ids behind it; a resumed one (`submit(..., resume=...)`) runs with those ids appended
+  to its engine prompt, and its chunks are rewritten to continue the client's stream.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
-from model_proc.engine import DeltaSink, EngineLoadError
+from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError
+from model_proc.relay_resume import continue_events, continued, refusal, reportable
+from runtime.protocol import Resume
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +99,47 @@ class Relayed:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per engine request (n, list prompts)
     completion_tokens: dict[str, int] = field(default_factory=dict)
     token_ids: dict[str, list[int]] = field(default_factory=dict)  # output 0's ids per engine request
+    report_ids: bool = False  # report each chunk's token ids (a stream that may be resumed elsewhere)
+    resume: Optional[Resume] = None  # continue after these ids (sent by a replica that was lost)
+    reported: int = 0  # ids already reported
+    clean: int = 0  # ids whose text vLLM's detokenizer has let out (it holds back an unfinished character)
 
     @property
-    def prompt_total(self) -> int:
-        return sum(self.prompt_tokens.values())
+    def resumed(self) -> int:
+        return len(self.resume.token_ids) if self.resume is not None else 0
 
     @property
-    def completion_total(self) -> int:
-        return sum(self.completion_tokens.values())
+    def prompt_total(self) -> int:  # the resumed ids are in the engine's prompt, but not the client's
+        return sum(self.prompt_tokens.values()) - self.resumed
+
+    @property
+    def completion_total(self) -> int:  # ... and they were generated for the client
+        return sum(self.completion_tokens.values()) + self.resumed
+
+    def unreported_ids(self) -> list[int]:
+        """Ids whose text went out, not reported yet (one engine request, else none: not resumable)."""
+        if not self.report_ids or len(self.token_ids) != 1:
+            return []
+        (ids,) = self.token_ids.values()
+        new = ids[self.reported:self.clean]
+        self.reported = max(self.reported, self.clean)
+        return new
+
+    def completion_reported(self, final: bool) -> int:
+        """completion_tokens for a Delta: while ids are reported, the count of those (so the proxy sees
+        every token sent has its id; the held-back ones follow with their text), else the engine's."""
+        if final or not self.report_ids:
+            return self.completion_total
+        return self.resumed + self.reported
+
+    def note_text(self, out: Any) -> None:
+        """After record_output (delta mode): mark the ids whose text is out. A replacement character
+        means the detokenizer gave up on invalid bytes: resuming after them would not match, so stop."""
+        text = out.outputs[0].text if out.outputs else ""
+        if "\ufffd" in text:
+            self.report_ids = False
+        elif text and len(self.token_ids) == 1:
+            self.clean = len(next(iter(self.token_ids.values())))
 
 
 _current: contextvars.ContextVar[Optional[Relayed]] = contextvars.ContextVar("tokenrelay_relayed", default=None)
@@ -132,10 +170,16 @@ def count_tokens(engine: Any) -> None:
     async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any,
                        **kwargs: Any) -> AsyncIterator[Any]:
         rec = _current.get()
+        if rec is not None and rec.report_ids and not reportable(sampling_params):
+            rec.report_ids = False
+        if rec is not None and rec.resume is not None:  # continue after the ids a lost replica sent
+            prompt, sampling_params = continued(prompt, sampling_params, rec.resume.token_ids)
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         async for out in original(prompt, sampling_params, request_id, *args, **kwargs):
             if rec is not None:
                 record_output(rec, request_id, out, delta)
+                if rec.report_ids and delta:
+                    rec.note_text(out)
             yield out
 
     engine.generate = generate
@@ -156,10 +200,11 @@ def error_fields(body: bytes) -> tuple[str, str, Optional[str]]:
 class ServingApp:
     """vLLM's OpenAI FastAPI app with its state, serving relayed requests into a DeltaSink."""
 
-    def __init__(self, app: Any, sink: DeltaSink) -> None:
+    def __init__(self, app: Any, sink: DeltaSink, reasoning_parser: bool = False) -> None:
         self._app = app
         self._sink = sink
         self._tasks: dict[str, asyncio.Task] = {}
+        self._reasoning_parser = reasoning_parser  # the deployment splits reasoning from content
 
     @classmethod
     async def build(cls, engine: Any, args: argparse.Namespace, sink: DeltaSink) -> "ServingApp":
@@ -170,15 +215,24 @@ class ServingApp:
         supported = await engine.get_supported_tasks()
         app = build_app(args, supported, engine.model_config)
         await init_app_state(engine, app.state, args, supported)
-        serving = cls(app, sink)
+        serving = cls(app, sink, bool(getattr(args, "reasoning_parser", None)))
         count_tokens(engine)
         return serving
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def submit(self, request_id: str, endpoint: str, body: bytes) -> None:
-        rec = Relayed(request_id)
+    def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None) -> None:
+        """Serve one relayed request; a `resume` that cannot be honoured raises EngineRequestError (501)."""
+        rec = Relayed(request_id, resume=resume)
+        if resume is not None or b'"stream"' in body:  # only streams are resumed: parse no other body
+            try:
+                why = refusal(endpoint, json.loads(body), self._reasoning_parser)
+            except ValueError:
+                why = "the body is not JSON"
+            if resume is not None and why is not None:
+                raise EngineRequestError("cannot resume this request: %s" % why, param="resume", status=501)
+            rec.report_ids = why is None
         ctx = contextvars.copy_context()
         ctx.run(_current.set, rec)
         # a task copies the context it is created in: every engine request it starts sees `rec`
@@ -231,8 +285,15 @@ class ServingApp:
                     self._sink.error(rid, status, message_, param, raw)
                 return
             if chunk or not more:
-                self._sink.emit(rid, chunk.decode("utf-8"), None if more else "stop", rec.prompt_total,
-                                rec.completion_total)
+                text = chunk.decode("utf-8")
+                if rec.resume is not None and text:
+                    text = continue_events(text, rec.resumed, rec.resume.created)
+                # the ids of the outputs vLLM's layer consumed: their text is in this chunk or an earlier
+                # one (an output's chunks leave in one loop iteration, so in one TokenBatch)
+                ids = rec.unreported_ids()
+                if text or ids or not more:
+                    self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
+                                    rec.completion_reported(not more), ids)
 
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",

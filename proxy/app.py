@@ -158,10 +158,11 @@ class _Inference:
         cfg, timeouts, rs = self._config, route.timeouts, route.routing
         total = timeouts.total_s or cfg.total_timeout
         first_token = total if whole else timeouts.first_token_s or cfg.first_token_timeout
-        # a relayed request's bytes come from the engine's own serving layer: not resumable elsewhere
+        # a relayed whole answer (nothing sent before its end) starts over on another replica; a relayed
+        # stream resumes where the replica reported its token ids (Dispatch.resumable)
         limits = Limits(first_token=first_token, total=total, max_attempts=cfg.max_attempts,
-                        retry_window=cfg.retry_window, resume=rs.resume and not request.endpoint,
-                        max_resumes=cfg.max_resumes)
+                        retry_window=cfg.retry_window, resume=rs.resume, max_resumes=cfg.max_resumes,
+                        restart=bool(request.endpoint) and whole)
         body_limits = BodyLimits(idle=total if whole else timeouts.idle_s or cfg.idle_timeout,
                                  keepalive=cfg.keepalive_interval, max_chunk=cfg.max_chunk_chars)
         key = route_key(rs.policy, rs.prefix_chars, rs.session_affinity, req.get_header("X-Session-ID"), prompt)

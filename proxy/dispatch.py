@@ -22,12 +22,19 @@ never retry once the first token was handed to the caller.
                  only when the deployment allows it (`routing.resume`) and the replica reported a token
                  id for every token it sent (else the text would repeat). With no usable replica at that
                  moment (all lost at once) it waits for one, up to `retry_window`.
+                 Relayed vLLM streams resume too where the replica reported token ids (chat and text
+                 completions, n=1, no tools/structured outputs/stop strings: model_proc/relay_resume.py),
+                 with the first event's `created` (Resume.created) so the continuation matches.
+                 A request whose client gets nothing before its end (`Limits.restart`: a relayed, not
+                 streamed vLLM request) starts over elsewhere with the same body instead, from `first()`,
+                 under the same bounds.
 Every outcome feeds the replica's circuit breaker through `Cluster.record`; a replica that refused or
 stopped a request because it is shutting down (protocol.SHUTTING_DOWN) is not counted against.
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -46,6 +53,7 @@ from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError
 
 log = logging.getLogger(__name__)
 
+CREATED = re.compile(r'"created":\s*(\d+)')
 RETRYABLE = (429, 503)  # the replica refused or is gone: another one may well serve it
 SLICE = 0.25  # seconds between checks that the client is still there while we wait
 
@@ -58,6 +66,15 @@ class Limits:
     retry_window: float = 10.0  # no retry starts later than this after the request's (or resume's) start
     resume: bool = True  # resume a stream elsewhere when its replica is lost mid-way
     max_resumes: int = 3  # resumes per request
+    # nothing reaches the client before the request's end (a relayed non-streamed request: the replica
+    # sends vLLM's whole JSON body at once): a lost replica's request starts over elsewhere, same body
+    restart: bool = False
+
+
+def created_of(text: str) -> int:
+    """The `created` of a relayed stream's first event (0 when there is none)."""
+    match = CREATED.search(text)
+    return int(match.group(1)) if match else 0
 
 
 class Cluster(Protocol):
@@ -90,6 +107,7 @@ class Dispatch:
         self.resumes = 0
         self._replayed: list[int] = []  # token ids received from replicas lost before the current one
         self._resumed_at: Optional[float] = None
+        self._created = 0  # a relayed stream's `created`, as its client got it (kept on a resume)
 
     @property
     def request_id(self) -> str:
@@ -207,10 +225,17 @@ class Dispatch:
             if err is None:
                 self._cluster.record(self.stream.replica_id, True)
                 assert isinstance(item, Delta)
+                if self._request.endpoint and not self._created and not self.limits.restart:
+                    self._created = created_of(item.text)
                 if self._resumed_at is not None:
                     metrics.RESUME_GAP.labels(self.deployment).observe(self._clock() - self._resumed_at)
                     self._resumed_at = None
                 return item
+            if self.limits.restart and self.resumable(err):  # lost before its (only) answer: start over
+                failed = self.resume(err)
+                if failed is not None:
+                    raise UpstreamError.from_message(failed)
+                continue
             self._fail_current(err)
             if err.type == SHUTTING_DOWN:
                 # a draining replica's refusal is no attempt, and the router avoids it from now on (it
@@ -244,12 +269,11 @@ class Dispatch:
         stream = self.stream
         if stream is None or not self.limits.resume or self.resumes >= self.limits.max_resumes:
             return False
-        if self._request.endpoint:
-            return False  # relayed: the bytes sent came from the engine's serving layer, not token ids
         if not (stream.lost or (err.status == 503 and err.type == SHUTTING_DOWN)):
             return False
-        if len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
-            return False  # the engine did not report every token's id: a resume would repeat text
+        if not self.limits.restart and len(self._replayed) + len(stream.token_ids) != stream.completion_tokens:
+            return False  # the engine did not report every token's id (a relayed vLLM stream reports them
+            # only where it can be resumed: model_proc/relay_resume.py): a resume would repeat text
         return self._clock() < self.deadline and not self._client_gone()
 
     def resume(self, err: RequestError) -> Optional[RequestError]:
@@ -257,7 +281,8 @@ class Dispatch:
         `resumable(err)`). None once sent (wait with `first()`), else the error that ends the request."""
         old = self.stream
         assert old is not None
-        ids = self._replayed + old.token_ids.tolist()
+        restart = self.limits.restart
+        ids = [] if restart else self._replayed + old.token_ids.tolist()  # restart: the client has nothing
         self._replayed = ids
         old.close("error")
         if err.type != SHUTTING_DOWN:
@@ -272,12 +297,13 @@ class Dispatch:
         self._first_deadline = float("inf")
         self._resumed_at = now
         self._last_error = None
-        self._request = msgspec.structs.replace(self._request, resume=Resume(ids))
+        if not restart:
+            self._request = msgspec.structs.replace(self._request, resume=Resume(ids, self._created))
         metrics.RESUMES.labels(self.deployment).inc()
         metrics.TOKENS_REPLAYED.labels(self.deployment).inc(len(ids))
-        log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); resuming elsewhere (%d/%d)",
-                    self.request_id, old.replica_id, len(ids), err.status, err.message, self.resumes,
-                    self.limits.max_resumes)
+        log.warning("req=%s [failover] replica %s lost after %d token(s) (%d %s); %s elsewhere (%d/%d)",
+                    self.request_id, old.replica_id, len(ids), err.status, err.message,
+                    "starting over" if restart else "resuming", self.resumes, self.limits.max_resumes)
         give_up = min(self.deadline, now + self.limits.retry_window)
         while True:
             try:

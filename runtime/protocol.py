@@ -86,9 +86,11 @@ class Resume(msgspec.Struct, frozen=True, array_like=True):
     """GenerateRequest.resume: the request already produced `token_ids` (completion tokens, in order) on
     a replica that was lost; the client has their text. The engine continues after them as if it had
     generated them itself: its first delta holds token len(token_ids), `completion_tokens` counts them
-    too, and `max_tokens` bounds the total. An engine that cannot resume refuses the request (501)."""
+    too, and `max_tokens` bounds the total. An engine that cannot resume refuses the request (501).
+    `created`: a relayed stream's `created` as the client got it (0: unknown), kept by the new replica."""
 
     token_ids: list[int]
+    created: int = 0
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import falcon.testing
 import gevent
+import msgspec
 
 from proxy.app import create_app
 from proxy.config import ProxyConfig
@@ -152,3 +153,91 @@ def test_with_every_replica_lost_a_resume_waits_for_one_to_come_back() -> None:
     r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(stream=True))
     assert sse(r.text)[0] == "".join(WORDS[:6])
     assert backend.sent_to == ["r1", "r2"]
+
+
+# --------------------------------------------------------------------------- relayed (vLLM) requests
+
+WHOLE = '{"object":"chat.completion","choices":[{"message":{"content":"all of it"}}]}'
+ROLE = 'data: {"id":"chatcmpl-x","created":1234,"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+EVENT = 'data: {"id":"chatcmpl-x","created":1234,"choices":[{"index":0,"delta":{"content":"w%d"}}]}\n\n'
+
+
+class RelayedReplicas(TwoReplicas):
+    """A vLLM deployment on r1 and r2: r1 is lost `lost_at` seconds in (past the retry window), r2 answers
+    with the whole JSON body, or, streamed, continues after the ids it was given. `ids`: r1 reports the
+    token id behind each event (as a replica does for a resumable stream)."""
+
+    def __init__(self, lost_at: float = 0.8, ids: bool = True) -> None:
+        super().__init__(ids=ids)
+        self.deps["tiny"] = msgspec.structs.replace(self.deps["tiny"], engine="vllm")
+        self.lost_at = lost_at
+
+    def _push(self, stream: RequestStream, text: str, finish: Optional[str], done: int, ids: list[int]) -> None:
+        delta = Delta(stream.request_id, text, finish, 4, done, ids if self.ids else [])
+        stream.token_ids.extend(delta.token_ids)  # as proxy/replicas.py's reader does
+        stream.completion_tokens = delta.completion_tokens
+        stream.push(delta)
+
+    def _generate(self, stream: RequestStream, request: GenerateRequest, lose_after: Optional[int]) -> None:
+        streaming = json.loads(request.body).get("stream", False)
+        if lose_after is not None:  # r1: the role event and `lose_after` tokens (if streamed), then lost
+            if streaming:
+                self._push(stream, ROLE, None, 0, [])
+                for k in range(lose_after):
+                    self._push(stream, EVENT % k, None, k + 1, [k])
+            gevent.sleep(self.lost_at)
+            self.down.add(stream.replica_id)
+            stream.fail(503, "lost connection to replica %s" % stream.replica_id, lost=True)
+            return
+        gevent.sleep(0.01)
+        if not streaming:
+            self._push(stream, WHOLE, "stop", 6, [])
+            return
+        start = len(request.resume.token_ids) if request.resume else 0
+        if not start:
+            self._push(stream, ROLE, None, 0, [])
+        for k in range(start, 4):
+            self._push(stream, EVENT % k, None, k + 1, [k])
+        self._push(stream, "data: [DONE]\n\n", "stop", 4, [])
+
+
+def test_a_relayed_non_streaming_request_whose_replica_is_lost_starts_over_elsewhere() -> None:
+    """Nothing of a relayed non-streamed answer reached the client: the same body goes to another replica,
+    even after the retry window (0.6 s here) that bounds retries of refused sends."""
+    backend = RelayedReplicas(lost_at=0.8)
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", max_tokens=6))
+    assert r.status_code == 200, r.text
+    assert r.text == WHOLE
+    assert backend.sent_to == ["r1", "r2"]
+    assert backend.requests[1].body == backend.requests[0].body and backend.requests[1].resume is None
+    assert ("r1", False) in backend.recorded
+
+
+def test_a_relayed_non_streaming_request_is_not_restarted_when_the_deployment_says_no() -> None:
+    backend = RelayedReplicas(lost_at=0.8)
+    backend.deps["tiny"] = msgspec.structs.replace(backend.deps["tiny"], routing=RoutingSettings(resume=False))
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny"))
+    assert r.status_code == 503 and "lost connection" in r.json["error"]["message"]
+    assert backend.sent_to == ["r1"]
+
+
+def test_a_relayed_stream_resumes_after_the_ids_with_the_clients_created() -> None:
+    backend = RelayedReplicas(lost_at=0.05)
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", stream=True))
+    assert r.status_code == 200
+    assert r.text == ROLE + "".join(EVENT % k for k in range(4)) + "data: [DONE]\n\n"  # one seamless stream
+    assert backend.sent_to == ["r1", "r2"]
+    resume = backend.requests[1].resume
+    assert resume is not None and (resume.token_ids, resume.created) == ([0, 1], 1234)
+    assert backend.requests[1].body == backend.requests[0].body
+
+
+def test_a_relayed_stream_without_token_ids_is_not_resumed() -> None:
+    """A replica reports no ids for a stream it cannot resume (tools, n > 1, stop strings, ...): the stream
+    ends with an error event as before."""
+    backend = RelayedReplicas(lost_at=0.05, ids=False)
+    r = client_for(backend).simulate_post("/v1/chat/completions", json=chat_body(model="tiny", stream=True))
+    assert r.status_code == 200
+    assert r.text.startswith(ROLE + EVENT % 0 + EVENT % 1) and "lost connection" in r.text
+    assert r.text.endswith("data: [DONE]\n\n")
+    assert backend.sent_to == ["r1"]

@@ -9,7 +9,7 @@ import asyncio
 import importlib.util
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pytest
 
@@ -34,7 +34,7 @@ class RecordingSink:
     fatals: list[str] = field(default_factory=list)
 
     def emit(self, request_id: str, text: str, finish_reason: Optional[str],
-             prompt_tokens: int, completion_tokens: int) -> None:
+             prompt_tokens: int, completion_tokens: int, token_ids: Sequence[int] = ()) -> None:
         self.deltas.setdefault(request_id, []).append(
             Event(time.monotonic(), text, finish_reason, prompt_tokens, completion_tokens))
 
