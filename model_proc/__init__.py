@@ -11,4 +11,5 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   vllm_process_env.py  process-level settings made before vLLM's engine starts (IPC socket paths)
   metrics.py           prometheus metrics of a replica, read from the server at scrape time
   ttft_window.py       time to first token over a sliding window (ReplicaStatus.ttft_p90_s)
+  relay_resume.py      resuming a relayed vLLM stream: which token ids were sent, the continuation's chunks
 """
