@@ -44,8 +44,9 @@ class ProxyConfig:
                            default_help="one per CPU core this process may use")
     worker_connections: int = setting(2000, help="concurrent connections per worker")
     max_idle_per_client: int = setting(
-        64, help="idle connections (no request in progress) one client address may hold per worker; "
-                 "past it that address's longest-idle one is closed")
+        512, help="idle connections (no request in progress) one client address may hold per worker; "
+                  "past it that address's longest-idle one is closed (keep it above the keep-alive pool of "
+                  "the busiest address: a load balancer or NAT in front sends every client from a few)")
     max_idle_connections: int = setting(
         512, help="idle connections per worker in all; past it the longest-idle one is closed")
     stale_after: float = setting(3.0, help="seconds without a routing table before /ready fails")
