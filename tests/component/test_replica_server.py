@@ -29,6 +29,19 @@ async def _recv(sock, timeout=5.0):
     return decode_frames(frames)
 
 
+async def _expect_death(dealer, agent, task, reason: str, exit_code: int) -> None:
+    """The replica tells the proxy (after any token batches) and its agent that it is dead, with
+    `reason`, and exits with `exit_code`."""
+    msg = await _recv(dealer)
+    while isinstance(msg, TokenBatch):
+        msg = await _recv(dealer)
+    assert isinstance(msg, ReplicaDead) and reason in msg.reason
+    assert await asyncio.wait_for(task, 5) == exit_code
+    seen_dead = False
+    while not seen_dead:
+        seen_dead = isinstance(await _recv(agent), ReplicaDead)
+
+
 def test_batches_per_step_abort_and_errors():
     async def go():
         ctx = zmq.asyncio.Context()
@@ -119,14 +132,7 @@ def test_engine_death_is_announced_to_proxies_and_agent():
         await dealer.send_multipart(encode(GenerateRequest("a", prompt="fine", params=SamplingParams(max_tokens=100))))
         await _recv(dealer)
         await dealer.send_multipart(encode(GenerateRequest("b", prompt="KABOOM")))
-        msg = await _recv(dealer)
-        while isinstance(msg, TokenBatch):
-            msg = await _recv(dealer)
-        assert isinstance(msg, ReplicaDead) and "fatal_trigger" in msg.reason
-        assert await asyncio.wait_for(task, 5) == EXIT_ENGINE_DIED
-        seen_dead = False
-        while not seen_dead:
-            seen_dead = isinstance(await _recv(agent), ReplicaDead)
+        await _expect_death(dealer, agent, task, "fatal_trigger", EXIT_ENGINE_DIED)
         dealer.close(0)
         agent.close(0)
         ctx.term()
@@ -190,14 +196,7 @@ def test_a_crash_in_the_receive_path_is_announced_and_exits_non_zero():
         await dealer.send_multipart(encode(GenerateRequest("a", prompt="p", params=SamplingParams(max_tokens=100))))
         await _recv(dealer)
         await dealer.send_multipart(encode(Abort(["a"])))
-        msg = await _recv(dealer)
-        while isinstance(msg, TokenBatch):
-            msg = await _recv(dealer)
-        assert isinstance(msg, ReplicaDead) and "receive loop crashed" in msg.reason
-        assert await asyncio.wait_for(task, 5) == EXIT_CRASH
-        seen_dead = False
-        while not seen_dead:
-            seen_dead = isinstance(await _recv(agent), ReplicaDead)
+        await _expect_death(dealer, agent, task, "receive loop crashed", EXIT_CRASH)
         dealer.close(0)
         agent.close(0)
         ctx.term()
