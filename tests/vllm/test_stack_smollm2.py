@@ -29,6 +29,7 @@ import openai  # noqa: E402
 import psutil  # noqa: E402
 
 from runtime import head_client  # noqa: E402
+from runtime.launcher import STOP_GRACE  # noqa: E402
 from runtime.models import prepare_model  # noqa: E402
 from tests.integration.stack import Stack, wait_for  # noqa: E402
 
@@ -57,7 +58,7 @@ def stack(vllm_env: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFac
         yield s
         elapsed, leftovers = stop_and_check(s)
         print("\nstack stopped in %.1f s" % elapsed)
-        assert elapsed < 10.0 and leftovers == [], "stopped in %.1f s, left %s" % (elapsed, leftovers)
+        assert elapsed < STOP_GRACE and leftovers == [], "stopped in %.1f s, left %s" % (elapsed, leftovers)
     finally:
         s.stop()  # only acts if something above failed
 
