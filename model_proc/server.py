@@ -41,6 +41,7 @@ from pathlib import Path
 from runtime import authz, curve
 from runtime.keyring import Registry, identity, server_pair
 from runtime.zap import RefusalLog, ZapHandler, recheck
+from runtime.gc_policy import prepare_to_serve
 from runtime.protocol import (
     PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
@@ -150,6 +151,7 @@ class ReplicaServer:
                 self._exit_code = EXIT_LOAD_ERROR
                 return EXIT_LOAD_ERROR
             self._ready = True
+            prepare_to_serve("replica")  # as `vllm serve` does after start-up (runtime/gc_policy.py)
             log.info("[startup] ready")
             recv_task = self._supervised(self._recv_loop(), "receive loop")
             await self._stop.wait()

@@ -42,7 +42,12 @@ class ProxyConfig:
     bind: str = setting("127.0.0.1:8000", help="HTTP HOST:PORT")
     workers: int = setting(default_factory=default_workers, help="gunicorn workers",
                            default_help="one per CPU core this process may use")
-    worker_connections: int = setting(2000, help="concurrent connections per worker")
+    worker_connections: int = setting(
+        16384, help="concurrent client connections per worker (one file descriptor each: the proxy raises "
+                    "its open-files limit to fit, up to the hard limit)")
+    backlog: int = setting(
+        4096, help="connections the kernel queues on the listening socket before a worker accepts them "
+                   "(capped by the host's net.core.somaxconn)")
     max_idle_per_client: int = setting(
         512, help="idle connections (no request in progress) one client address may hold per worker; "
                   "past it that address's longest-idle one is closed (keep it above the keep-alive pool of "
@@ -112,7 +117,7 @@ class ProxyConfig:
             raise ValueError("--breaker-max-share must be between 0 and 1")
         if self.max_resumes < 0:
             raise ValueError("--max-resumes must be >= 0")
-        for name in ("workers", "worker_connections", "hwm", "max_body_bytes", "max_attempts",
+        for name in ("workers", "worker_connections", "backlog", "hwm", "max_body_bytes", "max_attempts",
                      "breaker_failures", "max_pending_chars", "max_chunk_chars", "max_idle_per_client",
                      "max_idle_connections"):
             if getattr(self, name) < 1:

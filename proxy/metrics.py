@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.config import METRICS_DIR_ENV
+from runtime.gc_policy import GcPauses
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
            120.0, 300.0)
@@ -76,6 +77,10 @@ TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
 TABLE_REPLICAS = Gauge("tokenrelay_proxy_routing_table_replicas",
                        "Replicas of a deployment in this worker's routing table (min over live workers)",
                        ["deployment"], multiprocess_mode="livemin")
+GC_PAUSE = Histogram("tokenrelay_proxy_gc_pause_seconds",
+                     "Garbage-collection pauses in the proxy workers, by generation (runtime/gc_policy.py)",
+                     ["generation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                              0.05, 0.1, 0.25))
 
 
 FLUSH_INTERVAL = 1.0  # seconds a worker may hold inter-token observations before writing them
@@ -134,9 +139,18 @@ class _ItlBatches:
         self.next_flush = now + FLUSH_INTERVAL
         for b in self.by_deployment.values():
             b.flush()
+        for generation, seconds in _GC_PAUSES.drain():
+            GC_PAUSE.labels(str(generation)).observe(seconds)
 
 
 _ITL_BATCHES = _ItlBatches()
+_GC_PAUSES = GcPauses()
+
+
+def watch_gc() -> None:
+    """Time this worker's garbage collections from now on (GC_PAUSE, written with the inter-token
+    batches: at most once a second while tokens flow, and at every scrape)."""
+    _GC_PAUSES.install()
 
 
 _TABLE_DEPLOYMENTS: set[str] = set()  # deployments this worker has set TABLE_REPLICAS for

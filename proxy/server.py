@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 from typing import Any, Optional
 
@@ -37,6 +38,7 @@ class ProxyApplication(BaseApplication):
             "workers": c.workers,
             "worker_class": "proxy.gunicorn_worker.ProxyGeventWorker",  # gevent, idle connections bounded
             "worker_connections": c.worker_connections,
+            "backlog": c.backlog,
             "graceful_timeout": int(max(1, c.graceful_timeout)),
             "timeout": 30,
             "keepalive": 5,
@@ -78,6 +80,11 @@ class ProxyApplication(BaseApplication):
         if self.gateway is None:
             raise RuntimeError("post_worker_init before load(): the worker has no gateway")
         self.gateway.start()
+        from proxy import metrics
+        from runtime.gc_policy import prepare_to_serve
+
+        metrics.watch_gc()
+        prepare_to_serve("proxy worker")  # last: everything the worker built so far is start-up state
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
         if self.gateway is not None:
@@ -103,6 +110,26 @@ def _child_exit(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+FD_MARGIN = 1024  # descriptors a worker needs beside its client connections: replicas, head, files, logs
+
+
+def raise_open_files_limit(connections: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE (the workers inherit it) to fit `connections` client
+    connections per worker, up to the hard limit; returns the soft limit now in force. A hard limit too
+    low is logged (docs/operations.md says how to raise it): past it, accept() fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + FD_MARGIN
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < want:
+        log.warning("[startup] open-files limit %d (hard) is below the %d that --worker-connections %d "
+                    "needs: connections past it fail (raise the hard limit: docs/operations.md)",
+                    soft, want, connections)
+    return soft
+
+
 def run(config: ProxyConfig) -> int:
     """Serve until SIGTERM/SIGINT. Blocks; gunicorn ends the process via sys.exit with its exit code."""
     if not os.environ.get(METRICS_DIR_ENV) and "prometheus_client" in sys.modules:
@@ -113,5 +140,6 @@ def run(config: ProxyConfig) -> int:
         from runtime.logs import proxy_role, setup_logging
 
         setup_logging(proxy_role(), config.log_level)
+    raise_open_files_limit(config.worker_connections)
     ProxyApplication(config).run()
     return 0

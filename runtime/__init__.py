@@ -22,5 +22,6 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   owned_dirs.py    temporary directories removed at exit by the process that made them
   parent_guard.py  a child process must not outlive its parent
   proctree.py      process trees: collect one, SIGTERM, grace, SIGKILL
+  gc_policy.py     garbage collection in serving processes: start-up heap frozen, rare full collections
 """
 __version__ = "0.1.0"

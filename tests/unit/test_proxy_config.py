@@ -10,7 +10,7 @@ def test_defaults() -> None:
     c = ProxyConfig.from_args(["--head", "tcp://10.0.0.1:5555"])
     assert c.head == "tcp://10.0.0.1:5555" and c.bind == "127.0.0.1:8000"
     assert c.workers == default_workers() >= 1
-    assert (c.worker_connections, c.stale_after, c.log_level) == (2000, 3.0, "INFO")
+    assert (c.worker_connections, c.backlog, c.stale_after, c.log_level) == (16384, 4096, 3.0, "INFO")
 
 
 def test_all_options_and_round_trip() -> None:
@@ -129,3 +129,33 @@ def test_help_lists_each_setting_with_its_default_and_variable(capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "--max-body-bytes" in out and "default 16777216; env TOKENRELAY_PROXY_MAX_BODY_BYTES" in out
     assert "--no-protect-health" in out and "--head" in out
+
+
+def test_open_files_limit_is_raised_to_fit_the_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from proxy import server
+
+    limits = {"now": (1024, 65536)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits["now"])
+
+    def setrlimit(which: int, value: tuple[int, int]) -> None:
+        limits["now"] = value
+
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert server.raise_open_files_limit(16384) == 16384 + server.FD_MARGIN
+    assert limits["now"] == (16384 + server.FD_MARGIN, 65536)
+
+
+def test_open_files_limit_stops_at_the_hard_limit_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import resource
+
+    from proxy import server
+
+    limits = {"now": (1024, 4096)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: limits.update(now=value))
+    assert server.raise_open_files_limit(16384) == 4096
+    assert limits["now"] == (4096, 4096)
+    assert "below" in caplog.text and "--worker-connections 16384" in caplog.text

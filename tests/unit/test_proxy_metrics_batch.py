@@ -63,3 +63,27 @@ def test_nothing_is_visible_before_a_flush_and_everything_after() -> None:
     assert registry.get_sample_value("gap_seconds_count") == 2
     assert registry.get_sample_value("gap_seconds_bucket", {"le": "0.1"}) == 1
     assert abs(registry.get_sample_value("gap_seconds_sum") - 0.25) < 1e-9
+
+
+def test_gc_pauses_reach_the_gc_pause_histogram():
+    import gc
+
+    from prometheus_client import REGISTRY
+
+    from proxy import metrics
+
+    def count(generation: str) -> float:
+        return REGISTRY.get_sample_value("tokenrelay_proxy_gc_pause_seconds_count",
+                                         {"generation": generation}) or 0.0
+
+    before = count("1")
+    metrics.watch_gc()
+    gc.disable()  # only the two collections below
+    try:
+        gc.collect(1)
+        gc.collect(1)
+        metrics._ITL_BATCHES.flush_all(0.0)
+    finally:
+        gc.enable()
+        metrics._GC_PAUSES.uninstall()
+    assert count("1") == before + 2
