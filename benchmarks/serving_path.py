@@ -31,7 +31,9 @@ if __package__ in (None, ""):
 
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
-from benchmarks.stack import CpuMeter, FloorProcess, MockStack, ReplicaCounters, per_1k_tokens  # noqa: E402
+from benchmarks.stack import (  # noqa: E402
+    CpuMeter, FloorProcess, GcMeter, MockStack, ReplicaCounters, RssMeter, per_1k_tokens,
+)
 from benchmarks.stats import format_summary  # noqa: E402
 from runtime.stack_config import single_host_proxy_workers  # noqa: E402
 
@@ -48,20 +50,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = dict(PRESETS["issue2"], workers=None, endpoint="completions", timeout=60.0)
 
 
-def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter],
-             replicas: Optional[ReplicaCounters] = None) -> dict[str, Any]:
-    """One load level with every meter sampled at the measured window's start and end."""
+def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter], replicas: Optional[ReplicaCounters] = None,
+             gc: Optional[GcMeter] = None, rss: Optional[RssMeter] = None) -> dict[str, Any]:
+    """One load level with every meter sampled at the measured window's start and end (the proxy's
+    resident memory at the end, when every client has a stream open)."""
     def start() -> None:
         for m in meters.values():
             m.start()
         if replicas is not None:
             replicas.start()
+        if gc is not None:
+            gc.start()
 
     def stop() -> None:
         for m in meters.values():
             m.stop()
         if replicas is not None:
             replicas.stop()
+        if rss is not None:
+            rss.loaded()
+        if gc is not None:
+            gc.stop()
 
     result = asyncio.run(run_level(cfg, on_window_start=start, on_window_end=stop))
     s = result["summary"]
@@ -76,12 +85,21 @@ def _measure(cfg: LoadConfig, meters: dict[str, CpuMeter],
         per_batch = round(d["generated_tokens"] / batches, 2) if batches else None
         result["replicas"] = {"token_batches_per_s": round(batches / s["window_s"], 1),
                               "tokens_per_batch": per_batch}
+    if gc is not None and gc.delta is not None:
+        result["gc_pauses"] = {g: {"collections": int(n), "ms": round(sec * 1000.0, 1)}
+                               for g, (n, sec) in gc.delta.items()}
+    if rss is not None and rss.idle_bytes is not None and rss.loaded_bytes is not None:
+        per_stream = rss.per_stream(cfg.concurrency)
+        result["proxy_memory"] = {"idle_mib": round(rss.idle_bytes / 2**20, 1),
+                                  "loaded_mib": round(rss.loaded_bytes / 2**20, 1),
+                                  "open_streams": cfg.concurrency,
+                                  "kib_per_stream": None if per_stream is None else round(per_stream / 1024, 1)}
     return result
 
 
-def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
+def run_stack(ns: argparse.Namespace, cfg: LoadConfig, workers: Optional[int]) -> dict[str, Any]:
     max_ongoing = max(64, math.ceil(ns.concurrency / max(ns.replicas, 1)) + 8)  # the benchmark, not a cap
-    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.workers, max_ongoing,
+    stack = MockStack(ns.replicas, ns.ttft_ms, ns.itl_ms, ns.tokens, workers, max_ongoing,
                       insecure=ns.insecure)
     try:
         stack.start()
@@ -89,10 +107,13 @@ def run_stack(ns: argparse.Namespace, cfg: LoadConfig) -> dict[str, Any]:
         meters = {"proxy": CpuMeter(stack.proxy_roots), "head_agent_replicas": CpuMeter(stack.others_roots)}
         if not stack.proxy_roots():
             log.warning("bench [cpu] no `-m proxy` process found under the launcher: no proxy CPU numbers")
+        rss = RssMeter(stack.proxy_roots)
+        rss.idle()
         result = _measure(LoadConfig(**{**cfg.__dict__, "url": stack.url}), meters,
-                          ReplicaCounters(stack.sd_file))
+                          ReplicaCounters(stack.sd_file), GcMeter(stack.url), rss)
         result["logs"] = str(stack.log_path)
         result["curve"] = not ns.insecure
+        result["workers"] = workers or single_host_proxy_workers()
         return result
     except RuntimeError:
         print(stack.log_tail(), file=sys.stderr)
@@ -126,46 +147,88 @@ def _failures(summary: Optional[dict[str, Any]]) -> str:
     return "%d/%d%s" % (req["failed"], req["ok"] + req["failed"], " (%s)" % kinds if kinds else "")
 
 
-Row = tuple[str, str, str, str]
+Row = tuple[str, ...]  # metric, floor, then (value, added) per tokenrelay run
 
 
-def comparison(stack: Optional[dict[str, Any]], floor: Optional[dict[str, Any]]) -> list[Row]:
-    """Rows (metric, floor, tokenrelay, added by tokenrelay)."""
-    ss = stack["summary"] if stack else None
+def _gc_cell(run: dict[str, Any]) -> str:
+    pauses = run.get("gc_pauses")
+    if not pauses:
+        return "-"
+    return " ".join("g%s:%d/%.0fms" % (g, v["collections"], v["ms"]) for g, v in sorted(pauses.items()))
+
+
+def comparison(runs: list[tuple[str, Optional[dict[str, Any]]]], floor: Optional[dict[str, Any]]) -> list[Row]:
+    """Rows (metric, floor, then tokenrelay's value and what it adds over the floor, per run)."""
     fs = floor["summary"] if floor else None
+    present = [(label, run) for label, run in runs if run is not None]
+
+    def row(name: str, floor_cell: str, cells: list[tuple[str, str]]) -> Row:
+        return (name, floor_cell) + tuple(c for pair in cells for c in pair)
+
     rows = []
     for key, pct, name in (("ttft_ms", "p50", "TTFT p50 ms"), ("ttft_ms", "p99", "TTFT p99 ms"),
                            ("itl_ms", "p50", "inter-token p50 ms"), ("itl_ms", "p99", "inter-token p99 ms"),
                            ("e2e_ms", "p50", "e2e p50 ms"), ("e2e_ms", "p99", "e2e p99 ms")):
-        f, s = _get(fs, key, pct), _get(ss, key, pct)
-        added = _cell(s - f, "%+.2f") if f is not None and s is not None else "-"
-        rows.append((name, _cell(f), _cell(s), added))
+        f = _get(fs, key, pct)
+        cells = []
+        for _, run in present:
+            v = _get(run["summary"], key, pct)
+            cells.append((_cell(v), _cell(v - f, "%+.2f") if f is not None and v is not None else "-"))
+        rows.append(row(name, _cell(f), cells))
     for key, name, fmt in (("rps", "requests/s", "%.1f"), ("output_tokens_per_s", "output tokens/s", "%.0f")):
         f = fs[key] if fs else None
-        s = ss[key] if ss else None
-        added = _cell(s - f, "%+.1f") if f is not None and s is not None else "-"
-        rows.append((name, _cell(f, fmt), _cell(s, fmt), added))
-    rows.append(("failed/measured", _failures(fs), _failures(ss), ""))
-    proxy = stack["cpu"]["proxy"]["cpu_s_per_1k_tokens"] if stack else None
-    others = stack["cpu"]["head_agent_replicas"]["cpu_s_per_1k_tokens"] if stack else None
+        cells = []
+        for _, run in present:
+            v = run["summary"][key]
+            cells.append((_cell(v, fmt), _cell(v - f, "%+.1f") if f is not None else "-"))
+        rows.append(row(name, _cell(f, fmt), cells))
+    rows.append(row("failed/measured", _failures(fs), [(_failures(run["summary"]), "") for _, run in present]))
+    cells = []
+    for _, run in present:
+        proxy = run["cpu"]["proxy"]["cpu_s_per_1k_tokens"]
+        cells.append((_cell(proxy, "%.4f"), _cell(proxy, "%.4f")))
+    rows.append(row("proxy CPU s / 1k tokens", "", cells))
     fcpu = floor["cpu"]["floor"]["cpu_s_per_1k_tokens"] if floor else None
-    rows.append(("proxy CPU s / 1k tokens", "", _cell(proxy, "%.4f"), _cell(proxy, "%.4f")))
-    rows.append(("server CPU s / 1k tokens", _cell(fcpu, "%.4f") + " (floor)",
-                 _cell(others, "%.4f") + " (head+agent+replicas)", ""))
-    rep = stack.get("replicas") if stack else None
-    if rep:
-        rows.append(("replica TokenBatch msgs/s", "", "%.0f (%s tokens each)"
-                     % (rep["token_batches_per_s"], _cell(rep["tokens_per_batch"], "%.1f")), ""))
-    rows.append(("load generator CPU (cores)", _cell(fs.get("loadgen_cpu_util") if fs else None),
-                 _cell(ss.get("loadgen_cpu_util") if ss else None), ""))
+    rows.append(row("server CPU s / 1k tokens", _cell(fcpu, "%.4f") + " (floor)",
+                    [(_cell(run["cpu"]["head_agent_replicas"]["cpu_s_per_1k_tokens"], "%.4f")
+                      + " (head+agent+replicas)", "") for _, run in present]))
+    if any(run.get("replicas") for _, run in present):
+        rows.append(row("replica TokenBatch msgs/s", "", [
+            ("%.0f (%s tokens each)" % (run["replicas"]["token_batches_per_s"],
+                                        _cell(run["replicas"]["tokens_per_batch"], "%.1f"))
+             if run.get("replicas") else "-", "") for _, run in present]))
+    if any(run.get("proxy_memory") for _, run in present):
+        mem = [run.get("proxy_memory") for _, run in present]
+        rows.append(row("proxy RSS idle -> loaded MiB", "", [
+            ("%.0f -> %.0f" % (m["idle_mib"], m["loaded_mib"]) if m else "-", "") for m in mem]))
+        rows.append(row("proxy memory per open stream KiB", "", [
+            (_cell(m["kib_per_stream"], "%.1f") if m else "-", "") for m in mem]))
+    if any(run.get("gc_pauses") for _, run in present):
+        rows.append(row("proxy GC (gen:count/pause)", "", [(_gc_cell(run), "") for _, run in present]))
+    rows.append(row("load generator CPU (cores)", _cell(fs.get("loadgen_cpu_util") if fs else None),
+                    [(_cell(run["summary"].get("loadgen_cpu_util")), "") for _, run in present]))
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    header = ("metric", "floor (no proxy)", "tokenrelay", "added")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+def table_header(labels: list[str]) -> Row:
+    return ("metric", "floor (no proxy)") + tuple(c for label in labels for c in (label, "added"))
+
+
+def format_table(rows: list[Row], header: Row) -> str:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = "  ".join("%%-%ds" % w for w in widths)
     return "\n".join([line % header, line % tuple("-" * w for w in widths)] + [line % r for r in rows])
+
+
+def parse_workers(text: str) -> list[int]:
+    """`--workers 1,2`: one tokenrelay run per proxy worker count, in that order."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("--workers takes counts like 1 or 1,2, got %r" % text) from None
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError("--workers counts must be >= 1, got %r" % text)
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int)
     p.add_argument("--duration", type=float, help="measured seconds after the ramp")
     p.add_argument("--ramp", type=float)
-    p.add_argument("--workers", type=int,
-                   help="proxy workers (default: what `tokenrelay up` picks, half the cores, 1 to 4)")
+    p.add_argument("--workers", type=parse_workers,
+                   help="proxy workers; a list (1,2) runs tokenrelay once per count, all against the same "
+                        "floor (default: what `tokenrelay up` picks, half the cores, 1 to 4)")
     p.add_argument("--endpoint", choices=("completions", "chat"))
     p.add_argument("--timeout", type=float, help="seconds per request")
     p.add_argument("--only", choices=("stack", "floor"), help="measure one side only")
@@ -206,13 +270,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     raise_fd_limit()
     cfg = LoadConfig(endpoint=ns.endpoint, model="mock", max_tokens=ns.tokens, concurrency=ns.concurrency,
                      ramp=ns.ramp, duration=ns.duration, timeout=ns.timeout)
-    stack = floor = None
+    worker_counts: list[Optional[int]] = list(ns.workers) if ns.workers else [None]
+    runs: list[tuple[str, Optional[dict[str, Any]]]] = []
+    floor = None
     try:
         if ns.only != "floor":
-            stack = run_stack(ns, cfg)
-            workers = ns.workers or "%d (default)" % single_host_proxy_workers()
-            print("== tokenrelay (%d replicas, proxy workers %s)" % (ns.replicas, workers))
-            print(format_summary(stack["summary"], "  "))
+            for workers in worker_counts:
+                stack = run_stack(ns, cfg, workers)
+                label = "%d worker%s%s" % (stack["workers"], "" if stack["workers"] == 1 else "s",
+                                           "" if workers else " (default)")
+                print("== tokenrelay (%d replicas, proxy %s)" % (ns.replicas, label))
+                print(format_summary(stack["summary"], "  "))
+                runs.append((label, stack))
         if ns.only != "stack":
             floor = run_floor(ns, cfg)
             print("== floor (no proxy)")
@@ -223,8 +292,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\nserving path: %d clients, TTFT %g ms, %g ms between tokens, %d tokens, %d replicas, "
           "%g s measured, %s" % (ns.concurrency, ns.ttft_ms, ns.itl_ms, ns.tokens, ns.replicas, ns.duration,
                                  "INSECURE (no CURVE)" if ns.insecure else "CURVE on"))
-    rows = comparison(stack, floor)
-    print(format_table(rows))
+    rows = comparison(runs, floor)
+    header = table_header([label for label, _ in runs])
+    print(format_table(rows, header))
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         keys = ("preset", "replicas", "ttft_ms", "itl_ms", "tokens", "concurrency", "duration", "ramp",
@@ -232,8 +302,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings = {k: getattr(ns, k) for k in keys}
         Path(ns.out).write_text(json.dumps({
             "settings": settings, "event_loop": "uvloop" if uv else "asyncio",
-            "python": platform.python_version(), "tokenrelay": stack, "floor": floor,
-            "table": [dict(zip(("metric", "floor", "tokenrelay", "added"), r, strict=True)) for r in rows]}, indent=2))
+            "python": platform.python_version(), "tokenrelay": runs[0][1] if runs else None,
+            "tokenrelay_runs": [{"label": label, "result": run} for label, run in runs], "floor": floor,
+            "table": {"header": header, "rows": rows}}, indent=2))
         log.info("bench [done] wrote %s", ns.out)
     return 0
 

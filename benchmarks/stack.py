@@ -171,6 +171,81 @@ def _is_proxy(cmdline: list[str]) -> bool:
     return bool(cmdline) and cmdline[0].startswith("gunicorn") and "proxy" in cmdline[0]
 
 
+class RssMeter:
+    """Resident memory (bytes) of a set of process trees: `idle()` before the load, `loaded()` at the end
+    of the measured window; `per_stream(n)` is what each of n open streams added (bytes)."""
+
+    def __init__(self, roots: Callable[[], list[psutil.Process]]) -> None:
+        self._roots = roots
+        self.idle_bytes: Optional[int] = None
+        self.loaded_bytes: Optional[int] = None
+
+    def _sample(self) -> int:
+        total = 0
+        for root in self._roots():
+            try:
+                procs = [root] + root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        return total
+
+    def idle(self) -> None:
+        self.idle_bytes = self._sample()
+
+    def loaded(self) -> None:
+        self.loaded_bytes = self._sample()
+
+    def per_stream(self, streams: int) -> Optional[float]:
+        if self.idle_bytes is None or self.loaded_bytes is None or streams <= 0:
+            return None
+        return (self.loaded_bytes - self.idle_bytes) / streams
+
+
+GC_PAUSE = "tokenrelay_proxy_gc_pause_seconds"
+
+
+def gc_pauses(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """{generation: (collections, seconds)} from a proxy's /metrics exposition."""
+    out: dict[str, list[float]] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith(GC_PAUSE + "_count{") and not line.startswith(GC_PAUSE + "_sum{"):
+            continue
+        name, _, value = line.rpartition(" ")
+        generation = name.split('generation="', 1)[1].split('"', 1)[0]
+        pair = out.setdefault(generation, [0.0, 0.0])
+        pair[0 if "_count{" in name else 1] += float(value)
+    return {g: (v[0], v[1]) for g, v in out.items()}
+
+
+class GcMeter:
+    """The proxy's GC pauses (tokenrelay_proxy_gc_pause_seconds, read from /metrics) between `start()`
+    and `stop()`: {generation: (collections, seconds)}."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._before: dict[str, tuple[float, float]] = {}
+        self.delta: Optional[dict[str, tuple[float, float]]] = None
+
+    def _sample(self) -> Optional[dict[str, tuple[float, float]]]:
+        status, body = http("GET", self._url + "/metrics", timeout=5.0)
+        return gc_pauses(body.decode(errors="replace")) if status == 200 else None
+
+    def start(self) -> None:
+        self._before = self._sample() or {}
+
+    def stop(self) -> None:
+        after = self._sample()
+        if after is None:
+            return
+        self.delta = {g: (n - self._before.get(g, (0.0, 0.0))[0], s - self._before.get(g, (0.0, 0.0))[1])
+                      for g, (n, s) in sorted(after.items())}
+
+
 class MockStack:
     """A `python -m runtime up` stack with the mock engine on free 127.0.0.1 ports, logs in a temp dir."""
 

@@ -2,8 +2,8 @@
 import pytest
 
 from benchmarks.loadgen import LoadConfig, parse_levels
-from benchmarks.serving_path import build_parser, comparison, format_table, resolve
-from benchmarks.stack import _is_proxy, per_1k_tokens
+from benchmarks.serving_path import build_parser, comparison, format_table, resolve, table_header
+from benchmarks.stack import RssMeter, _is_proxy, gc_pauses, per_1k_tokens
 
 
 def summary(ttft_p50, itl_p99, rps, failures=None):
@@ -55,18 +55,59 @@ def test_comparison_rows_show_what_tokenrelay_adds():
              "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.05},
                      "head_agent_replicas": {"cpu_s_per_1k_tokens": 0.02}}}
     floor = {"summary": summary(20.0, 12.5, 110.0), "cpu": {"floor": {"cpu_s_per_1k_tokens": 0.01}}}
-    rows = {r[0]: r for r in comparison(stack, floor)}
+    rows = {r[0]: r for r in comparison([("1 worker", stack)], floor)}
     assert rows["TTFT p50 ms"][1:] == ("20.00", "25.00", "+5.00")
     assert rows["inter-token p99 ms"][3] == "+17.50"
     assert rows["requests/s"][3] == "-10.0"
     assert rows["failed/measured"][1:3] == ("0/10", "2/12 (truncated=2)")
     assert rows["proxy CPU s / 1k tokens"][2] == "0.0500"
     assert "replica TokenBatch msgs/s" not in rows  # no replica counters read: no row
+    assert "proxy memory per open stream KiB" not in rows
     stack["replicas"] = {"token_batches_per_s": 880.4, "tokens_per_batch": 22.61}
-    rows = {r[0]: r for r in comparison(stack, floor)}
+    stack["proxy_memory"] = {"idle_mib": 60.0, "loaded_mib": 160.0, "open_streams": 1000, "kib_per_stream": 102.4}
+    stack["gc_pauses"] = {"0": {"collections": 40, "ms": 9.5}, "2": {"collections": 0, "ms": 0.0}}
+    rows = {r[0]: r for r in comparison([("1 worker", stack)], floor)}
     assert rows["replica TokenBatch msgs/s"][2] == "880 (22.6 tokens each)"
-    text = format_table(comparison(None, floor))
+    assert rows["proxy RSS idle -> loaded MiB"][2] == "60 -> 160"
+    assert rows["proxy memory per open stream KiB"][2] == "102.4"
+    assert rows["proxy GC (gen:count/pause)"][2] == "g0:40/10ms g2:0/0ms"
+    text = format_table(comparison([], floor), table_header([]))
     assert "floor (no proxy)" in text and "TTFT p50 ms" in text
+
+
+def test_comparison_has_a_column_pair_per_worker_count():
+    def run(ttft):
+        return {"summary": summary(ttft, 30.0, 100.0),
+                "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.02}, "head_agent_replicas": {"cpu_s_per_1k_tokens": 0.01}}}
+    floor = {"summary": summary(20.0, 12.5, 110.0), "cpu": {"floor": {"cpu_s_per_1k_tokens": 0.01}}}
+    rows = comparison([("1 worker", run(21.0)), ("2 workers", run(23.0))], floor)
+    header = table_header(["1 worker", "2 workers"])
+    assert header == ("metric", "floor (no proxy)", "1 worker", "added", "2 workers", "added")
+    ttft = next(r for r in rows if r[0] == "TTFT p50 ms")
+    assert ttft == ("TTFT p50 ms", "20.00", "21.00", "+1.00", "23.00", "+3.00")
+    assert all(len(r) == len(header) for r in rows)
+    assert "2 workers" in format_table(rows, header)
+
+
+def test_workers_option_takes_a_list():
+    assert build_parser().parse_args(["--workers", "1,2"]).workers == [1, 2]
+    assert build_parser().parse_args(["--workers", "2"]).workers == [2]
+    for bad in ("0", "a", "1,,2"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--workers", bad])
+
+
+def test_memory_and_gc_readings():
+    text = ('tokenrelay_proxy_gc_pause_seconds_count{generation="0"} 12.0\n'
+            'tokenrelay_proxy_gc_pause_seconds_sum{generation="0"} 0.003\n'
+            'tokenrelay_proxy_gc_pause_seconds_bucket{generation="0",le="0.001"} 12.0\n'
+            'tokenrelay_proxy_gc_pause_seconds_count{generation="2"} 1.0\n'
+            'tokenrelay_proxy_gc_pause_seconds_sum{generation="2"} 0.02\n')
+    assert gc_pauses(text) == {"0": (12.0, 0.003), "2": (1.0, 0.02)}
+    meter = RssMeter(lambda: [])
+    assert meter.per_stream(10) is None
+    meter.idle_bytes, meter.loaded_bytes = 1000, 1000 + 64 * 1024 * 10
+    assert meter.per_stream(10) == 64 * 1024
 
 
 def test_proxy_detection_and_cpu_normalisation():
