@@ -28,7 +28,9 @@ from typing import Callable, Optional
 
 from runtime.stack_config import AutoscalingConfig
 
-__all__ = ["Autoscaler", "AutoscalingConfig", "Decision"]
+__all__ = ["Autoscaler", "AutoscalingConfig", "Decision", "ProxyDemand", "DEMAND_WINDOW"]
+
+DEMAND_WINDOW = 3.0  # seconds a proxy's ScaleDemand counts (they resend every second while requests wait)
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,29 @@ class Autoscaler:
     def _done(self, decision: Decision) -> Decision:
         self.last = decision
         return decision
+
+
+class ProxyDemand:
+    """Requests proxies hold for want of any replica (their ScaleDemand), per (proxy, deployment); each
+    report counts for DEMAND_WINDOW seconds. At most `limit` entries: a flood of reports cannot grow it."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._reports: dict[tuple[bytes, str], tuple[float, int]] = {}  # -> (when, waiting)
+
+    def __len__(self) -> int:
+        return len(self._reports)
+
+    def note(self, proxy: bytes, deployment: str, waiting: int, now: float) -> None:
+        if len(self._reports) < self._limit:
+            self._reports[(proxy, deployment)] = (now, max(0, waiting))
+
+    def waiting(self, now: float) -> dict[str, int]:
+        """Requests waiting per deployment, summed over proxies; older reports are forgotten."""
+        totals: dict[str, int] = {}
+        for key, (at, count) in list(self._reports.items()):
+            if now - at > DEMAND_WINDOW:
+                del self._reports[key]
+            else:
+                totals[key[1]] = totals.get(key[1], 0) + count
+        return totals

@@ -7,8 +7,8 @@ Runs in the head process, one thread. Owns two sockets, used only from `Head.run
 - routing PUB (binds `config.publish`): the whole routing table on every change and every second.
 Never blocks on a peer: every send is non-blocking; a message for a vanished peer is dropped.
 With a key directory both sockets are CURVE servers (runtime.curve): a ZAP thread admits registered keys
-and every control message is then checked against its sender's role (runtime.authz); a refusal is
-answered, logged with the key's name and counted (tokenrelay_head_auth_refused_total).
+and every control message is then checked against its sender's role and replica bindings (head.access); a
+refusal is answered, logged with the key's name and counted (tokenrelay_head_auth_refused_total).
 Each loop step catches and logs its own errors, so one bad message cannot kill the head.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import msgspec
 import zmq
 
-from head.autoscaler import Autoscaler, Decision
+from head.access import ControlAccess
+from head.autoscaler import Autoscaler, Decision, ProxyDemand
 from head.cluster import ClusterState
 from head.config import HeadConfig
 from head.metrics import HeadMetrics
@@ -35,19 +35,17 @@ from runtime.credentials import token_matches
 from runtime.metrics_http import endpoint_host
 from runtime import authz, curve
 from runtime.keyring import Registry, server_pair
-from runtime.zap import RefusalLog, ZapHandler, recheck
+from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, AutoscaleStatus, ControlReply,
     DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleDemand, ScaleRequest, SnapshotRequest,
-    StatusReply,
-    StatusRequest, decode, encode,
+    StatusReply, StatusRequest, decode, encode,
 )
 from runtime.stack_config import DeploymentSpec, check_replicas, parse_deployment
 
 log = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between housekeeping passes
-DEMAND_WINDOW = 3.0  # seconds a proxy's ScaleDemand counts (they resend every second while requests wait)
 UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN, or run on the head's "
                 "host where the token file in the state directory is readable")
 
@@ -69,12 +67,14 @@ class Head:
         self.tables = TableVersions(epoch=store.next_epoch(), republish_interval=config.republish_interval)
         self.reconcile_seconds = 0.0
         self.scalers: dict[str, Autoscaler] = {}  # autoscaled deployments (head.autoscaler)
-        self.demand: dict[tuple[bytes, str], tuple[float, int]] = {}  # (proxy, deployment) -> (when, waiting)
+        self.demand = ProxyDemand()  # requests waiting in proxies for a scaled-to-zero deployment
         self.metrics = HeadMetrics(config.metrics_port, config.prometheus_sd_file, config.proxy_metrics)
         self._ctx = ctx or zmq.Context.instance()
         self._started = clock()
         self._stopping = False
         self._refusal_log = RefusalLog(log)
+        self._access: Optional[ControlAccess] = None  # with a key directory (bind)
+        self._auth: Optional[ZapHandler] = None
         self.control_endpoint = ""
         self.publish_endpoint = ""
 
@@ -87,15 +87,10 @@ class Head:
 
     def bind(self) -> None:
         keys = Path(self.config.curve_dir) if self.config.curve_dir else None
-        self._auth: Optional[ZapHandler] = None
-        self._registry: Optional[Registry] = None
-        self._owners: dict[str, str] = {}
         if keys is not None:
             self._pair = server_pair(keys, "head")
-            self._registry = Registry(keys)
-            self._revoked_seen = self._registry.revoked()
-            self._owners = self.store.owners()
-            self._auth = ZapHandler(self._ctx, self._registry, self._refused).start()
+            self._access = ControlAccess(Registry(keys), self.state, self.store, self._refused)
+            self._auth = ZapHandler(self._ctx, self._access.registry, self._refused).start()
         self._control = self._ctx.socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.setsockopt(zmq.SNDHWM, 10_000)
@@ -114,7 +109,7 @@ class Head:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100)
-        if self._registry is not None:
+        if self._access is not None:
             curve.serve(self._pub, self._pair, authz.PUBLISH)
         self._pub.bind(endpoint)
         self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -127,17 +122,11 @@ class Head:
     def _check_revocations(self, now: float) -> None:
         """A key was revoked: forget the agent it named, and rebind the PUB socket so every subscriber
         reconnects through ZAP (a revoked proxy's subscription ends; the others resume within a second)."""
-        if self._registry is None:
+        if self._access is None:
             return
-        revoked = self._registry.revoked()
-        new = revoked - self._revoked_seen
-        self._revoked_seen = revoked
+        new = self._access.newly_revoked(now)
         if not new:
             return
-        for peer in new:
-            if peer.role == "agent" and peer.name in self.state.agents:
-                self.state.agents[peer.name].last_seen = float("-inf")
-        self.state.expire_agents(now)
         log.warning("[auth] key(s) %s revoked: dropping their sessions", sorted(p.label for p in new))
         self._pub.close(0)
         try:
@@ -187,7 +176,7 @@ class Head:
                 return
             try:
                 user = None
-                if self._registry is not None:
+                if self._access is not None:
                     user = parts[-1].get("User-Id")  # set by our ZAP handler for this connection
                 self._handle([p.bytes for p in parts], user)
             except Exception:
@@ -205,9 +194,10 @@ class Head:
             self._reply(peer, ControlReply(False, "protocol", str(exc)))
             return
         now = self.clock()
-        if self._registry is not None:
-            checked = self._authorize(peer, user, msg, now)
+        if self._access is not None:
+            checked, refusal = self._access.check(user, msg, now)
             if checked is None:
+                self._reply(peer, refusal)
                 return
             msg = checked
         self.metrics.note(msg)
@@ -231,8 +221,8 @@ class Head:
         elif isinstance(msg, HeadHello):
             self._reply(peer, HeadInfo(PROTOCOL_VERSION, self.tables.epoch, self.publish_endpoint))
         elif isinstance(msg, ScaleDemand):  # no reply: the proxy resends while its requests wait
-            if msg.deployment in self.state.deployments and len(self.demand) < 10_000:
-                self.demand[(peer, msg.deployment)] = (now, max(0, msg.waiting))
+            if msg.deployment in self.state.deployments:
+                self.demand.note(peer, msg.deployment, msg.waiting, now)
         elif isinstance(msg, SnapshotRequest):
             if self.recovering or self.tables.current is None:
                 self._reply(peer, ControlReply(False, "recovering", "head is starting; retry shortly"))
@@ -246,57 +236,6 @@ class Head:
                 self._reply(peer, self._admin(msg, now))
         else:
             self._reply(peer, ControlReply(False, "unexpected", "unexpected %s" % type(msg).__name__))
-
-    # ------------------------------------------------------------------ authorisation
-
-    def _authorize(self, peer: bytes, user: Optional[str], msg: object, now: float) -> Optional[object]:
-        """`msg` if its sender may send it (agent messages without another agent's replicas), else None
-        after answering the refusal."""
-        assert self._registry is not None
-        kind = type(msg).__name__
-        sender, reason = recheck(self._registry, user or "")
-        if not reason and sender is not None:
-            reason = authz.message_refusal(sender, kind, getattr(msg, "agent_id", None)) or ""
-        if reason:
-            label = sender.label if sender is not None else "an unknown key"
-            agent_id = getattr(msg, "agent_id", None)
-            self._refused(sender.role if sender is not None else "unknown", reason, "%s %s%s" % (
-                label, kind, " for agent %s" % agent_id if agent_id is not None else ""))
-            if reason == "revoked" and sender is not None and sender.role == "agent" \
-                    and sender.name in self.state.agents:
-                self.state.agents[sender.name].last_seen = float("-inf")
-                self.state.expire_agents(now)
-            self._reply(peer, ControlReply(False, "forbidden", "key %s may not send %s (%s)"
-                                           % (label, kind, reason)))
-            return None
-        if isinstance(msg, (AgentRegister, AgentHeartbeat)):
-            return self._own_reports(msg)
-        return msg
-
-    def _own_reports(self, msg: AgentRegister | AgentHeartbeat) -> AgentRegister | AgentHeartbeat:
-        """Drop reports of replicas another agent owns; bind this agent's placements to it (persisted; an
-        adopted replica is bound at the agent's next heartbeat)."""
-        ids = [r.replica_id for r in msg.replicas]
-        claims = dict(self._owners)  # bound owners, else the agent the head placed the replica on
-        for rid in ids:
-            placement = self.state.placements.get(rid)
-            if rid not in claims and placement is not None:
-                claims[rid] = placement.agent_id
-        mine, foreign = authz.owned_reports(msg.agent_id, ids, claims)
-        for rid in foreign:
-            self._refused("agent", "replica_not_owned", "agent-%s report for replica %s of agent %s"
-                          % (msg.agent_id, rid, claims[rid]))
-        # bind only what the head placed on this agent (or adopted from it): binding every id reported
-        # would let an agent key grow head.db without bound and squat ids later placed on other agents
-        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners
-               and getattr(self.state.placements.get(rid), "agent_id", None) == msg.agent_id]
-        if new:
-            self.store.bind_owners(new)
-            self._owners.update(new)
-        if not foreign:
-            return msg
-        keep = set(mine)
-        return msgspec.structs.replace(msg, replicas=[r for r in msg.replicas if r.replica_id in keep])
 
     def _seed(self, seed: tuple[DeploymentSpec, ...], reset: bool) -> None:
         """The config file seeds deployments into a new state only; on later starts the stored ones
@@ -401,12 +340,7 @@ class Head:
         beyond what can be placed."""
         for name in [n for n in self.scalers if n not in self.state.deployments]:
             del self.scalers[name]
-        waiting: dict[str, int] = {}
-        for key, (at, count) in list(self.demand.items()):
-            if now - at > DEMAND_WINDOW:
-                del self.demand[key]
-            else:
-                waiting[key[1]] = waiting.get(key[1], 0) + count
+        waiting = self.demand.waiting(now)
         for dep in list(self.state.deployments.values()):
             cfg = dep.autoscaling
             if cfg is None:

@@ -9,13 +9,13 @@ Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only
   not a 1 s old table.
   ROUTER_MANDATORY makes a vanished proxy an error we act on (its requests are aborted) instead of tokens
   silently dropped.
-- agent DEALER (connects `config.agent`): ReplicaHello once, then ReplicaStatus every status interval from
-  the loop itself, so a stuck loop stops the heartbeat.
+- agent DEALER (connects `config.agent`; model_proc.agent_link): ReplicaHello once, then ReplicaStatus
+  every status interval from the loop itself, so a stuck loop stops the heartbeat.
 With a key directory (runtime.curve) the data ROUTER is a CURVE server with the replicas' keypair that
 admits proxy keys only (a ZAP thread on our context decides; refusals are counted in
 tokenrelay_replica_auth_refused_total), and the agent DEALER connects with the agent's own key. Each
-GenerateRequest's key is checked against the registry again, so a proxy key revoked (or removed) on this
-host gets 403 on a connection it opened before.
+GenerateRequest's key is checked against the registry again (model_proc.data_access), so a proxy key
+revoked (or removed) on this host gets 403 on a connection it opened before.
 Must never block the loop and never queue without bound: sends are non-blocking and a peer whose queue
 is full (slow or gone) has its requests aborted.
 """
@@ -32,16 +32,16 @@ import zmq
 import zmq.asyncio
 
 from model_proc import metrics
+from model_proc.agent_link import AgentLink
 from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
+from model_proc.data_access import DataAccess
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
 from model_proc.ttft_window import TtftWindow
-from runtime import parent_guard
 from pathlib import Path
 
 from runtime import authz, curve
-from runtime.keyring import Registry, identity, server_pair
-from runtime.zap import RefusalLog, ZapHandler, recheck
 from runtime.gc_policy import prepare_to_serve
+from runtime.keyring import server_pair
 from runtime.protocol import (
     PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
     ReplicaStatus, RequestError, TokenBatch, decode, encode,
@@ -49,18 +49,8 @@ from runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
-HELLO_EVERY = 2  # status reports between two ReplicaHello (a restarted agent learns of us within 0.5 s)
 DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is treated as gone
 LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
-
-
-_REFUSAL_LOG = RefusalLog(log)
-
-
-def _refused(role: str, reason: str, who: str) -> None:
-    """Count and log one refused connection (called from the ZAP thread)."""
-    _REFUSAL_LOG(who, reason)
-    metrics.AUTH_REFUSED.labels(role, reason).inc()
 
 
 class _Route:
@@ -112,35 +102,23 @@ class ReplicaServer:
         self._data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._data.setsockopt(zmq.RCVHWM, DATA_HWM)
         keys = Path(cfg.curve_dir) if cfg.curve_dir else None
-        self._auth: Optional[ZapHandler] = None
-        self._registry: Optional[Registry] = None
+        self._access: Optional[DataAccess] = None
         if keys is not None:
-            self._registry = Registry(keys)
-            self._auth = ZapHandler(zmq.Context.shadow(self._ctx.underlying), self._registry,
-                                    _refused).start()
+            self._access = DataAccess(self._ctx, keys)
             curve.serve(self._data, server_pair(keys, "replica"), authz.REPLICA_DATA)
         self._data.bind(cfg.bind)
         self.endpoint = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._agent: Optional[zmq.asyncio.Socket] = None
-        if cfg.agent:
-            self._agent = self._ctx.socket(zmq.DEALER)
-            self._agent.setsockopt(zmq.LINGER, 0)
-            self._agent.setsockopt(zmq.SNDHWM, 16)
-            if keys is not None and cfg.agent_key:
-                agent = identity(keys, "agent", cfg.agent_key)
-                curve.connect(self._agent, agent, agent.public)  # the agent serves with its own key
-            self._agent.connect(cfg.agent)
+        self._agent = AgentLink(self._ctx, cfg, keys)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         exporter = metrics.start(self, cfg.metrics_host, cfg.metrics_port)
         log.info("[startup] data endpoint %s, engine %s, model %s, metrics port %s", self.endpoint, cfg.engine,
                  cfg.model, exporter.port if exporter else "off")
-        # resent every HELLO_EVERY statuses, so a restarted agent (adopt mode) learns who we are
-        self._hello = ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
-                                   exporter.port if exporter else 0, cfg.deployment, cfg.generation)
-        self._send_agent(self._hello)
-        status_task = self._supervised(self._status_loop(), "status loop")
+        hello = ReplicaHello(PROTOCOL_VERSION, cfg.replica_id, self.endpoint, os.getpid(),
+                             exporter.port if exporter else 0, cfg.deployment, cfg.generation)
+        self._agent.send(hello)
+        status_task = self._supervised(self._agent.heartbeat(hello, self._send_status, self._stop), "status loop")
         recv_task: Optional[asyncio.Future] = None
         try:
             try:
@@ -170,10 +148,9 @@ class ReplicaServer:
                 log.exception("[shutdown] engine shutdown failed")
             self._send_status()
             self._data.close(0)
-            if self._agent is not None:
-                self._agent.close(0)
-            if self._auth is not None:
-                self._auth.stop()
+            self._agent.close()
+            if self._access is not None:
+                self._access.stop()
             if exporter is not None:
                 exporter.close()
             log.info("[shutdown] replica stopped (exit %d)", self._exit_code)
@@ -211,7 +188,7 @@ class ReplicaServer:
     # ------------------------------------------------------------------ sockets
 
     async def _recv_loop(self) -> None:
-        secure = self._registry is not None
+        secure = self._access is not None
         while True:
             user = ""
             if secure:  # keep the User-Id our ZAP handler gave the connection (runtime.zap)
@@ -232,8 +209,12 @@ class ReplicaServer:
             except ProtocolError as exc:
                 log.warning("dropping bad message from %r: %s", peer, exc)
                 continue
-            if secure and isinstance(msg, GenerateRequest) and self._refuse(peer, msg, user):
-                continue
+            if self._access is not None and isinstance(msg, GenerateRequest):
+                reason = self._access.refusal(user, msg.request_id)
+                if reason:  # 403 to a key no longer registered as a proxy's, though ZAP let it connect
+                    self._send(peer, RequestError(msg.request_id, 403, "this proxy's key is not accepted (%s)"
+                                                  % reason, "permission_error"))
+                    continue
             self._peers.add(peer)
             if isinstance(msg, GenerateRequest):
                 self._on_generate(peer, msg)
@@ -241,21 +222,6 @@ class ReplicaServer:
                 self._on_abort(peer, msg)
             else:
                 log.warning("unexpected %s from %r", type(msg).__name__, peer)
-
-    def _refuse(self, peer: bytes, req: GenerateRequest, user: str) -> bool:
-        """Refuse (403) a request whose connection's key is no longer a registered proxy key: ZAP vetted it
-        at connect time, but a key revoked since then must not keep generating on its open connection."""
-        assert self._registry is not None
-        sender, reason = recheck(self._registry, user)
-        if not reason and sender is not None and sender.role != "proxy":
-            reason = "role"
-        if not reason:
-            return False
-        _refused(sender.role if sender is not None else "unknown", reason,
-                 "%s request %s" % (sender.label if sender is not None else "an unknown key", req.request_id))
-        self._send(peer, RequestError(req.request_id, 403, "this proxy's key is not accepted (%s)" % reason,
-                                      "permission_error"))
-        return True
 
     def _on_generate(self, peer: bytes, req: GenerateRequest) -> None:
         rid = req.request_id
@@ -316,18 +282,11 @@ class ReplicaServer:
             self.requests_aborted += 1
         self._load_changed()
 
-    def _send_agent(self, msg: object) -> None:
-        if self._agent is None:
-            return
-        fut: Any = self._agent.send_multipart(encode(msg), flags=zmq.NOBLOCK)  # an asyncio Future
-        if fut.done() and fut.exception() is not None:
-            log.debug("status to agent dropped: %s", fut.exception())
-
     def _broadcast_dead(self, reason: str) -> None:
         dead = ReplicaDead(self.config.replica_id, reason)
         for peer in list(self._peers):
             self._send(peer, dead)
-        self._send_agent(dead)
+        self._agent.send(dead)
 
     # ------------------------------------------------------------------ DeltaSink (called by the engine)
 
@@ -416,20 +375,6 @@ class ReplicaServer:
 
     # ------------------------------------------------------------------ status / heartbeat
 
-    async def _status_loop(self) -> None:
-        parent = self.config.parent_pid
-        sent = 0
-        while True:
-            sent += 1
-            if sent % HELLO_EVERY == 0:
-                self._send_agent(self._hello)
-            self._send_status()
-            if parent is not None and not parent_guard.parent_alive(parent):
-                log.error("[shutdown] agent (pid %d) is gone; exiting", parent)
-                self._stop.set()
-                return
-            await asyncio.sleep(self.config.status_interval)
-
     def status(self) -> ReplicaStatus:
         stats = self.engine.stats() if self._ready else None
         return ReplicaStatus(
@@ -442,4 +387,4 @@ class ReplicaServer:
 
     def _send_status(self) -> None:
         self.last_status = self.status()
-        self._send_agent(self.last_status)
+        self._agent.send(self.last_status)

@@ -1,8 +1,8 @@
 """The real engine: vLLM's v1 `AsyncLLM`, driven through tokenrelay's `Engine` interface.
 
 Runs inside model_proc's asyncio loop. Owns no tokenrelay socket (vLLM owns the ZeroMQ sockets to its
-engine-core process). Never imports vLLM at module import time: the top half of this module is pure
-request mapping, unit-tested without vLLM; vLLM is imported by `VllmEngine.start`.
+engine-core process). Never imports vLLM at module import time: the request mapping is pure
+(model_proc.vllm_mapping, unit-tested without vLLM); vLLM is imported by `VllmEngine.start`.
 
 - `start` builds `AsyncLLM` (CPU-safe defaults only where the config is silent) in a worker thread so
   the loop keeps heartbeating, then generates one token: ready means the engine produced a token.
@@ -26,118 +26,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError, EngineStats
+from model_proc.vllm_mapping import (
+    CPU_KV_CACHE_ENV, build_sampling_kwargs, combine_stats, engine_arguments, map_finish_reason, param_of_error,
+    resolve_max_tokens,
+)
 from model_proc.vllm_process_env import pin_to_assigned_cores, use_private_rpc_dir
 from model_proc.vllm_serving import ENDPOINTS, ServingApp, serve_namespace
-from runtime.protocol import GenerateRequest, SamplingParams
+from runtime.protocol import GenerateRequest
 
 log = logging.getLogger(__name__)
-
-GiB = 1 << 30
-CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
-DEFAULT_CPU_KV_CACHE_BYTES = 1 * GiB
-# Applied on CPU only, and only for keys the deployment's engine_args leave out.
-CPU_DEFAULTS: dict[str, Any] = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 2048}
-# tokenrelay parameter -> vLLM SamplingParams field (same names today; the table is the contract).
-_PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
-                 "frequency_penalty")
-# Generation-config defaults vLLM knows (`ModelConfig.get_diff_sampling_param`) that we also apply.
-_DEFAULTABLE = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
-                "repetition_penalty", "min_p")
-_PARAM_NAMES = frozenset(_PARAM_FIELDS + ("stop", "n"))
-
-
-# --------------------------------------------------------------------------- pure mapping
-
-
-def build_sampling_kwargs(params: SamplingParams, defaults: Optional[dict[str, Any]] = None) -> dict:
-    """Keyword arguments for vLLM's `SamplingParams`, without `output_kind` and `max_tokens`.
-
-    Unset fields fall back to the model's generation-config `defaults` (what vLLM's own OpenAI server
-    does), then to vLLM's defaults. `max_tokens` is settled by `resolve_max_tokens`, which needs the
-    prompt length.
-    """
-    kwargs: dict[str, Any] = {"n": 1}
-    for name in _DEFAULTABLE:
-        if defaults and defaults.get(name) is not None:
-            kwargs[name] = defaults[name]
-    for name in _PARAM_FIELDS:
-        value = getattr(params, name)
-        if value is not None and name != "max_tokens":
-            kwargs[name] = value
-    if params.stop:
-        kwargs["stop"] = list(params.stop)
-    return kwargs
-
-
-def resolve_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_len: int,
-                       prompt_param: str, default: Optional[int] = None) -> int:
-    """The completion budget for a prompt; raise EngineRequestError (400) when it cannot fit."""
-    if prompt_tokens >= max_model_len:
-        raise EngineRequestError(
-            "this model's maximum context length is %d tokens, but the %s is %d tokens; shorten it"
-            % (max_model_len, prompt_param, prompt_tokens), param=prompt_param)
-    room = max_model_len - prompt_tokens
-    if requested is None:
-        return min(room, default) if default else room
-    if requested < 1:
-        raise EngineRequestError("max_tokens must be at least 1, got %d" % requested, param="max_tokens")
-    if requested > room:
-        raise EngineRequestError(
-            "this model's maximum context length is %d tokens, but %d tokens were requested "
-            "(%d in the %s, %d for the completion): lower max_tokens to at most %d or shorten the %s"
-            % (max_model_len, prompt_tokens + requested, prompt_tokens, prompt_param, requested, room,
-               prompt_param), param=prompt_param)
-    return requested
-
-
-def param_of_error(exc: BaseException) -> Optional[str]:
-    """The request parameter a vLLM validation error is about (vLLM names it only sometimes)."""
-    named = getattr(exc, "parameter", None)
-    if named:
-        return str(named)
-    match = re.match(r"\s*([a-z_]+)\b", str(exc))
-    if match and match.group(1) in _PARAM_NAMES:
-        return match.group(1)
-    return None
-
-
-def map_finish_reason(reason: Optional[str]) -> Optional[str]:
-    """vLLM finish reason -> ours: "stop"/"length" pass; "abort" -> None (silent); others are errors."""
-    if reason in ("stop", "length"):
-        return reason
-    if reason == "abort":
-        return None
-    raise RuntimeError("generation ended with finish_reason=%r" % reason)
-
-
-def combine_stats(in_flight: int, running: int, waiting: int, kv_cache_usage: float) -> EngineStats:
-    """Scheduler numbers lag a step behind our own count of requests; make the two agree."""
-    if in_flight <= 0:
-        return EngineStats(running=0, waiting=0, kv_cache_usage=max(0.0, kv_cache_usage))
-    running = min(running, in_flight)
-    return EngineStats(running=running, waiting=max(waiting, in_flight - running),
-                       kv_cache_usage=min(1.0, max(0.0, kv_cache_usage)))
-
-
-def engine_arguments(model: str, engine_args: dict[str, Any], on_cpu: bool,
-                     environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """The `AsyncEngineArgs` keywords: the config's own values, plus CPU defaults it leaves out."""
-    env: Mapping[str, str] = os.environ if environ is None else environ
-    args = dict(engine_args)
-    args["model"] = model
-    if on_cpu:
-        for key, value in CPU_DEFAULTS.items():
-            args.setdefault(key, value)
-        if "kv_cache_memory_bytes" not in args and not env.get(CPU_KV_CACHE_ENV):
-            # Without either vLLM asks for 92% of NUMA node 0's memory.
-            args["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
-    return args
 
 
 # --------------------------------------------------------------------------- the engine

@@ -8,6 +8,8 @@ default. Values are converted by the field's annotation (str, int, float, bool, 
 tuple[str, ...]); a bad value from either source exits with code 2 (argparse's convention) naming the
 flag or the variable. Booleans take `--x` / `--no-x` on the command line and 1/true/yes/on or
 0/false/no/off (any case) in the environment: any other text is an error, never "true because non-empty".
+A `repeat` setting is an option given any number of times (`--label a=1 --label b=2`; in the environment,
+comma-separated): its `parse` turns the list of texts into the value and raises ValueError naming the flag.
 
 Validation that spans fields stays in the dataclass's `__post_init__`, which raises ValueError naming
 the flag; `parse_config` turns that into a usage error too.
@@ -44,13 +46,14 @@ def parse_csv(text: str) -> tuple[str, ...]:
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, flag: Optional[str] = None,
             default_factory: Any = dataclasses.MISSING, env: bool = True, cli: bool = True,
-            parse: Optional[Callable[[str], Any]] = None, choices: Optional[Sequence[Any]] = None,
-            metavar: Optional[str] = None, default_help: Optional[str] = None) -> Any:
+            parse: Optional[Callable[[Any], Any]] = None, choices: Optional[Sequence[Any]] = None,
+            metavar: Optional[str] = None, default_help: Optional[str] = None, repeat: bool = False) -> Any:
     """A config field. `flag`: the option's name when it is not `--field-name`; `env`/`cli`: whether the
     environment variable / the option exists; `parse`: text -> value when the annotation is not enough;
-    `default_help`: how `--help` describes a computed default."""
+    `default_help`: how `--help` describes a computed default; `repeat`: the option may be given several
+    times, and `parse` gets the list of texts (default: a tuple of them)."""
     meta = {"help": help, "flag": flag, "env": env, "cli": cli, "parse": parse, "choices": choices,
-            "metavar": metavar, "default_help": default_help}
+            "metavar": metavar, "default_help": default_help, "repeat": repeat}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -71,10 +74,12 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def _converter(f: dataclasses.Field[Any], annotation: Any) -> Callable[[str], Any]:
+def _converter(f: dataclasses.Field[Any], annotation: Any) -> Callable[[Any], Any]:
     parse = f.metadata.get("parse")
     if parse is not None:
         return parse
+    if f.metadata.get("repeat"):
+        return tuple
     base = _base_type(annotation)
     if base is bool:
         return parse_bool
@@ -112,7 +117,13 @@ def build_parser(cls: type, *, prog: str, description: str, env_prefix: Optional
         where = text if text == "required" else "default %s" % text
         if env_prefix is not None and f.metadata["env"]:
             where += "; env %s" % env_name(env_prefix, f.name)
+        if f.metadata.get("repeat"):
+            where += "; repeatable"
         help_text = "%s (%s)" % (f.metadata["help"], where)
+        if f.metadata.get("repeat"):
+            p.add_argument(_flag(f), dest=f.name, action="append", default=None, metavar=f.metadata["metavar"],
+                           help=help_text)
+            continue
         if _base_type(annotation) is bool:
             p.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=help_text)
@@ -133,12 +144,18 @@ def parse_config(cls: type[T], argv: Optional[Sequence[str]] = None, *, prog: st
     values: dict[str, Any] = dict(fixed)
     for f, annotation in _settings(cls):
         value = getattr(ns, f.name, None)
+        repeat = f.metadata.get("repeat")
+        if value is not None and repeat:
+            try:
+                value = _converter(f, annotation)(value)
+            except ValueError as exc:
+                parser.error(str(exc))
         if value is None and env_prefix is not None and f.metadata["env"]:
             name = env_name(env_prefix, f.name)
             text = environ.get(name)
             if text is not None and text != "":
                 try:
-                    value = _converter(f, annotation)(text)
+                    value = _converter(f, annotation)(list(parse_csv(text)) if repeat else text)
                 except ValueError as exc:
                     parser.error("$%s: %s" % (name, exc))
                 choices = f.metadata["choices"]

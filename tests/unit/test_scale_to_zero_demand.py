@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from head.config import HeadConfig
-from head.server import DEMAND_WINDOW, Head
+from head.autoscaler import DEMAND_WINDOW
+from head.server import Head
 from head.store import StateStore
 from proxy.config import ProxyConfig
 from proxy.gateway import Gateway
@@ -73,7 +74,6 @@ def _head(clock: Clock) -> Head:
     cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=0.0,
                      metrics_port=-1)
     head = Head(cfg, StateStore(None), "tok", seed=(spec,), clock=clock)
-    head._registry = None  # never bound: plain messages, as with --insecure (authz: tests/unit/test_authz.py)
     return head
 
 
@@ -95,4 +95,4 @@ def test_demand_older_than_its_window_is_forgotten():
     head._handle([b"proxy-1"] + encode(ScaleDemand("z", 2)))
     clock.now += DEMAND_WINDOW + 0.1
     head._autoscale(clock.now)
-    assert head.state.deployments["z"].replicas == 0 and head.demand == {}
+    assert head.state.deployments["z"].replicas == 0 and len(head.demand) == 0

@@ -19,10 +19,20 @@ class Demo:
     level: str = setting("INFO", help="level", parse=str.upper, choices=("INFO", "DEBUG"))
     secret: str = setting("s", help="not on the command line", cli=False)
     home: str = setting("h", help="no env var", env=False)
+    tags: tuple[str, ...] = setting((), help="a tag", flag="--tag", repeat=True)
+    pairs: dict[str, str] = setting(default_factory=dict, help="k=v", flag="--pair", repeat=True,
+                                    parse=lambda items: dict(_pair(i) for i in items))
 
     def __post_init__(self) -> None:
         if self.count < 0:
             raise ValueError("--count must be >= 0")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError("--pair must look like key=value, got %r" % text)
+    return key, value
 
 
 def parse(argv: list[str], **env: str) -> Demo:
@@ -69,3 +79,22 @@ def test_parse_bool_refuses_what_is_not_a_boolean() -> None:
     assert [parse_bool(t) for t in ("1", "TRUE", " on ", "0", "False", "off")] == [True] * 3 + [False] * 3
     with pytest.raises(ValueError):
         parse_bool("2")
+
+
+def test_a_repeatable_option_collects_every_occurrence_cli_over_env() -> None:
+    d = parse(["--endpoint", "x", "--tag", "a", "--tag", "b,c", "--pair", "k=1", "--pair", "j=2"])
+    assert d.tags == ("a", "b,c") and d.pairs == {"k": "1", "j": "2"}
+    d = parse(["--endpoint", "x"], DEMO_TAGS="a, b", DEMO_PAIRS="k=1,j=2")
+    assert d.tags == ("a", "b") and d.pairs == {"k": "1", "j": "2"}
+    d = parse(["--endpoint", "x", "--pair", "z=9"], DEMO_PAIRS="k=1")
+    assert d.pairs == {"z": "9"}
+    assert parse(["--endpoint", "x"]).pairs == {}
+
+
+def test_a_bad_repeatable_value_exits_2_with_its_parsers_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(["--endpoint", "x", "--pair", "k=1", "--pair", "nope"])
+    assert exc.value.code == 2 and "--pair must look like key=value, got 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--endpoint", "x"], DEMO_PAIRS="nope")
+    assert "$DEMO_PAIRS" in capsys.readouterr().err

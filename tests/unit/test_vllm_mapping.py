@@ -1,4 +1,4 @@
-"""model_proc.vllm_engine's pure request mapping, tested without vLLM imported."""
+"""model_proc.vllm_mapping (the vLLM engine's pure request mapping), tested without vLLM imported."""
 from __future__ import annotations
 
 import subprocess
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from model_proc.engine import EngineRequestError, EngineStats
-from model_proc.vllm_engine import (
+from model_proc.vllm_engine import VllmEngine
+from model_proc.vllm_mapping import (
     CPU_DEFAULTS,
     DEFAULT_CPU_KV_CACHE_BYTES,
-    VllmEngine,
     build_sampling_kwargs,
     combine_stats,
     engine_arguments,

@@ -1,0 +1,99 @@
+"""Who may send what on the head's control socket, once CURVE is on (a key directory is configured).
+
+Runs in the head process, called from `Head`'s poll loop only; owns no socket (the ZAP thread that vets
+each connection is the head's, runtime.zap) and never reads the clock (callers pass `now`).
+
+For each control message, `ControlAccess.check`:
+- re-checks the sender's key against the registry (a key revoked since it connected is refused, and the
+  agent it named is dropped at once),
+- checks the message type against the key's role and an agent message's agent_id against the key's name
+  (runtime.authz.message_refusal),
+- strips from an agent's register/heartbeat the reports of replicas another agent owns, and binds to this
+  agent the replicas the head placed on it (persisted in head.store, so a restarted head keeps them).
+Every refusal goes to the `refused` callback (the head counts and logs it) and is answered by the head
+with the ControlReply `check` returns. `newly_revoked` tells the head which keys were revoked since its
+last call, so it can end their sessions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+
+from head.cluster import ClusterState
+from head.store import StateStore
+from runtime import authz
+from runtime.keyring import Peer, Registry
+from runtime.protocol import AgentHeartbeat, AgentRegister, ControlReply
+from runtime.zap import OnRefused, recheck
+
+
+class ControlAccess:
+    """Per-message authorisation and the replica -> agent bindings of one head."""
+
+    def __init__(self, registry: Registry, state: ClusterState, store: StateStore, refused: OnRefused) -> None:
+        self.registry = registry
+        self._state = state
+        self._store = store
+        self._refused = refused
+        self._owners: dict[str, str] = store.owners()  # replica id -> the agent bound to it
+        self._revoked_seen = registry.revoked()
+
+    def check(self, user: Optional[str], msg: object, now: float) -> tuple[Optional[object], Optional[ControlReply]]:
+        """(the message to handle, None) if its sender may send it (agent reports without another agent's
+        replicas), else (None, the refusal to answer). `user`: the connection's ZAP User-Id."""
+        kind = type(msg).__name__
+        sender, reason = recheck(self.registry, user or "")
+        if not reason and sender is not None:
+            reason = authz.message_refusal(sender, kind, getattr(msg, "agent_id", None)) or ""
+        if reason:
+            label = sender.label if sender is not None else "an unknown key"
+            agent_id = getattr(msg, "agent_id", None)
+            self._refused(sender.role if sender is not None else "unknown", reason, "%s %s%s" % (
+                label, kind, " for agent %s" % agent_id if agent_id is not None else ""))
+            if reason == "revoked" and sender is not None and sender.role == "agent":
+                self._drop_agent(sender.name, now)
+            return None, ControlReply(False, "forbidden", "key %s may not send %s (%s)" % (label, kind, reason))
+        if isinstance(msg, (AgentRegister, AgentHeartbeat)):
+            return self._own_reports(msg), None
+        return msg, None
+
+    def newly_revoked(self, now: float) -> frozenset[Peer]:
+        """The keys revoked since the last call; the agents they named are dropped from the state."""
+        revoked = self.registry.revoked()
+        new = revoked - self._revoked_seen
+        self._revoked_seen = revoked
+        for peer in new:
+            if peer.role == "agent":
+                self._drop_agent(peer.name, now)
+        return new
+
+    def _drop_agent(self, agent_id: str, now: float) -> None:
+        if agent_id in self._state.agents:
+            self._state.agents[agent_id].last_seen = float("-inf")
+            self._state.expire_agents(now)
+
+    def _own_reports(self, msg: AgentRegister | AgentHeartbeat) -> AgentRegister | AgentHeartbeat:
+        """Drop reports of replicas another agent owns; bind this agent's placements to it (persisted; an
+        adopted replica is bound at the agent's next heartbeat)."""
+        ids = [r.replica_id for r in msg.replicas]
+        claims = dict(self._owners)  # bound owners, else the agent the head placed the replica on
+        for rid in ids:
+            placement = self._state.placements.get(rid)
+            if rid not in claims and placement is not None:
+                claims[rid] = placement.agent_id
+        mine, foreign = authz.owned_reports(msg.agent_id, ids, claims)
+        for rid in foreign:
+            self._refused("agent", "replica_not_owned", "agent-%s report for replica %s of agent %s"
+                          % (msg.agent_id, rid, claims[rid]))
+        # bind only what the head placed on this agent (or adopted from it): binding every id reported
+        # would let an agent key grow head.db without bound and squat ids later placed on other agents
+        new = [(rid, msg.agent_id) for rid in mine if rid not in self._owners
+               and getattr(self._state.placements.get(rid), "agent_id", None) == msg.agent_id]
+        if new:
+            self._store.bind_owners(new)
+            self._owners.update(new)
+        if not foreign:
+            return msg
+        keep = set(mine)
+        return msgspec.structs.replace(msg, replicas=[r for r in msg.replicas if r.replica_id in keep])

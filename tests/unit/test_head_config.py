@@ -1,0 +1,58 @@
+"""`python -m head`'s command line, derived from HeadConfig's fields (runtime.settings)."""
+from __future__ import annotations
+
+import pytest
+
+from head.config import HeadConfig, config_from_args
+
+pytestmark = pytest.mark.unit
+
+
+def test_no_arguments_give_the_dataclass_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENRELAY_INSECURE", raising=False)
+    assert config_from_args([]) == HeadConfig()
+
+
+def test_every_flag_the_launcher_and_operators_pass_reaches_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENRELAY_INSECURE", raising=False)
+    cfg = config_from_args([
+        "--control", "tcp://127.0.0.1:9100", "--publish", "ipc:///tmp/pub", "--config", "stack.yaml",
+        "--agent-timeout", "5", "--recovery-grace", "0.5", "--state-dir", "/s", "--no-persist",
+        "--parent-pid", "42", "--curve-dir", "/k", "--metrics-port", "-1", "--metrics-host", "0.0.0.0",
+        "--prometheus-sd-file", "/sd.json", "--proxy-metrics", "h1:8000, h2:8000,", "--log-level", "DEBUG",
+        "--insecure", "--stack", "blue", "--reset-deployments"])
+    assert cfg == HeadConfig(
+        control="tcp://127.0.0.1:9100", publish="ipc:///tmp/pub", config_file="stack.yaml", agent_timeout=5.0,
+        recovery_grace=0.5, state_dir="/s", persist=False, parent_pid=42, curve_dir="/k", metrics_port=-1,
+        metrics_host="0.0.0.0", prometheus_sd_file="/sd.json", proxy_metrics=("h1:8000", "h2:8000"),
+        log_level="DEBUG", insecure=True, stack="blue", reset_deployments=True)
+
+
+@pytest.mark.parametrize("text, insecure", [("1", True), ("0", False)])
+def test_tokenrelay_insecure_in_the_environment_counts_like_the_flag(
+        text: str, insecure: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENRELAY_INSECURE", text)
+    assert config_from_args([]).insecure is insecure
+
+
+def test_a_bad_tokenrelay_insecure_exits_2_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TOKENRELAY_INSECURE", "maybe")
+    with pytest.raises(SystemExit) as exc:
+        config_from_args([])
+    assert exc.value.code == 2 and "TOKENRELAY_INSECURE" in capsys.readouterr().err
+    assert config_from_args(["--insecure"]).insecure  # the flag settles it without reading the variable
+
+
+@pytest.mark.parametrize("argv, knob", [
+    (["--control", "localhost:7100"], "--control"),
+    (["--agent-timeout", "0"], "--agent-timeout"),
+    (["--agent-timeout", "soon"], "--agent-timeout"),
+    (["--stack", "../etc"], "--stack"),
+    (["--republish-interval", "2"], "--republish-interval"),  # not an option
+])
+def test_a_bad_command_line_exits_2_naming_the_option(argv: list[str], knob: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(argv)
+    assert exc.value.code == 2 and knob in capsys.readouterr().err
