@@ -28,8 +28,8 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   middleware.py       Falcon middleware: request ids, metrics, API keys and rate limits
   access.py           pure: API keys and per-key rate limits
   openai_request.py   pure: what the proxy reads of a body (routing fields; relayed to vLLM replicas as is),
-                      and the mock engine's request mapping with its refusals
-  openapi.py          the OpenAPI document served at GET /openapi.json
+                      and the mock engine's request structs (its one schema), mapping and refusals
+  openapi.py          the OpenAPI document served at GET /openapi.json (mock request schemas derived)
   chunks.py           pure: SSE chunk / JSON body bytes (mapped path; vLLM replicas send their own)
   bodies.py           WSGI streaming bodies (SSE, relayed, plain) whose close() aborts the request
   errors.py           exception hierarchy and OpenAI error bodies

@@ -8,16 +8,16 @@ Two paths (docs/api.md):
 - relayed (engines in RELAY_ENGINES, i.e. vLLM): the proxy reads only `RoutingFields` (model, stream, and
   the prompt text when a deployment routes by prefix) and sends the body untouched; the replica's engine
   serves it with its own OpenAI serving layer, so every field means what it means to that engine.
-- mapped (the mock engine): `parse_chat` / `parse_completion` map the body into a GenerateRequest. They
-  accept the fields in CHAT_FIELDS / COMPLETION_FIELDS and refuse any other with a 400 naming it:
-  nothing is silently ignored.
+- mapped (the mock engine): `parse_chat` / `parse_completion` decode the body into MockChatRequest /
+  MockCompletionRequest and map it into a GenerateRequest. Those structs are the one schema of the
+  mock's bodies: msgspec validates with them (any other field is a 400 naming it: nothing is silently
+  ignored) and proxy/openapi.py derives the document's request schemas from them.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 import msgspec
 
@@ -31,10 +31,6 @@ RELAY_ENGINES = frozenset({"vllm"})
 # endpoint (proxy route) -> kind; only CHAT and COMPLETION exist on the mapped path
 ENDPOINT_KINDS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/responses": "responses",
                   "/tokenize": "tokenize", "/detokenize": "detokenize"}
-_COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p",
-                            "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "user"})
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
 INT32_MAX = 2**31 - 1  # counts (max_tokens, top_k): more is never meant and must stay encodable
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seed
 
@@ -60,19 +56,6 @@ class ParsedRequest:
         if self.kind == CHAT:
             return GenerateRequest(request_id=request_id, messages=list(self.messages or ()), params=self.params)
         return GenerateRequest(request_id=request_id, prompt=self.prompt, params=self.params)
-
-
-def decode_object(body: bytes) -> dict[str, Any]:
-    """The JSON body as a dict; 400 when it is not JSON or not an object."""
-    if not body:
-        raise InvalidRequest("request body is empty; expected a JSON object")
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest("request body is not valid JSON: %s" % exc) from None
-    if not isinstance(obj, dict):
-        raise InvalidRequest("request body must be a JSON object, got %s" % _kind(obj))
-    return obj
 
 
 class RoutingFields(msgspec.Struct):
@@ -124,38 +107,157 @@ def prompt_text(body: bytes) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode() if value is not None else ""
 
 
-def _refuse_unknown(obj: dict[str, Any], known: frozenset[str], engine: str) -> None:
-    for name, value in obj.items():
-        if name not in known and value is not None:
-            raise InvalidRequest("'%s' is not supported by this deployment's engine (%s); see docs/api.md"
-                                 % (name, engine), param=name)
+# --------------------------------------------------------------------------- the mock engine's bodies
+# One schema: these structs validate the body (parse_chat / parse_completion) and are the request
+# schemas of the OpenAPI document (proxy/openapi.py derives them). `forbid_unknown_fields`: a field the
+# mock cannot honour is a 400 naming it, never silently ignored.
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 
 
-def parse_chat(body: Union[bytes, dict[str, Any]], engine: Optional[str] = None) -> ParsedRequest:
-    """Map a chat body; with `engine`, refuse any field outside CHAT_FIELDS naming that engine."""
-    obj = decode_object(body) if isinstance(body, bytes) else body
-    if engine is not None:
-        _refuse_unknown(obj, CHAT_FIELDS, engine)
-    model = _model(obj)
-    messages = _messages(obj.get("messages"))
-    stream, include_usage = _stream(obj)
-    return ParsedRequest(CHAT, model, stream, include_usage, _sampling(obj), messages=messages)
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """Options of a streamed answer: include_usage adds a usage chunk before [DONE]."""
+
+    include_usage: Optional[bool] = None
 
 
-def parse_completion(body: Union[bytes, dict[str, Any]], engine: Optional[str] = None) -> ParsedRequest:
-    """Map a completion body; with `engine`, refuse any field outside COMPLETION_FIELDS."""
-    obj = decode_object(body) if isinstance(body, bytes) else body
-    if engine is not None:
-        _refuse_unknown(obj, COMPLETION_FIELDS, engine)
-    model = _model(obj)
-    prompt = obj.get("prompt")
-    if prompt is None:
-        raise InvalidRequest("'prompt' is required", param="prompt")
-    if not isinstance(prompt, str):
-        raise InvalidRequest("'prompt' must be a string (batched or token prompts are not supported)",
-                             param="prompt")
-    stream, include_usage = _stream(obj)
-    return ParsedRequest(COMPLETION, model, stream, include_usage, _sampling(obj), prompt=prompt)
+class TextPart(msgspec.Struct, forbid_unknown_fields=True):
+    """One part of a message's content; the mock engine takes text parts only."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True):
+    """One chat turn; null content (an assistant turn that only had tool calls) is empty text."""
+
+    role: Annotated[str, msgspec.Meta(min_length=1, examples=["user"])]
+    content: Union[str, list[TextPart], None] = None
+
+
+class _MockRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The fields both mock bodies share."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, description="a deployment name (GET /v1/models)",
+                                       examples=["mock"])]
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[Annotated[Count, msgspec.Meta(description="most tokens to generate")]] = None
+    n: Optional[Annotated[int, msgspec.Meta(ge=1, le=1, description="the mock engine takes only 1")]] = None
+    temperature: Optional[Annotated[float, msgspec.Meta(ge=0.0)]] = None
+    top_p: Optional[Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]] = None
+    top_k: Optional[Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]] = None
+    presence_penalty: Optional[Penalty] = None
+    frequency_penalty: Optional[Penalty] = None
+    user: Optional[str] = None
+
+
+class MockChatRequest(_MockRequest, kw_only=True):
+    """POST /v1/chat/completions on a mock deployment."""
+
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    max_completion_tokens: Optional[Annotated[Count, msgspec.Meta(description="wins over max_tokens")]] = None
+
+
+class MockCompletionRequest(_MockRequest, kw_only=True):
+    """POST /v1/completions on a mock deployment."""
+
+    prompt: Annotated[str, msgspec.Meta(description="one prompt")]
+
+
+MOCK_REQUESTS = (MockChatRequest, MockCompletionRequest)
+_chat_decoder = msgspec.json.Decoder(MockChatRequest)
+_completion_decoder = msgspec.json.Decoder(MockCompletionRequest)
+_Body = TypeVar("_Body", MockChatRequest, MockCompletionRequest)
+
+
+def parse_chat(body: bytes, engine: str = "mock") -> ParsedRequest:
+    """Map a chat body; 400 naming the field (and `engine`, for a field it does not take)."""
+    req = _decode(body, _chat_decoder, engine)
+    messages = tuple(ChatMessage(m.role, _text(m.content)) for m in req.messages)
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return ParsedRequest(CHAT, req.model, bool(req.stream), _include_usage(req), _sampling(req, limit),
+                         messages=messages)
+
+
+def parse_completion(body: bytes, engine: str = "mock") -> ParsedRequest:
+    """Map a completion body; 400 naming the field (and `engine`, for a field it does not take)."""
+    req = _decode(body, _completion_decoder, engine)
+    return ParsedRequest(COMPLETION, req.model, bool(req.stream), _include_usage(req),
+                         _sampling(req, req.max_tokens), prompt=req.prompt)
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[_Body], engine: str) -> _Body:
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(body)  # the common case: one pass over the bytes
+    except msgspec.ValidationError as exc:
+        first = exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest("request body is not valid JSON: %s" % exc) from None
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.ValidationError:  # a number out of range: the typed pass said where
+        raise _invalid(first, engine) from None
+    try:  # read it again as JSON Schema does: null members absent, 16.0 an integer
+        return msgspec.convert(_as_schema_reads(obj, 5), decoder.type)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, engine) from None
+
+
+def _as_schema_reads(value: Any, depth: int) -> Any:
+    """`value` with null object members dropped and integral floats made ints, down to `depth` (5: a
+    content part's members; the depth of the deepest struct, so a deeply nested body costs nothing)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if depth and isinstance(value, dict):
+        return {k: _as_schema_reads(v, depth - 1) for k, v in value.items() if v is not None}
+    if depth and isinstance(value, list):
+        return [_as_schema_reads(v, depth - 1) for v in value]
+    return value
+
+
+_FIELD_ERROR = re.compile(r"Object (contains unknown|missing required) field `(.*)`")
+_JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
+
+
+def _invalid(exc: msgspec.ValidationError, engine: str) -> InvalidRequest:
+    """msgspec's error as a 400 whose `param` is the JSON path (`messages[0].role`), in JSON's words."""
+    what, _, where = str(exc).partition(" - at `$")
+    path = where.rstrip("`").lstrip(".")  # "$.messages[0].role" -> "messages[0].role"
+    field = _FIELD_ERROR.fullmatch(what)
+    if field is not None:
+        param = "%s.%s" % (path, field.group(2)) if path else field.group(2)
+        if field.group(1) == "missing required":
+            return InvalidRequest("'%s' is required" % param, param=param)
+        return InvalidRequest("'%s' is not supported by this deployment's engine (%s); see docs/api.md"
+                              % (param, engine), param=param)
+    what = re.sub(r"`[^`]*`", lambda m: re.sub(r"\w+", lambda w: _JSON_TYPES.get(w[0], w[0]), m[0]), what)
+    what = what[:1].lower() + what[1:]  # "Expected `integer` >= 1" -> "'max_tokens': expected ..."
+    if not path:
+        return InvalidRequest("request body must be a JSON object; %s" % what)
+    return InvalidRequest("'%s': %s" % (path, what), param=path)
+
+
+def _text(content: Union[str, list[TextPart], None]) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n".join(part.text for part in content)
+
+
+def _include_usage(req: _MockRequest) -> bool:
+    return req.stream_options is not None and bool(req.stream_options.include_usage)
+
+
+def _sampling(req: _MockRequest, max_tokens: Optional[int]) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          stop=stop, seed=req.seed, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty)
 
 
 def parse_plain(body: bytes, max_tokens: Optional[str]) -> tuple[str, SamplingParams]:
@@ -175,147 +277,3 @@ def parse_plain(body: bytes, max_tokens: Optional[str]) -> tuple[str, SamplingPa
         if not 1 <= limit <= INT32_MAX:
             raise InvalidRequest("max_tokens must be between 1 and %d" % INT32_MAX, param="max_tokens")
     return prompt, SamplingParams(max_tokens=limit)
-
-
-# --------------------------------------------------------------------------- fields
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _model(obj: dict[str, Any]) -> str:
-    model = obj.get("model")
-    if model is None:
-        raise InvalidRequest("'model' is required", param="model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' must be a non-empty string", param="model")
-    return model
-
-
-def _messages(raw: Any) -> tuple[ChatMessage, ...]:
-    if raw is None:
-        raise InvalidRequest("'messages' is required", param="messages")
-    if not isinstance(raw, list) or not raw:
-        raise InvalidRequest("'messages' must be a non-empty array", param="messages")
-    out = []
-    for i, msg in enumerate(raw):
-        where = "messages[%d]" % i
-        if not isinstance(msg, dict):
-            raise InvalidRequest("%s must be an object, got %s" % (where, _kind(msg)), param=where)
-        role = msg.get("role")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequest("%s.role must be a non-empty string" % where, param=where + ".role")
-        out.append(ChatMessage(role=role, content=_content(msg.get("content"), where + ".content")))
-    return tuple(out)
-
-
-def _content(content: Any, where: str) -> str:
-    if content is None:  # e.g. an assistant turn that only had tool calls
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequest("%s must be a string or an array of content parts" % where, param=where)
-    texts = []
-    for j, part in enumerate(content):
-        pw = "%s[%d]" % (where, j)
-        if not isinstance(part, dict):
-            raise InvalidRequest("%s must be an object" % pw, param=pw)
-        if part.get("type") != "text":
-            raise InvalidRequest("%s.type %r is not supported; only 'text' parts are"
-                                 % (pw, part.get("type")), param=pw + ".type")
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise InvalidRequest("%s.text must be a string" % pw, param=pw + ".text")
-        texts.append(text)
-    return "\n".join(texts)
-
-
-def _stream(obj: dict[str, Any]) -> tuple[bool, bool]:
-    stream = _opt_bool(obj, "stream") or False
-    options = obj.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-        usage = options.get("include_usage")
-        if usage is not None and not isinstance(usage, bool):
-            raise InvalidRequest("'stream_options.include_usage' must be a boolean",
-                                 param="stream_options.include_usage")
-        include_usage = bool(usage)
-    return stream, include_usage
-
-
-def _sampling(obj: dict[str, Any]) -> SamplingParams:
-    n = _opt_int(obj, "n", 1)
-    if n is not None and n != 1:
-        raise InvalidRequest("only n=1 is supported", param="n")
-    max_tokens = _opt_int(obj, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _opt_int(obj, "max_tokens", 1)
-    else:
-        _opt_int(obj, "max_tokens", 1)  # still validate it
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_opt_float(obj, "temperature", 0.0, None),
-        top_p=_opt_float(obj, "top_p", 0.0, 1.0, open_low=True),
-        top_k=_opt_int(obj, "top_k", -1),
-        stop=_stop(obj.get("stop")),
-        seed=_opt_int(obj, "seed", INT64_MIN, INT64_MAX),
-        presence_penalty=_opt_float(obj, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_opt_float(obj, "frequency_penalty", -2.0, 2.0),
-    )
-
-
-def _opt_bool(obj: dict[str, Any], name: str) -> Optional[bool]:
-    value = obj.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidRequest("'%s' must be a boolean, got %s" % (name, _kind(value)), param=name)
-    return value
-
-
-def _opt_int(obj: dict[str, Any], name: str, minimum: int, maximum: int = INT32_MAX) -> Optional[int]:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest("'%s' must be an integer, got %s" % (name, _kind(value)), param=name)
-    if value < minimum:
-        raise InvalidRequest("'%s' must be >= %d, got %d" % (name, minimum, value), param=name)
-    if value > maximum:
-        raise InvalidRequest("'%s' must be <= %d, got %d" % (name, maximum, value), param=name)
-    return value
-
-
-def _opt_float(obj: dict[str, Any], name: str, low: Optional[float], high: Optional[float],
-               open_low: bool = False) -> Optional[float]:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest("'%s' must be a number, got %s" % (name, _kind(value)), param=name)
-    try:
-        value = float(value)
-    except OverflowError:  # an integer too large for a float
-        value = math.inf
-    if not math.isfinite(value):
-        raise InvalidRequest("'%s' must be a finite number" % name, param=name)
-    too_low = low is not None and (value <= low if open_low else value < low)
-    if too_low or (high is not None and value > high):
-        bounds = "%s%s, %s]" % ("(" if open_low else "[", low, high if high is not None else "inf")
-        raise InvalidRequest("'%s' must be in %s, got %s" % (name, bounds, value), param=name)
-    return value
-
-
-def _stop(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return list(value)
-    raise InvalidRequest("'stop' must be a string or an array of strings", param="stop")

@@ -4,9 +4,10 @@ Pure data, built once at import; runs in proxy workers; owns no socket. It must 
 proxy accepts and answers (tests/integration/test_proxy_fuzz.py fuzzes a running proxy against it with
 schemathesis). Two surfaces share the OpenAI paths (docs/api.md): a vLLM deployment accepts and answers
 exactly what `vllm serve` 0.32.0 does (its own request models validate the relayed body: they are the
-schema there, see VLLM_SURFACE), a mock deployment the fields below, which mirror openai_request.py's
-mapping (null means absent; any other field is a 400 naming it). Every error is the OpenAI error object
-(`code` is the status as an integer in vLLM's own errors). Keep both in step when either changes.
+schema there, see VLLM_SURFACE), a mock deployment the fields of openai_request.py's MockChatRequest /
+MockCompletionRequest, whose schemas are derived from those structs, the ones that validate the body
+(null means absent; any other field is a 400 naming it). Every error is the OpenAI error object (`code`
+is the status as an integer in vLLM's own errors).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from proxy.openai_request import INT32_MAX, INT64_MAX, INT64_MIN, RoutingFields
+from proxy.openai_request import INT32_MAX, MOCK_REQUESTS, RoutingFields
 
 VLLM_SURFACE = ("On a vLLM deployment every field of `vllm serve` 0.32.0 for this path is accepted and "
                 "answered by vLLM's own serving layer (tools, response_format, logprobs, n, ...); the "
@@ -23,59 +24,26 @@ VLLM_SURFACE = ("On a vLLM deployment every field of `vllm serve` 0.32.0 for thi
 Schema = dict[str, Any]
 
 
-def _nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
 def _ref(name: str) -> Schema:
     return {"$ref": "#/components/schemas/%s" % name}
 
 
 _INT_COUNT = {"type": "integer", "minimum": 1, "maximum": INT32_MAX}
 
-SAMPLING: dict[str, Schema] = {
-    "max_tokens": _nullable(dict(_INT_COUNT, description="most tokens to generate")),
-    "max_completion_tokens": _nullable(dict(_INT_COUNT, description="wins over max_tokens")),
-    "temperature": _nullable({"type": "number", "minimum": 0}),
-    "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-    "top_k": _nullable({"type": "integer", "minimum": -1, "maximum": INT32_MAX}),
-    "stop": _nullable({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
-    "seed": _nullable({"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}),
-    "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "n": _nullable({"type": "integer", "minimum": 1, "description": "the mock engine takes only 1"}),
-    "stream": _nullable({"type": "boolean"}),
-    "stream_options": _nullable({"type": "object", "properties": {
-        "include_usage": _nullable({"type": "boolean"})}}),
-}
 
-CONTENT_PART: Schema = {
-    "type": "object", "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-}
+def _mock_schemas() -> dict[str, Schema]:
+    """The mock's request schemas, derived from the structs parse_chat/parse_completion decode with.
+    An unknown member may be null (null means absent): additionalProperties says exactly that."""
+    _, schemas = msgspec.json.schema_components(MOCK_REQUESTS, ref_template="#/components/schemas/{name}")
+    for schema in schemas.values():
+        if schema.get("additionalProperties") is False:
+            schema["additionalProperties"] = {"type": "null"}
+    schemas["MockChatRequest"].update(description=VLLM_SURFACE, examples=[
+        {"model": "mock", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}])
+    schemas["MockCompletionRequest"].update(description=VLLM_SURFACE, examples=[
+        {"model": "mock", "prompt": "Once upon a time", "max_tokens": 8}])
+    return schemas
 
-MESSAGE: Schema = {
-    "type": "object", "required": ["role"],
-    "properties": {
-        "role": {"type": "string", "minLength": 1, "examples": ["user"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": CONTENT_PART}, {"type": "null"}]},
-    },
-}
-
-MODEL: Schema = {"type": "string", "minLength": 1, "description": "a deployment name (GET /v1/models)",
-                 "examples": ["mock"]}
-
-CHAT_REQUEST: Schema = {
-    "type": "object", "required": ["model", "messages"], "description": VLLM_SURFACE,
-    "properties": dict(SAMPLING, model=MODEL, messages={"type": "array", "minItems": 1, "items": MESSAGE}),
-    "examples": [{"model": "mock", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}],
-}
-
-COMPLETION_REQUEST: Schema = {
-    "type": "object", "required": ["model", "prompt"], "description": VLLM_SURFACE,
-    "properties": dict(SAMPLING, model=MODEL, prompt={"type": "string", "description": "one prompt"}),
-    "examples": [{"model": "mock", "prompt": "Once upon a time", "max_tokens": 8}],
-}
 
 USAGE: Schema = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
                  "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens",
@@ -207,8 +175,8 @@ SPEC: Schema = {
              "description": "OpenAI-compatible streaming API in front of tokenrelay replicas (docs/api.md)."},
     "security": [{}, {"bearerAuth": []}],
     "paths": {
-        "/v1/chat/completions": _inference("chat completion", "ChatRequest", "ChatCompletion"),
-        "/v1/completions": _inference("text completion", "CompletionRequest", "TextCompletion"),
+        "/v1/chat/completions": _inference("chat completion", "MockChatRequest", "ChatCompletion"),
+        "/v1/completions": _inference("text completion", "MockCompletionRequest", "TextCompletion"),
         "/v1/responses": _relayed("OpenAI Responses API (vLLM deployments)"),
         "/tokenize": _relayed("vLLM's /tokenize (vLLM deployments)"),
         "/detokenize": _relayed("vLLM's /detokenize (vLLM deployments)"),
@@ -241,7 +209,7 @@ SPEC: Schema = {
     },
     "components": {
         "schemas": {
-            "ChatRequest": CHAT_REQUEST, "CompletionRequest": COMPLETION_REQUEST, "RelayedRequest": RELAYED_REQUEST,
+            **_mock_schemas(), "RelayedRequest": RELAYED_REQUEST,
             "ChatCompletion": CHAT_COMPLETION, "TextCompletion": TEXT_COMPLETION, "Error": ERROR,
             "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"const": "list"}, "data": {"type": "array", "items": {

@@ -10,7 +10,7 @@ import falcon.testing
 import pytest
 
 from proxy.app import create_app
-from proxy.openai_request import CHAT_FIELDS, COMPLETION_FIELDS, prompt_text, routing_fields
+from proxy.openai_request import MockChatRequest, MockCompletionRequest, prompt_text, routing_fields
 from proxy.errors import InvalidRequest
 from runtime.protocol import Delta, DeploymentRoute, ReplicaRoute, RequestError
 from tests.unit.test_proxy_app import CONFIG, FakeBackend, assert_openai_error, chat_body
@@ -110,10 +110,10 @@ def test_mock_accepts_its_documented_fields(client: falcon.testing.TestClient, b
     body = chat_body(model="mock", stream=False, stream_options=None, max_tokens=3, max_completion_tokens=3, n=1,
                      temperature=0.5, top_p=0.9, top_k=4, stop=["x"], seed=1, presence_penalty=0.1,
                      frequency_penalty=0.1, user="u", logprobs=None)  # null means absent
-    assert set(body) - {"logprobs"} <= CHAT_FIELDS
+    assert set(body) - {"logprobs"} <= set(MockChatRequest.__struct_fields__)
     assert client.simulate_post("/v1/chat/completions", json=body).status_code == 200
     completion = {"model": "mock", "prompt": "p", "max_tokens": 2, "stop": "x"}
-    assert set(completion) <= COMPLETION_FIELDS
+    assert set(completion) <= set(MockCompletionRequest.__struct_fields__)
     assert client.simulate_post("/v1/completions", json=completion).status_code == 200
 
 

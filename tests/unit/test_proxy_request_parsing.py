@@ -34,13 +34,34 @@ def test_chat_minimal() -> None:
     assert req.params == SamplingParams()
 
 
-def test_chat_all_params_mapped_and_unknown_fields_ignored() -> None:
+def test_chat_all_params_mapped_and_null_unknown_fields_absent() -> None:
     p = parse_chat(chat(stream=True, stream_options={"include_usage": True}, max_tokens=7, temperature=0.5,
                         top_p=0.9, top_k=40, stop="END", seed=3, presence_penalty=0.1, frequency_penalty=-0.2,
-                        n=1, user="bob", logit_bias={"1": 2}, tools=None))
+                        n=1, user="bob", logit_bias=None, tools=None,
+                        messages=[{"role": "user", "content": "hi", "name": None}]))
     assert p.stream and p.include_usage
     assert p.params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, stop=["END"], seed=3,
                                       presence_penalty=0.1, frequency_penalty=-0.2)
+    assert p.messages == (ChatMessage("user", "hi"),)
+
+
+@pytest.mark.parametrize("body,param", [
+    (chat(tools=[]), "tools"),
+    (chat(logit_bias={"1": 2}), "logit_bias"),
+    (chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages[0].name"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]}]),
+     "messages[0].content[0].cache"),
+    (chat(stream_options={"include_usage": True, "continuous_usage_stats": True}),
+     "stream_options.continuous_usage_stats"),
+    (completion(suffix="x"), "suffix"),
+])
+def test_fields_the_engine_does_not_take_are_refused_naming_them(body: bytes, param: str) -> None:
+    parse = parse_completion if b'"prompt"' in body else parse_chat
+    with pytest.raises(InvalidRequest) as info:
+        parse(body, "mock")
+    assert info.value.status == 400 and info.value.param == param
+    assert info.value.message == ("'%s' is not supported by this deployment's engine (mock); see docs/api.md"
+                                  % param)
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
@@ -73,15 +94,16 @@ def test_stop_list_and_integral_float_accepted() -> None:
     (b'"text"', None, "JSON object"),
     (json.dumps({"messages": MSGS}).encode(), "model", "required"),
     (chat(model=5), "model", "string"),
-    (chat(model=""), "model", "non-empty"),
+    (chat(model=""), "model", "length >= 1"),
     (json.dumps({"model": "tiny"}).encode(), "messages", "required"),
-    (chat(messages=[]), "messages", "non-empty"),
-    (chat(messages="hi"), "messages", "non-empty array"),
+    (chat(messages=[]), "messages", "length >= 1"),
+    (chat(messages="hi"), "messages", "expected `array`, got `string`"),
     (chat(messages=["hi"]), "messages[0]", "object"),
     (chat(messages=[{"content": "x"}]), "messages[0].role", "role"),
-    (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content", "string or an array"),
+    (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content", "`string | array | null`"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     "messages[0].content[0].type", "only 'text'"),
+     "messages[0].content[0].type", "'image_url'"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages[0].content[0].text", "required"),
     (chat(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]),
      "messages[0].content[0].text", "string"),
     (chat(stream="yes"), "stream", "boolean"),
@@ -93,16 +115,22 @@ def test_stop_list_and_integral_float_accepted() -> None:
     (chat(max_tokens=1.5), "max_tokens", "integer"),
     (chat(max_completion_tokens=-1), "max_completion_tokens", ">= 1"),
     (chat(temperature="hot"), "temperature", "number"),
-    (chat(temperature=-0.1), "temperature", "must be in"),
-    (chat(top_p=0), "top_p", "must be in"),
-    (chat(top_p=1.5), "top_p", "must be in"),
+    (chat(temperature=-0.1), "temperature", ">= 0.0"),
+    (chat()[:-1] + b', "temperature": 1e999}', "temperature", "out of range"),  # not a finite float
+    (chat(temperature=10**400), "temperature", "out of range"),
+    (chat(top_p=0), "top_p", "> 0.0"),
+    (chat(top_p=1.5), "top_p", "<= 1.0"),
     (chat(top_k=-2), "top_k", ">= -1"),
     (chat(seed="1"), "seed", "integer"),
-    (chat(presence_penalty=3), "presence_penalty", "must be in"),
+    (chat(presence_penalty=3), "presence_penalty", "<= 2.0"),
+    (chat(seed=2**63), "seed", "<= 9223372036854775807"),
+    (chat(seed=-(2**63) - 1), "seed", ">= -9223372036854775808"),
+    (chat(max_tokens=2**31), "max_tokens", "<= 2147483647"),
+    (chat(max_tokens=16.0, tools=[]), "tools", "not supported"),
     (chat(frequency_penalty="x"), "frequency_penalty", "number"),
-    (chat(stop=5), "stop", "string or an array"),
-    (chat(stop=["a", 1]), "stop", "string or an array"),
-    (chat(n=2), "n", "only n=1"),
+    (chat(stop=5), "stop", "`string | array | null`"),
+    (chat(stop=["a", 1]), "stop[1]", "string"),
+    (chat(n=2), "n", "<= 1"),
     (chat(n="1"), "n", "integer"),
 ])
 def test_chat_validation_errors(body: bytes, param: Optional[str], needle: str) -> None:
