@@ -155,10 +155,11 @@ def step_times(run: Run, phases: list[tuple[int, float]]) -> list[dict[str, Any]
 
 
 def plot_series(samples: list[Any], rows: list[dict[str, Any]], phases: list[tuple[int, float]],
-                width: float, objective: float) -> dict[str, Any]:
+                width: float, objective: float, steps: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """What the PNG shows, as plain lists (benchmarks.plot.plot_autoscale draws them): the load as a step
-    function of the phases, the head's desired and ready replicas per sample (`Run.samples`), and per
-    window (`windows`) its middle, TTFT p90 (NaN where nothing started) and failed requests."""
+    function of the phases, the head's desired and ready replicas per sample (`Run.samples`), per window
+    (`windows`) its middle, TTFT p90 (NaN where nothing started) and failed requests, and when a new
+    replica first served after each step up (`step_times`)."""
     load_t, load_n, t = [], [], 0.0
     for clients, seconds in phases:
         load_t.append(t)
@@ -171,7 +172,9 @@ def plot_series(samples: list[Any], rows: list[dict[str, Any]], phases: list[tup
             "ready": [s[3] for s in samples],
             "window_mid": [r["t"] + width / 2 for r in rows],
             "ttft_p90_ms": [math.nan if r["ttft_p90_ms"] is None else r["ttft_p90_ms"] for r in rows],
-            "failed": [r["failed"] for r in rows], "objective_ms": objective, "phase_starts": load_t[1:-1]}
+            "failed": [r["failed"] for r in rows], "objective_ms": objective, "phase_starts": load_t[1:-1],
+            "new_replica_t": [s["at_s"] + s["to_new_replica_serving_s"] for s in steps or []
+                              if s.get("to_new_replica_serving_s") is not None]}
 
 
 def draw(result: dict[str, Any], path: str) -> None:
@@ -180,7 +183,7 @@ def draw(result: dict[str, Any], path: str) -> None:
 
     phases = [(int(c), float(s)) for c, s in result["phases"]]
     series = plot_series(result["samples"], result["windows"], phases, result["window_s"],
-                         result["ttft_objective_ms"])
+                         result["ttft_objective_ms"], result.get("steps"))
     plot_autoscale(series, path, result["title"])
 
 

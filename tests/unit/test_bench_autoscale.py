@@ -63,11 +63,13 @@ def test_step_time_sees_a_new_replica_while_the_old_one_restarts():
 
 def test_plot_series_load_is_a_step_function_of_the_phases():
     run = a_run()
-    series = plot_series(run.samples, windows(run, 10.0, 500.0), [(1, 10.0), (4, 20.0), (0, 5.0)], 10.0, 500.0)
+    phases = [(1, 10.0), (4, 20.0), (0, 5.0)]
+    series = plot_series(run.samples, windows(run, 10.0, 500.0), phases, 10.0, 500.0, step_times(run, phases))
     assert series["load_t"] == [0.0, 10.0, 30.0, 35.0] and series["load_clients"] == [1, 4, 0, 0]
     assert series["phase_starts"] == [10.0, 30.0]
     assert series["window_mid"] == [5.0, 15.0, 25.0] and series["failed"] == [0, 1, 0]
     assert series["ready"][:2] == [1, 1] and len(series["sample_t"]) == len(series["desired"]) == 29
+    assert series["new_replica_t"] == [25.0]
 
 
 def test_plot_series_marks_windows_without_requests_as_nan():
@@ -80,7 +82,8 @@ def test_replot_draws_a_saved_result(tmp_path):
     pytest.importorskip("matplotlib")
     run = a_run()
     result = {"title": "test", "phases": [[1, 10.0], [4, 20.0]], "window_s": 10.0, "ttft_objective_ms": 500.0,
-              "samples": [list(s) for s in run.samples], "windows": windows(run, 10.0, 500.0)}
+              "samples": [list(s) for s in run.samples], "windows": windows(run, 10.0, 500.0),
+              "steps": step_times(run, [(1, 10.0), (4, 20.0)])}
     (tmp_path / "run.json").write_text(json.dumps(result))  # as --json writes it: tuples become lists
     path = tmp_path / "autoscale.png"
     assert autoscale.main(["--replot", str(tmp_path / "run.json"), "--plot", str(path)]) == 0
