@@ -2,7 +2,8 @@
 
 Runs in the agent process, one thread. Owns two sockets, used only from `Agent.run`:
 - head DEALER (connects `config.head`): AgentRegister, then AgentHeartbeat every interval and at once
-  on any replica state change; the head answers each with our full Assignment. No answer for
+  on any replica state change; the head answers each with our full Assignment. AgentLeaving when an
+  orderly shutdown starts (not in adopt mode, where the replicas stay for the next agent). No answer for
   `head_timeout`: the socket is recreated and we register again (Lazy Pirate), reporting the replicas
   we run so a restarted head adopts them instead of restarting them.
 - replica ROUTER (binds `config.replica_endpoint`): our replicas' ReplicaHello/ReplicaStatus/ReplicaDead.
@@ -34,7 +35,7 @@ from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
 from runtime.keyring import Registry, identity, server_public
 from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
-    PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
+    PROTOCOL_VERSION, AgentHeartbeat, AgentLeaving, AgentRegister, Assignment, Capacity, ControlReply, ProtocolError,
     ReplicaDead, ReplicaHello, ReplicaSpec, ReplicaState, ReplicaStatus, decode_frames, encode,
 )
 
@@ -117,6 +118,9 @@ class Agent:
                          len(self.procs))
                 self.procs.clear()
             else:
+                # said first: the head takes the replicas out of routing now, as a planned departure,
+                # while the engines shut down (which can outlast the head's agent timeout)
+                self._send_head(AgentLeaving(cfg.agent_id, "shutting down"))
                 self._stop_all()
         finally:
             for proc in list(self.procs.values()) + list(self._stopping.values()):

@@ -107,13 +107,27 @@ class ClusterState:
         """Forget agents silent for longer than the timeout; their replicas leave routing."""
         dead = [a.agent_id for a in self.agents.values() if now - a.last_seen > self.agent_timeout]
         for agent_id in dead:
-            del self.agents[agent_id]
-            lost = [p.replica_id for p in self.placements.values() if p.agent_id == agent_id]
-            for replica_id in lost:
-                del self.placements[replica_id]
+            lost = self._forget_agent(agent_id)
             log.warning("[failover] agent %s silent for %.1fs: dropped %d replica(s) %s", agent_id,
                         self.agent_timeout, len(lost), lost)
         return dead
+
+    def agent_left(self, agent_id: str, reason: str) -> bool:
+        """An agent said it is shutting down (AgentLeaving): forget it and its replicas now, as planned.
+        False if it was not registered."""
+        if agent_id not in self.agents:
+            return False
+        lost = self._forget_agent(agent_id)
+        log.info("[shutdown] agent %s is leaving (%s): %d replica(s) leave routing %s", agent_id,
+                 reason or "no reason given", len(lost), lost)
+        return True
+
+    def _forget_agent(self, agent_id: str) -> list[str]:
+        del self.agents[agent_id]
+        lost = [p.replica_id for p in self.placements.values() if p.agent_id == agent_id]
+        for replica_id in lost:
+            del self.placements[replica_id]
+        return lost
 
     # ------------------------------------------------------------------ desired state
 

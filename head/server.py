@@ -37,9 +37,9 @@ from runtime import authz, curve
 from runtime.keyring import Registry, server_pair
 from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
-    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentRegister, Assignment, AutoscaleStatus, ControlReply,
-    DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleDemand, ScaleRequest, SnapshotRequest,
-    StatusReply, StatusRequest, decode, encode,
+    PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentLeaving, AgentRegister, Assignment, AutoscaleStatus,
+    ControlReply, DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleDemand, ScaleRequest,
+    SnapshotRequest, StatusReply, StatusRequest, decode, encode,
 )
 from runtime.stack_config import DeploymentSpec, check_replicas, parse_deployment
 
@@ -218,6 +218,8 @@ class Head:
             if not self.recovering:
                 self.state.reconcile(now)
             self._send_assignment(peer, msg.agent_id)
+        elif isinstance(msg, AgentLeaving):  # no reply: the agent is shutting down
+            self.state.agent_left(msg.agent_id, msg.reason)
         elif isinstance(msg, HeadHello):
             self._reply(peer, HeadInfo(PROTOCOL_VERSION, self.tables.epoch, self.publish_endpoint))
         elif isinstance(msg, ScaleDemand):  # no reply: the proxy resends while its requests wait

@@ -40,7 +40,7 @@ from model_proc.ttft_window import TtftWindow
 from pathlib import Path
 
 from runtime import authz, curve
-from runtime.gc_policy import prepare_to_serve
+from runtime.gc_policy import prepare_to_serve, run_paced_async
 from runtime.keyring import server_pair
 from runtime.protocol import (
     PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
@@ -120,6 +120,7 @@ class ReplicaServer:
         self._agent.send(hello)
         status_task = self._supervised(self._agent.heartbeat(hello, self._send_status, self._stop), "status loop")
         recv_task: Optional[asyncio.Future] = None
+        gc_task: Optional[asyncio.Future] = None
         try:
             try:
                 await self.engine.start(self)
@@ -130,6 +131,7 @@ class ReplicaServer:
                 return EXIT_LOAD_ERROR
             self._ready = True
             prepare_to_serve("replica")  # as `vllm serve` does after start-up (runtime/gc_policy.py)
+            gc_task = self._supervised(run_paced_async(), "gc pacer")
             log.info("[startup] ready")
             recv_task = self._supervised(self._recv_loop(), "receive loop")
             await self._stop.wait()
@@ -140,8 +142,9 @@ class ReplicaServer:
             status_task.cancel()
             if self._push_handle is not None:
                 self._push_handle.cancel()
-            if recv_task is not None:
-                recv_task.cancel()
+            for task in (recv_task, gc_task):
+                if task is not None:
+                    task.cancel()
             try:
                 await self.engine.shutdown()
             except Exception:  # shutting down anyway; say what went wrong

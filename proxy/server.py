@@ -80,11 +80,16 @@ class ProxyApplication(BaseApplication):
         if self.gateway is None:
             raise RuntimeError("post_worker_init before load(): the worker has no gateway")
         self.gateway.start()
+        import gevent
+
         from proxy import metrics
-        from runtime.gc_policy import prepare_to_serve
+        from runtime.gc_policy import prepare_to_serve, run_paced
 
         metrics.watch_gc()
         prepare_to_serve("proxy worker")  # last: everything the worker built so far is start-up state
+        pacer = gevent.spawn(run_paced, gevent.sleep)
+        pacer.link_exception(lambda g: log.error("[gc] the collection pacer died: %r; CPython's automatic "
+                                                 "collection goes on alone", g.exception))
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
         if self.gateway is not None:

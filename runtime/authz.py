@@ -11,7 +11,8 @@ registry says; a peer the registry does not know never gets here (its connection
     agent-replicas (agent)     the agent's own key only (its replicas connect with it)
 
     head message                          from
-    AgentRegister, AgentHeartbeat         agent, and only for agent_id == the key's name
+    AgentRegister, AgentHeartbeat,        agent, and only for agent_id == the key's name
+    AgentLeaving
     HeadHello, SnapshotRequest            proxy, operator
     ScaleDemand                           proxy (requests wait for a scaled-to-zero deployment)
     StatusRequest                         operator, proxy (status carries no secrets a proxy lacks)
@@ -43,6 +44,7 @@ _DOMAIN_ROLES: dict[str, tuple[str, ...]] = {
 _MESSAGE_ROLES: dict[str, tuple[str, ...]] = {
     "AgentRegister": ("agent",),
     "AgentHeartbeat": ("agent",),
+    "AgentLeaving": ("agent",),
     "HeadHello": ("proxy", "operator"),
     "SnapshotRequest": ("proxy", "operator"),
     "ScaleDemand": ("proxy",),

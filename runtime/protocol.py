@@ -9,7 +9,8 @@ Sockets and the messages they carry (see README "Architecture"):
 
   socket (owner)                         peer                          messages
   -------------------------------------  ----------------------------  --------------------------------------
-  head control ROUTER (head, binds)      agent DEALER (connects)       AgentRegister, AgentHeartbeat ->
+  head control ROUTER (head, binds)      agent DEALER (connects)       AgentRegister, AgentHeartbeat,
+                                                                       AgentLeaving ->
                                                                        <- ControlReply, Assignment
                                          proxy DEALER (connects)       HeadHello, SnapshotRequest ->
                                                                        <- HeadInfo, RoutingTable
@@ -282,6 +283,14 @@ class AgentHeartbeat(msgspec.Struct, frozen=True):
     usage: Optional[AgentUsage] = None
 
 
+class AgentLeaving(msgspec.Struct, frozen=True):
+    """agent -> head, when it starts an orderly shutdown: its replicas leave routing now, as planned (the
+    head says so at INFO), instead of the head noticing the silence later and reporting a failure."""
+
+    agent_id: str
+    reason: str = ""
+
+
 class Assignment(msgspec.Struct, frozen=True):
     """head -> agent: the full set of replicas this agent must run (declarative, idempotent)."""
 
@@ -492,7 +501,7 @@ class StatusReply(msgspec.Struct, frozen=True):
 Message = Union[
     GenerateRequest, Abort, TokenBatch, RequestError, ReplicaDead,
     ReplicaHello, ReplicaStatus,
-    AgentRegister, AgentHeartbeat, Assignment, ControlReply,
+    AgentRegister, AgentHeartbeat, AgentLeaving, Assignment, ControlReply,
     HeadHello, HeadInfo, SnapshotRequest, RoutingTable, ScaleDemand,
     StatusRequest, StatusReply, DeployRequest, ScaleRequest, DeleteRequest,
 ]
@@ -509,6 +518,7 @@ _TYPES: dict[int, type] = {
     0x21: AgentHeartbeat,
     0x22: Assignment,
     0x23: ControlReply,
+    0x24: AgentLeaving,
     0x30: HeadHello,
     0x31: HeadInfo,
     0x32: SnapshotRequest,

@@ -46,3 +46,19 @@ def test_scale_survives_a_restart_and_another_config_does_not_see_it(tmp_path):
         assert _models(other) == ["other"]
     finally:
         other.stop()
+
+
+def test_a_normal_start_and_stop_print_no_warning(tmp_path):
+    """Issue 14: no warning on a normal start or stop. The agent says it is leaving before its replicas
+    shut down, so the head does not report it silent (a failure) while they do."""
+    stack = Stack(tmp_path, [MOCK])
+    try:
+        stack.start()
+        body = {"model": "mock", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(stack.base_url + "/v1/completions", json=body, timeout=10).status_code == 200
+    finally:
+        stack.stop()
+    log = stack.log()
+    noisy = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert noisy == []
+    assert "is leaving (shutting down)" in log

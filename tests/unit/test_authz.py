@@ -31,6 +31,9 @@ def test_unknown_and_revoked_keys_are_refused_everywhere():
     (AGENT, "AgentRegister", "vm", None), (AGENT, "AgentHeartbeat", "vm", None),
     (AGENT, "AgentHeartbeat", "other", "agent_id"),  # an agent key speaking for another agent
     (PROXY, "AgentHeartbeat", "vm", "role"), (OPERATOR, "AgentRegister", "vm", "role"),
+    # only an agent itself may say it is leaving (no one may take another agent's replicas out of routing)
+    (AGENT, "AgentLeaving", "vm", None), (AGENT, "AgentLeaving", "other", "agent_id"),
+    (PROXY, "AgentLeaving", "vm", "role"), (OPERATOR, "AgentLeaving", "vm", "role"),
     (PROXY, "SnapshotRequest", None, None), (PROXY, "HeadHello", None, None), (AGENT, "SnapshotRequest", None, "role"),
     (OPERATOR, "StatusRequest", None, None), (AGENT, "StatusRequest", None, "role"),
     (OPERATOR, "DeployRequest", None, None), (PROXY, "DeployRequest", None, "role"),

@@ -73,3 +73,31 @@ def test_pending_pauses_are_bounded_without_a_drain():
     finally:
         pauses.uninstall()
     assert len(pauses.drain()) <= gc_policy.MAX_PENDING
+
+
+def test_the_pacer_collects_young_often_middle_every_tenth_and_full_rarely():
+    pacer = gc_policy.GcPacer(now=0.0)
+    steps = [pacer.due(i * gc_policy.YOUNG_EVERY) for i in range(1, 41)]
+    assert steps.count(1) == 4 and steps.count(2) == 0
+    assert [i for i, g in enumerate(steps, 1) if g == 1] == [10, 20, 30, 40]
+    assert pacer.due(gc_policy.FULL_EVERY) == 2  # a full collection once FULL_EVERY passed
+    assert pacer.due(gc_policy.FULL_EVERY + 1.0) != 2  # ... and not again until the next FULL_EVERY
+    assert pacer.due(2 * gc_policy.FULL_EVERY) == 2
+
+
+def test_the_paced_loop_sleeps_then_collects_on_schedule(monkeypatch):
+    collected, slept = [], []
+
+    class Stop(Exception):
+        pass
+
+    def sleep(seconds):
+        if len(slept) == 12:
+            raise Stop
+        slept.append(seconds)
+
+    monkeypatch.setattr(gc_policy.gc, "collect", lambda generation=2: collected.append(generation) or 0)
+    with pytest.raises(Stop):
+        gc_policy.run_paced(sleep, clock=lambda: 0.0)
+    assert slept == [gc_policy.YOUNG_EVERY] * 12
+    assert collected == [0] * 9 + [1] + [0] * 2

@@ -40,6 +40,28 @@ def test_only_ready_replicas_of_live_agents_are_routed():
     assert state.routes()[0].replicas == []
 
 
+def test_a_leaving_agent_takes_its_replicas_out_of_routing_at_once_without_a_warning(caplog):
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=2)], agent_timeout=3.0)
+    _register(state, "a1", 0.0)
+    _register(state, "a2", 0.0)
+    state.reconcile(0.0)
+    reports = {a: [_ready(s.replica_id, "d") for s in state.assignment_for(a)] for a in ("a1", "a2")}
+    for agent_id, mine in reports.items():
+        state.heartbeat(AgentHeartbeat(agent_id, 1, mine), 0.5)
+    assert len(state.routes()[0].replicas) == 2
+    caplog.set_level("INFO", logger="head.cluster")
+    assert state.agent_left("a1", "shutting down") is True
+    assert "a1" not in state.agents
+    assert [r.replica_id for r in state.routes()[0].replicas] == [r.replica_id for r in reports["a2"]]
+    assert state.agent_left("a1", "again") is False  # not registered any more
+    assert state.expire_agents(1.0) == []  # nothing left to time out
+    assert [r.levelname for r in caplog.records if r.name == "head.cluster"] == ["INFO"]
+    assert "leaving (shutting down)" in caplog.text
+    # its replica is placed again on the agent that is left
+    state.reconcile(1.0)
+    assert len(state.assignment_for("a2")) == 2
+
+
 def test_unknown_agent_heartbeat_asks_for_registration():
     state = ClusterState([])
     assert state.heartbeat(AgentHeartbeat("ghost", 1, []), 0.0) is False

@@ -13,6 +13,7 @@ def test_every_message_roundtrips_with_its_type_byte():
         p.RequestError("r1", 400, "too long", "invalid_request_error", "prompt"),
         p.ReplicaDead("rep", "boom"),
         p.AgentRegister(p.PROTOCOL_VERSION, "a1", "h", p.Capacity(2, 1 << 30, [p.GpuInfo(0, "A10", 24)])),
+        p.AgentLeaving("a1", "shutting down"),
         p.RoutingTable(5, 7, 1.5, [p.DeploymentRoute(
             "d", "mock", "m", [p.ReplicaRoute("r", "tcp://x:1", 1, 0, 0.5, 8)])]),
         p.Assignment(1, 2, [p.ReplicaSpec("r", "d", "mock", "m", {"ttft_ms": 5})]),

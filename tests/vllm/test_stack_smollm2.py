@@ -59,6 +59,9 @@ def stack(vllm_env: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFac
         elapsed, leftovers = stop_and_check(s)
         print("\nstack stopped in %.1f s" % elapsed)
         assert elapsed < STOP_GRACE and leftovers == [], "stopped in %.1f s, left %s" % (elapsed, leftovers)
+        # issue 14: the terminal of a normal run (start, requests, scaling, stop) has no warning in it
+        terminal = s.log_path.read_text(errors="replace").splitlines()
+        assert [line for line in terminal if " WARNING " in line or " ERROR " in line] == []
     finally:
         s.stop()  # only acts if something above failed
 
