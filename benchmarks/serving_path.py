@@ -44,8 +44,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                "ramp": 2.0, "duration": 20.0},
     "scale1000": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 50.0, "tokens": 128, "concurrency": 1000,
                   "ramp": 20.0, "duration": 60.0},
+    # a stream takes 50 + 127 x 500 ms = 63.6 s: the client timeout must be longer
     "scale10k": {"replicas": 2, "ttft_ms": 50.0, "itl_ms": 500.0, "tokens": 128, "concurrency": 10000,
-                 "ramp": 60.0, "duration": 120.0},
+                 "ramp": 60.0, "duration": 120.0, "timeout": 120.0},
 }
 DEFAULTS: dict[str, Any] = dict(PRESETS["issue2"], workers=None, endpoint="completions", timeout=60.0)
 
