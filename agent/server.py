@@ -104,6 +104,7 @@ class Agent:
         log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus, %s", cfg.agent_id,
                  cfg.head, self.replica_endpoint, self.capacity.cpus, len(self.capacity.gpus),
                  curve.describe(self._keys))
+        leaving = False  # AgentLeaving sent: the head socket lingers so that it leaves
         try:
             if cfg.adopt:
                 self._wait_for_survivors()
@@ -121,6 +122,7 @@ class Agent:
                 # said first: the head takes the replicas out of routing now, as a planned departure,
                 # while the engines shut down (which can outlast the head's agent timeout)
                 self._send_head(AgentLeaving(cfg.agent_id, "shutting down"))
+                leaving = True
                 self._stop_all()
         finally:
             for proc in list(self.procs.values()) + list(self._stopping.values()):
@@ -130,7 +132,8 @@ class Agent:
                 self._zap.stop()
             self.metrics.close()
             if self._head is not None:
-                self._head.close(0)
+                # an orderly stop said AgentLeaving: give it up to a second to leave (LINGER is 0 otherwise)
+                self._head.close(linger=1000 if leaving else 0)
             log.info("[shutdown] agent stopped")
         return 0
 

@@ -181,7 +181,9 @@ class RssMeter:
         self.loaded_bytes: Optional[int] = None
 
     def _sample(self) -> int:
-        total = 0
+        """Summed RSS, each process once: the roots may include each other's children (the proxy's
+        roots are the gunicorn master and its workers, whose titles both say proxy)."""
+        rss: dict[tuple[int, float], int] = {}
         for root in self._roots():
             try:
                 procs = [root] + root.children(recursive=True)
@@ -189,10 +191,10 @@ class RssMeter:
                 continue
             for proc in procs:
                 try:
-                    total += proc.memory_info().rss
+                    rss[(proc.pid, proc.create_time())] = proc.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-        return total
+        return sum(rss.values())
 
     def idle(self) -> None:
         self.idle_bytes = self._sample()

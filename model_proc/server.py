@@ -62,6 +62,13 @@ class _Route:
         self.received_at = received_at  # monotonic time the request arrived; None once its first token left
 
 
+def _pacer_done(task: "asyncio.Future[None]") -> None:
+    """The GC pacer ended: cancelled at shutdown, or died; CPython's automatic collection goes on alone,
+    so a death is logged, not fatal to a replica that serves well without it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("[gc] the collection pacer died: %r; automatic collection goes on alone", task.exception())
+
+
 class ReplicaServer:
     def __init__(self, config: ReplicaConfig, engine: Engine,
                  ctx: Optional[zmq.asyncio.Context] = None) -> None:
@@ -131,7 +138,8 @@ class ReplicaServer:
                 return EXIT_LOAD_ERROR
             self._ready = True
             prepare_to_serve("replica")  # as `vllm serve` does after start-up (runtime/gc_policy.py)
-            gc_task = self._supervised(run_paced_async(), "gc pacer")
+            gc_task = asyncio.ensure_future(run_paced_async())
+            gc_task.add_done_callback(_pacer_done)
             log.info("[startup] ready")
             recv_task = self._supervised(self._recv_loop(), "receive loop")
             await self._stop.wait()

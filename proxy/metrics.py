@@ -77,10 +77,10 @@ TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
 TABLE_REPLICAS = Gauge("tokenrelay_proxy_routing_table_replicas",
                        "Replicas of a deployment in this worker's routing table (min over live workers)",
                        ["deployment"], multiprocess_mode="livemin")
+GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 GC_PAUSE = Histogram("tokenrelay_proxy_gc_pause_seconds",
                      "Garbage-collection pauses in the proxy workers, by generation (runtime/gc_policy.py)",
-                     ["generation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                                              0.05, 0.1, 0.25))
+                     ["generation"], buckets=GC_BUCKETS)
 
 
 FLUSH_INTERVAL = 1.0  # seconds a worker may hold inter-token observations before writing them
@@ -108,6 +108,13 @@ class BatchedObservations:
         self._counts[bisect_left(self._bounds, value)] += 1
         self._sum += value
         self._n += 1
+
+    def add(self, counts: list[int], total: float) -> None:
+        """Observations already counted per bucket (same bounds as the child's, +inf last)."""
+        for i, n in enumerate(counts):
+            self._counts[i] += n
+        self._sum += total
+        self._n += sum(counts)
 
     def flush(self) -> None:
         if not self._n:
@@ -139,12 +146,14 @@ class _ItlBatches:
         self.next_flush = now + FLUSH_INTERVAL
         for b in self.by_deployment.values():
             b.flush()
-        for generation, seconds in _GC_PAUSES.drain():
-            GC_PAUSE.labels(str(generation)).observe(seconds)
+        for generation, (counts, total) in _GC_PAUSES.drain().items():
+            batch = BatchedObservations(GC_PAUSE.labels(str(generation)))
+            batch.add(counts, total)
+            batch.flush()
 
 
 _ITL_BATCHES = _ItlBatches()
-_GC_PAUSES = GcPauses()
+_GC_PAUSES = GcPauses(GC_BUCKETS + (float("inf"),))
 
 
 def watch_gc() -> None:

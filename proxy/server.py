@@ -126,8 +126,11 @@ def raise_open_files_limit(connections: int) -> int:
     want = connections + FD_MARGIN
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # e.g. above macOS's kern.maxfilesperproc
+            log.warning("[startup] cannot raise the open-files limit to %d: %s", target, exc)
     if soft < want:
         log.warning("[startup] open-files limit %d (hard) is below the %d that --worker-connections %d "
                     "needs: connections past it fail (raise the hard limit: docs/operations.md)",

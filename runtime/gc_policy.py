@@ -24,15 +24,20 @@ stays on as a backstop for allocation bursts.
 
 `GcPauses` times every collection (gc.callbacks) so the proxy can export them
 (tokenrelay_proxy_gc_pause_seconds) and a benchmark can tell a GC pause from other latency. Its callback
-must not take locks or switch greenlets: it only appends to a list that `drain` hands over.
+must not take locks or switch greenlets: it only adds to counters that `drain` hands over.
+
+These are CPython 3.10-3.13 semantics (three generations, threshold 0 counting allocations minus
+deallocations). CPython 3.14's incremental collector changes them; check the pacer again there.
 """
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import math
 import time
-from typing import Any, Callable
+from bisect import bisect_left
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,6 @@ FULL_COLLECTION_EVERY = 1000  # generation-1 collections between two automatic f
 YOUNG_EVERY = 0.025  # seconds between paced generation-0 collections
 MIDDLE_EVERY = 10  # every this many paced collections is of generation 1 (every 0.25 s)
 FULL_EVERY = 600.0  # seconds between paced full collections
-MAX_PENDING = 4096  # pauses kept between two drains; past it the oldest half is dropped
 
 
 def freeze_heap() -> int:
@@ -100,22 +104,31 @@ async def run_paced_async(clock: Callable[[], float] = time.monotonic) -> None:
 
 
 class GcPauses:
-    """The pause (wall-clock seconds) of every garbage collection in this process, by generation, kept
-    until `drain`. `install` registers the gc callback, `uninstall` removes it."""
+    """The pause (wall-clock seconds) of every garbage collection in this process, counted per generation
+    into histogram buckets (`bounds`: upper bounds, the last one +inf) until `drain`. `install` registers
+    the gc callback, `uninstall` removes it. Counting, not listing: an idle worker that nobody scrapes
+    collects 40 times a second, and a drain costs one pass over the buckets however long it waited."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, bounds: Sequence[float], clock: Callable[[], float] = time.perf_counter) -> None:
+        if not bounds or bounds[-1] != math.inf:
+            raise ValueError("bounds must end with +inf")
+        self._bounds = list(bounds)
         self._clock = clock
         self._started = 0.0
-        self._pending: list[tuple[int, float]] = []
+        self._counts: dict[int, list[int]] = {}
+        self._sums: dict[int, float] = {}
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = self._clock()
             return
-        pending = self._pending
-        if len(pending) >= MAX_PENDING:
-            del pending[: MAX_PENDING // 2]
-        pending.append((info["generation"], self._clock() - self._started))
+        seconds = self._clock() - self._started
+        generation = info["generation"]
+        counts = self._counts.get(generation)
+        if counts is None:
+            counts = self._counts[generation] = [0] * len(self._bounds)
+        counts[bisect_left(self._bounds, seconds)] += 1
+        self._sums[generation] = self._sums.get(generation, 0.0) + seconds
 
     def install(self) -> "GcPauses":
         if self._callback not in gc.callbacks:
@@ -126,7 +139,8 @@ class GcPauses:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
-    def drain(self) -> list[tuple[int, float]]:
-        """(generation, seconds) of each collection since the last drain, oldest first."""
-        out, self._pending = self._pending, []
-        return out
+    def drain(self) -> dict[int, tuple[list[int], float]]:
+        """{generation: (collections per bucket, summed seconds)} since the last drain."""
+        counts, sums = self._counts, self._sums
+        self._counts, self._sums = {}, {}  # a collection during the swap lands in the new ones
+        return {g: (c, sums.get(g, 0.0)) for g, c in counts.items()}

@@ -117,3 +117,25 @@ def test_proxy_detection_and_cpu_normalisation():
     assert not _is_proxy([])
     assert per_1k_tokens(0.5, 10000) == 0.05
     assert per_1k_tokens(None, 10) is None and per_1k_tokens(1.0, 0) is None
+
+
+class _Proc:
+    def __init__(self, pid, rss, children=()):
+        self.pid, self._rss, self._children = pid, rss, list(children)
+
+    def create_time(self):
+        return 1.0
+
+    def memory_info(self):
+        return type("mem", (), {"rss": self._rss})()
+
+    def children(self, recursive=False):
+        return list(self._children)
+
+
+def test_memory_counts_each_process_once_when_roots_nest():
+    worker = _Proc(2, 300)
+    master = _Proc(1, 100, [worker])
+    meter = RssMeter(lambda: [master, worker])  # the proxy's roots: the master and its worker
+    meter.idle()
+    assert meter.idle_bytes == 400

@@ -50,29 +50,44 @@ class _Clock:
         return self.t
 
 
-def test_pauses_are_recorded_by_generation_and_drained_once():
-    pauses = GcPauses(clock=_Clock()).install()
+BOUNDS = (0.001, 0.005, float("inf"))
+
+
+def test_pauses_are_counted_by_generation_and_bucket_and_drained_once():
+    pauses = GcPauses(BOUNDS, clock=_Clock()).install()
+    gc.disable()  # only the collections below
     try:
         gc.collect(0)
         gc.collect(2)
+        gc.collect(2)
     finally:
+        gc.enable()
         pauses.uninstall()
     drained = pauses.drain()
-    assert [g for g, _ in drained] == [0, 2]
-    assert all(seconds == pytest.approx(0.004) for _, seconds in drained)
-    assert pauses.drain() == []
-    gc.collect(1)  # uninstalled: not recorded
-    assert pauses.drain() == []
+    assert sorted(drained) == [0, 2]
+    assert drained[0][0] == [0, 1, 0]  # one pause of 4 ms: the (1 ms, 5 ms] bucket
+    assert drained[2][0] == [0, 2, 0] and drained[2][1] == pytest.approx(0.008)
+    assert pauses.drain() == {}
+    gc.collect(1)  # uninstalled: not counted
+    assert pauses.drain() == {}
 
 
-def test_pending_pauses_are_bounded_without_a_drain():
-    pauses = GcPauses(clock=_Clock()).install()
+def test_an_idle_worker_loses_no_pause_however_long_between_drains():
+    pauses = GcPauses(BOUNDS, clock=_Clock()).install()
+    gc.disable()
     try:
-        for _ in range(gc_policy.MAX_PENDING + 10):
+        for _ in range(10_000):
             gc.collect(0)
     finally:
+        gc.enable()
         pauses.uninstall()
-    assert len(pauses.drain()) <= gc_policy.MAX_PENDING
+    counts, total = pauses.drain()[0]
+    assert sum(counts) == 10_000 and total == pytest.approx(40.0)
+
+
+def test_bounds_must_end_with_infinity():
+    with pytest.raises(ValueError):
+        GcPauses((0.001, 0.01))
 
 
 def test_the_pacer_collects_young_often_middle_every_tenth_and_full_rarely():

@@ -159,3 +159,19 @@ def test_open_files_limit_stops_at_the_hard_limit_and_says_so(monkeypatch: pytes
     assert server.raise_open_files_limit(16384) == 4096
     assert limits["now"] == (4096, 4096)
     assert "below" in caplog.text and "--worker-connections 16384" in caplog.text
+
+
+def test_open_files_limit_that_cannot_be_raised_is_a_warning_not_a_crash(monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import resource
+
+    from proxy import server
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, resource.RLIM_INFINITY))
+
+    def refuse(which: int, value: tuple[int, int]) -> None:
+        raise ValueError("current limit exceeds maximum limit")
+
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert server.raise_open_files_limit(16384) == 256
+    assert "cannot raise the open-files limit" in caplog.text
