@@ -51,6 +51,7 @@ class _Tree:
         self.poll()
         alive = [p for p in tree if _alive(p)]
         if not alive:
+            self.kill_group()  # anything of the group the tree missed (re-parented before the stop)
             return True
         if now >= self._kill_at:
             log.warning("[shutdown] replica tree %d ignored SIGTERM; SIGKILL %s", self.pid,
@@ -65,6 +66,19 @@ class _Tree:
         signal_all(tree, signal.SIGKILL)
         psutil.wait_procs(tree, timeout=2)
         self.poll()
+        self.kill_group()
+
+    def kill_group(self) -> bool:
+        """SIGKILL what is left of the replica's process group once its main process ended. The group is
+        the replica's own session (start_new_session), so it outlives a replica that died abruptly:
+        vLLM's EngineCore is then re-parented to init and keeps its memory, cores or GPU (seen after a
+        replica was SIGKILLed). Call right after the main process was reaped: its PID cannot be reused
+        while the group exists. True if anything was left to kill."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
 
 class AdoptedProcess(_Tree):

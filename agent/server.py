@@ -280,6 +280,8 @@ class Agent:
             if proc is not None:
                 code = proc.poll()
                 if code is not None:
+                    if proc.kill_group():  # its engine processes must not outlive it
+                        log.warning("[failover] replica %s left processes in its group; killed them", replica_id)
                     del self.procs[replica_id]
                     self.devices.release(replica_id)
                     was = rec.state
