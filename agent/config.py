@@ -7,14 +7,13 @@ option except TOKENRELAY_INSECURE for --insecure (runtime.curve); TOKENRELAY_CUR
 """
 from __future__ import annotations
 
-import dataclasses
 import socket
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from agent.lifecycle import RestartPolicy
-from runtime.curve import insecure_from_env
-from runtime.settings import build_parser, parse_config, setting
+from runtime.curve import parse_config_with_insecure_env
+from runtime.settings import setting
 
 PROG = "python -m agent"
 DESCRIPTION = "tokenrelay agent: runs and supervises this host's replicas."
@@ -94,12 +93,4 @@ class AgentConfig:
 def config_from_args(argv: Optional[Sequence[str]] = None) -> AgentConfig:
     """The command line over the defaults, --insecure or $TOKENRELAY_INSECURE; bad arguments print usage
     and exit 2."""
-    config = parse_config(AgentConfig, argv, prog=PROG, description=DESCRIPTION)
-    if not config.insecure:
-        try:
-            insecure = insecure_from_env()
-        except ValueError as exc:
-            build_parser(AgentConfig, prog=PROG, description=DESCRIPTION, env_prefix=None).error(str(exc))
-        if insecure:
-            config = dataclasses.replace(config, insecure=True)
-    return config
+    return parse_config_with_insecure_env(AgentConfig, argv, PROG, DESCRIPTION)

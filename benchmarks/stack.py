@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import psutil
 import yaml
@@ -50,6 +50,26 @@ def http(method: str, url: str, body: Optional[dict[str, Any]] = None,
         return 0, b""
 
 
+V = TypeVar("V")
+
+
+def per_process(roots: list[psutil.Process], read: Callable[[psutil.Process], V]) -> dict[tuple[int, float], V]:
+    """`read(proc)` for every process of the roots' trees, each once, keyed by (pid, create_time): a
+    recycled PID is not the old process, and roots that contain each other are not counted twice."""
+    out: dict[tuple[int, float], V] = {}
+    for root in roots:
+        try:
+            procs = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            try:
+                out[(proc.pid, proc.create_time())] = read(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    return out
+
+
 class CpuMeter:
     """CPU seconds (user + system) used by a set of process trees between `start()` and `stop()`.
 
@@ -64,19 +84,10 @@ class CpuMeter:
         self.processes = 0
 
     def _sample(self) -> dict[tuple[int, float], float]:
-        out: dict[tuple[int, float], float] = {}
-        for root in self._roots():
-            try:
-                procs = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            for proc in procs:
-                try:
-                    t = proc.cpu_times()
-                    out[(proc.pid, proc.create_time())] = t.user + t.system
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        return out
+        def cpu(proc: psutil.Process) -> float:
+            t = proc.cpu_times()
+            return t.user + t.system
+        return per_process(self._roots(), cpu)
 
     def start(self) -> None:
         self._before = self._sample()
@@ -183,18 +194,7 @@ class RssMeter:
     def _sample(self) -> int:
         """Summed RSS, each process once: the roots may include each other's children (the proxy's
         roots are the gunicorn master and its workers, whose titles both say proxy)."""
-        rss: dict[tuple[int, float], int] = {}
-        for root in self._roots():
-            try:
-                procs = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            for proc in procs:
-                try:
-                    rss[(proc.pid, proc.create_time())] = proc.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        return sum(rss.values())
+        return sum(per_process(self._roots(), lambda proc: proc.memory_info().rss).values())
 
     def idle(self) -> None:
         self.idle_bytes = self._sample()

@@ -7,13 +7,12 @@ used when --state-dir / --curve-dir are not given are declared in runtime.creden
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from runtime.curve import insecure_from_env
-from runtime.settings import build_parser, parse_config, setting
+from runtime.curve import parse_config_with_insecure_env
+from runtime.settings import setting
 
 
 STACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -72,12 +71,4 @@ class HeadConfig:
 def config_from_args(argv: Optional[Sequence[str]] = None) -> HeadConfig:
     """The command line over the defaults, --insecure or $TOKENRELAY_INSECURE; bad arguments print usage
     and exit 2."""
-    config = parse_config(HeadConfig, argv, prog=PROG, description=DESCRIPTION)
-    if not config.insecure:
-        try:
-            insecure = insecure_from_env()
-        except ValueError as exc:
-            build_parser(HeadConfig, prog=PROG, description=DESCRIPTION, env_prefix=None).error(str(exc))
-        if insecure:
-            config = dataclasses.replace(config, insecure=True)
-    return config
+    return parse_config_with_insecure_env(HeadConfig, argv, PROG, DESCRIPTION)

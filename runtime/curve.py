@@ -14,16 +14,17 @@ without a key directory (in-process component tests) use plain sockets.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import zmq
 
 from runtime.credentials import state_dir
 from runtime.keyring import Identity, KeyFileError
-from runtime.settings import parse_bool
+from runtime.settings import build_parser, parse_bool, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,23 @@ def insecure_from_env() -> bool:
         return parse_bool(text)
     except ValueError as exc:
         raise ValueError("$%s: %s" % (INSECURE_ENV, exc)) from exc
+
+
+C = TypeVar("C")
+
+
+def parse_config_with_insecure_env(cls: type[C], argv: Optional[Sequence[str]], prog: str, description: str) -> C:
+    """`parse_config` of a process config with an `insecure` field, which $TOKENRELAY_INSECURE can also
+    set; a bad value there prints usage and exits 2, as a bad argument does (head and agent)."""
+    config = parse_config(cls, argv, prog=prog, description=description)
+    if not config.insecure:  # type: ignore[attr-defined]
+        try:
+            insecure = insecure_from_env()
+        except ValueError as exc:
+            build_parser(cls, prog=prog, description=description, env_prefix=None).error(str(exc))
+        if insecure:
+            config = dataclasses.replace(config, insecure=True)  # type: ignore[type-var]
+    return config
 
 
 def warn_insecure(process: str) -> None:

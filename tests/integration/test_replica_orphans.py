@@ -39,6 +39,15 @@ class _Replica(_Tree):
     def poll(self):
         return self.popen.poll()
 
+    def cleanup(self) -> None:
+        """Whatever a failed test left running."""
+        for pid in (self.child_pid, self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.stdout.close()
+
 
 def _gone(pid: int, timeout: float = 5.0) -> bool:
     try:
@@ -61,12 +70,7 @@ def test_the_engine_child_of_a_killed_replica_is_killed_with_its_group():
         assert _gone(rep.child_pid)
         assert rep.kill_group() is False  # nothing left
     finally:
-        for pid in (rep.child_pid, rep.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        rep.popen.stdout.close()
+        rep.cleanup()
 
 
 def test_an_orderly_stop_leaves_nothing_of_the_group():
@@ -79,9 +83,4 @@ def test_an_orderly_stop_leaves_nothing_of_the_group():
             time.sleep(0.05)  # polling another process's exit
         assert _gone(rep.child_pid)
     finally:
-        for pid in (rep.child_pid, rep.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        rep.popen.stdout.close()
+        rep.cleanup()
