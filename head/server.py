@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -151,7 +152,7 @@ class Head:
                     log.error("[shutdown] parent %d is gone", parent)
                     break
                 timeout = max(0.0, next_tick - self.clock())
-                events = dict(poller.poll(int(timeout * 1000)))
+                events = dict(poller.poll(math.ceil(timeout * 1000)))  # int() would spin through the last ms
                 if self._control in events:
                     self._drain_control()
                 if self.clock() >= next_tick:

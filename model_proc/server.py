@@ -138,7 +138,7 @@ class ReplicaServer:
                 return EXIT_LOAD_ERROR
             self._ready = True
             prepare_to_serve("replica")  # as `vllm serve` does after start-up (runtime/gc_policy.py)
-            gc_task = asyncio.ensure_future(run_paced_async())
+            gc_task = asyncio.ensure_future(run_paced_async(lambda: len(self._routes)))
             gc_task.add_done_callback(_pacer_done)
             log.info("[startup] ready")
             recv_task = self._supervised(self._recv_loop(), "receive loop")

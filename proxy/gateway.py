@@ -99,6 +99,10 @@ class Gateway:
         self._subscriber = gevent.spawn(sub.run)
         log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(), curve_note)
 
+    def streams(self) -> int:
+        """Requests this worker has in flight at replicas (0 before start and after stop)."""
+        return self._pool.streams() if self._pool is not None else 0
+
     def stop(self) -> None:
         if self._subscriber is not None:
             self._subscriber.kill(block=True, timeout=2)

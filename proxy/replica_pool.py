@@ -110,6 +110,10 @@ class ReplicaPool:
         """Replicas in the table this worker is connected to and has not seen die."""
         return sum(1 for c in self._by_id.values() if c.connected and not c.down)
 
+    def streams(self) -> int:
+        """Requests in flight on every connection (retired ones included): this worker's streams."""
+        return sum(len(c.inflight) for c in self.all_connections())
+
     def all_connections(self) -> list[ReplicaConnection]:
         return list(self._by_id.values()) + list(self._retired.values())
 

@@ -87,7 +87,7 @@ class ProxyApplication(BaseApplication):
 
         metrics.watch_gc()
         prepare_to_serve("proxy worker")  # last: everything the worker built so far is start-up state
-        pacer = gevent.spawn(run_paced, gevent.sleep)
+        pacer = gevent.spawn(run_paced, gevent.sleep, self.gateway.streams)
         pacer.link_exception(lambda g: log.error("[gc] the collection pacer died: %r; CPython's automatic "
                                                  "collection goes on alone", g.exception))
 

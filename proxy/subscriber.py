@@ -17,6 +17,7 @@ Must never stop routing because the head is away, and never let an exception end
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable, Literal, Optional
 
@@ -108,7 +109,7 @@ class TableSubscriber:
     def _step(self) -> None:
         now = self._clock()
         timeout = TICK if self._awaiting is None else max(0.0, min(TICK, self._deadline - now))
-        events = dict(self._poller.poll(int(timeout * 1000)))
+        events = dict(self._poller.poll(math.ceil(timeout * 1000)))  # int() would spin the last ms
         if self._sub is not None and self._sub in events:
             self._drain(self._sub)
         if self._dealer is not None and self._dealer in events:

@@ -1,6 +1,7 @@
 """runtime/gc_policy.py: the start-up heap leaves the collector's reach, full collections become rare,
 and every collection's pause is recorded by generation."""
 import gc
+import itertools
 
 import pytest
 
@@ -111,8 +112,18 @@ def test_the_paced_loop_sleeps_then_collects_on_schedule(monkeypatch):
             raise Stop
         slept.append(seconds)
 
+    streams = itertools.chain([1000] * 6, itertools.repeat(0))  # busy, then idle
     monkeypatch.setattr(gc_policy.gc, "collect", lambda generation=2: collected.append(generation) or 0)
     with pytest.raises(Stop):
-        gc_policy.run_paced(sleep, clock=lambda: 0.0)
-    assert slept == [gc_policy.YOUNG_EVERY] * 12
+        gc_policy.run_paced(sleep, lambda: next(streams), clock=lambda: 0.0)
+    assert slept == [gc_policy.YOUNG_EVERY] * 6 + [gc_policy.IDLE_EVERY] * 6
     assert collected == [0] * 9 + [1] + [0] * 2
+
+
+def test_the_pace_follows_the_streams_in_flight():
+    # idle (and one stream): once a second, not 40 times; busy: every 25 ms; in between, the same walk
+    assert gc_policy.pace(0) == gc_policy.pace(1) == gc_policy.IDLE_EVERY == 1.0
+    assert gc_policy.pace(16) == pytest.approx(0.25)
+    assert gc_policy.pace(160) == gc_policy.pace(10_000) == gc_policy.YOUNG_EVERY
+    paces = [gc_policy.pace(n) for n in range(0, 400)]
+    assert paces == sorted(paces, reverse=True)  # more streams never slow the pace
