@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from proxy.config import ProxyConfig, prepare_metrics_dir
+    from proxy.config import API_KEYS_ENV, ProxyConfig, prepare_metrics_dir
 
     config = ProxyConfig.from_args(argv)  # exits 2 on bad arguments
     import dataclasses
@@ -41,6 +41,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print("python -m proxy: error: API keys: %s" % exc, file=sys.stderr)
         return 2
+    if not api_keys.enabled and not config.loopback_only and not config.open_api:
+        print("python -m proxy: error: --bind %s is reachable from other hosts and no API key is set: anyone "
+              "who reaches it could use every model. Give keys (--api-keys-file FILE or $%s), bind to "
+              "127.0.0.1, or pass --open-api ($TOKENRELAY_PROXY_OPEN_API=1) to serve without keys on purpose"
+              % (config.bind, API_KEYS_ENV), file=sys.stderr)
+        return 2
     prepare_metrics_dir()  # before prometheus_client is imported anywhere in this process tree
 
     from runtime.logs import proxy_role, setup_logging
@@ -49,6 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.insecure:
         from runtime.curve import warn_insecure
         warn_insecure("proxy")
+    if not api_keys.enabled and not config.loopback_only:
+        logging.getLogger("proxy").warning("[startup] --open-api: /v1 on %s takes requests from anyone who "
+                                           "reaches it, with no API key", config.bind)
     if api_keys.enabled:
         logging.getLogger("proxy").info("[startup] %d API key(s): /v1 requires Authorization: Bearer%s",
                                         len(api_keys), " (health and metrics too)" if config.protect_health else "")

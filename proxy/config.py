@@ -15,6 +15,7 @@ Every environment variable the proxy reads is declared here:
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -87,6 +88,9 @@ class ProxyConfig:
                    "with keys (here or in $%s) every /v1 request needs 'Authorization: Bearer KEY'"
                    % API_KEYS_ENV, metavar="FILE")
     protect_health: bool = setting(False, help="also require a key for /health, /ready and /metrics")
+    open_api: bool = setting(
+        False, help="serve /v1 with no API key on an address other than loopback (anyone who reaches it "
+                    "can use every model); without it such a proxy refuses to start")
     rate_limit: int = setting(0, help="requests per minute per API key, shared by the workers (0: none)")
     head_timeout: float = setting(
         1.0, help="first HeadHello/SnapshotRequest reply timeout; doubles per retry", cli=False, env=False)
@@ -106,6 +110,17 @@ class ProxyConfig:
     keyfile: Optional[str] = setting(None, help="the certificate's PEM private key", metavar="FILE")
     parent_pid: Optional[int] = setting(
         None, help="stop (gracefully) when this process dies (set by `tokenrelay up`)", env=False)
+
+    @property
+    def loopback_only(self) -> bool:
+        """The HTTP socket is reachable from this host only (127.0.0.0/8, ::1, localhost)."""
+        host = self.bind.rpartition(":")[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
 
     def __post_init__(self) -> None:
         if "://" not in self.head:

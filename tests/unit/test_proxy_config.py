@@ -175,3 +175,34 @@ def test_open_files_limit_that_cannot_be_raised_is_a_warning_not_a_crash(monkeyp
     monkeypatch.setattr(resource, "setrlimit", refuse)
     assert server.raise_open_files_limit(16384) == 256
     assert "cannot raise the open-files limit" in caplog.text
+
+
+@pytest.mark.parametrize("bind,loopback", [
+    ("127.0.0.1:8000", True), ("127.9.0.1:8000", True), ("localhost:8000", True), ("[::1]:8000", True),
+    ("0.0.0.0:8000", False), ("[::]:8000", False), ("10.1.2.3:8000", False), ("proxy.example:8000", False),
+])
+def test_which_binds_only_this_host_can_reach(bind: str, loopback: bool) -> None:
+    assert ProxyConfig.from_args(["--head", "tcp://h:1", "--bind", bind]).loopback_only is loopback
+
+
+def test_a_proxy_others_can_reach_refuses_to_start_without_api_keys(capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import __main__ as proxy_main
+    from proxy import server
+
+    started = []
+    monkeypatch.setattr(server, "run", lambda config: started.append(config) or 0)
+    monkeypatch.setattr("proxy.config.prepare_metrics_dir", lambda: None)
+    monkeypatch.setattr("runtime.logs.setup_logging", lambda *a, **k: None)
+    base = ["--head", "tcp://h:1", "--insecure", "--bind", "0.0.0.0:8000"]
+    assert proxy_main.main(base) == 2
+    err = capsys.readouterr().err
+    assert "0.0.0.0:8000" in err and "API key" in err and "--open-api" in err
+    assert not started
+    # on purpose, or with keys, or on loopback: it starts
+    assert proxy_main.main(base + ["--open-api"]) == 0
+    monkeypatch.setenv("TOKENRELAY_API_KEYS", "k1")
+    assert proxy_main.main(base) == 0
+    monkeypatch.delenv("TOKENRELAY_API_KEYS")
+    assert proxy_main.main(["--head", "tcp://h:1", "--insecure"]) == 0
+    assert len(started) == 3
