@@ -5,7 +5,8 @@ Starts each server once for the module on a random-weight Idefics3 built offline
 max_model_len 512, at most 2 images per prompt; bf16 and eager mode passed to vLLM explicitly as in
 test_conformance.py). Every row of TABLE goes to both, non-streamed and streamed, and the answers must
 match field by field (test_conformance.py's `answer` and `diff`). Images are PNGs made here, sent as
-`data:image/png;base64,...` URLs (no network). The tiny model's greedy text hardly depends on its input,
+`data:image/png;base64,...` URLs, and once as an `http://127.0.0.1` URL that the servers fetch
+from a server in the test (no other network). The tiny model's greedy text hardly depends on its input,
 so the rows ask for logprobs too: those change with every pixel, and one test checks that they do.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +32,7 @@ import httpx  # noqa: E402
 
 from tests.integration.stack import Stack  # noqa: E402
 from tests.support import free_port, wait_for  # noqa: E402
-from tests.vllm.test_conformance import CHAT, GREEDY, MODEL, answer, diff, summary  # noqa: E402
+from tests.vllm.test_conformance import CHAT, GREEDY, MODEL, answer, diff, normalize, summary  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -137,6 +140,60 @@ def test_same_answer(vllm_serve: str, relay: str, name: str, body: dict[str, Any
         name, diff(expected, got), json.dumps(expected)[:2000], json.dumps(got)[:2000])
     if "over the limit" in name or "malformed" in name or "not an image" in name:
         assert got["status"] == 400, got
+
+
+@pytest.fixture(scope="module")
+def image_url() -> Iterator[str]:
+    """An `http://127.0.0.1:PORT/red.png` that a thread of the test serves (a PNG of one colour)."""
+    data = png((200, 30, 30))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d/red.png" % server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_http_image_url_gives_the_same_answer(vllm_serve: str, relay: str, image_url: str,
+                                                 stream: bool) -> None:
+    """The replica fetches an http(s) image itself, as `vllm serve` does: same answer as the same PNG
+    given inline."""
+    body = chat(TEXT, {"type": "image_url", "image_url": {"url": image_url}}, stream=stream)
+    expected, got = answer(vllm_serve, CHAT, body), answer(relay, CHAT, body)
+    assert expected["status"] == 200 and diff(expected, got) is None, diff(expected, got)
+    inline = answer(relay, CHAT, chat(TEXT, RED, stream=stream))
+    assert diff(inline, got) is None, diff(inline, got)
+
+
+def test_the_official_client_gets_the_same(vllm_serve: str, relay: str) -> None:
+    """An image through the `openai` client: the parsed objects match."""
+    openai = pytest.importorskip("openai")
+
+    def call(base: str) -> Any:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return normalize(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [TEXT, BLUE]}], max_tokens=3, temperature=0,
+            logprobs=True, top_logprobs=2).model_dump())
+
+    expected, got = call(vllm_serve), call(relay)
+    assert expected["choices"][0]["logprobs"], expected
+    assert diff(expected, got) is None, diff(expected, got)
 
 
 def test_the_image_reaches_the_model(relay: str) -> None:
