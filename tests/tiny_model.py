@@ -75,3 +75,63 @@ def _local_corpus(max_bytes: int = 3_000_000) -> list[str]:
         if total >= max_bytes:
             break
     return texts
+
+
+
+# A ChatML template that also renders content parts: text as is, each image as the `<image>` placeholder,
+# which the processor expands to the image's tokens.
+CHATML_IMAGE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+IMAGE_SIZE = 56  # pixels a side the processor resizes every image to: 4 x 4 patches of 14, 4 tokens
+IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+
+
+def build_tiny_idefics3(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """Write a random-weight Idefics3 (a 2-layer SigLIP-like vision tower seeing 56 px images as 4 tokens,
+    and a 2-layer Llama like `build_tiny_model`'s) with its processor: the ChatML tokenizer plus the image
+    tokens, an image processor that does not split images, and a chat template that renders image content
+    parts. Idefics3 because vLLM serves it on CPU without torchvision (LLaVA, Qwen2-VL, Gemma 3 need it)
+    and takes several images per prompt. Deterministic for a given seed and library versions."""
+    import torch
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig, PreTrainedTokenizerFast)
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    backend = _train_tokenizer(vocab_size)
+    backend.add_special_tokens(IMAGE_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_IMAGE_TEMPLATE
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=CHATML_IMAGE_TEMPLATE)
+    processor.save_pretrained(dest)
+
+    torch.manual_seed(seed)
+    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14)
+    text = LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = Idefics3ForConditionalGeneration(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    model.save_pretrained(dest)
+    return dest
