@@ -113,12 +113,22 @@ def stack(vllm_serve: str, reasoning_model: Path, tmp_path_factory: pytest.TempP
         yield s
 
 
+def settled(got: dict[str, Any]) -> dict[str, Any]:
+    """A stream's reasoning that adds up to "" is left out: whether vLLM's parser sends an empty one
+    depends on how tokens were chunked (`</think>` alone in a delta is skipped; with the tokens after it,
+    it gives reasoning "" and the content), which is timing, on `vllm serve` as much as here."""
+    for choice in got.get("stream", {}).get("choices", {}).values():
+        if (choice.get("delta") or {}).get("reasoning") == "":
+            del choice["delta"]["reasoning"]
+    return got
+
+
 @pytest.mark.parametrize("name,endpoint,body", cases(), ids=[c[0] for c in cases()])
 def test_same_answer(vllm_serve: str, stack: Stack, end_id: int, name: str, endpoint: str,
                      body: dict[str, Any]) -> None:
     body = with_ids(body, end_id)
-    expected = answer(vllm_serve, endpoint, body)
-    got = answer(stack.base_url, endpoint, body)
+    expected = settled(answer(vllm_serve, endpoint, body))
+    got = settled(answer(stack.base_url, endpoint, body))
     print("\n%-48s %d %s%s" % (name, got["status"], summary(got), split(got)))  # the table, with -s
     assert diff(expected, got) is None, "%s: %s\nvllm: %s\ntokenrelay: %s" % (
         name, diff(expected, got), json.dumps(expected)[:2000], json.dumps(got)[:2000])
