@@ -77,7 +77,6 @@ def _local_corpus(max_bytes: int = 3_000_000) -> list[str]:
     return texts
 
 
-
 # A ChatML template that also renders content parts: text as is, each image as the `<image>` placeholder,
 # which the processor expands to the image's tokens.
 CHATML_IMAGE_TEMPLATE = (
@@ -135,3 +134,53 @@ def build_tiny_idefics3(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Pa
     model = Idefics3ForConditionalGeneration(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(dest)
     return dest
+
+# ChatML whose generation prompt opens a thought, as DeepSeek-R1's does: the model's output is reasoning up
+# to `</think>`, then content. `enable_thinking: false` (chat_template_kwargs, or vLLM's
+# `reasoning_effort: "none"`) closes the thought in the prompt instead, as Qwen3's template does.
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{{ '<|im_start|>assistant\n' }}",
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}")
+THINK_TOKENS = ("<think>", "</think>")
+
+
+def build_tiny_reasoning_model(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """The tiny model of `build_tiny_model` for a reasoning parser (vLLM's `deepseek_r1`): `<think>` and
+    `</think>` are single added tokens of its tokenizer, not special ones (so, as in DeepSeek-R1's
+    tokenizer, their text stays in the output for the parser to split on), and its chat template opens a
+    thought (THINKING_TEMPLATE). The ids of the two tokens: `think_token_ids(dest)`."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    backend = _train_tokenizer(vocab_size)
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(dest)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub
+    model.save_pretrained(dest)
+    return dest
+
+
+def think_token_ids(model_dir: Path) -> tuple[int, int]:
+    """The ids of `<think>` and `</think>` in a model written by `build_tiny_reasoning_model`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    start, end = (tok.convert_tokens_to_ids(t) for t in THINK_TOKENS)
+    return int(start), int(end)

@@ -11,6 +11,7 @@ Greedy decoding (or a fixed seed) makes the tiny model's gibberish the same on b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -224,12 +225,14 @@ def summary(got: dict[str, Any]) -> str:
     return ",".join(sorted(body))[:60] if isinstance(body, dict) else ""
 
 
-@pytest.fixture(scope="module")
-def vllm_serve(vllm_env: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def vllm_server(model: Path, flags: list[str], log_dir: Path) -> Iterator[str]:
+    """`vllm serve MODEL FLAGS` on a free port, logging to log_dir/vllm.log; yields its base URL once
+    /health answers, stops it on exit."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "vllm.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-           "--host", "127.0.0.1", "--port", str(port)] + VLLM_FLAGS
+    log_path = log_dir / "vllm.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--host", "127.0.0.1", "--port", str(port)] + flags
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     base = "http://127.0.0.1:%d" % port
@@ -254,16 +257,29 @@ def vllm_serve(vllm_env: Path, tiny_model: Path, tmp_path_factory: pytest.TempPa
             proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def relay(vllm_serve: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    deployment = {"name": MODEL, "engine": "vllm", "model": str(tiny_model), "replicas": 1,
-                  "engine_args": OPTIONS}
-    s = Stack(tmp_path_factory.mktemp("relay-stack"), [deployment], workers=1)
+@contextlib.contextmanager
+def relay_stack(model: Path, engine_args: dict[str, Any], tmp: Path) -> Iterator[Stack]:
+    """A tokenrelay stack (one proxy worker) with one vLLM replica of deployment MODEL, started."""
+    deployment = {"name": MODEL, "engine": "vllm", "model": str(model), "replicas": 1,
+                  "engine_args": engine_args}
+    s = Stack(tmp, [deployment], workers=1)
     try:
         s.start(timeout=240)
-        yield s.base_url
+        yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_serve(vllm_env: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with vllm_server(tiny_model, VLLM_FLAGS, tmp_path_factory.mktemp("vllm-serve")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def relay(vllm_serve: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with relay_stack(tiny_model, OPTIONS, tmp_path_factory.mktemp("relay-stack")) as stack:
+        yield stack.base_url
 
 
 @pytest.mark.parametrize("name,endpoint,body", cases(), ids=[c[0] for c in cases()])
