@@ -61,7 +61,7 @@ def _up_launcher(ns: argparse.Namespace) -> Any:
             stack = dataclasses.replace(stack, proxy_bind="%s:%s" % (ns.bind or host, ns.port or port))
         log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
         return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments,
-                        verbose=ns.verbose, **kwargs)
+                        verbose=ns.verbose, open_api=ns.open_api, **kwargs)
     return make
 
 
@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--verbose", action="store_true",
                     help="stream the replicas' (engines') logs here instead of to per-replica log files")
     up.add_argument("--bind", default=None, help="HTTP address of the proxy (default: proxy.bind's host)")
+    up.add_argument("--open-api", action="store_true",
+                    help="let a proxy bound beyond loopback serve /v1 without API keys (anyone who reaches "
+                         "it can use every model; without keys or this flag such a proxy refuses to start)")
     up.set_defaults(func=_cmd_up)
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)

@@ -43,8 +43,9 @@ CRASH_WINDOW = 60.0
 class Launcher:
     def __init__(self, stack: StackConfig, config_path: Path, log_level: str = "INFO",
                  insecure: bool = False, tls: Optional[tuple[str, str]] = None, stack_name: Optional[str] = None,
-                 reset_deployments: bool = False, verbose: bool = False) -> None:
+                 reset_deployments: bool = False, verbose: bool = False, open_api: bool = False) -> None:
         self.stack = stack
+        self.open_api = open_api  # the proxy may serve /v1 beyond loopback without API keys
         self.insecure = insecure
         self.tls = tls  # (certfile, keyfile): the proxy serves HTTPS
         self._security: list[str] = []
@@ -109,6 +110,8 @@ class Launcher:
         proxy_args = ["--head", local_endpoint(s.head_control), "--bind", s.proxy_bind, "--workers", str(workers)]
         if self.tls:
             proxy_args += ["--certfile", self.tls[0], "--keyfile", self.tls[1]]
+        if self.open_api:
+            proxy_args.append("--open-api")
         self._spawn("proxy", proxy_args)
         code = self._watch()
         self.shutdown()

@@ -38,8 +38,9 @@ def proxy_routes(base_url: str, **http: Any) -> dict[str, int]:
 class Stack:
     def __init__(self, tmp: Path, deployments: list[dict], workers: int = 1, insecure: bool = False,
                  tls: Optional[tuple[Path, Path]] = None, env: Optional[dict[str, str]] = None,
-                 api_key: str = "") -> None:
+                 api_key: str = "", up_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.up_args = up_args  # more `tokenrelay up` options (e.g. --bind)
         self.insecure = insecure  # True: `tokenrelay up --insecure` (plain sockets)
         self.tls = tls  # (certfile, keyfile): `up --certfile --keyfile`, HTTPS checked against that cert
         self.env = env or {}  # extra environment of `tokenrelay up` (e.g. the proxy's API keys)
@@ -69,6 +70,7 @@ class Stack:
         cmd = [sys.executable, "-m", "runtime", "up", "--config", str(self.config_path)]
         if self.tls:
             cmd += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
+        cmd += list(self.up_args)
         self.proc = subprocess.Popen(cmd + (["--insecure"] if self.insecure else []),
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self.all_ready, timeout, "every replica READY and the proxy /ready")

@@ -113,3 +113,24 @@ def test_openapi_document_is_served(stack: Stack, tmp_path: Path) -> None:
     doc = httpx.get(stack.base_url + "/openapi.json").json()
     assert doc["openapi"] == "3.1.0" and "/v1/chat/completions" in doc["paths"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+def test_a_stack_bound_beyond_loopback_needs_keys_or_open_api(tmp_path: Path) -> None:
+    # an operator exposing the port with no key gets a refusal that says what to do, not an open endpoint
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "open").mkdir()
+    refused = Stack(tmp_path / "refused", [MOCK], up_args=("--bind", "0.0.0.0"))
+    with pytest.raises(AssertionError, match="stack exited with 1"):
+        refused.start(timeout=60)
+    log = refused.log()
+    assert "0.0.0.0:%d is reachable from other hosts and no API key is set" % refused.http_port in log
+    assert "--open-api" in log
+    refused.stop()
+    # on purpose: it serves without a key (reached here on loopback) and says so at WARNING
+    open_ = Stack(tmp_path / "open", [MOCK], up_args=("--bind", "0.0.0.0", "--open-api")).start()
+    try:
+        r = httpx.post(open_.base_url + "/v1/completions", json={"model": "mock", "prompt": "hi"}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert "WARNING" in open_.log() and "takes requests from anyone who reaches it" in open_.log()
+    finally:
+        open_.stop()

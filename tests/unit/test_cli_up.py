@@ -20,8 +20,9 @@ def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypa
     made = {}
 
     class FakeLauncher:
-        def __init__(self, stack, path, log_level, stack_name=None, reset_deployments=False, verbose=False):
-            made.update(bind=stack.proxy_bind, name=stack_name, reset=reset_deployments)
+        def __init__(self, stack, path, log_level, stack_name=None, reset_deployments=False, verbose=False,
+                     open_api=False):
+            made.update(bind=stack.proxy_bind, name=stack_name, reset=reset_deployments, open_api=open_api)
 
         def run(self):
             return 0
@@ -30,10 +31,13 @@ def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypa
     monkeypatch.setattr(runtime.launcher, "Launcher", FakeLauncher)
     ns = cli.build_parser().parse_args(["up", "--port", "8123", "--bind", "0.0.0.0", "--reset-deployments"])
     cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO").run()
-    assert made == {"bind": "0.0.0.0:8123", "name": "default", "reset": True}
+    assert made == {"bind": "0.0.0.0:8123", "name": "default", "reset": True, "open_api": False}
     ns = cli.build_parser().parse_args(["up", "--port", "9000"])
     cli._up_launcher(ns)(StackConfig(proxy_bind="127.0.0.2:8000"), Path("x.yaml"), "INFO")
     assert made["bind"] == "127.0.0.2:9000" and made["reset"] is False
+    ns = cli.build_parser().parse_args(["up", "--bind", "0.0.0.0", "--open-api"])
+    cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
+    assert made["open_api"] is True
 
 
 def test_bad_stack_name_and_port_are_usage_errors():
