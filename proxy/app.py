@@ -240,7 +240,7 @@ class OpenAIResource(_Inference):
         """Send the body as it is; write back what the replica's serving layer wrote."""
         ctx = req.context
         request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body)
-        prompt = prompt_text(body) if route.routing.policy == "prefix" else ""
+        prompt = prompt_text(body, route.routing.prefix_chars) if route.routing.policy == "prefix" else ""
         streaming = stream and self._kind not in ("tokenize", "detokenize")
         dispatch, first, limits = self._start(req, model, request, prompt, streaming, whole=not streaming)
         if streaming:

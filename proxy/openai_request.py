@@ -93,18 +93,51 @@ def routing_fields(body: bytes) -> RoutingFields:
     return fields
 
 
-def prompt_text(body: bytes) -> str:
-    """The prompt as prefix routing sees it: the message contents in order, or the prompt (or input)
-    as text. The replica's chat template is not known here, but a shared conversation start renders the
-    same. Never raises: a body the engine will refuse still gets a route."""
+def prompt_text(body: bytes, limit: int) -> str:
+    """The first `limit` characters of the prompt as prefix routing sees it: each message as
+    "role: content" in order (text parts as they are, an image or other part by its URL or JSON), or the
+    prompt (or input) as text. The replica's chat template is not known here, but a shared conversation
+    start renders the same. Built only as far as `limit`: a body with a 10 MB base64 image costs its
+    decode, not a rendering of the image. Never raises: a body the engine will refuse still gets a route."""
     try:
         p = _prompt_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ""
-    if isinstance(p.messages, list):
-        return "".join("%s: %s\n" % (m.get("role"), m.get("content")) for m in p.messages if isinstance(m, dict))
-    value = p.prompt if p.prompt is not None else p.input
-    return value if isinstance(value, str) else msgspec.json.encode(value).decode() if value is not None else ""
+    if not isinstance(p.messages, list):
+        value = p.prompt if p.prompt is not None else p.input
+        if isinstance(value, str):
+            return value[:limit]
+        return "" if value is None else msgspec.json.encode(value)[:limit].decode("utf-8", "ignore")
+    out: list[str] = []
+    left = limit
+    for m in p.messages:
+        if left <= 0:
+            break
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            text = "".join(_part_text(part, left) for part in content)
+        else:
+            text = content if isinstance(content, str) else "" if content is None else str(content)
+        line = ("%s: %s\n" % (m.get("role"), text[:left]))[:left]
+        out.append(line)
+        left -= len(line)
+    return "".join(out)
+
+
+def _part_text(part: Any, limit: int) -> str:
+    """A content part as routing text, at most `limit` characters."""
+    if not isinstance(part, dict):
+        return str(part)[:limit]
+    if isinstance(part.get("text"), str):
+        return part["text"][:limit]
+    for key in ("image_url", "input_audio", "video_url", "file"):
+        inner = part.get(key)
+        url = inner.get("url") if isinstance(inner, dict) else inner
+        if isinstance(url, str):
+            return url[:limit]
+    return "[%s]" % part.get("type")
 
 
 # --------------------------------------------------------------------------- the mock engine's bodies

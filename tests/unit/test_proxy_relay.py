@@ -137,11 +137,27 @@ def test_routing_fields_name_the_bad_field() -> None:
 
 
 def test_prompt_text_for_prefix_routing() -> None:
-    assert prompt_text(b'{"messages":[{"role":"user","content":"hi"}]}') == "user: hi\n"
-    assert prompt_text(b'{"prompt":"abc"}') == "abc"
-    assert prompt_text(b'{"input":"abc"}') == "abc"
-    assert prompt_text(b'{"prompt":[1,2]}') == "[1,2]"
-    assert prompt_text(b"not json") == ""
+    assert prompt_text(b'{"messages":[{"role":"user","content":"hi"}]}', 100) == "user: hi\n"
+    assert prompt_text(b'{"prompt":"abc"}', 100) == "abc"
+    assert prompt_text(b'{"input":"abc"}', 100) == "abc"
+    assert prompt_text(b'{"prompt":[1,2]}', 100) == "[1,2]"
+    assert prompt_text(b"not json", 100) == ""
+    two = b'{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello there"}]}'
+    assert prompt_text(two, 100) == "system: be brief\nuser: hello there\n"
+    assert prompt_text(two, 20) == "system: be brief\nuse"  # the first `limit` characters, exactly
+    assert prompt_text(b'{"prompt":"abcdef"}', 3) == "abc"
+
+
+def test_prompt_text_of_images_is_their_url_start_not_a_rendering_of_the_image() -> None:
+    image = "data:image/png;base64," + "A" * 5_000_000
+    body = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": image}}]}]})
+    text = prompt_text(body.encode(), 64)
+    assert text == ("user: what is this?" + image)[:64]
+    other = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,B"}}]}]})
+    assert prompt_text(other.encode(), 64) != text  # a different image is a different prefix
 
 
 def test_a_relayed_whole_answer_may_take_longer_than_the_first_token_timeout(
