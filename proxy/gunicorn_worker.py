@@ -39,6 +39,7 @@ class ProxyGeventWorker(GeventWorker):
         self._sockets: dict[int, Any] = {}
         self._parked: deque[tuple[float, int]] = deque()  # (close at, duplicated fd)
         self._sweeper: Any = None
+        self._ending: set[int] = set()  # connections to close after their current request
         super().init_process()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
@@ -77,14 +78,25 @@ class ProxyGeventWorker(GeventWorker):
             while self._parked and self._parked[0][0] <= now:
                 os.close(self._parked.popleft()[1])
 
+    def end_connection(self, sock: Any) -> None:
+        """Close this connection once its current request is over (post_request: a refused body was
+        left unread, so the connection cannot carry another request): gunicorn's keep-alive loop would
+        otherwise read on, draining what the client still sends through the worker's parser."""
+        self._ending.add(id(sock))
+
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         key = id(sock)
         self._idle.busy(key)
         try:
-            return super().handle_request(listener_name, req, sock, addr)
+            result = super().handle_request(listener_name, req, sock, addr)
         finally:
             if key in self._sockets:
                 self._close(self._idle.idle(key))
+            ending = key in self._ending
+            self._ending.discard(key)
+        if ending:
+            raise StopIteration()  # gunicorn's handle(): "Closing connection", then it closes the socket
+        return result
 
     def _close(self, keys: list[Any]) -> None:
         from proxy import metrics  # after fork: PROMETHEUS_MULTIPROC_DIR is set

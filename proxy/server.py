@@ -105,7 +105,11 @@ def _post_request(worker: Any, req: Any, environ: dict[str, Any], resp: Any) -> 
     from proxy.gunicorn_hooks import LINGER_ENV, linger_close
 
     if environ.get(LINGER_ENV):
-        linger_close(environ["gunicorn.socket"])
+        sock = environ["gunicorn.socket"]
+        linger_close(sock)
+        end = getattr(worker, "end_connection", None)  # ProxyGeventWorker: no keep-alive after this
+        if end is not None:
+            end(sock)
 
 
 def _child_exit(server: Any, worker: Any) -> None:

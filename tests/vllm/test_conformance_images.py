@@ -15,8 +15,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,9 +28,9 @@ skip_without_vllm()
 
 import httpx  # noqa: E402
 
-from tests.integration.stack import Stack  # noqa: E402
-from tests.support import free_port, wait_for  # noqa: E402
-from tests.vllm.test_conformance import CHAT, GREEDY, MODEL, answer, diff, normalize, summary  # noqa: E402
+from tests.vllm.test_conformance import (  # noqa: E402
+    CHAT, GREEDY, MODEL, answer, diff, normalize, relay_stack, summary, vllm_server,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -91,44 +89,14 @@ def mm_model(vllm_env: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_serve(vllm_env: Path, mm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-serve-images") / "vllm.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(mm_model),
-           "--host", "127.0.0.1", "--port", str(port)] + VLLM_FLAGS
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = "http://127.0.0.1:%d" % port
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError("vllm serve exited %s:\n%s" % (proc.returncode, log_path.read_text()[-3000:]))
-        try:
-            return httpx.get(base + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, 240, "vllm serve /health")
+    with vllm_server(mm_model, VLLM_FLAGS, tmp_path_factory.mktemp("vllm-serve-images")) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def relay(vllm_serve: str, mm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    deployment = {"name": MODEL, "engine": "vllm", "model": str(mm_model), "replicas": 1,
-                  "engine_args": OPTIONS}
-    s = Stack(tmp_path_factory.mktemp("relay-stack-images"), [deployment], workers=1)
-    try:
-        s.start(timeout=240)
-        yield s.base_url
-    finally:
-        s.stop()
+    with relay_stack(mm_model, OPTIONS, tmp_path_factory.mktemp("relay-stack-images")) as stack:
+        yield stack.base_url
 
 
 @pytest.mark.parametrize("name,body", cases(), ids=[c[0] for c in cases()])
