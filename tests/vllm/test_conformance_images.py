@@ -15,7 +15,10 @@ import base64
 import io
 import json
 import os
+import select
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,8 +28,6 @@ import pytest
 from tests.vllm.harness import skip_without_vllm
 
 skip_without_vllm()
-
-import httpx  # noqa: E402
 
 from tests.vllm.test_conformance import (  # noqa: E402
     CHAT, GREEDY, MODEL, answer, diff, normalize, relay_stack, summary, vllm_server,
@@ -188,7 +189,46 @@ def test_a_body_over_the_proxy_limit_is_a_413_json_error(vllm_serve: str, relay:
     body = chat(image(png((0, 0, 0), (2400, 2400), noise=True)), max_tokens=1)
     assert len(json.dumps(body)) > PROXY_MAX_BODY
     assert answer(vllm_serve, CHAT, body)["status"] == 200
-    r = httpx.post(relay + CHAT, json=body, timeout=60)
-    assert r.status_code == 413, r.text[:500]
-    error = r.json()["error"]
+    status, answer_body, sent, ended_after = post_reading_early(relay + CHAT, json.dumps(body).encode())
+    assert status == 413, answer_body[:500]
+    error = json.loads(answer_body)["error"]
     assert (error["type"], error["code"]) == ("invalid_request_error", "body_too_large"), error
+    assert sent < PROXY_MAX_BODY  # refused from Content-Length: the body was not read to its end
+    assert ended_after < 10.0  # ... and the proxy ended the connection instead of holding it open
+
+
+def post_reading_early(url: str, body: bytes, give_up: float = 30.0) -> tuple[int, bytes, int, float]:
+    """POST `body` on a raw socket, reading whatever the server answers while still sending (as browsers
+    and careful clients do; httpx reads only once the body is out). Returns (status, response body,
+    bytes of the body sent, seconds until the server ended the connection)."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    sock = socket.create_connection((host, int(port)), timeout=give_up)
+    sock.setblocking(False)
+    head = ("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path, host, len(body))).encode()
+    out, got, sent, start = head + body, b"", 0, time.monotonic()
+    sending = True
+    try:
+        while time.monotonic() - start < give_up:
+            readable, writable, _ = select.select([sock], [sock] if sending else [], [], 0.5)
+            if writable:
+                try:
+                    sent += sock.send(out[sent:sent + 65536])
+                    sending = sent < len(out)
+                except (BrokenPipeError, ConnectionResetError):
+                    sending = False  # the server stopped taking the body: read what it answered
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    break
+                got += data
+    finally:
+        sock.close()
+    ended_after = time.monotonic() - start
+    header, _, rest = got.partition(b"\r\n\r\n")
+    status = int(header.split(b" ", 2)[1]) if header.startswith(b"HTTP/") else 0
+    return status, rest, max(0, sent - len(head)), ended_after
