@@ -41,7 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print("python -m proxy: error: API keys: %s" % exc, file=sys.stderr)
         return 2
-    if not api_keys.enabled and not config.loopback_only and not config.open_api:
+    open_to_all = not api_keys.enabled and not config.loopback_only  # anyone who reaches it may use /v1
+    if open_to_all and not config.open_api:
         print("python -m proxy: error: --bind %s is reachable from other hosts and no API key is set: anyone "
               "who reaches it could use every model. Give keys (--api-keys-file FILE or $%s), bind to "
               "127.0.0.1, or pass --open-api ($TOKENRELAY_PROXY_OPEN_API=1) to serve without keys on purpose"
@@ -55,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.insecure:
         from runtime.curve import warn_insecure
         warn_insecure("proxy")
-    if not api_keys.enabled and not config.loopback_only:
+    if open_to_all:
         logging.getLogger("proxy").warning("[startup] --open-api: /v1 on %s takes requests from anyone who "
                                            "reaches it, with no API key", config.bind)
     if api_keys.enabled:

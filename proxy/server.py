@@ -107,9 +107,7 @@ def _post_request(worker: Any, req: Any, environ: dict[str, Any], resp: Any) -> 
     if environ.get(LINGER_ENV):
         sock = environ["gunicorn.socket"]
         linger_close(sock)
-        end = getattr(worker, "end_connection", None)  # ProxyGeventWorker: no keep-alive after this
-        if end is not None:
-            end(sock)
+        worker.end_connection(sock)  # ProxyGeventWorker (worker_class above): no keep-alive after this
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 # The ChatML template of SmolLM2 without its default system prompt: the tiny model's tokenizer uses it.
 CHATML_TEMPLATE = (
@@ -23,28 +24,48 @@ def build_tiny_model(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
 
     Deterministic for a given seed and library versions, so its greedy output is stable within a run.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    return _write_llama(Path(dest), vocab_size, seed, CHATML_TEMPLATE)
 
-    dest = Path(dest)
+
+def _write_llama(dest: Path, vocab_size: int, seed: int, template: str, added_tokens: Any = ()) -> Path:
+    """The tiny Llama and its tokenizer (plus `added_tokens`, tokenizers.AddedToken) with `template`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     dest.mkdir(parents=True, exist_ok=True)
     backend = _train_tokenizer(vocab_size)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML_TEMPLATE
+    if added_tokens:
+        backend.add_tokens(list(added_tokens))
+    tokenizer = _chatml_tokenizer(backend, template)
     tokenizer.save_pretrained(dest)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    model = LlamaForCausalLM(_llama_config(backend, tokenizer)).to(torch.bfloat16)  # type: ignore[arg-type]
+    model.save_pretrained(dest)
+    return dest
+
+
+def _chatml_tokenizer(backend: Any, template: str) -> Any:
+    """A transformers tokenizer around a trained `tokenizers` backend, ChatML's special tokens named."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _llama_config(backend: Any, tokenizer: Any) -> Any:
+    """The 2-layer Llama text model every tiny model here uses (hidden 128, head_dim 64)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=backend.get_vocab_size(), hidden_size=128, intermediate_size=256,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
         max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub
-    model.save_pretrained(dest)
-    return dest
 
 
 def _train_tokenizer(vocab_size: int):
@@ -102,16 +123,13 @@ def build_tiny_idefics3(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Pa
     and takes several images per prompt. Deterministic for a given seed and library versions."""
     import torch
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig, PreTrainedTokenizerFast)
+                              Idefics3Processor, Idefics3VisionConfig)
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     backend = _train_tokenizer(vocab_size)
     backend.add_special_tokens(IMAGE_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML_IMAGE_TEMPLATE
+    tokenizer = _chatml_tokenizer(backend, CHATML_IMAGE_TEMPLATE)
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
         do_image_splitting=False)
@@ -122,12 +140,7 @@ def build_tiny_idefics3(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Pa
     torch.manual_seed(seed)
     vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14)
-    text = LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
-        max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    text = _llama_config(backend, tokenizer)
     config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
@@ -151,30 +164,10 @@ def build_tiny_reasoning_model(dest: Path, vocab_size: int = 4096, seed: int = 0
     `</think>` are single added tokens of its tokenizer, not special ones (so, as in DeepSeek-R1's
     tokenizer, their text stays in the output for the parser to split on), and its chat template opens a
     thought (THINKING_TEMPLATE). The ids of the two tokens: `think_token_ids(dest)`."""
-    import torch
     from tokenizers import AddedToken
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    backend = _train_tokenizer(vocab_size)
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = THINKING_TEMPLATE
-    tokenizer.save_pretrained(dest)
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
-        max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub
-    model.save_pretrained(dest)
-    return dest
+    return _write_llama(Path(dest), vocab_size, seed, THINKING_TEMPLATE,
+                        [AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
 
 
 def think_token_ids(model_dir: Path) -> tuple[int, int]:

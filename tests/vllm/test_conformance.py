@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -97,13 +97,17 @@ TABLE: list[tuple[str, str, dict[str, Any], bool]] = [
 UNKNOWN_MODEL = ("chat unknown model", CHAT, {"model": "nope", "messages": USER, "max_tokens": 3})
 
 
-def cases() -> list[tuple[str, str, dict[str, Any]]]:
+def cases(table: Optional[list[tuple[str, str, dict[str, Any], bool]]] = None,
+          stream_extra: Callable[[str], dict[str, Any]] = lambda endpoint: {}
+          ) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every row of `table` (default TABLE) as (name, endpoint, body), and again streamed where it streams
+    (with `stream_extra(endpoint)` added to the streamed body)."""
     out = []
-    for name, endpoint, body, streams in TABLE:
+    for name, endpoint, body, streams in TABLE if table is None else table:
         body = {"model": MODEL, **body}
         out.append((name, endpoint, body))
         if streams:
-            out.append((name + " (stream)", endpoint, {**body, "stream": True}))
+            out.append((name + " (stream)", endpoint, {**body, "stream": True, **stream_extra(endpoint)}))
     return out
 
 

@@ -31,6 +31,7 @@ skip_without_vllm()
 import httpx  # noqa: E402
 
 from tests.integration.stack import Stack  # noqa: E402
+from tests.vllm.test_conformance import cases as conformance_cases  # noqa: E402
 from tests.vllm.test_conformance import (  # noqa: E402
     CHAT, COMPLETIONS, GREEDY, MODEL, RESPONSES, USER, answer, diff, normalize, relay_stack, summary,
     vllm_server)
@@ -71,14 +72,9 @@ TABLE: list[tuple[str, str, dict[str, Any], bool]] = [
 
 
 def cases() -> list[tuple[str, str, dict[str, Any]]]:
-    out = []
-    for name, endpoint, body, streams in TABLE:
-        body = {"model": MODEL, **body}
-        out.append((name, endpoint, body))
-        if streams:
-            usage = {"stream_options": {"include_usage": True}} if endpoint != RESPONSES else {}
-            out.append((name + " (stream)", endpoint, {**body, "stream": True, **usage}))
-    return out
+    """TABLE as test_conformance expands it; streamed chat and completion rows ask for usage too."""
+    return conformance_cases(TABLE, lambda endpoint: {} if endpoint == RESPONSES else {
+        "stream_options": {"include_usage": True}})
 
 
 def with_ids(body: dict[str, Any], end_id: int) -> dict[str, Any]:
