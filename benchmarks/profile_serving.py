@@ -214,7 +214,7 @@ def run(ns: argparse.Namespace, pyspy: str, outdir: Path) -> dict[str, Any]:
         if ns.target != "all":
             targets = {ns.target: targets[ns.target]}
         recorder = Recorder(pyspy, outdir, ns.rate, s["duration"])
-        meters = {"proxy": CpuMeter(stack.proxy_roots), "head_agent_replicas": CpuMeter(stack.others_roots)}
+        meters = stack.cpu_meters()
 
         def window_start() -> None:
             recorder.start(targets)
@@ -254,8 +254,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("bench %s", exc)
         return 1
     print(format_summary(res["summary"], "  "))
-    print("CPU s / 1k tokens over the window: proxy %s, head+agent+replicas %s"
-          % (res["cpu_s_per_1k_tokens"]["proxy"], res["cpu_s_per_1k_tokens"]["head_agent_replicas"]))
+    cpu = res["cpu_s_per_1k_tokens"]
+    print("CPU s / 1k tokens over the window: proxy %s, launcher+head+agent %s, replicas %s"
+          % (cpu["proxy"], cpu["control"], cpu["replicas"]))
     report: dict[str, Any] = {k: v for k, v in res.items() if k != "profiles"}
     report["profiles"] = []
     for role, pid, folded in res["profiles"]:

@@ -105,7 +105,7 @@ def run_stack(ns: argparse.Namespace, cfg: LoadConfig, workers: Optional[int]) -
     try:
         stack.start()
         stack.wait_ready()
-        meters = {"proxy": CpuMeter(stack.proxy_roots), "head_agent_replicas": CpuMeter(stack.others_roots)}
+        meters = stack.cpu_meters()
         if not stack.proxy_roots():
             log.warning("bench [cpu] no `-m proxy` process found under the launcher: no proxy CPU numbers")
         rss = RssMeter(stack.proxy_roots)
@@ -184,15 +184,20 @@ def comparison(runs: list[tuple[str, Optional[dict[str, Any]]]], floor: Optional
             cells.append((_cell(v, fmt), _cell(v - f, "%+.1f") if f is not None else "-"))
         rows.append(row(name, _cell(f, fmt), cells))
     rows.append(row("failed/measured", _failures(fs), [(_failures(run["summary"]), "") for _, run in present]))
-    cells = []
-    for _, run in present:
-        proxy = run["cpu"]["proxy"]["cpu_s_per_1k_tokens"]
-        cells.append((_cell(proxy, "%.4f"), _cell(proxy, "%.4f")))
-    rows.append(row("proxy CPU s / 1k tokens", "", cells))
+    def cpu(run: dict[str, Any], part: str) -> Optional[float]:
+        return run["cpu"].get(part, {}).get("cpu_s_per_1k_tokens")
+
+    def total(run: dict[str, Any]) -> Optional[float]:
+        proxy, control = cpu(run, "proxy"), cpu(run, "control")
+        return None if proxy is None or control is None else round(proxy + control, 4)
+
+    rows.append(row("tokenrelay CPU s / 1k tokens", "", [
+        (_cell(total(run), "%.4f") + " (all but replicas)", _cell(total(run), "%.4f")) for _, run in present]))
+    rows.append(row("  proxy", "", [(_cell(cpu(run, "proxy"), "%.4f"), "") for _, run in present]))
+    rows.append(row("  launcher+head+agent", "", [(_cell(cpu(run, "control"), "%.4f"), "") for _, run in present]))
     fcpu = floor["cpu"]["floor"]["cpu_s_per_1k_tokens"] if floor else None
     rows.append(row("server CPU s / 1k tokens", _cell(fcpu, "%.4f") + " (floor)",
-                    [(_cell(run["cpu"]["head_agent_replicas"]["cpu_s_per_1k_tokens"], "%.4f")
-                      + " (head+agent+replicas)", "") for _, run in present]))
+                    [(_cell(cpu(run, "replicas"), "%.4f") + " (replicas)", "") for _, run in present]))
     if any(run.get("replicas") for _, run in present):
         rows.append(row("replica TokenBatch msgs/s", "", [
             ("%.0f (%s tokens each)" % (run["replicas"]["token_batches_per_s"],

@@ -53,13 +53,15 @@ def http(method: str, url: str, body: Optional[dict[str, Any]] = None,
 V = TypeVar("V")
 
 
-def per_process(roots: list[psutil.Process], read: Callable[[psutil.Process], V]) -> dict[tuple[int, float], V]:
-    """`read(proc)` for every process of the roots' trees, each once, keyed by (pid, create_time): a
-    recycled PID is not the old process, and roots that contain each other are not counted twice."""
+def per_process(roots: list[psutil.Process], read: Callable[[psutil.Process], V],
+                trees: bool = True) -> dict[tuple[int, float], V]:
+    """`read(proc)` for every process of the roots' trees (`trees=False`: the roots alone), each once,
+    keyed by (pid, create_time): a recycled PID is not the old process, and roots that contain each other
+    are not counted twice."""
     out: dict[tuple[int, float], V] = {}
     for root in roots:
         try:
-            procs = [root] + root.children(recursive=True)
+            procs = [root] + (root.children(recursive=True) if trees else [])
         except psutil.NoSuchProcess:
             continue
         for proc in procs:
@@ -77,8 +79,9 @@ class CpuMeter:
     one that starts during the window counts from zero, one that exits during it is lost (and logged).
     """
 
-    def __init__(self, roots: Callable[[], list[psutil.Process]]) -> None:
+    def __init__(self, roots: Callable[[], list[psutil.Process]], trees: bool = True) -> None:
         self._roots = roots
+        self._trees = trees  # False: the roots alone, not their children
         self._before: dict[tuple[int, float], float] = {}
         self.seconds: Optional[float] = None
         self.processes = 0
@@ -87,7 +90,7 @@ class CpuMeter:
         def cpu(proc: psutil.Process) -> float:
             t = proc.cpu_times()
             return t.user + t.system
-        return per_process(self._roots(), cpu)
+        return per_process(self._roots(), cpu, self._trees)
 
     def start(self) -> None:
         self._before = self._sample()
@@ -351,15 +354,35 @@ class MockStack:
                 self._proxy.append(child)
         return self._proxy
 
-    def others_roots(self) -> list[psutil.Process]:
-        """Head, agent and replicas: every launcher child that is not the proxy."""
+    def replica_roots(self) -> list[psutil.Process]:
+        """The `-m model_proc` processes of the stack (the agent's children); with vLLM their trees hold
+        the engine's processes too."""
         if self.proc is None:
             return []
-        proxy = {p.pid for p in self.proxy_roots()}
-        try:
-            return [c for c in psutil.Process(self.proc.pid).children() if c.pid not in proxy]
-        except psutil.NoSuchProcess:
+        out = []
+        for proc in _tree(self.proc.pid)[1:]:
+            try:
+                cmd = proc.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if any(a == "-m" and b == "model_proc" for a, b in zip(cmd, cmd[1:], strict=False)):
+                out.append(proc)
+        return out
+
+    def cpu_meters(self) -> dict[str, CpuMeter]:
+        """CPU meters for the three parts of the stack: the proxy tree, the control plane (launcher, head,
+        agent: each process alone) and the replicas' trees. "Everything tokenrelay runs except the
+        replicas" is proxy + control."""
+        return {"proxy": CpuMeter(self.proxy_roots), "control": CpuMeter(self.control_procs, trees=False),
+                "replicas": CpuMeter(self.replica_roots)}
+
+    def control_procs(self) -> list[psutil.Process]:
+        """The rest of what tokenrelay runs: the launcher, the head and the agent (measure with
+        `CpuMeter(..., trees=False)`: each process alone, not the proxy's or the replicas' trees)."""
+        if self.proc is None:
             return []
+        skip = {p.pid for root in self.proxy_roots() + self.replica_roots() for p in _tree(root.pid)}
+        return [p for p in _tree(self.proc.pid) if p.pid not in skip]
 
     def stop(self) -> None:
         if self.proc is None:

@@ -94,8 +94,8 @@ class TokenrelayStack(MockStack):
             "name": settings.name, "engine": "vllm", "model": settings.model_dir, "replicas": 1,
             "max_ongoing_requests": max_ongoing, "engine_args": {"max_model_len": settings.max_model_len}}]
 
-    def roots(self) -> dict[str, Any]:
-        return {"proxy": self.proxy_roots, "head_agent_replica": self.others_roots}
+    def meters(self) -> dict[str, CpuMeter]:
+        return self.cpu_meters()
 
 
 class VllmServer:
@@ -131,8 +131,8 @@ class VllmServer:
                                    % (timeout, self.log_path))
             time.sleep(0.5)
 
-    def roots(self) -> dict[str, Any]:
-        return {"vllm_server": lambda: [] if self.proc is None else collect_tree(self.proc.pid)[:1]}
+    def meters(self) -> dict[str, CpuMeter]:
+        return {"vllm_server": CpuMeter(lambda: [] if self.proc is None else collect_tree(self.proc.pid)[:1])}
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -170,9 +170,9 @@ class HostCpu:
         self.seconds = self._busy() - self._before
 
 
-def measure_level(cfg: LoadConfig, roots: dict[str, Any]) -> dict[str, Any]:
+def measure_level(cfg: LoadConfig, server_meters: dict[str, CpuMeter]) -> dict[str, Any]:
     """One load level; the servers' and the host's CPU time are sampled at the measured window's ends."""
-    meters: dict[str, Any] = {name: CpuMeter(fn) for name, fn in roots.items()}
+    meters: dict[str, Any] = dict(server_meters)
     meters["host"] = HostCpu()
     result = asyncio.run(run_level(cfg, on_window_start=lambda: [m.start() for m in meters.values()],
                                    on_window_end=lambda: [m.stop() for m in meters.values()]))
@@ -204,7 +204,7 @@ def measure_server(label: str, server: Any, base: LoadConfig, levels: list[int],
         results = []
         for level in levels:
             log.info("bench [run] %s: %d clients", label, level)
-            results.append(measure_level(replace(cfg, concurrency=level), server.roots()))
+            results.append(measure_level(replace(cfg, concurrency=level), server.meters()))
             print("== %s, concurrency %d" % (label, level))
             print(format_summary(results[-1]["summary"], "  "))
         return {"ready_s": round(ready_s, 1), "logs": str(server.log_path), "levels": results}

@@ -52,15 +52,17 @@ def test_presets_fill_only_what_the_command_line_left_out():
 
 def test_comparison_rows_show_what_tokenrelay_adds():
     stack = {"summary": summary(25.0, 30.0, 100.0, {"truncated": 2}),
-             "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.05},
-                     "head_agent_replicas": {"cpu_s_per_1k_tokens": 0.02}}}
+             "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.05}, "control": {"cpu_s_per_1k_tokens": 0.003},
+                     "replicas": {"cpu_s_per_1k_tokens": 0.02}}}
     floor = {"summary": summary(20.0, 12.5, 110.0), "cpu": {"floor": {"cpu_s_per_1k_tokens": 0.01}}}
     rows = {r[0]: r for r in comparison([("1 worker", stack)], floor)}
     assert rows["TTFT p50 ms"][1:] == ("20.00", "25.00", "+5.00")
     assert rows["inter-token p99 ms"][3] == "+17.50"
     assert rows["requests/s"][3] == "-10.0"
     assert rows["failed/measured"][1:3] == ("0/10", "2/12 (truncated=2)")
-    assert rows["proxy CPU s / 1k tokens"][2] == "0.0500"
+    assert rows["tokenrelay CPU s / 1k tokens"][2:] == ("0.0530 (all but replicas)", "0.0530")
+    assert rows["  proxy"][2] == "0.0500" and rows["  launcher+head+agent"][2] == "0.0030"
+    assert rows["server CPU s / 1k tokens"][1:3] == ("0.0100 (floor)", "0.0200 (replicas)")
     assert "replica TokenBatch msgs/s" not in rows  # no replica counters read: no row
     assert "proxy memory per open stream KiB" not in rows
     stack["replicas"] = {"token_batches_per_s": 880.4, "tokens_per_batch": 22.61}
@@ -78,7 +80,8 @@ def test_comparison_rows_show_what_tokenrelay_adds():
 def test_comparison_has_a_column_pair_per_worker_count():
     def run(ttft):
         return {"summary": summary(ttft, 30.0, 100.0),
-                "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.02}, "head_agent_replicas": {"cpu_s_per_1k_tokens": 0.01}}}
+                "cpu": {"proxy": {"cpu_s_per_1k_tokens": 0.02}, "control": {"cpu_s_per_1k_tokens": 0.001},
+                        "replicas": {"cpu_s_per_1k_tokens": 0.01}}}
     floor = {"summary": summary(20.0, 12.5, 110.0), "cpu": {"floor": {"cpu_s_per_1k_tokens": 0.01}}}
     rows = comparison([("1 worker", run(21.0)), ("2 workers", run(23.0))], floor)
     header = table_header(["1 worker", "2 workers"])
