@@ -40,7 +40,7 @@ import psutil  # noqa: E402
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
 from benchmarks.serving_path import PRESETS  # noqa: E402
-from benchmarks.stack import CpuMeter, MockStack, per_1k_tokens  # noqa: E402
+from benchmarks.stack import MockStack, per_1k_tokens  # noqa: E402
 from benchmarks.stats import format_summary  # noqa: E402
 
 log = logging.getLogger("bench")
