@@ -79,9 +79,11 @@ class CpuMeter:
     one that starts during the window counts from zero, one that exits during it is lost (and logged).
     """
 
-    def __init__(self, roots: Callable[[], list[psutil.Process]], trees: bool = True) -> None:
+    def __init__(self, roots: Callable[[], list[psutil.Process]], trees: bool = True,
+                 overlaps: bool = False) -> None:
         self._roots = roots
         self._trees = trees  # False: the roots alone, not their children
+        self.overlaps = overlaps  # True: a part of what another meter counts; never add the two up
         self._before: dict[tuple[int, float], float] = {}
         self.seconds: Optional[float] = None
         self.processes = 0
@@ -103,6 +105,32 @@ class CpuMeter:
                         len(gone))
         self.seconds = sum(cpu - self._before.get(key, 0.0) for key, cpu in after.items())
         self.processes = len(after)
+
+
+class MainThreadCpu:
+    """CPU seconds (user + system) of the main thread of each process `procs()` gives (not its other
+    threads, not its children), between `start()` and `stop()`: the thread that runs a server's event
+    loop, which bounds what one front-end process can serve. `overlaps`: these seconds are also in a
+    CpuMeter of the same process, so they are never added to one."""
+
+    overlaps = True
+
+    def __init__(self, procs: Callable[[], list[psutil.Process]]) -> None:
+        self._procs = procs
+        self._before: dict[tuple[int, float], float] = {}
+        self.seconds: Optional[float] = None
+
+    def _sample(self) -> dict[tuple[int, float], float]:
+        def main_thread(proc: psutil.Process) -> float:
+            return next((t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid), 0.0)
+        return per_process(self._procs(), main_thread, trees=False)
+
+    def start(self) -> None:
+        self._before = self._sample()
+
+    def stop(self) -> None:
+        after = self._sample()
+        self.seconds = sum(cpu - self._before.get(key, 0.0) for key, cpu in after.items())
 
 
 class ReplicaCounters:

@@ -8,7 +8,11 @@ to the same cores through VLLM_CPU_OMP_THREADS_BIND, vLLM's default process layo
 requests (streaming, greedy, fixed max_tokens, same prompt, usage asked for). Prints per level TTFT,
 inter-token latency and output tokens/s of both, the ratios against the target (tokenrelay throughput
 >= 95% of vLLM's, TTFT p50 at most 5 ms above), CPU seconds per 1,000 tokens per process group, and
-"others": cores kept busy by processes that are not part of the run (a shared machine's noise).
+"others": cores kept busy by processes that are not part of the run (a shared machine's noise), and the
+front ends side by side: CPU seconds per 1,000 tokens of tokenrelay's replica process (vLLM's serving
+layer and AsyncLLM, ZeroMQ to the proxy) and of vLLM's API server process (the same plus HTTP), each
+without the engine core's process, and of each one's event-loop thread, the thread that bounds how many
+tokens one front end can shape (on a GPU host the engine core leaves it the bottleneck).
 Stops only the processes it started, by PID. Talks to 127.0.0.1 only.
 
     python benchmarks/vllm_compare.py                                   # smollm2, 1,16,64 clients, ~6 min
@@ -43,7 +47,7 @@ if __package__ in (None, ""):
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, parse_levels, raise_fd_limit, run_level  # noqa: E402
 from benchmarks.stack import (  # noqa: E402
-    REPO, CpuMeter, MockStack, free_port, http, per_1k_tokens, stop_process,
+    REPO, CpuMeter, MainThreadCpu, MockStack, free_port, http, per_1k_tokens, stop_process,
 )
 from benchmarks.stats import format_summary  # noqa: E402
 from runtime.proctree import collect_tree  # noqa: E402
@@ -94,8 +98,11 @@ class TokenrelayStack(MockStack):
             "name": settings.name, "engine": "vllm", "model": settings.model_dir, "replicas": 1,
             "max_ongoing_requests": max_ongoing, "engine_args": {"max_model_len": settings.max_model_len}}]
 
-    def meters(self) -> dict[str, CpuMeter]:
-        return self.cpu_meters()
+    def meters(self) -> dict[str, Any]:
+        """The stack's parts, and the replica's own process (the front end that runs vLLM's serving
+        layer and AsyncLLM, without the engine core's process) and its event-loop thread."""
+        return dict(self.cpu_meters(), front_end=CpuMeter(self.replica_roots, trees=False, overlaps=True),
+                    front_end_loop=MainThreadCpu(self.replica_roots))
 
 
 class VllmServer:
@@ -131,8 +138,13 @@ class VllmServer:
                                    % (timeout, self.log_path))
             time.sleep(0.5)
 
-    def meters(self) -> dict[str, CpuMeter]:
-        return {"vllm_server": CpuMeter(lambda: [] if self.proc is None else collect_tree(self.proc.pid)[:1])}
+    def meters(self) -> dict[str, Any]:
+        """The server's tree (API server and engine core), and the API server's own process (HTTP,
+        vLLM's serving layer and AsyncLLM, without the engine core's process) and its event-loop thread."""
+        def api_server() -> list[psutil.Process]:
+            return [] if self.proc is None else collect_tree(self.proc.pid)[:1]
+        return {"vllm_server": CpuMeter(api_server), "front_end": CpuMeter(api_server, trees=False, overlaps=True),
+                "front_end_loop": MainThreadCpu(api_server)}
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -170,7 +182,7 @@ class HostCpu:
         self.seconds = self._busy() - self._before
 
 
-def measure_level(cfg: LoadConfig, server_meters: dict[str, CpuMeter]) -> dict[str, Any]:
+def measure_level(cfg: LoadConfig, server_meters: dict[str, Any]) -> dict[str, Any]:
     """One load level; the servers' and the host's CPU time are sampled at the measured window's ends."""
     meters: dict[str, Any] = dict(server_meters)
     meters["host"] = HostCpu()
@@ -180,7 +192,8 @@ def measure_level(cfg: LoadConfig, server_meters: dict[str, CpuMeter]) -> dict[s
     tokens = s["output_tokens_per_s"] * s["window_s"]
     result["cpu_s_per_1k_tokens"] = {name: per_1k_tokens(m.seconds, tokens) for name, m in meters.items()
                                      if name != "host"}
-    ours = sum(m.seconds or 0.0 for name, m in meters.items() if name != "host")
+    ours = sum(m.seconds or 0.0 for name, m in meters.items()
+               if name != "host" and not m.overlaps)
     ours += s.get("loadgen_cpu_util", 0.0) * s["window_s"]
     host = meters["host"].seconds or 0.0
     result["cores_busy"] = {"host": round(host / s["window_s"], 2),
@@ -230,7 +243,9 @@ def quietest(runs: list[dict[str, Any]], level: int) -> dict[str, Any]:
     s = best["summary"]
     return {"round": best["round"], "others_cores": best["cores_busy"]["not_ours"],
             "tokens_per_s": s["output_tokens_per_s"], "tokens_per_s_e2e": tokens_per_s_e2e(level, s),
-            "ttft_p50_ms": s["ttft_ms"]["p50"]}
+            "ttft_p50_ms": s["ttft_ms"]["p50"],
+            "front_end_cpu": best["cpu_s_per_1k_tokens"].get("front_end"),
+            "front_end_loop_cpu": best["cpu_s_per_1k_tokens"].get("front_end_loop")}
 
 
 def tokens_per_s_e2e(clients: int, summary: dict[str, Any]) -> Optional[float]:
@@ -246,7 +261,10 @@ def compare_level(tr: dict[str, Any], vl: dict[str, Any], level: int, rounds: in
                  if tr["tokens_per_s_e2e"] and vl["tokens_per_s_e2e"] else None)
     extra = (tr["ttft_p50_ms"] - vl["ttft_p50_ms"]
              if tr["ttft_p50_ms"] is not None and vl["ttft_p50_ms"] is not None else None)
+    loop = (tr["front_end_loop_cpu"] / vl["front_end_loop_cpu"]
+            if tr.get("front_end_loop_cpu") and vl.get("front_end_loop_cpu") else None)
     return {"concurrency": level, "rounds": rounds, "tokenrelay": tr, "vllm": vl,
+            "front_end_loop_cpu_ratio": None if loop is None else round(loop, 3),
             "throughput_ratio": None if ratio is None else round(ratio, 3),
             "throughput_ratio_e2e": None if e2e_ratio is None else round(e2e_ratio, 3),
             "ttft_p50_extra_ms": None if extra is None else round(extra, 2),
@@ -277,6 +295,10 @@ def print_table(runs: dict[str, list[dict[str, Any]]], levels: list[int],
               "%+.2f ms: %s" % (c["concurrency"], tr["round"], vl["round"], tr["others_cores"],
                                 vl["others_cores"], c["throughput_ratio"], c["throughput_ratio_e2e"],
                                 c["ttft_p50_extra_ms"] or 0.0, verdict))
+        print("%-6d front end's event-loop thread, CPU s / 1k tokens: tokenrelay's replica %s, vllm serve's "
+              "API server %s (ratio %s); whole front-end process %s / %s"
+              % (c["concurrency"], tr.get("front_end_loop_cpu"), vl.get("front_end_loop_cpu"),
+                 c.get("front_end_loop_cpu_ratio"), tr.get("front_end_cpu"), vl.get("front_end_cpu")))
 
 
 def _ms(value: Optional[float]) -> str:

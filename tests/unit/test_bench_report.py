@@ -142,3 +142,42 @@ def test_memory_counts_each_process_once_when_roots_nest():
     meter = RssMeter(lambda: [master, worker])  # the proxy's roots: the master and its worker
     meter.idle()
     assert meter.idle_bytes == 400
+
+
+def test_vllm_compare_sets_the_front_ends_event_loops_side_by_side():
+    from benchmarks.vllm_compare import compare_level, quietest
+
+    def level(tokens_per_s, others, loop, front):
+        s = dict(summary(30.0, 40.0, tokens_per_s / 64), tokens_per_request=64.0,
+                 e2e_ms={"p50": 2000.0}, output_tokens_per_s=tokens_per_s)
+        return {"concurrency": 16, "summary": s, "cores_busy": {"not_ours": others},
+                "cpu_s_per_1k_tokens": {"front_end": front, "front_end_loop": loop}}
+    # the round other processes disturbed least is the one compared, its front-end numbers with it
+    tr = quietest([{"round": 1, "levels": [level(500.0, 0.30, 0.9, 1.2)]},
+                   {"round": 2, "levels": [level(480.0, 0.01, 0.04, 0.05)]}], 16)
+    assert (tr["round"], tr["front_end_loop_cpu"], tr["front_end_cpu"]) == (2, 0.04, 0.05)
+    vl = quietest([{"round": 1, "levels": [level(500.0, 0.02, 0.08, 0.09)]}], 16)
+    c = compare_level(tr, vl, 16, 2)
+    assert c["throughput_ratio"] == 0.96 and c["front_end_loop_cpu_ratio"] == 0.5
+    vl["front_end_loop_cpu"] = None  # not measured: no ratio, not a crash
+    assert compare_level(tr, vl, 16, 2)["front_end_loop_cpu_ratio"] is None
+
+
+def test_main_thread_cpu_counts_only_the_main_thread():
+    import threading
+
+    import psutil
+
+    from benchmarks.stack import CpuMeter, MainThreadCpu
+
+    me = psutil.Process()
+    main, whole = MainThreadCpu(lambda: [me]), CpuMeter(lambda: [me], trees=False)
+    main.start()
+    whole.start()
+    spin = threading.Thread(target=lambda: sum(range(3_000_000)))  # CPU on another thread only
+    spin.start()
+    spin.join()
+    main.stop()
+    whole.stop()
+    assert main.overlaps and not whole.overlaps
+    assert whole.seconds - main.seconds > 0.02  # the other thread's work is in the process, not the main thread
