@@ -176,13 +176,12 @@ def relay(servers: tuple[str, str]) -> str:
 
 
 def calls(got: dict[str, Any]) -> str:
-    """The tool calls a chat answer holds, or the Responses API's output items (for the table)."""
+    """The tool calls a chat answer holds: (name, arguments) each (for the table)."""
     if got["status"] != 200:
         return ""
     body = got.get("body") or got.get("stream") or {}
     if body.get("choices"):
-        choices = body["choices"]
-        first = choices[0] if isinstance(choices, list) else choices[0]
+        first = body["choices"][0]  # a list, or a stream's choices by index
         msg = first.get("message") or first.get("delta") or {}
         tool_calls = msg.get("tool_calls") or []
         found = tool_calls.values() if isinstance(tool_calls, dict) else tool_calls
@@ -202,8 +201,8 @@ def test_same_answer(vllm_serve: str, relay: str, ids: dict[str, list[int]], nam
 
 
 def rows(ids: dict[str, list[int]], *names: str) -> list[dict[str, Any]]:
-    table = {name: (endpoint, body) for name, endpoint, body, _ in TABLE}
-    return [with_ids({"model": MODEL, **table[name][1]}, ids) for name in names]
+    table = {name: body for name, _, body, _ in TABLE}
+    return [with_ids({"model": MODEL, **table[name]}, ids) for name in names]
 
 
 def test_the_rows_do_what_they_say(vllm_serve: str, ids: dict[str, list[int]]) -> None:
