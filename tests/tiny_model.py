@@ -177,3 +177,45 @@ def think_token_ids(model_dir: Path) -> tuple[int, int]:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     start, end = (tok.convert_tokens_to_ids(t) for t in THINK_TOKENS)
     return int(start), int(end)
+
+# THINKING_TEMPLATE made tool-capable the way Hermes 2 Pro's and Qwen's ChatML templates are: the tools
+# listed in a system turn inside `<tools></tools>`, an assistant's tool calls as `<tool_call>{json}</tool_call>`
+# and a tool's result as a user turn in `<tool_response></tool_response>`; what vLLM's `hermes` tool
+# parser reads back from the output.
+TOOLS_THINKING_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nYou may call these functions:\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\nCall one as <tool_call>{\"name\": name, \"arguments\": {...}}</tool_call>.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+
+
+def build_tiny_tool_reasoning_model(dest: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """The tiny reasoning model of `build_tiny_reasoning_model` for a deployment with a tool parser too
+    (vLLM's `hermes` with `deepseek_r1`): `<tool_call>` and `</tool_call>` are added tokens as well (not
+    special, as `<think>`), and its chat template (TOOLS_THINKING_TEMPLATE) lists the request's tools,
+    renders earlier tool calls and tool results, and opens a thought."""
+    from tokenizers import AddedToken
+
+    return _write_llama(Path(dest), vocab_size, seed, TOOLS_THINKING_TEMPLATE,
+                        [AddedToken(t, special=False, normalized=False)
+                         for t in THINK_TOKENS + TOOL_CALL_TOKENS])
