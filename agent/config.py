@@ -54,7 +54,9 @@ class AgentConfig:
                                    help="seconds with requests pending and no engine progress before unhealthy")
     labels: dict[str, str] = setting(default_factory=dict, flag="--label", repeat=True, parse=_labels,
                                      metavar="KEY=VALUE", help="host label", default_help="none")
-    parent_pid: Optional[int] = setting(None, help="exit when this process dies")
+    parent_pid: Optional[int] = setting(
+        None, help="exit when this process dies (in adopt mode the replicas exit with it too, though not "
+                   "with the agent)")
     curve_dir: Optional[str] = setting(
         None, help="CURVE key directory (runtime.keyring) with this agent's key agent-ID.key_secret",
         default_help="$TOKENRELAY_CURVE_DIR, else STATE_DIR/keys")

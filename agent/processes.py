@@ -99,8 +99,10 @@ class AdoptedProcess(_Tree):
 
 class ReplicaProcess(_Tree):
     def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,
-                 env: Optional[dict[str, str]] = None, guard: bool = True, log_path: Optional[Path] = None) -> None:
-        """`log_path`: append the replica's stdout and stderr there (None: inherit the agent's)."""
+                 env: Optional[dict[str, str]] = None, guard: bool = True, log_path: Optional[Path] = None,
+                 stack_pid: Optional[int] = None) -> None:
+        """`log_path`: append the replica's stdout and stderr there (None: inherit the agent's).
+        `guard`: the replica exits with this agent; else (adopt mode) with `stack_pid` if given."""
         super().__init__()
         cmd = [
             sys.executable, "-m", "model_proc",
@@ -112,6 +114,8 @@ class ReplicaProcess(_Tree):
         ]
         if guard:  # replicas die with their agent (no orphans), unless the agent runs in adopt mode
             cmd += ["--parent-pid", str(os.getpid())]
+        elif stack_pid is not None:  # adopt mode under a launcher: outlive the agent, never the stack
+            cmd += ["--stack-pid", str(stack_pid)]
         full_env = dict(os.environ)
         full_env.update(env or {})
         out = None

@@ -356,7 +356,7 @@ class Agent:
             if self.config.replica_log_dir else None
         try:
             proc = ReplicaProcess(spec, self.config.host, self.replica_endpoint, env, guard=not self.config.adopt,
-                                  log_path=log_path)
+                                  log_path=log_path, stack_pid=self.config.parent_pid)
         except OSError as exc:
             log.error("cannot start replica %s: %s", rec.replica_id, exc)
             rec.exited(1, now)

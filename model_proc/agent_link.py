@@ -3,7 +3,8 @@
 Runs in model_proc's asyncio loop. Owns the agent DEALER (connects `config.agent`; with a key directory,
 as a CURVE client with the agent's own key, which the agent serves with), used only from that loop.
 `heartbeat` runs as a task of the replica's loop itself, so a stuck loop stops the heartbeat; it also
-ends the replica when the agent (its parent process) is gone.
+ends the replica when the agent (its parent process) is gone, or, for a replica that may outlive its
+agent (adopt mode), when the stack's launcher (`--stack-pid`) is.
 Must never block the loop: sends are non-blocking, and a message the agent is not reading is dropped.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ class AgentLink:
     async def heartbeat(self, hello: ReplicaHello, send_status: Callable[[], None], stop: asyncio.Event) -> None:
         """Every status interval: `send_status()`, and `hello` again every HELLO_EVERY statuses so a
         restarted agent (adopt mode) learns who we are. Sets `stop` and returns when the agent is gone."""
-        parent = self._config.parent_pid
+        parent, stack = self._config.parent_pid, self._config.stack_pid
         sent = 0
         while True:
             sent += 1
@@ -60,6 +61,10 @@ class AgentLink:
             send_status()
             if parent is not None and not parent_guard.parent_alive(parent):
                 log.error("[shutdown] agent (pid %d) is gone; exiting", parent)
+                stop.set()
+                return
+            if stack is not None and not parent_guard.process_alive(stack):
+                log.error("[shutdown] the stack's launcher (pid %d) is gone; exiting", stack)
                 stop.set()
                 return
             await asyncio.sleep(self._config.status_interval)

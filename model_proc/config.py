@@ -33,6 +33,7 @@ class ReplicaConfig:
     agent: Optional[str] = None
     status_interval: float = 0.25
     parent_pid: Optional[int] = None
+    stack_pid: Optional[int] = None  # outlive the agent (adoption), not this process (the stack's launcher)
     drain_seconds: float = 3.0
     deployment: str = ""
     generation: int = 0
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=0.25, help="seconds between status reports")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the agent) dies; omit to allow adoption")
+    p.add_argument("--stack-pid", type=int, default=None,
+                   help="with no --parent-pid: exit when this process is gone (the `tokenrelay up` "
+                        "launcher, when its agent runs in adopt mode: a replica outlives its agent, not "
+                        "its stack)")
     p.add_argument("--drain-seconds", type=float, default=3.0,
                    help="on SIGTERM, how long in-flight requests may finish")
     p.add_argument("--metrics-port", type=int, default=0,
@@ -109,7 +114,7 @@ def config_from_args(argv: Optional[list[str]] = None) -> ReplicaConfig:
         return ReplicaConfig(
             replica_id=ns.replica_id, engine=ns.engine, model=ns.model, engine_args=engine_args,
             bind=ns.bind, agent=ns.agent, status_interval=ns.status_interval,
-            parent_pid=ns.parent_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
+            parent_pid=ns.parent_pid, stack_pid=ns.stack_pid, drain_seconds=ns.drain_seconds, deployment=ns.deployment,
             generation=ns.generation, metrics_port=ns.metrics_port, metrics_host=ns.metrics_host,
             log_level=ns.log_level, event_loop=ns.event_loop, curve_dir=ns.curve_dir,
             agent_key=ns.agent_key, insecure=ns.insecure or insecure_from_env())

@@ -5,12 +5,17 @@ is a separate process in its own session, so a terminal's Ctrl-C reaches only th
 stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
 grace period: everything is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
 Each child also carries a parent-death guard.
+An agent crash does not touch the replicas or their streams: the agent runs in adopt mode on a fixed
+replica endpoint, its replicas outlive it (but not the launcher: `--stack-pid`), and the restarted agent
+adopts them. The launcher is a child subreaper, so a crashed agent's replicas become its children: it
+reaps them when they exit and stops them with the rest of the stack.
 Secure by default: before starting anything it creates, once, the keys this host needs (runtime.keyring,
 in the head's state directory's keys/, or $TOKENRELAY_CURVE_DIR) and hands every child `--curve-dir`;
 `insecure` hands them `--insecure` instead.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -25,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+import psutil
+
 from proxy.config import API_KEYS_ENV
 from runtime import keyring
 from runtime.credentials import state_dir
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE = 13.0  # seconds between SIGTERM and SIGKILL; the agent's replica grace (10 s + 1) fits inside
 MAX_CRASHES = 5
+_PR_SET_CHILD_SUBREAPER = 36
 CRASH_WINDOW = 60.0
 
 
@@ -88,6 +96,7 @@ class Launcher:
             return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
+        become_subreaper()
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
             head_args += ["--state-dir", s.head_state_dir]
@@ -99,8 +108,10 @@ class Launcher:
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
+        # adopt mode: a restarted agent finds its replicas on the same endpoint (kept across restarts)
         agent_args = ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
-                      "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port)]
+                      "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port),
+                      "--adopt", "--replica-endpoint", "tcp://127.0.0.1:%d" % free_port()]
         if not self.verbose:
             logs = self.replica_log_dir()
             agent_args += ["--replica-log-dir", str(logs)]
@@ -148,6 +159,7 @@ class Launcher:
         progress: Optional[str] = ""  # last replica summary logged; None once every replica was ready
         next_progress = time.monotonic() + 2.0
         while not self._stop.wait(0.25):
+            self._reap_orphans()
             for name, child in list(self.children.items()):
                 rc = child.poll()
                 if rc is None:
@@ -172,14 +184,44 @@ class Launcher:
         log.info("[shutdown] stopping the stack")
         return 0
 
+    def _orphans(self) -> list[psutil.Process]:
+        """Our children that we did not start: replicas whose agent died (we are their subreaper)."""
+        ours = {child.pid for child in self.children.values()}
+        try:
+            return [p for p in psutil.Process().children() if p.pid not in ours]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _reap_orphans(self) -> None:
+        """Collect the exit status of orphaned replicas that ended (else they stay zombies). Peeks first
+        (WNOWAIT) and reaps only pids we did not start: subprocess reaps its own (`poll`), and one of
+        those first in line just waits for the next call."""
+        ours = {child.pid for child in self.children.values()}
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # no children at all
+                return
+            if info is None or info.si_pid in ours:
+                return
+            try:
+                os.waitpid(info.si_pid, 0)  # it has exited: does not block
+            except ChildProcessError:
+                return
+
     def shutdown(self) -> None:
         """Stop in order, each after the one before it is gone (proxy first, so no client request and no
         proxy connection sees a replica go away; the agent before the head, so it never misses the head),
-        all within STOP_GRACE; then SIGKILL whatever is left of every tree."""
+        all within STOP_GRACE; then SIGKILL whatever is left of every tree. The agent (adopt mode) leaves
+        its replicas running, as it would for its successor: the launcher then stops them itself (SIGTERM:
+        each drains, then ends its engine) before the head."""
         start = time.monotonic()
         trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
         deadline = start + STOP_GRACE
-        for name in ("proxy", "agent", "head"):
+        for name in ("proxy", "agent", "replicas", "head"):
+            if name == "replicas":
+                self._stop_replicas(deadline)
+                continue
             child = self.children.get(name)
             if child is None:
                 continue
@@ -189,11 +231,45 @@ class Launcher:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("[shutdown] %s did not stop in %.0fs; killing its tree", name, STOP_GRACE)
+        orphans = [p for orphan in self._orphans() for p in collect_tree(orphan.pid)]
         for name, child in self.children.items():
             procs = trees[name] + collect_tree(child.pid)
             signal_all(procs, signal.SIGKILL)  # whatever is left, including re-parented descendants
             child.poll()
+        signal_all(orphans, signal.SIGKILL)
+        self._reap_orphans()
         log.info("[shutdown] stack stopped in %.1fs", time.monotonic() - start)
+
+    def _stop_replicas(self, deadline: float) -> None:
+        """SIGTERM the replicas the agent left (now our children) and wait for them until `deadline`."""
+        replicas = self._orphans()
+        if not replicas:
+            return
+        log.info("[shutdown] stopping %d replica(s)", len(replicas))
+        signal_all(replicas, signal.SIGTERM)
+        _, alive = psutil.wait_procs(replicas, timeout=max(0.0, deadline - time.monotonic()))
+        if alive:
+            log.warning("[shutdown] %d replica(s) did not stop in time; killing them", len(alive))
+
+
+def become_subreaper() -> None:
+    """Linux: orphaned descendants (a crashed agent's replicas) become our children, not init's, so the
+    stack still holds them and can stop them. Elsewhere nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
+    except OSError as exc:
+        log.warning("cannot become a child subreaper: %s", exc)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def local_endpoint(endpoint: str) -> str:

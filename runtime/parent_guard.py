@@ -33,3 +33,23 @@ def install(parent_pid: int, sig: int = signal.SIGTERM) -> None:
 
 def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (not necessarily our parent; a zombie, dead but not yet
+    reaped by its own parent, does not count). Polled often, so a pid reused by the system in between
+    is a negligible risk."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): existence is all we can tell
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, another user's
+            return True
+        return True

@@ -42,3 +42,9 @@ def test_without_uvloop_auto_falls_back_and_an_explicit_uvloop_is_a_usage_error(
     assert entry._run(coro, "uvloop") == EXIT_USAGE
     assert coro.cr_frame is None  # closed, not left un-awaited
     assert "uvloop is not installed" in caplog.text
+
+
+def test_a_replica_that_may_outlive_its_agent_still_watches_its_stack():
+    cfg = config_from_args(["--replica-id", "r1", "--stack-pid", "4242"])
+    assert (cfg.parent_pid, cfg.stack_pid) == (None, 4242)
+    assert config_from_args(["--replica-id", "r1", "--parent-pid", "7"]).stack_pid is None
