@@ -68,12 +68,23 @@ class AgentConfig:
     adopt: bool = setting(
         False, help="let replicas outlive the agent and adopt them when it restarts (needs a fixed "
                     "--replica-endpoint); without it replicas exit with their agent")
+    on_stop: str = setting(
+        "auto", choices=("auto", "stop", "leave"),
+        help="what an orderly stop (SIGTERM, SIGINT) does with the replicas: stop them (after telling the "
+             "head the agent leaves), or leave them running for the next agent to adopt (needs --adopt); "
+             "auto: leave with --adopt, else stop. `tokenrelay up` runs --adopt --on-stop stop: replicas "
+             "outlive an agent crash, not the stack's stop")
     log_level: str = setting("INFO", help="log level")
     insecure: bool = setting(False, help="plain sockets, no authentication (benchmarks and debugging only; "
                                          "logged loudly); also $TOKENRELAY_INSECURE=1")
     replica_log_dir: Optional[str] = setting(
         None, help="write each replica's output (its engine's logs) to DIR/<replica id>.log instead of the "
                    "agent's terminal", metavar="DIR")
+
+    @property
+    def leaves_replicas(self) -> bool:
+        """An orderly stop leaves the replicas running (for the next agent) instead of stopping them."""
+        return self.on_stop == "leave" or (self.on_stop == "auto" and self.adopt)
 
     @property
     def policy(self) -> RestartPolicy:
@@ -87,6 +98,8 @@ class AgentConfig:
             raise ValueError("--heartbeat-interval must be between 0.05 and 10 seconds")
         if self.stop_grace < 0:
             raise ValueError("--stop-grace must be >= 0")
+        if self.on_stop == "leave" and not self.adopt:
+            raise ValueError("--on-stop leave needs --adopt (else nothing adopts the replicas left behind)")
         if self.adopt and self.replica_endpoint.endswith(":*"):
             raise ValueError("--adopt needs a fixed --replica-endpoint (e.g. tcp://127.0.0.1:7200 or "
                              "ipc:///run/tokenrelay/agent.sock) so replicas find the restarted agent")

@@ -114,7 +114,7 @@ class Agent:
                 if cfg.parent_pid is not None and not parent_guard.parent_alive(cfg.parent_pid):
                     log.error("[shutdown] parent %d is gone", cfg.parent_pid)
                     break
-            if cfg.adopt:
+            if cfg.leaves_replicas:
                 log.info("[shutdown] adopt mode: leaving %d replica(s) running for the next agent",
                          len(self.procs))
                 self.procs.clear()

@@ -111,7 +111,7 @@ class Launcher:
         # adopt mode: a restarted agent finds its replicas on the same endpoint (kept across restarts)
         agent_args = ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
                       "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port),
-                      "--adopt", "--replica-endpoint", "tcp://127.0.0.1:%d" % free_port()]
+                      "--adopt", "--on-stop", "stop", "--replica-endpoint", "tcp://127.0.0.1:%d" % free_port()]
         if not self.verbose:
             logs = self.replica_log_dir()
             agent_args += ["--replica-log-dir", str(logs)]
@@ -185,12 +185,18 @@ class Launcher:
         return 0
 
     def _orphans(self) -> list[psutil.Process]:
-        """Our children that we did not start: replicas whose agent died (we are their subreaper)."""
+        """Our running children that we did not start: replicas whose agent died (we are their
+        subreaper). Ended ones are reaped on the way."""
+        self._reap_orphans()
         ours = {child.pid for child in self.children.values()}
-        try:
-            return [p for p in psutil.Process().children() if p.pid not in ours]
-        except psutil.NoSuchProcess:
-            return []
+        out = []
+        for proc in psutil.Process().children():
+            try:
+                if proc.pid not in ours and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return out
 
     def _reap_orphans(self) -> None:
         """Collect the exit status of orphaned replicas that ended (else they stay zombies). Peeks first
@@ -212,9 +218,10 @@ class Launcher:
     def shutdown(self) -> None:
         """Stop in order, each after the one before it is gone (proxy first, so no client request and no
         proxy connection sees a replica go away; the agent before the head, so it never misses the head),
-        all within STOP_GRACE; then SIGKILL whatever is left of every tree. The agent (adopt mode) leaves
-        its replicas running, as it would for its successor: the launcher then stops them itself (SIGTERM:
-        each drains, then ends its engine) before the head."""
+        all within STOP_GRACE; then SIGKILL whatever is left of every tree. The agent stops its replicas
+        (`--on-stop stop`), adopted ones included; replicas it could not (it was dead, between a crash
+        and its restart) are ours by then: the launcher stops them itself (SIGTERM: each drains, then
+        ends its engine) before the head."""
         start = time.monotonic()
         trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
         deadline = start + STOP_GRACE
@@ -241,7 +248,7 @@ class Launcher:
         log.info("[shutdown] stack stopped in %.1fs", time.monotonic() - start)
 
     def _stop_replicas(self, deadline: float) -> None:
-        """SIGTERM the replicas the agent left (now our children) and wait for them until `deadline`."""
+        """SIGTERM the replicas no agent stopped (now our children) and wait for them until `deadline`."""
         replicas = self._orphans()
         if not replicas:
             return

@@ -85,7 +85,6 @@ def test_ctrl_c_stops_the_replicas_a_dead_agent_left(tmp_path) -> None:
     assert left == [], left
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in replicas)
-    assert "stopping 2 replica(s)" in s.log()
 
 
 def test_a_killed_launcher_takes_the_replicas_with_it(tmp_path) -> None:

@@ -29,14 +29,23 @@ def test_every_flag_the_launcher_and_operators_pass_reaches_its_field() -> None:
         "--replica-endpoint", "tcp://127.0.0.1:7200", "--heartbeat-interval", "0.25", "--stop-grace", "13",
         "--liveness-timeout", "4", "--stuck-timeout", "30", "--label", "zone=a", "--label", "gpu=h100",
         "--parent-pid", "42", "--curve-dir", "/k", "--cpu-kvcache-gib", "2", "--metrics-port", "-1",
-        "--metrics-host", "0.0.0.0", "--adopt", "--log-level", "DEBUG", "--insecure",
+        "--metrics-host", "0.0.0.0", "--adopt", "--on-stop", "stop", "--log-level", "DEBUG", "--insecure",
         "--replica-log-dir", "/logs"])
     assert cfg == AgentConfig(
         head="tcp://10.0.0.1:7100", host="10.0.0.2", agent_id="gpu-7", replica_endpoint="tcp://127.0.0.1:7200",
         heartbeat_interval=0.25, stop_grace=13.0, liveness_timeout=4.0, stuck_timeout=30.0,
         labels={"zone": "a", "gpu": "h100"}, parent_pid=42, curve_dir="/k", cpu_kvcache_gib=2, metrics_port=-1,
-        metrics_host="0.0.0.0", adopt=True, log_level="DEBUG", insecure=True, replica_log_dir="/logs")
+        metrics_host="0.0.0.0", adopt=True, on_stop="stop", log_level="DEBUG", insecure=True,
+        replica_log_dir="/logs")
     assert cfg.policy == RestartPolicy(liveness_timeout=4.0, stuck_timeout=30.0)
+
+
+def test_an_orderly_stop_leaves_the_replicas_only_for_an_agent_that_adopts() -> None:
+    fixed = ["--replica-endpoint", "tcp://127.0.0.1:7200"]
+    assert not config_from_args([]).leaves_replicas
+    assert config_from_args(["--adopt"] + fixed).leaves_replicas  # the next agent adopts them
+    # tokenrelay up: replicas outlive an agent crash, but the stack's stop stops them
+    assert not config_from_args(["--adopt", "--on-stop", "stop"] + fixed).leaves_replicas
 
 
 @pytest.mark.parametrize("text, insecure", [("1", True), ("0", False)])
@@ -53,6 +62,8 @@ def test_tokenrelay_insecure_in_the_environment_counts_like_the_flag(
     (["--heartbeat-interval", "0"], "--heartbeat-interval must be between"),
     (["--stop-grace", "-1"], "--stop-grace must be >= 0"),
     (["--adopt"], "--adopt needs a fixed --replica-endpoint"),
+    (["--on-stop", "leave"], "--on-stop leave needs --adopt"),
+    (["--on-stop", "later"], "invalid choice"),
     (["--stuck-timeout", "soon"], "--stuck-timeout"),
     (["--head-timeout", "5"], "unrecognized arguments"),  # not an option
 ])
