@@ -21,6 +21,7 @@ import msgspec
 import yaml
 
 from runtime import head_client
+from runtime.addresses import check_zmq_endpoint
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
@@ -288,6 +289,14 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _head_endpoint(value: str) -> str:
+    """--head as argparse checks it (exit 2 with the reason; ZeroMQ's connect() raised a traceback)."""
+    try:
+        return check_zmq_endpoint(value, "--head")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenrelay", description="tokenrelay: distributed LLM serving.")
     p.add_argument("--log-level", default="INFO")
@@ -313,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_cmd_up)
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("--head", default=DEFAULT_HEAD, help="the head's control endpoint")
+        cmd.add_argument("--head", default=DEFAULT_HEAD, type=_head_endpoint, help="the head's control endpoint")
         cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
                                                        "the state directory's admin.token)")
         cmd.add_argument("--state-dir", default=None, help="where to look for admin.token (and keys/)")

@@ -23,10 +23,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from proxy.config import API_KEYS_ENV
 from runtime import keyring
+from runtime.addresses import port_in_use, tcp_address
 from runtime.credentials import state_dir
 from runtime.curve import keys_dir, warn_insecure
 from runtime.settings import parse_csv
@@ -78,8 +79,27 @@ class Launcher:
         self._keys = directory
         return ["--curve-dir", str(directory)]
 
+    def busy_addresses(self, in_use: Optional[Callable[[str, int], bool]] = None) -> list[str]:
+        """The addresses this stack's head and proxy would bind that something already listens on,
+        as "head.control tcp://127.0.0.1:7100" (the config key first)."""
+        busy = []
+        for key, value in (("head.control", self.stack.head_control), ("head.publish", self.stack.head_publish),
+                           ("proxy.bind", self.stack.proxy_bind)):
+            address = tcp_address(value)
+            if address is not None and (in_use or port_in_use)(*address):
+                busy.append("%s %s" % (key, value))
+        return busy
+
     def run(self) -> int:
         s = self.stack
+        busy = self.busy_addresses()
+        if busy:
+            # checked before any process starts: this stack's agent would otherwise join the head that
+            # holds these ports and take its replicas out of routing (same agent name)
+            log.error("[startup] already in use: %s. Is another tokenrelay stack running (`tokenrelay status "
+                      "--head %s`)? Stop it, or give this stack other ports (its config file; --port for the "
+                      "proxy).", ", ".join(busy), local_endpoint(s.head_control))
+            return 1
         agent_id = socket.gethostname()
         try:
             self._security = self._secure(agent_id)

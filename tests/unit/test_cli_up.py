@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from runtime import cli
 from runtime.stack_config import StackConfig
 
@@ -43,3 +45,37 @@ def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypa
 def test_bad_stack_name_and_port_are_usage_errors():
     assert cli.main(["up", "--stack", "../etc"]) == 2
     assert cli.main(["up", "--port", "70000"]) == 2
+
+
+def test_up_refuses_ports_in_use_before_starting_anything(monkeypatch, caplog):
+    """A second `up` with the same config used to start its agent, which registered with the FIRST
+    stack's head under the same agent name: that stack's replicas left routing (requests failed) while
+    the second `up` printed "serving on ..." and then stopped because its head could not bind."""
+    import runtime.launcher
+    from runtime.launcher import Launcher
+
+    stack = StackConfig(head_control="tcp://127.0.0.1:7100", head_publish="ipc:///tmp/x.sock",
+                        proxy_bind="127.0.0.1:8000")
+    launcher = Launcher(stack, Path("x.yaml"))
+    taken = {("127.0.0.1", 7100), ("127.0.0.1", 8000)}
+    assert launcher.busy_addresses(lambda host, port: (host, port) in taken) == [
+        "head.control tcp://127.0.0.1:7100", "proxy.bind 127.0.0.1:8000"]
+    assert launcher.busy_addresses(lambda host, port: False) == []
+    assert Launcher(StackConfig(head_control="tcp://*:7100"), Path("x.yaml")).busy_addresses(
+        lambda host, port: host == "0.0.0.0") == ["head.control tcp://*:7100"]
+
+    monkeypatch.setattr(runtime.launcher, "port_in_use", lambda host, port: port == 7100)
+    monkeypatch.setattr(Launcher, "_spawn", lambda *a: pytest.fail("started a process"))
+    monkeypatch.setattr(Launcher, "_secure", lambda *a: pytest.fail("touched the keys"))
+    assert launcher.run() == 1
+    assert "already in use: head.control tcp://127.0.0.1:7100" in caplog.text
+    assert "Is another tokenrelay stack running" in caplog.text
+
+
+@pytest.mark.parametrize("head", ["garbage", "127.0.0.1:7100", "tcp://127.0.0.1:99999"])
+def test_admin_commands_refuse_a_head_that_is_no_endpoint(head, capsys):
+    """`tokenrelay status --head garbage` printed ZeroMQ's traceback (exit 1)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["status", "--head", head])
+    assert exit_.value.code == 2
+    assert "argument --head: must be a ZeroMQ endpoint like tcp://HOST:PORT" in capsys.readouterr().err

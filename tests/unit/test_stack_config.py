@@ -66,3 +66,21 @@ def test_autoscaling_scale_to_zero_and_ttft_objective_parse_with_defaults():
 def test_bad_autoscaling_knobs_name_the_field(block, message):
     with pytest.raises(ValueError, match=message):
         parse_deployment({"name": "x", "engine": "mock", "autoscaling": block})
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"head": {"control": "garbage"}}, "head.control: must be a ZeroMQ endpoint"),
+    ({"head": {"publish": "127.0.0.1:7101"}}, "head.publish: must be a ZeroMQ endpoint"),
+    ({"head": {"control": "tcp://127.0.0.1:99999"}}, "head.control: must be a ZeroMQ endpoint"),
+    ({"proxy": {"bind": "nope"}}, "proxy.bind: must be HOST:PORT"),
+    ({"proxy": {"bind": "127.0.0.1:99999"}}, "proxy.bind: must be HOST:PORT"),
+])
+def test_bad_addresses_are_refused_by_the_config_key(section, message):
+    """They used to start every process, each then failing with its own flag's name (--bind, --head)
+    and a full usage text; the operator wrote proxy.bind, not --bind."""
+    with pytest.raises(ValueError, match=message):
+        parse_stack(section)
+    stack = parse_stack({"head": {"control": "tcp://*:7100", "publish": "ipc:///tmp/x"},
+                         "proxy": {"bind": "[::1]:8000"}})
+    assert (stack.head_control, stack.head_publish, stack.proxy_bind) == ("tcp://*:7100", "ipc:///tmp/x",
+                                                                          "[::1]:8000")

@@ -1,0 +1,62 @@
+"""Addresses in a stack config and on the CLI: what they must look like, and whether one is taken.
+
+Runs in the launcher (`tokenrelay up`) and the CLI; `port_in_use` opens (and at once closes) one
+unlistened TCP socket per check, nothing else here touches the network. Errors are `ValueError`s naming
+the config key or flag to change.
+
+`tokenrelay up` checks every address its head and proxy will bind before it starts any process: a second
+`up` with the same ports would otherwise start an agent that registers with the FIRST stack's head
+under the same agent name, whose replicas then leave that head's routing table, while its own head
+cannot bind.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Optional
+
+
+def check_zmq_endpoint(value: str, where: str) -> str:
+    """A ZeroMQ endpoint the processes accept: tcp://HOST:PORT (PORT may be `*`) or ipc://PATH."""
+    if value.startswith("ipc://") and len(value) > len("ipc://"):
+        return value
+    if value.startswith("tcp://"):
+        host, sep, port = value[len("tcp://"):].rpartition(":")
+        if sep and host and (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+            return value
+    raise ValueError("%s: must be a ZeroMQ endpoint like tcp://HOST:PORT or ipc://PATH, got %r" % (where, value))
+
+
+def check_host_port(value: str, where: str) -> str:
+    """HOST:PORT with a port from 1 to 65535 (the proxy's HTTP address)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("%s: must be HOST:PORT with a port from 1 to 65535, got %r" % (where, value))
+    return value
+
+
+def tcp_address(value: str) -> Optional[tuple[str, int]]:
+    """(host, port) a process will listen on for a tcp:// endpoint or a HOST:PORT; None when the OS picks
+    the port (`*`, 0) or it is not TCP (ipc://)."""
+    if value.startswith("ipc://"):
+        return None
+    host, _, port = value.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    host = host.strip("[]")
+    return ("0.0.0.0" if host in ("*", "") else host), int(port)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on host:port (a bind refused with EADDRINUSE). Any other failure
+    (a host that is not this machine's, a name that does not resolve) is left to the process that binds
+    it, which says so in its own words."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # as ZeroMQ and gunicorn do: a port whose old connections linger in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
