@@ -33,8 +33,8 @@ from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, tex
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    BodyTooLarge, ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType,
-    error_body, error_type_for,
+    BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError,
+    UnsupportedMediaType, error_body, error_type_for,
 )
 from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
@@ -91,19 +91,32 @@ READ_CHUNK = 65536  # bytes per read of a request body; the worker's other green
 BIG_UNREAD = 65536  # an unread body larger than this is not drained by the worker: the connection closes
 
 
-def read_body(req: falcon.Request, limit: int) -> bytes:
+def read_body(req: falcon.Request, limit: int, timeout: float) -> bytes:
     """The request body, at most `limit` bytes, else 413 (at once when Content-Length says so, before
     reading anything). Chunked bodies (no Content-Length) are read to their end within the same limit.
     Read in 64 KiB pieces with a yield between them: gevent's recv does not yield while data is there,
-    so one fast upload would otherwise hold the worker (and every stream on it) until it ends."""
+    so one fast upload would otherwise hold the worker (and every stream on it) until it ends. A body
+    that stalls for `timeout` seconds between two reads is a 408 and the connection closes: gunicorn
+    bounds only the wait for a request's headers, so a client that stopped mid-body held its connection
+    (and a slot of --worker-connections) forever."""
     chunked = req.content_length is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
     if req.content_length is not None and req.content_length > limit:
         raise BodyTooLarge("request body exceeds %d bytes" % limit)
     stream = req.stream if chunked else req.bounded_stream
     parts: list[bytes] = []
     size = 0
+    timer = gevent.Timeout(timeout)
     while size <= limit:
-        data = stream.read(min(READ_CHUNK, limit + 1 - size))
+        timer.start()
+        try:
+            data = stream.read(min(READ_CHUNK, limit + 1 - size))
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            req.env[LINGER_ENV] = True  # the rest of the body may never come: do not wait for it
+            raise BodyTimeout("request body stalled: no data for %gs" % timeout) from None
+        finally:
+            timer.cancel()
         if not data:
             break
         parts.append(data)
@@ -192,7 +205,7 @@ class OpenAIResource(_Inference):
         ctx = req.context
         ctx.deployment = ""  # until the model is known to exist
         require_media(req, ("application/json",))
-        body = read_body(req, self._config.max_body_bytes)
+        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
         fields = parse_json(routing_fields, body)
         model = fields.model
         if model is None:  # as `vllm serve` answers with its only model
@@ -265,7 +278,7 @@ class PlainResource(_Inference):
     def on_post(self, req: falcon.Request, resp: falcon.Response, deployment: str) -> None:
         req.context.deployment = ""
         require_media(req, ("text/*", "application/octet-stream"))
-        body = read_body(req, self._config.max_body_bytes)
+        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
         prompt, params = parse_plain(body, req.get_param("max_tokens"))
         request = GenerateRequest(request_id=req.context.request_id, prompt=prompt, params=params)
         dispatch, first, limits = self._start(req, deployment, request, prompt, False)

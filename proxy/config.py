@@ -98,6 +98,9 @@ class ProxyConfig:
     graceful_timeout: float = setting(10.0, help="seconds workers get to finish requests on shutdown")
     hwm: int = setting(100_000, help="SNDHWM/RCVHWM of every replica DEALER", cli=False, env=False)
     max_body_bytes: int = setting(16 * 1024 * 1024, help="largest request body; bigger ones get 413")
+    body_timeout: float = setting(
+        30.0, help="seconds a request body may stall between two reads; then 408 and the connection "
+                   "closes (a client that stops sending mid-body would otherwise hold it forever)")
     curve_dir: Optional[str] = setting(
         None, help="CURVE key directory holding one proxy-NAME.key_secret, head.key and replica.key (see "
                    "`tokenrelay keys add proxy`)", env=False, metavar="DIR",
@@ -141,7 +144,7 @@ class ProxyConfig:
             raise ValueError("--rate-limit must be >= 0")
         for name in ("stale_after", "first_token_timeout", "idle_timeout", "head_timeout",
                      "head_timeout_max", "graceful_timeout", "total_timeout", "keepalive_interval",
-                     "retry_window", "breaker_cooldown", "load_stale_after"):
+                     "retry_window", "breaker_cooldown", "load_stale_after", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
         if (self.certfile is None) != (self.keyfile is None):

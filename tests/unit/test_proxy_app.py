@@ -11,11 +11,13 @@ from typing import Any, Optional
 
 import falcon
 import falcon.testing
+import gevent
 import pytest
 
 from proxy.admission import AdmissionQueue
 from proxy.app import create_app
 from proxy.config import ProxyConfig
+from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.router import NONE, ROUTE, Decision
 from proxy.streams import Item, RequestStream
 from runtime.protocol import Delta, DeploymentRoute, GenerateRequest, ReplicaRoute, RequestError
@@ -263,6 +265,51 @@ def test_body_too_large(backend: FakeBackend) -> None:
     small = ProxyConfig(head="tcp://127.0.0.1:1", workers=1, max_body_bytes=10)
     client = falcon.testing.TestClient(create_app(backend, small))
     assert_openai_error(client.simulate_post("/v1/chat/completions", json=chat_body()), 413, code="body_too_large")
+
+
+class StallingInput:
+    """A client's body that sends its first bytes, then nothing (wsgi.input)."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+
+    def read(self, size: int = -1) -> bytes:
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        gevent.sleep(30)  # the client stopped sending
+        return b""
+
+    readline = read  # what the WSGI validator asks an input stream for
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return [self.read()]
+
+    def __iter__(self) -> Any:
+        return iter(self.readlines())
+
+
+@pytest.mark.parametrize("path, content_type", [("/v1/chat/completions", "application/json"),
+                                                ("/v1/chat/tiny", "text/plain")])
+def test_a_body_that_stalls_is_408_and_the_connection_closes(backend: FakeBackend, path: str,
+                                                             content_type: str) -> None:
+    """A client that sent its headers and part of its body, then stopped, held its connection forever."""
+    app = create_app(backend, ProxyConfig(head="tcp://127.0.0.1:1", workers=1, body_timeout=0.05))
+    seen: list[dict] = []
+
+    def server(environ: dict, start_response: Any) -> Any:
+        seen.append(environ)
+        return app(environ, start_response)
+
+    start = time.monotonic()
+    r = falcon.testing.TestClient(server).simulate_post(
+        path, headers={"Content-Type": content_type, "Content-Length": "100"},
+        extras={"wsgi.input": StallingInput(b'{"model": "ti')})
+    assert time.monotonic() - start < 1.0
+    err = assert_openai_error(r, 408, code="request_timeout")
+    assert err["message"] == "request body stalled: no data for 0.05s"
+    assert seen[0].get(LINGER_ENV) is True  # the server hook closes the connection after the answer
+    assert backend.requests == []
 
 
 def test_unexpected_exception_is_500_json(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
