@@ -1,7 +1,7 @@
 """Hostile or broken clients on a real stack (one proxy worker, API keys on, mock engine): each costs only
-itself. A 100 MB upload is refused at once and never stalls the worker's other streams; a body that
-stops midway is a 408 (--body-timeout); deeply nested JSON is a 400; chunked bodies work; the errors gunicorn itself makes are OpenAI JSON with an
-X-Request-ID.
+itself. A 100 MB upload is refused at once and never stalls the worker's other streams; a body that stops
+midway is a 408 (--body-timeout); deeply nested JSON is a 400; chunked bodies work; the errors gunicorn itself
+makes are OpenAI JSON with an X-Request-ID.
 """
 from __future__ import annotations
 
