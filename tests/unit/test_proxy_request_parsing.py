@@ -87,6 +87,22 @@ def test_stop_list_and_integral_float_accepted() -> None:
     assert p.to_generate("r").prompt == "once upon" and p.to_generate("r").messages is None
 
 
+@pytest.mark.parametrize("parse, make", [(parse_chat, chat), (parse_completion, completion)])
+def test_what_vllm_refuses_across_fields_the_mock_refuses_too(parse: Any, make: Any) -> None:
+    """Both were accepted and silently ignored on a mock deployment; `vllm serve` answers 400."""
+    for fields in ({"stream_options": {"include_usage": True}}, {"stream": False,
+                                                                   "stream_options": {"include_usage": False}}):
+        with pytest.raises(InvalidRequest) as info:
+            parse(make(**fields))
+        assert info.value.param == "stream_options"
+        assert info.value.message == "Stream options can only be defined when `stream=True`."
+    assert not parse(make(stream_options={})).include_usage  # an empty object: vLLM takes it too
+    for stop in ("", ["END", ""]):
+        with pytest.raises(InvalidRequest) as info:
+            parse(make(stop=stop))
+        assert (info.value.param, info.value.message) == ("stop", "stop cannot contain an empty string.")
+
+
 @pytest.mark.parametrize("body,param,needle", [
     (b"{not json", None, "not valid JSON"),
     (b"", None, "empty"),
