@@ -344,6 +344,18 @@ class OpenApiResource:
 # --------------------------------------------------------------------------- errors
 
 
+LOG_MESSAGE_CHARS = 300  # of an error message in its log line; the client still gets all of it
+
+
+def _clip(message: str) -> str:
+    """An error message as its log line shows it: messages echo what the client sent (a model name, a
+    field name), and one 16 MiB model name made a 16 MiB log line, so each request could grow the log by
+    as much as it sent."""
+    if len(message) <= LOG_MESSAGE_CHARS:
+        return message
+    return "%s... (%d chars)" % (message[:LOG_MESSAGE_CHARS], len(message))
+
+
 def _rid(req: falcon.Request) -> str:
     return getattr(req.context, "request_id", "-")
 
@@ -371,7 +383,7 @@ def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
 
 def _on_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, params: dict) -> None:
     log.log(logging.WARNING if ex.status >= 500 else logging.INFO, "req=%s %s %s -> %d %s",
-            _rid(req), req.method, req.path, ex.status, ex.message)
+            _rid(req), req.method, req.path, ex.status, _clip(ex.message))
     _close_if_body_unread(req)
     _write_error(resp, ex.status, ex.body(), ex.headers, ex.raw)
 

@@ -312,6 +312,17 @@ def test_a_body_that_stalls_is_408_and_the_connection_closes(backend: FakeBacken
     assert backend.requests == []
 
 
+def test_a_huge_echoed_value_makes_a_short_log_line(client: falcon.testing.TestClient, caplog: Any) -> None:
+    """An unknown model of 1 MB made a 1 MB log line (16 MiB with the largest body)."""
+    caplog.set_level("INFO", logger="proxy.app")
+    name = "m" * (1 << 20)
+    err = assert_openai_error(client.simulate_post("/v1/chat/completions", json=chat_body(model=name)), 404,
+                              param="model", code="model_not_found")
+    assert name in err["message"]  # the client gets the whole message, as from vllm serve
+    lines = [r.getMessage() for r in caplog.records if "-> 404" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0]) < 500 and lines[0].endswith(" chars)")
+
+
 def test_unexpected_exception_is_500_json(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
     def boom(rid: str) -> list[Item]:
         raise RuntimeError("bug")
