@@ -39,8 +39,8 @@ from proxy.errors import (
 from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import (
-    CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, prompt_text,
-    routing_fields,
+    CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, plain_max_tokens,
+    prompt_text, routing_fields,
 )
 from proxy.openapi import SPEC
 from proxy.router import route_key
@@ -278,8 +278,9 @@ class PlainResource(_Inference):
     def on_post(self, req: falcon.Request, resp: falcon.Response, deployment: str) -> None:
         req.context.deployment = ""
         require_media(req, ("text/*", "application/octet-stream"))
+        max_tokens = plain_max_tokens(req.params)
         body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
-        prompt, params = parse_plain(body, req.get_param("max_tokens"))
+        prompt, params = parse_plain(body, max_tokens)
         request = GenerateRequest(request_id=req.context.request_id, prompt=prompt, params=params)
         dispatch, first, limits = self._start(req, deployment, request, prompt, False)
         req.context.streaming = True

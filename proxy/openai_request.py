@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, TypeVar, Union
 
 import msgspec
 
@@ -303,6 +303,19 @@ def _sampling(req: _MockRequest, max_tokens: Optional[int]) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           stop=stop, seed=req.seed, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty)
+
+
+def plain_max_tokens(query: Mapping[str, Union[str, list[str]]]) -> Optional[str]:
+    """The legacy endpoint's one query parameter, `max_tokens`; any other (a typo such as `max_token`
+    was ignored, and the answer ran to the engine's default length) or a repeated one is a 400."""
+    for name, value in query.items():
+        if name != "max_tokens":
+            raise InvalidRequest("unknown query parameter %r; this endpoint takes only ?max_tokens=N"
+                                 % name[:100], param=name[:100])
+        if isinstance(value, list):
+            raise InvalidRequest("max_tokens given more than once", param="max_tokens")
+    limit = query.get("max_tokens")
+    return limit if isinstance(limit, str) else None
 
 
 def parse_plain(body: bytes, max_tokens: Optional[str]) -> tuple[str, SamplingParams]:

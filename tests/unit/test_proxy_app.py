@@ -174,6 +174,9 @@ def test_plain_endpoint(client: falcon.testing.TestClient, backend: FakeBackend)
     assert r.headers["content-type"].startswith("text/plain")
     assert "content-length" not in r.headers
     assert backend.requests[0].prompt == "tell me" and backend.requests[0].params.max_tokens == 4
+    r = client.simulate_post("/v1/chat/tiny", body=b"tell me", query_string="max_token=4")  # a typo
+    assert_openai_error(r, 400, param="max_token")
+    assert len(backend.requests) == 1
 
 
 def test_request_id_echoed_or_generated(client: falcon.testing.TestClient) -> None:

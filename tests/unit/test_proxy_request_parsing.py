@@ -7,7 +7,7 @@ from typing import Any, Optional
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.openai_request import CHAT, COMPLETION, parse_chat, parse_completion, parse_plain
+from proxy.openai_request import CHAT, COMPLETION, parse_chat, parse_completion, parse_plain, plain_max_tokens
 from runtime.protocol import ChatMessage, SamplingParams
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -171,6 +171,18 @@ def test_completion_validation_errors(body: bytes, param: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_completion(body)
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_plain_query_takes_max_tokens_once_and_nothing_else() -> None:
+    """`?max_token=3` (a typo) and `?foo=1` were ignored: the answer ran to the engine's default length."""
+    assert plain_max_tokens({}) is None
+    assert plain_max_tokens({"max_tokens": "3"}) == "3"
+    for query, param, needle in (({"max_token": "3"}, "max_token", "unknown query parameter 'max_token'"),
+                                 ({"max_tokens": "3", "x" * 5000: "1"}, "x" * 100, "takes only ?max_tokens=N"),
+                                 ({"max_tokens": ["1", "5"]}, "max_tokens", "more than once")):
+        with pytest.raises(InvalidRequest) as info:
+            plain_max_tokens(query)
+        assert info.value.param == param and needle in info.value.message
 
 
 def test_plain_body() -> None:
