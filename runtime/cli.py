@@ -236,6 +236,10 @@ def _cmd_keys(ns: argparse.Namespace) -> int:
                      "every agent host (its replicas refuse it from the next request)" % ns.name
                      if ns.role == "proxy" else ""))
         else:
+            if not directory.is_dir():  # an empty listing here read as "no keys registered"
+                log.error("no key directory at %s (a typo in --dir or $TOKENRELAY_CURVE_DIR? `tokenrelay keys "
+                          "init` makes one)", directory)
+                return 1
             for label, state, key in keyring.Registry(directory).listing():
                 print("%-40s %-8s %s" % (label, state, key))
             return 0

@@ -38,6 +38,9 @@ def test_keys_cli_init_add_list_revoke(tmp_path, capsys):
     assert cli.main(["keys", "list", "--dir", str(d)]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert rows == [["agent-gpu1", "active"], ["operator-alice", "active"], ["proxy-edge1", "revoked"]]
+    # a mistyped --dir printed nothing and exited 0, as if the cluster had no keys
+    assert cli.main(["keys", "list", "--dir", str(tmp_path / "kyes")]) == 1
+    assert capsys.readouterr().out == ""
 
 
 def test_registry_says_who_a_key_is_and_sees_revocations_at_once(tmp_path):
