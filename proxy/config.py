@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from runtime.addresses import check_host_port
 from runtime.owned_dirs import owned_temp_dir
 from runtime.settings import parse_config, setting
 
@@ -128,9 +129,7 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if "://" not in self.head:
             raise ValueError("--head must be a ZeroMQ endpoint like tcp://HOST:PORT, got %r" % self.head)
-        host, sep, port = self.bind.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("--bind must be HOST:PORT, got %r" % self.bind)
+        check_host_port(self.bind, "--bind")
         if not 0.0 <= self.breaker_max_share <= 1.0:
             raise ValueError("--breaker-max-share must be between 0 and 1")
         if self.max_resumes < 0:

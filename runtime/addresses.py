@@ -28,11 +28,19 @@ def check_zmq_endpoint(value: str, where: str) -> str:
 
 
 def check_host_port(value: str, where: str) -> str:
-    """HOST:PORT with a port from 1 to 65535 (the proxy's HTTP address)."""
+    """HOST:PORT with a port from 1 to 65535 (the proxy's HTTP address), an IPv6 host in brackets."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("%s: must be HOST:PORT with a port from 1 to 65535, got %r" % (where, value))
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        # gunicorn reads "::1:8000" as host "::1:8000" with no port and exits 1 (a crash to a supervisor)
+        raise ValueError("%s: an IPv6 address goes in brackets, [%s]:%s, got %r" % (where, host, port, value))
     return value
+
+
+def bracket_host(host: str) -> str:
+    """A host as it goes before ":PORT": an IPv6 address in brackets (`::1` -> `[::1]`)."""
+    return "[%s]" % host if ":" in host and not host.startswith("[") else host
 
 
 def tcp_address(value: str) -> Optional[tuple[str, int]]:

@@ -21,7 +21,7 @@ import msgspec
 import yaml
 
 from runtime import head_client
-from runtime.addresses import check_zmq_endpoint
+from runtime.addresses import bracket_host, check_zmq_endpoint
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
@@ -59,7 +59,8 @@ def _up_launcher(ns: argparse.Namespace) -> Any:
     def make(stack: StackConfig, path: Path, log_level: str, **kwargs: Any) -> Any:
         if ns.bind or ns.port:
             host, _, port = stack.proxy_bind.rpartition(":")
-            stack = dataclasses.replace(stack, proxy_bind="%s:%s" % (ns.bind or host, ns.port or port))
+            bind = "%s:%s" % (bracket_host(ns.bind) if ns.bind else host, ns.port or port)  # --bind ::1
+            stack = dataclasses.replace(stack, proxy_bind=bind)
         log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
         return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments,
                         verbose=ns.verbose, open_api=ns.open_api, **kwargs)

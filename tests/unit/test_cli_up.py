@@ -37,6 +37,9 @@ def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypa
     ns = cli.build_parser().parse_args(["up", "--port", "9000"])
     cli._up_launcher(ns)(StackConfig(proxy_bind="127.0.0.2:8000"), Path("x.yaml"), "INFO")
     assert made["bind"] == "127.0.0.2:9000" and made["reset"] is False
+    ns = cli.build_parser().parse_args(["up", "--bind", "::1"])  # gunicorn exited on "::1:8000" (no port)
+    cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
+    assert made["bind"] == "[::1]:8000"
     ns = cli.build_parser().parse_args(["up", "--bind", "0.0.0.0", "--open-api"])
     cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
     assert made["open_api"] is True

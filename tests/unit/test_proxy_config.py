@@ -37,6 +37,7 @@ def test_env_fallback_and_cli_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     ["--head", "localhost:5555"],
     ["--head", "tcp://h:1", "--bind", "8000"],
     ["--head", "tcp://h:1", "--bind", "h:99999"],
+    ["--head", "tcp://h:1", "--bind", "::1:8000"],  # gunicorn exited 1 on it (a crash, restarted 5 times)
     ["--head", "tcp://h:1", "--workers", "0"],
     ["--head", "tcp://h:1", "--workers", "two"],
     ["--head", "tcp://h:1", "--stale-after", "0"],

@@ -74,6 +74,7 @@ def test_bad_autoscaling_knobs_name_the_field(block, message):
     ({"head": {"control": "tcp://127.0.0.1:99999"}}, "head.control: must be a ZeroMQ endpoint"),
     ({"proxy": {"bind": "nope"}}, "proxy.bind: must be HOST:PORT"),
     ({"proxy": {"bind": "127.0.0.1:99999"}}, "proxy.bind: must be HOST:PORT"),
+    ({"proxy": {"bind": "::1:8000"}}, r"proxy.bind: an IPv6 address goes in brackets, \[::1\]:8000"),
 ])
 def test_bad_addresses_are_refused_by_the_config_key(section, message):
     """They used to start every process, each then failing with its own flag's name (--bind, --head)
