@@ -1,6 +1,6 @@
 """Addresses in a stack config and on the CLI: what they must look like, and whether one is taken.
 
-Runs in the launcher (`tokenrelay up`) and the CLI; `port_in_use` opens (and at once closes) one
+Runs in the launcher (`tokenrelay up`) and the CLI; `bind_problem` opens (and at once closes) one
 unlistened TCP socket per check, nothing else here touches the network. Errors are `ValueError`s naming
 the config key or flag to change.
 
@@ -55,10 +55,14 @@ def tcp_address(value: str) -> Optional[tuple[str, int]]:
     return ("0.0.0.0" if host in ("*", "") else host), int(port)
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """True when something listens on host:port (a bind refused with EADDRINUSE). Any other failure
-    (a host that is not this machine's, a name that does not resolve) is left to the process that binds
-    it, which says so in its own words."""
+BIND_PROBLEMS = {errno.EADDRINUSE: "in use", errno.EADDRNOTAVAIL: "not an address of this host",
+                 errno.EACCES: "a port below 1024 needs privileges"}
+
+
+def bind_problem(host: str, port: int) -> Optional[str]:
+    """Why a process could not listen on host:port ("in use", ...), or None. Only the failures in
+    BIND_PROBLEMS count; any other (a name that does not resolve) is left to the process that binds it,
+    which says so in its own words."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         # as ZeroMQ and gunicorn do: a port whose old connections linger in TIME_WAIT is free
@@ -66,5 +70,5 @@ def port_in_use(host: str, port: int) -> bool:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
+            return BIND_PROBLEMS.get(exc.errno or 0)
+    return None

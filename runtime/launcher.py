@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from proxy.config import API_KEYS_ENV
 from runtime import keyring
-from runtime.addresses import port_in_use, tcp_address
+from runtime.addresses import bind_problem, tcp_address
 from runtime.credentials import state_dir
 from runtime.curve import keys_dir, warn_insecure
 from runtime.settings import parse_csv
@@ -79,26 +79,29 @@ class Launcher:
         self._keys = directory
         return ["--curve-dir", str(directory)]
 
-    def busy_addresses(self, in_use: Optional[Callable[[str, int], bool]] = None) -> list[str]:
-        """The addresses this stack's head and proxy would bind that something already listens on,
-        as "head.control tcp://127.0.0.1:7100" (the config key first)."""
-        busy = []
+    def bind_problems(self, probe: Optional[Callable[[str, int], Optional[str]]] = None) -> list[str]:
+        """What stops this stack's head or proxy from listening where its config says, as
+        "head.control tcp://127.0.0.1:7100: in use" (the config key first); [] when nothing does."""
+        problems = []
         for key, value in (("head.control", self.stack.head_control), ("head.publish", self.stack.head_publish),
                            ("proxy.bind", self.stack.proxy_bind)):
             address = tcp_address(value)
-            if address is not None and (in_use or port_in_use)(*address):
-                busy.append("%s %s" % (key, value))
-        return busy
+            problem = None if address is None else (probe or bind_problem)(*address)
+            if problem:
+                problems.append("%s %s: %s" % (key, value, problem))
+        return problems
 
     def run(self) -> int:
         s = self.stack
-        busy = self.busy_addresses()
-        if busy:
-            # checked before any process starts: this stack's agent would otherwise join the head that
-            # holds these ports and take its replicas out of routing (same agent name)
-            log.error("[startup] already in use: %s. Is another tokenrelay stack running (`tokenrelay status "
-                      "--head %s`)? Stop it, or give this stack other ports (its config file; --port for the "
-                      "proxy).", ", ".join(busy), local_endpoint(s.head_control))
+        problems = self.bind_problems()
+        if problems:
+            # checked before any process starts: with a port in use, this stack's agent would join the
+            # head that holds it and take that stack's replicas out of routing (same agent name); a proxy
+            # that cannot bind exits 1, a crash the launcher would restart 5 times before stopping
+            log.error("[startup] cannot listen on %s.%s", "; ".join(problems),
+                      " Is another tokenrelay stack running (`tokenrelay status --head %s`)? Stop it, or give "
+                      "this stack other ports (its config file; --port for the proxy)."
+                      % local_endpoint(s.head_control) if any(p.endswith(": in use") for p in problems) else "")
             return 1
         agent_id = socket.gethostname()
         try:

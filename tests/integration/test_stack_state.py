@@ -82,7 +82,7 @@ def test_a_second_up_with_the_same_ports_leaves_the_running_stack_alone(tmp_path
                                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                                 text=True, timeout=30)
         assert second.returncode == 1, second.stderr
-        assert "already in use: head.control %s" % stack.head in second.stderr
+        assert "cannot listen on head.control %s: in use" % stack.head in second.stderr
         assert "serving on" not in second.stderr and "agent started" not in second.stderr
         body = {"model": "mock", "prompt": "hi", "max_tokens": 2}
         assert httpx.post(stack.base_url + "/v1/completions", json=body, timeout=10).status_code == 200

@@ -61,18 +61,32 @@ def test_up_refuses_ports_in_use_before_starting_anything(monkeypatch, caplog):
                         proxy_bind="127.0.0.1:8000")
     launcher = Launcher(stack, Path("x.yaml"))
     taken = {("127.0.0.1", 7100), ("127.0.0.1", 8000)}
-    assert launcher.busy_addresses(lambda host, port: (host, port) in taken) == [
-        "head.control tcp://127.0.0.1:7100", "proxy.bind 127.0.0.1:8000"]
-    assert launcher.busy_addresses(lambda host, port: False) == []
-    assert Launcher(StackConfig(head_control="tcp://*:7100"), Path("x.yaml")).busy_addresses(
-        lambda host, port: host == "0.0.0.0") == ["head.control tcp://*:7100"]
+    assert launcher.bind_problems(lambda host, port: "in use" if (host, port) in taken else None) == [
+        "head.control tcp://127.0.0.1:7100: in use", "proxy.bind 127.0.0.1:8000: in use"]
+    assert launcher.bind_problems(lambda host, port: None) == []
+    assert Launcher(StackConfig(head_control="tcp://*:7100"), Path("x.yaml")).bind_problems(
+        lambda host, port: "in use" if host == "0.0.0.0" else None) == ["head.control tcp://*:7100: in use"]
 
-    monkeypatch.setattr(runtime.launcher, "port_in_use", lambda host, port: port == 7100)
+    monkeypatch.setattr(runtime.launcher, "bind_problem", lambda host, port: "in use" if port == 7100 else None)
     monkeypatch.setattr(Launcher, "_spawn", lambda *a: pytest.fail("started a process"))
     monkeypatch.setattr(Launcher, "_secure", lambda *a: pytest.fail("touched the keys"))
     assert launcher.run() == 1
-    assert "already in use: head.control tcp://127.0.0.1:7100" in caplog.text
+    assert "cannot listen on head.control tcp://127.0.0.1:7100: in use." in caplog.text
     assert "Is another tokenrelay stack running" in caplog.text
+
+
+def test_up_refuses_a_proxy_address_this_host_does_not_have(monkeypatch, caplog):
+    """`up --bind 192.0.2.1 --open-api`: the proxy exited 1 after gunicorn's 5 s of retries, a crash the
+    launcher restarted 5 times (half a minute) before it stopped the stack."""
+    import runtime.launcher
+    from runtime.launcher import Launcher
+
+    monkeypatch.setattr(runtime.launcher, "bind_problem",
+                        lambda host, port: "not an address of this host" if host == "192.0.2.1" else None)
+    monkeypatch.setattr(Launcher, "_spawn", lambda *a: pytest.fail("started a process"))
+    assert Launcher(StackConfig(proxy_bind="192.0.2.1:8000"), Path("x.yaml")).run() == 1
+    assert "cannot listen on proxy.bind 192.0.2.1:8000: not an address of this host." in caplog.text
+    assert "another tokenrelay stack" not in caplog.text
 
 
 @pytest.mark.parametrize("head", ["garbage", "127.0.0.1:7100", "tcp://127.0.0.1:99999"])
