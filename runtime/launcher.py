@@ -89,6 +89,10 @@ class Launcher:
             problem = None if address is None else (probe or bind_problem)(*address)
             if problem:
                 problems.append("%s %s: %s" % (key, value, problem))
+        # replicas bind tcp://AGENT_HOST:* (a port the OS picks): only the address can be wrong
+        problem = (probe or bind_problem)(self.stack.agent_host.strip("[]"), 0)
+        if problem:
+            problems.append("agent.host %s: %s" % (self.stack.agent_host, problem))
         return problems
 
     def run(self) -> int:

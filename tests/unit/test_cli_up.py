@@ -87,6 +87,9 @@ def test_up_refuses_a_proxy_address_this_host_does_not_have(monkeypatch, caplog)
     assert Launcher(StackConfig(proxy_bind="192.0.2.1:8000"), Path("x.yaml")).run() == 1
     assert "cannot listen on proxy.bind 192.0.2.1:8000: not an address of this host." in caplog.text
     assert "another tokenrelay stack" not in caplog.text
+    # agent.host, where replicas bind: each replica crashed (exit 1) and was restarted six times
+    assert Launcher(StackConfig(agent_host="192.0.2.1"), Path("x.yaml")).run() == 1
+    assert "cannot listen on agent.host 192.0.2.1: not an address of this host." in caplog.text
 
 
 @pytest.mark.parametrize("head", ["garbage", "127.0.0.1:7100", "tcp://127.0.0.1:99999"])
