@@ -25,7 +25,7 @@ from runtime.addresses import bracket_host, check_zmq_endpoint
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
-from runtime.stack_config import StackConfig, load_stack
+from runtime.stack_config import StackConfig, load_stack, parse_deployment
 
 log = logging.getLogger("tokenrelay")
 
@@ -169,15 +169,43 @@ def _admin_call(ns: argparse.Namespace, fn, *args) -> int:
     return 0
 
 
+def load_deploy_file(path: str) -> list[dict[str, Any]]:
+    """The specs of a `deploy -f` file (one spec, a list, or {deployments: [...]}), each checked as the
+    head checks it, so a bad file sends nothing; ValueError naming the file and the field. The head used
+    to be the first to look: a file holding `null` got "protocol: bad DeployRequest payload", an empty
+    list did nothing and exited 0, a YAML alias inside its own anchor raised a RecursionError."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError("cannot read %s: %s" % (path, exc.strerror)) from None
+    except yaml.YAMLError as exc:
+        raise ValueError("%s: not valid YAML/JSON: %s" % (path, exc)) from None
+    try:
+        json.dumps(raw, default=str)
+    except ValueError:  # json's "Circular reference detected"
+        raise ValueError("%s: a YAML alias refers to its own anchor (the spec would never end)" % path) from None
+    where = "spec"
+    if isinstance(raw, dict) and "deployments" in raw:
+        raw, where = raw["deployments"], "deployments"
+        if not isinstance(raw, list):
+            raise ValueError("%s: deployments: must be a list of specs" % path)
+    specs = raw if isinstance(raw, list) else [raw]
+    if not specs:
+        raise ValueError("%s: holds no deployment spec" % path)
+    for i, spec in enumerate(specs):
+        try:
+            parse_deployment(spec, where if not isinstance(raw, list) else "%s[%d]" % (where, i))
+        except ValueError as exc:
+            raise ValueError("%s: %s" % (path, exc)) from None
+    return specs
+
+
 def _cmd_deploy(ns: argparse.Namespace) -> int:
     try:
-        raw = yaml.safe_load(Path(ns.file).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        log.error("cannot read %s: %s", ns.file, exc)
+        specs = load_deploy_file(ns.file)
+    except ValueError as exc:
+        log.error("%s", exc)
         return 2
-    if isinstance(raw, dict) and "deployments" in raw:
-        raw = raw["deployments"]
-    specs = raw if isinstance(raw, list) else [raw]
     code = 0
     for spec in specs:
         code = max(code, _admin_call(ns, head_client.deploy, spec))
