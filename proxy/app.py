@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Protocol
 import falcon
 import gevent
 import msgspec
+from gunicorn.http.errors import NoMoreData, ParseException
 
 from proxy import metrics
 from proxy.access import ApiKeys, RateLimiter, load_api_keys
@@ -95,7 +96,8 @@ def read_body(req: falcon.Request, limit: int, timeout: float) -> bytes:
     """The request body, at most `limit` bytes, else 413 (at once when Content-Length says so, before
     reading anything). Chunked bodies (no Content-Length) are read to their end within the same limit.
     Read in 64 KiB pieces with a yield between them: gevent's recv does not yield while data is there,
-    so one fast upload would otherwise hold the worker (and every stream on it) until it ends. A body
+    so one fast upload would otherwise hold the worker (and every stream on it) until it ends. Bad
+    chunked framing is a 400 (gunicorn raises it from read(): it was a 500 with a traceback). A body
     that stalls for `timeout` seconds between two reads is a 408 and the connection closes: gunicorn
     bounds only the wait for a request's headers, so a client that stopped mid-body held its connection
     (and a slot of --worker-connections) forever."""
@@ -115,6 +117,9 @@ def read_body(req: falcon.Request, limit: int, timeout: float) -> bytes:
                 raise
             req.env[LINGER_ENV] = True  # the rest of the body may never come: do not wait for it
             raise BodyTimeout("request body stalled: no data for %gs" % timeout) from None
+        except (ParseException, NoMoreData) as exc:  # bad chunked framing, or the client left mid-chunk
+            req.env[LINGER_ENV] = True  # where the next request would start is unknown
+            raise InvalidRequest("malformed chunked request body: %s" % exc) from None
         finally:
             timer.cancel()
         if not data:

@@ -159,6 +159,15 @@ def test_a_body_that_stops_midway_is_a_408_and_the_connection_closes(stack: Stac
     assert "POST /v1/completions -> 408 request body stalled" in stack.log()
 
 
+def test_a_malformed_chunked_body_is_a_400(stack: Stack) -> None:
+    """A chunk size that is not hex was a 500 (internal proxy error: InvalidChunkSize) and a traceback."""
+    raw = send_raw(stack, b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-team\r\n"
+                          b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+    err = json_error(raw, 400)  # and send_raw returned: the connection closed
+    assert err["message"] == "malformed chunked request body: Invalid chunk size: b'zz'"
+    assert "Traceback" not in stack.log()
+
+
 def test_deeply_nested_json_is_a_400(stack: Stack) -> None:
     for body in (b"[" * 100000 + b"]" * 100000,
                  b'{"model": "mock", "prompt": "x", "user": ' + b"[" * 100000 + b"]" * 100000 + b"}"):

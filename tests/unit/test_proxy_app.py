@@ -315,6 +315,34 @@ def test_a_body_that_stalls_is_408_and_the_connection_closes(backend: FakeBacken
     assert backend.requests == []
 
 
+class BadChunks(StallingInput):
+    """A chunked body whose framing gunicorn cannot read (a chunk size of "zz")."""
+
+    def read(self, size: int = -1) -> bytes:
+        from gunicorn.http.errors import InvalidChunkSize
+        raise InvalidChunkSize(b"zz")
+
+    readline = read
+
+
+def test_a_malformed_chunked_body_is_400_not_500(backend: FakeBackend, caplog: Any) -> None:
+    """gunicorn raises InvalidChunkSize from read(): that was a 500 with a traceback in the log."""
+    app = create_app(backend, CONFIG)
+    seen: list[dict] = []
+
+    def server(environ: dict, start_response: Any) -> Any:
+        seen.append(environ)
+        return app(environ, start_response)
+
+    r = falcon.testing.TestClient(server).simulate_post(
+        "/v1/chat/completions", headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        extras={"wsgi.input": BadChunks(b"")})
+    err = assert_openai_error(r, 400)
+    assert err["message"] == "malformed chunked request body: Invalid chunk size: b'zz'"
+    assert seen[0].get(LINGER_ENV) is True
+    assert "Traceback" not in caplog.text and not any(rec.exc_info for rec in caplog.records)
+
+
 def test_a_huge_echoed_value_makes_a_short_log_line(client: falcon.testing.TestClient, caplog: Any) -> None:
     """An unknown model of 1 MB made a 1 MB log line (16 MiB with the largest body)."""
     caplog.set_level("INFO", logger="proxy.app")
