@@ -167,3 +167,10 @@ def test_the_heads_state_directory_and_database_are_private(tmp_path):
     finally:
         os.umask(old)
     assert mode(tmp_path / "up-state") == 0o700
+
+
+def test_a_key_directory_that_cannot_be_made_is_a_key_file_error(tmp_path):
+    """$TOKENRELAY_STATE_DIR naming a file: `tokenrelay up` printed a FileExistsError traceback."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(keyring.KeyFileError, match="cannot make the key directory .*/file/keys: .*/file: "):
+        keyring.ensure_single_host(tmp_path / "file" / "keys", "vm")
