@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -36,6 +37,18 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def check_tls_pair(certfile: str, keyfile: str) -> None:
+    """ValueError unless the certificate and key load together as the workers will load them: a file
+    that is not PEM, or a key that is not the certificate's, made every gunicorn worker die at boot and
+    be replaced at once, forever (a traceback each, four a second), while the master looked alive."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # a callback, so an encrypted key fails here instead of prompting on the terminal
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError("--certfile %s --keyfile %s: cannot load them as a certificate and its key (PEM, "
+                         "unencrypted key): %s" % (certfile, keyfile, exc)) from None
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,8 @@ class ProxyConfig:
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ValueError("--%s %s: not a readable file" % (name, path))
+        if self.certfile is not None and self.keyfile is not None:
+            check_tls_pair(self.certfile, self.keyfile)
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError("--log-level must be one of %s" % ", ".join(LOG_LEVELS))
 

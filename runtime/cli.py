@@ -105,6 +105,13 @@ def _prepare_and_run(stack: StackConfig, path: Path, ns: argparse.Namespace, lau
         log.error("--certfile and --keyfile go together (HTTPS needs both)")
         return 2
     tls = (str(Path(ns.certfile).resolve()), str(Path(ns.keyfile).resolve())) if ns.certfile else None
+    if tls:
+        from proxy.config import check_tls_pair
+        try:
+            check_tls_pair(*tls)  # before any process starts (the proxy checks it again)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
     return launcher(stack, path, ns.log_level, insecure=ns.insecure, tls=tls).run()
 
 

@@ -99,3 +99,14 @@ def test_admin_commands_refuse_a_head_that_is_no_endpoint(head, capsys):
         cli.main(["status", "--head", head])
     assert exit_.value.code == 2
     assert "argument --head: must be a ZeroMQ endpoint like tcp://HOST:PORT" in capsys.readouterr().err
+
+
+def test_up_refuses_a_certificate_that_does_not_load_before_starting_anything(tmp_path, monkeypatch, capsys):
+    import runtime.launcher
+    monkeypatch.setattr(runtime.launcher, "Launcher", lambda *a, **k: pytest.fail("started the stack"))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    config = tmp_path / "stack.yaml"
+    config.write_text("deployments: []\n")
+    assert cli.main(["up", "--config", str(config), "--certfile", str(junk), "--keyfile", str(junk)]) == 2
+    assert "cannot load them as a certificate and its key" in capsys.readouterr().err
