@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server_pair(keys, "head")
         except KeyFileError as exc:
-            log.error("[startup] %s: run `tokenrelay keys init %s`, or pass --insecure", exc, keys)
+            log.error("[startup] %s: run `tokenrelay keys init --dir %s`, or pass --insecure", exc, keys)
             return 2
         config = dataclasses.replace(config, curve_dir=str(keys))
     head = Head(config, store, token, seed, reset=config.reset_deployments)

@@ -73,3 +73,20 @@ def test_a_state_directory_it_cannot_use_exits_2_naming_it(tmp_path, capsys) -> 
     (state / "head.db").write_bytes(b"not a database, just garbage" * 100)
     assert main(argv + ["--state-dir", str(state)]) == 2
     assert "file is not a database" in capsys.readouterr().err
+
+
+def test_missing_keys_name_a_command_that_works(tmp_path, capsys) -> None:
+    """The head said `tokenrelay keys init DIR`, which the CLI refuses (unrecognized arguments)."""
+    import re
+    import shlex
+
+    from head.__main__ import main
+    from runtime import cli
+
+    keys = tmp_path / "keys"
+    argv = ["--control", "tcp://127.0.0.1:1", "--publish", "tcp://127.0.0.1:2", "--state-dir", str(tmp_path),
+            "--curve-dir", str(keys)]
+    assert main(argv) == 2
+    command = re.search(r"run `tokenrelay ([^`]*)`", capsys.readouterr().err).group(1)
+    assert cli.main(shlex.split(command)) == 0
+    assert (keys / "head.key_secret").exists()
