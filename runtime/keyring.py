@@ -260,8 +260,9 @@ def identity(directory: Path, role: str, name: Optional[str] = None) -> Identity
     else:
         found = sorted(directory.glob("%s-*.key_secret" % role))
         if len(found) != 1:
-            raise KeyFileError("%s holds %d %s keys (%s); exactly one is needed (`tokenrelay keys add %s`)"
-                            % (directory, len(found), role, ", ".join(p.name for p in found) or "none", role))
+            raise KeyFileError("%s holds %d %s keys (%s); exactly one is needed (`tokenrelay keys add %s NAME` "
+                               "where the cluster's keys are, then its files here)"
+                               % (directory, len(found), role, ", ".join(p.name for p in found) or "none", role))
         path = found[0]
         name = path.name[len(role) + 1:-len(".key_secret")]
     try:

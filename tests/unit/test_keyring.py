@@ -174,3 +174,9 @@ def test_a_key_directory_that_cannot_be_made_is_a_key_file_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(keyring.KeyFileError, match="cannot make the key directory .*/file/keys: .*/file: "):
         keyring.ensure_single_host(tmp_path / "file" / "keys", "vm")
+
+
+def test_a_missing_identity_names_a_complete_command(tmp_path):
+    """It said `tokenrelay keys add proxy`, which the CLI refuses: the name is required."""
+    with pytest.raises(keyring.KeyFileError, match=r"`tokenrelay keys add proxy NAME`"):
+        keyring.identity(tmp_path, "proxy")
