@@ -43,6 +43,29 @@ def bracket_host(host: str) -> str:
     return "[%s]" % host if ":" in host and not host.startswith("[") else host
 
 
+def check_host(value: str, where: str) -> str:
+    """A host name or IP address, as replicas bind tcp://HOST:* (not an endpoint, no port)."""
+    if not value or "://" in value or "/" in value or any(c.isspace() for c in value) or (
+            ":" in value and not _is_ipv6(value.strip("[]"))):
+        raise ValueError("%s: must be a host name or IP address (no scheme, no port), got %r" % (where, value))
+    return value
+
+
+def check_metrics_port(value: int, where: str) -> int:
+    """A /metrics port: 1-65535, 0 (the OS picks one) or negative (off)."""
+    if value > 65535:
+        raise ValueError("%s: must be at most 65535 (0: a free port, -1: off), got %d" % (where, value))
+    return value
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        return False
+    return True
+
+
 def tcp_address(value: str) -> Optional[tuple[str, int]]:
     """(host, port) a process will listen on for a tcp:// endpoint or a HOST:PORT; None when the OS picks
     the port (`*`, 0) or it is not TCP (ipc://)."""

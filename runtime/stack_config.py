@@ -32,7 +32,7 @@ from typing import Any, Optional
 import msgspec
 import yaml
 
-from runtime.addresses import check_host_port, check_zmq_endpoint
+from runtime.addresses import check_host, check_host_port, check_metrics_port, check_zmq_endpoint
 from runtime.protocol import ROUTING_POLICIES, RoutingSettings, TimeoutSettings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -327,11 +327,13 @@ def parse_stack(raw: Any) -> StackConfig:
         head_publish=check_zmq_endpoint(_str(head.get("publish", StackConfig.head_publish), "head.publish"),
                                         "head.publish"),
         head_state_dir=None if head.get("state_dir") is None else _str(head["state_dir"], "head.state_dir"),
-        head_metrics_port=_int(head.get("metrics_port", 0), "head.metrics_port", -1),
+        head_metrics_port=check_metrics_port(_int(head.get("metrics_port", 0), "head.metrics_port", -1),
+                                             "head.metrics_port"),
         head_prometheus_sd_file=None if head.get("prometheus_sd_file") is None
         else _str(head["prometheus_sd_file"], "head.prometheus_sd_file"),
-        agent_host=_str(agent.get("host", StackConfig.agent_host), "agent.host"),
-        agent_metrics_port=_int(agent.get("metrics_port", 0), "agent.metrics_port", -1),
+        agent_host=check_host(_str(agent.get("host", StackConfig.agent_host), "agent.host"), "agent.host"),
+        agent_metrics_port=check_metrics_port(_int(agent.get("metrics_port", 0), "agent.metrics_port", -1),
+                                              "agent.metrics_port"),
         proxy_bind=check_host_port(_str(proxy.get("bind", StackConfig.proxy_bind), "proxy.bind"), "proxy.bind"),
         proxy_workers=None if workers is None else _int(workers, "proxy.workers", 1),
         deployments=deployments,

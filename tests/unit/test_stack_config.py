@@ -75,6 +75,9 @@ def test_bad_autoscaling_knobs_name_the_field(block, message):
     ({"proxy": {"bind": "nope"}}, "proxy.bind: must be HOST:PORT"),
     ({"proxy": {"bind": "127.0.0.1:99999"}}, "proxy.bind: must be HOST:PORT"),
     ({"proxy": {"bind": "::1:8000"}}, r"proxy.bind: an IPv6 address goes in brackets, \[::1\]:8000"),
+    ({"head": {"metrics_port": 99999}}, "head.metrics_port: must be at most 65535"),
+    ({"agent": {"metrics_port": 70000}}, "agent.metrics_port: must be at most 65535"),
+    ({"agent": {"host": "tcp://127.0.0.1"}}, "agent.host: must be a host name or IP address"),
 ])
 def test_bad_addresses_are_refused_by_the_config_key(section, message):
     """They used to start every process, each then failing with its own flag's name (--bind, --head)
@@ -82,6 +85,7 @@ def test_bad_addresses_are_refused_by_the_config_key(section, message):
     with pytest.raises(ValueError, match=message):
         parse_stack(section)
     stack = parse_stack({"head": {"control": "tcp://*:7100", "publish": "ipc:///tmp/x"},
-                         "proxy": {"bind": "[::1]:8000"}})
+                         "proxy": {"bind": "[::1]:8000"}, "agent": {"host": "::1", "metrics_port": -1}})
+    assert (stack.agent_host, stack.agent_metrics_port) == ("::1", -1)
     assert (stack.head_control, stack.head_publish, stack.proxy_bind) == ("tcp://*:7100", "ipc:///tmp/x",
                                                                           "[::1]:8000")
