@@ -329,6 +329,17 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(value: str) -> float:
+    """--timeout as argparse checks it: a negative one waited forever, nan or inf raised a traceback."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds, got %r" % value) from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds, got %r" % value)
+    return seconds
+
+
 def _head_endpoint(value: str) -> str:
     """--head as argparse checks it (exit 2 with the reason; ZeroMQ's connect() raised a traceback)."""
     try:
@@ -370,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "and head.key (default $TOKENRELAY_CURVE_DIR, else "
                                                            "STATE_DIR/keys)")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
-        cmd.add_argument("--timeout", type=float, default=3.0)
+        cmd.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the head (default 3)")
         cmd.set_defaults(func=func)
         return cmd
 

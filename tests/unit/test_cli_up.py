@@ -110,3 +110,12 @@ def test_up_refuses_a_certificate_that_does_not_load_before_starting_anything(tm
     config.write_text("deployments: []\n")
     assert cli.main(["up", "--config", str(config), "--certfile", str(junk), "--keyfile", str(junk)]) == 2
     assert "cannot load them as a certificate and its key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e9", "soon"])
+def test_admin_commands_refuse_a_timeout_that_is_not_a_wait(timeout, capsys):
+    """--timeout -1 waited for the head forever; nan, inf and 1e9 raised tracebacks."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["status", "--timeout", timeout])
+    assert exit_.value.code == 2
+    assert "argument --timeout: must be" in capsys.readouterr().err
