@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -143,9 +144,29 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _non_finite(value: Any, where: str) -> Optional[str]:
+    """The path of the first nan or infinity in `value` (YAML's .nan, .inf), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items: Any = (("%s.%s" % (where, k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = (("%s[%d]" % (where, i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for path, item in items:
+        found = _non_finite(item, path)
+        if found:
+            return found
+    return None
+
+
 def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
+    bad = _non_finite(raw, where)
+    if bad:  # nan compares false: a nan timeout never fired, nan cpus fit every host
+        raise ValueError("%s: must be a finite number" % bad)
     known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
              "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts", "rollout",
              "autoscaling"}

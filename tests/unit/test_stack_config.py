@@ -89,3 +89,18 @@ def test_bad_addresses_are_refused_by_the_config_key(section, message):
     assert (stack.agent_host, stack.agent_metrics_port) == ("::1", -1)
     assert (stack.head_control, stack.head_publish, stack.proxy_bind) == ("tcp://*:7100", "ipc:///tmp/x",
                                                                           "[::1]:8000")
+
+
+@pytest.mark.parametrize("extra, path", [
+    ({"timeouts": {"first_token_s": float("nan")}}, "d.timeouts.first_token_s"),
+    ({"routing": {"queue_timeout_s": float("inf")}}, "d.routing.queue_timeout_s"),
+    ({"cpus": float("nan")}, "d.cpus"),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": float("nan")}},
+     "d.autoscaling.target_ongoing_requests"),
+    ({"engine_args": {"ttft_ms": [1, float("-inf")]}}, "d.engine_args.ttft_ms[1]"),
+])
+def test_nan_and_infinity_anywhere_in_a_spec_are_refused_naming_the_field(extra, path):
+    """YAML's .nan and .inf passed every `value < 0` check: a nan timeout never fired, nan cpus fit."""
+    with pytest.raises(ValueError, match=r"^%s: must be a finite number$" % path.replace("[", r"\[").replace(
+            "]", r"\]")):
+        parse_deployment(dict({"name": "a", "engine": "mock", "model": "m"}, **extra), "d")
