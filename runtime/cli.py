@@ -293,6 +293,8 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     try:
         reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
+        if ns.json:  # as deploy/scale/delete do: a script reading stdout got nothing to parse
+            print(json.dumps({"ok": False, "error": str(exc)}))
         log.error("%s", exc)
         return 1
     if ns.json:

@@ -119,3 +119,15 @@ def test_admin_commands_refuse_a_timeout_that_is_not_a_wait(timeout, capsys):
         cli.main(["status", "--timeout", timeout])
     assert exit_.value.code == 2
     assert "argument --timeout: must be" in capsys.readouterr().err
+
+
+def test_status_json_says_why_when_the_head_does_not_answer(monkeypatch, capsys):
+    """deploy/scale/delete --json printed {"ok": false, "error"}; status --json printed nothing."""
+    def unreachable(*a, **k):
+        raise cli.HeadUnreachable("no answer from the head at tcp://127.0.0.1:1 within 0.1s")
+    monkeypatch.setattr(cli.head_client, "status", unreachable)
+    monkeypatch.setattr(cli, "_token", lambda ns: "t")
+    assert cli.main(["status", "--json", "--head", "tcp://127.0.0.1:1"]) == 1
+    import json
+    assert json.loads(capsys.readouterr().out) == {
+        "ok": False, "error": "no answer from the head at tcp://127.0.0.1:1 within 0.1s"}
