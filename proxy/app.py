@@ -120,6 +120,9 @@ def read_body(req: falcon.Request, limit: int, timeout: float) -> bytes:
         except (ParseException, NoMoreData) as exc:  # bad chunked framing, or the client left mid-chunk
             req.env[LINGER_ENV] = True  # where the next request would start is unknown
             raise InvalidRequest("malformed chunked request body: %s" % exc) from None
+        except OSError:  # the client reset the connection mid-body: not our error (it was a 500, a traceback)
+            req.env[LINGER_ENV] = True
+            raise ClientGone() from None
         finally:
             timer.cancel()
         if not data:

@@ -343,6 +343,23 @@ def test_a_malformed_chunked_body_is_400_not_500(backend: FakeBackend, caplog: A
     assert "Traceback" not in caplog.text and not any(rec.exc_info for rec in caplog.records)
 
 
+class ResetMidBody(StallingInput):
+    def read(self, size: int = -1) -> bytes:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    readline = read
+
+
+def test_a_client_that_resets_mid_body_is_499_not_500(backend: FakeBackend, caplog: Any) -> None:
+    """A client gone while its body came in (a reset) was a 500 with an ERROR traceback, each time."""
+    r = falcon.testing.TestClient(create_app(backend, CONFIG)).simulate_post(
+        "/v1/chat/completions", headers={"Content-Type": "application/json", "Content-Length": "100000"},
+        extras={"wsgi.input": ResetMidBody(b"")})
+    assert r.status_code == 499  # for the log and metrics: nobody reads it
+    assert not any(rec.exc_info or rec.levelname == "ERROR" for rec in caplog.records)
+    assert backend.requests == []
+
+
 def test_a_huge_echoed_value_makes_a_short_log_line(client: falcon.testing.TestClient, caplog: Any) -> None:
     """An unknown model of 1 MB made a 1 MB log line (16 MiB with the largest body)."""
     caplog.set_level("INFO", logger="proxy.app")
