@@ -93,6 +93,14 @@ class Launcher:
         problem = (probe or bind_problem)(self.stack.agent_host.strip("[]"), 0)
         if problem:
             problems.append("agent.host %s: %s" % (self.stack.agent_host, problem))
+        # fixed metrics ports: the head's next to its control address (runtime.metrics_http.endpoint_host),
+        # the agent's on loopback (its --metrics-host default)
+        head_host = (tcp_address(self.stack.head_control) or ("127.0.0.1", 0))[0]
+        for key, host, port in (("head.metrics_port", head_host, self.stack.head_metrics_port),
+                                ("agent.metrics_port", "127.0.0.1", self.stack.agent_metrics_port)):
+            problem = (probe or bind_problem)(host, port) if port > 0 else None
+            if problem:
+                problems.append("%s %d: %s" % (key, port, problem))
         return problems
 
     def run(self) -> int:

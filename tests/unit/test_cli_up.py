@@ -90,6 +90,12 @@ def test_up_refuses_a_proxy_address_this_host_does_not_have(monkeypatch, caplog)
     # agent.host, where replicas bind: each replica crashed (exit 1) and was restarted six times
     assert Launcher(StackConfig(agent_host="192.0.2.1"), Path("x.yaml")).run() == 1
     assert "cannot listen on agent.host 192.0.2.1: not an address of this host." in caplog.text
+    # a fixed metrics port in use: the agent crashed (exit 1, a traceback) and was restarted in a loop
+    monkeypatch.setattr(runtime.launcher, "bind_problem", lambda host, port: "in use" if port == 9100 else None)
+    assert Launcher(StackConfig(agent_metrics_port=9100, head_metrics_port=9101), Path("x.yaml")).run() == 1
+    assert "cannot listen on agent.metrics_port 9100: in use." in caplog.text
+    assert Launcher(StackConfig(head_metrics_port=9100), Path("x.yaml")).bind_problems() == [
+        "head.metrics_port 9100: in use"]
 
 
 @pytest.mark.parametrize("head", ["garbage", "127.0.0.1:7100", "tcp://127.0.0.1:99999"])
