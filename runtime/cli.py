@@ -143,6 +143,11 @@ def _prepare(model: str) -> bool:
 
 
 def _cmd_models_prepare(ns: argparse.Namespace) -> int:
+    from runtime.models import KNOWN_MODELS
+    if ns.name not in KNOWN_MODELS:  # it printed nothing and exited 0, as if the model were ready
+        log.error("no packaged model named %r (known: %s); a model folder or hub id needs no preparing",
+                  ns.name, ", ".join(sorted(KNOWN_MODELS)))
+        return 1
     return 0 if _prepare(ns.name) else 1
 
 

@@ -137,3 +137,9 @@ def test_status_json_says_why_when_the_head_does_not_answer(monkeypatch, capsys)
     import json
     assert json.loads(capsys.readouterr().out) == {
         "ok": False, "error": "no answer from the head at tcp://127.0.0.1:1 within 0.1s"}
+
+
+def test_models_prepare_of_an_unknown_name_says_so(capsys):
+    """`tokenrelay models prepare smolm2` (a typo) printed nothing and exited 0."""
+    assert cli.main(["models", "prepare", "smolm2"]) == 1
+    assert "no packaged model named 'smolm2' (known: smollm2" in capsys.readouterr().err
