@@ -60,6 +60,7 @@ class Launcher:
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
         self._stop = threading.Event()
+        self._wants_no_replica = False  # the head said no deployment wants a replica (or there is none)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
@@ -172,6 +173,7 @@ class Launcher:
         if line and line != last:
             log.info("[startup] replicas: %s", line)
         done = all(d.ready_replicas >= d.replicas for d in reply.deployments)
+        self._wants_no_replica = all(d.replicas == 0 for d in reply.deployments)
         return None if done else line
 
     def _watch(self) -> int:
@@ -197,10 +199,10 @@ class Launcher:
                 log.warning("[restart] %s exited with code %d; restarting it", name, rc)
                 self._spawn(name, self._args[name])
             outcome = None if announced else probe(base + "/ready", os.environ.get(API_KEYS_ENV, ""))
-            if outcome is not None:
+            note = announcement(outcome, self._wants_no_replica)
+            if note is not None:
                 announced = True
-                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base,
-                         "" if outcome == "ready" else " (/ready needs an API key: readiness not checked)")
+                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base, note)
             if progress is not None and time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + 2.0
                 progress = self._replica_progress(progress)
@@ -238,9 +240,24 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def announcement(outcome: Optional[str], wants_no_replica: bool) -> Optional[str]:
+    """What `serving on URL` adds for a probe's outcome, or None: not to be announced yet. A proxy that
+    is not ready is announced when the head says no deployment wants a replica: with no deployment (or
+    every one at 0 replicas) /ready stays 503, and the stack never said it was serving."""
+    if outcome == "ready":
+        return ""
+    if outcome == "protected":
+        return " (/ready needs an API key: readiness not checked)"
+    if outcome == "not_ready" and wants_no_replica:
+        return (" (no replica yet, none is wanted: `tokenrelay deploy` or `scale` adds some, and a request to a "
+                "deployment scaled to zero starts one)")
+    return None
+
+
 def probe(url: str, api_keys: str = "") -> Optional[str]:
     """The launcher's own look at its proxy: "ready" (200), "protected" (401: --protect-health and no key
-    of ours works, so the proxy serves but hides readiness), None (not up or not ready yet). Sends the
+    of ours works, so the proxy serves but hides readiness), "not_ready" (503: it answers, but has no
+    replica to route to), None (not up yet). Sends the
     first key of $TOKENRELAY_API_KEYS when there is one; accepts the proxy's own (maybe self-signed) TLS
     certificate, since it only asks its child."""
     request = urllib.request.Request(url)
@@ -253,6 +270,6 @@ def probe(url: str, api_keys: str = "") -> Optional[str]:
         with urllib.request.urlopen(request, timeout=0.5, context=context) as resp:
             return "ready" if resp.status == 200 else None
     except urllib.error.HTTPError as exc:
-        return "protected" if exc.code == 401 else None
+        return {401: "protected", 503: "not_ready"}.get(exc.code)
     except OSError:
         return None

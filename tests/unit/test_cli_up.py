@@ -143,3 +143,13 @@ def test_models_prepare_of_an_unknown_name_says_so(capsys):
     """`tokenrelay models prepare smolm2` (a typo) printed nothing and exited 0."""
     assert cli.main(["models", "prepare", "smolm2"]) == 1
     assert "no packaged model named 'smolm2' (known: smollm2" in capsys.readouterr().err
+
+
+def test_a_stack_with_no_replica_to_wait_for_is_announced():
+    """With no deployment (or all at 0 replicas) /ready stays 503 and `up` never said "serving on"."""
+    from runtime.launcher import announcement
+    assert announcement("ready", False) == ""
+    assert announcement("protected", False).startswith(" (/ready needs an API key")
+    assert announcement("not_ready", False) is None  # replicas wanted: wait for the proxy to route to one
+    assert announcement("not_ready", True).startswith(" (no replica yet, none is wanted: `tokenrelay deploy`")
+    assert announcement(None, True) is None  # the proxy does not answer yet
