@@ -216,6 +216,8 @@ def _cmd_deploy(ns: argparse.Namespace) -> int:
     try:
         specs = load_deploy_file(ns.file)
     except ValueError as exc:
+        if ns.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
         log.error("%s", exc)
         return 2
     code = 0

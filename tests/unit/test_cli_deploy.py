@@ -41,3 +41,12 @@ def test_every_spec_of_a_good_file_is_sent(tmp_path, monkeypatch, capsys):
     assert cli.main(["deploy", "-f", str(path)]) == 0
     assert [s["name"] for s in sent] == ["a", "b"]
     assert capsys.readouterr().out == "created (generation 1)\ncreated (generation 1)\n"
+
+
+def test_a_bad_file_with_json_says_why_on_stdout(tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text("null\n")
+    assert cli.main(["deploy", "-f", str(path), "--json"]) == 2
+    import json
+    assert json.loads(capsys.readouterr().out) == {
+        "ok": False, "error": "%s: spec: must be a mapping, got NoneType" % path}
