@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from agent.lifecycle import RestartPolicy
+from runtime.addresses import check_host, check_metrics_port
 from runtime.curve import parse_config_with_insecure_env
 from runtime.settings import setting
 
@@ -94,6 +95,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not self.head.startswith(("tcp://", "ipc://")):
             raise ValueError("--head must be a tcp:// or ipc:// endpoint, got %r" % self.head)
+        check_host(self.host, "--host")  # replicas bind tcp://HOST:*
+        check_metrics_port(self.metrics_port, "--metrics-port")  # 99999 was an OverflowError traceback
         if not 0.05 <= self.heartbeat_interval <= 10:
             raise ValueError("--heartbeat-interval must be between 0.05 and 10 seconds")
         if self.stop_grace < 0:

@@ -96,9 +96,18 @@ class Agent:
         if self._keys is not None and self._identity is not None:
             self._zap = ZapHandler(self._ctx, Registry(self._keys), self._refused, own=self._identity).start()
             curve.serve(self._replicas, (self._identity.public, self._identity.secret), authz.AGENT_REPLICAS)
-        self._replicas.bind(cfg.replica_endpoint)
-        self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.metrics.start(cfg.metrics_host)
+        try:
+            self._replicas.bind(cfg.replica_endpoint)
+            self.replica_endpoint = self._replicas.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.metrics.start(cfg.metrics_host)
+        except (zmq.ZMQError, OSError) as exc:  # a port in use: a traceback and exit 1, restarted in a loop
+            log.error("[startup] cannot listen (--replica-endpoint %s, --metrics-host %s --metrics-port %d): %s",
+                      cfg.replica_endpoint, cfg.metrics_host, cfg.metrics_port, exc)
+            self._replicas.close(0)
+            if self._zap is not None:
+                self._zap.stop()
+            self.metrics.close()
+            return 2  # a bad command line: `tokenrelay up` stops the stack instead of restarting the agent
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         log.info("[startup] agent %s: head %s, replicas report to %s, %d cpus, %d gpus, %s", cfg.agent_id,

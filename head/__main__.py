@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import sys
 
 from runtime.stack_config import DeploymentSpec
@@ -33,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     directory = state_dir(config.state_dir)
     db = directory / "stacks" / config.stack / "head.db" if config.stack else directory / "head.db"
-    store = StateStore(db if config.persist else None)
-    token = load_or_create_token(directory)
+    try:
+        store = StateStore(db if config.persist else None)
+        token = load_or_create_token(directory)
+    except (OSError, sqlite3.Error) as exc:  # a crash here was restarted over and over by `tokenrelay up`
+        log.error("[startup] cannot use the state directory %s: %s (--state-dir or $TOKENRELAY_STATE_DIR)",
+                  directory, exc)
+        return 2
     log.info("[startup] state in %s (admin token in %s)", db if config.persist else "memory",
              directory / TOKEN_FILE)
     if config.insecure:
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server_pair(keys, "head")
         except KeyFileError as exc:
-            log.error("[startup] %s: run `tokenrelay keys init %s`, or pass --insecure", exc, keys)
+            log.error("[startup] %s: run `tokenrelay keys init --dir %s`, or pass --insecure", exc, keys)
             return 2
         config = dataclasses.replace(config, curve_dir=str(keys))
     head = Head(config, store, token, seed, reset=config.reset_deployments)

@@ -25,7 +25,8 @@ does not push every later token back (no drift), as with a fixed-rate engine.
 
 What a mock deployment serves (docs/api.md, "Engines"): the proxy maps OpenAI requests for it itself
 (proxy/openai_request.py), so this engine sees only prompt/messages and SamplingParams. Honoured:
-`max_tokens`/`max_completion_tokens` (output length), `stop` (a stop word ends the text), `stream`,
+`max_tokens`/`max_completion_tokens` (output length), `stop` (as vLLM: the text ends before the first
+stop string, within or across tokens; text that may begin one is held back), `stream`,
 `stream_options.include_usage`. Accepted with no effect on the fixed text: `temperature`, `top_p`,
 `top_k`, `seed`, `presence_penalty`, `frequency_penalty`, `user`; `n` must be 1. Any other field (tools,
 response_format, logprobs, ...) and the routes /v1/responses, /tokenize, /detokenize are refused by the
@@ -55,7 +56,7 @@ _KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fat
 
 class _Request:
     __slots__ = ("request_id", "prompt_tokens", "max_tokens", "start", "emitted", "handle", "stop", "resumed",
-                 "begun_at")
+                 "begun_at", "text", "sent")
 
     def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int, start: int,
                  stop: list[str], resumed: int = 0) -> None:
@@ -66,8 +67,10 @@ class _Request:
         self.emitted = resumed  # completion tokens so far (those made on a lost replica included)
         self.resumed = resumed
         self.handle: Optional[asyncio.TimerHandle] = None
-        self.stop = stop
+        self.stop = [s for s in stop if s]  # the proxy refuses "" (as vLLM does)
         self.begun_at = 0.0  # loop time it started running here
+        self.text = ""  # with stop strings: the text made here so far, and how much of it went out
+        self.sent = 0
 
 
 class MockEngine:
@@ -156,18 +159,36 @@ class MockEngine:
         word = WORDS[index]
         r.emitted += 1
         finish: Optional[str] = None
-        if word in r.stop:
-            finish, text = "stop", ""
+        if r.stop:
+            text, finish = self._through_stop(r, word + " ")
+            if text or finish:  # no token ids: text held back for a stop string cannot be resumed
+                self._sink.emit(r.request_id, text, finish, r.prompt_tokens, r.emitted)  # type: ignore
         else:
             text = word + " "
             if r.emitted >= r.max_tokens:
                 finish = "length"
-        self._sink.emit(r.request_id, text, finish, r.prompt_tokens, r.emitted, (index,))  # type: ignore
+            self._sink.emit(r.request_id, text, finish, r.prompt_tokens, r.emitted, (index,))  # type: ignore
         if finish is None:
             due = r.begun_at + self.ttft + (r.emitted - r.resumed) * self.itl  # absolute: no drift
             r.handle = self._loop.call_at(due, self._tick, r)  # type: ignore[union-attr]
         else:
             self._finished(r.request_id)
+
+    @staticmethod
+    def _through_stop(r: _Request, piece: str) -> tuple[str, Optional[str]]:
+        """What of the text so far plus `piece` may go out now, and the finish reason, as vLLM treats stop
+        strings: the text ends before the first one, wherever it falls (inside a word, across tokens),
+        and the last len(longest) - 1 characters are held back until they cannot begin one."""
+        r.text += piece
+        found = [i for i in (r.text.find(stop, r.sent) for stop in r.stop) if i >= 0]
+        if found:
+            end, finish = min(found), "stop"
+        elif r.emitted >= r.max_tokens:
+            end, finish = len(r.text), "length"
+        else:
+            end, finish = max(r.sent, len(r.text) - max(map(len, r.stop)) + 1), None
+        text, r.sent = r.text[r.sent:end], end
+        return text, finish
 
     def _finished(self, request_id: str) -> None:
         self._running.pop(request_id, None)

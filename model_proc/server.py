@@ -33,7 +33,7 @@ import zmq.asyncio
 
 from model_proc import metrics
 from model_proc.agent_link import AgentLink
-from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, ReplicaConfig
+from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, EXIT_USAGE, ReplicaConfig
 from model_proc.data_access import DataAccess
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
 from model_proc.ttft_window import TtftWindow
@@ -113,7 +113,14 @@ class ReplicaServer:
         if keys is not None:
             self._access = DataAccess(self._ctx, keys)
             curve.serve(self._data, server_pair(keys, "replica"), authz.REPLICA_DATA)
-        self._data.bind(cfg.bind)
+        try:
+            self._data.bind(cfg.bind)
+        except zmq.ZMQError as exc:  # e.g. an agent --host that is not this host's: say so, and never restart
+            log.error("[startup] cannot bind the data socket to %s: %s", cfg.bind, exc.strerror)
+            self._data.close(0)
+            if self._access is not None:
+                self._access.stop()
+            return EXIT_USAGE
         self.endpoint = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
         self._agent = AgentLink(self._ctx, cfg, keys)
         loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   breaker.py          pure: circuit breaker per replica (eject, cool down, probe)
   dispatch.py         one request's way to a replica: admission, choice, send, first token, retries, resume
   app.py              Falcon app: routes, error handlers
+  request_body.py     reading a request body: size, stalls, chunked framing, media type, JSON depth
   middleware.py       Falcon middleware: request ids, metrics, API keys and rate limits
   access.py           pure: API keys and per-key rate limits
   openai_request.py   pure: what the proxy reads of a body (routing fields; relayed to vLLM replicas as is),

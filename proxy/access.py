@@ -49,6 +49,8 @@ class ApiKeys:
                 raise ValueError("%s line %d: expected 'KEY [REQUESTS_PER_MINUTE]'" % (where, n))
             limits[_digest(parts[0])] = int(parts[1]) if len(parts) == 2 else 0
         for key in (env_value or "").split(","):
+            if len(key.split()) > 1:  # "sk-a sk-b" was one key no client sends, not two (never logged)
+                raise ValueError("$%s: a key holds a space; separate keys with commas" % API_KEYS_ENV)
             if key.strip():
                 limits.setdefault(_digest(key.strip()), 0)
         return cls(limits)

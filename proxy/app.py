@@ -23,7 +23,6 @@ import time
 from typing import Any, Callable, Optional, Protocol
 
 import falcon
-import gevent
 import msgspec
 
 from proxy import metrics
@@ -33,16 +32,16 @@ from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, tex
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    BodyTooLarge, ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, UnsupportedMediaType,
-    error_body, error_type_for,
+    ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, error_body, error_type_for,
 )
 from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import (
-    CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, prompt_text,
-    routing_fields,
+    CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, plain_max_tokens,
+    prompt_text, routing_fields,
 )
 from proxy.openapi import SPEC
+from proxy.request_body import parse_json, read_body, require_media
 from proxy.router import route_key
 from runtime.protocol import Delta, DeploymentRoute, GenerateRequest
 
@@ -87,50 +86,7 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
 # --------------------------------------------------------------------------- inference
 
 
-READ_CHUNK = 65536  # bytes per read of a request body; the worker's other greenlets run in between
 BIG_UNREAD = 65536  # an unread body larger than this is not drained by the worker: the connection closes
-
-
-def read_body(req: falcon.Request, limit: int) -> bytes:
-    """The request body, at most `limit` bytes, else 413 (at once when Content-Length says so, before
-    reading anything). Chunked bodies (no Content-Length) are read to their end within the same limit.
-    Read in 64 KiB pieces with a yield between them: gevent's recv does not yield while data is there,
-    so one fast upload would otherwise hold the worker (and every stream on it) until it ends."""
-    chunked = req.content_length is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
-    if req.content_length is not None and req.content_length > limit:
-        raise BodyTooLarge("request body exceeds %d bytes" % limit)
-    stream = req.stream if chunked else req.bounded_stream
-    parts: list[bytes] = []
-    size = 0
-    while size <= limit:
-        data = stream.read(min(READ_CHUNK, limit + 1 - size))
-        if not data:
-            break
-        parts.append(data)
-        size += len(data)
-        gevent.sleep(0)
-    if size > limit:
-        raise BodyTooLarge("request body exceeds %d bytes" % limit)
-    req.context.body_read = True
-    return b"".join(parts)
-
-
-def parse_json(parse: Callable[[bytes], Any], body: bytes) -> Any:
-    """`parse(body)`, with JSON nested too deeply for the decoder as a 400 (not a 500 RecursionError)."""
-    try:
-        return parse(body)
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
-
-
-def require_media(req: falcon.Request, accepted: tuple[str, ...]) -> None:
-    """415 unless the Content-Type (when there is one) is one of `accepted` (`text/*` style allowed)."""
-    if req.content_type is None:
-        return
-    media = req.content_type.split(";", 1)[0].strip().lower()
-    if any(media == a or (a.endswith("/*") and media.startswith(a[:-1])) for a in accepted):
-        return
-    raise UnsupportedMediaType("Content-Type %r is not supported here; send %s" % (media, " or ".join(accepted)))
 
 
 class _Inference:
@@ -192,7 +148,7 @@ class OpenAIResource(_Inference):
         ctx = req.context
         ctx.deployment = ""  # until the model is known to exist
         require_media(req, ("application/json",))
-        body = read_body(req, self._config.max_body_bytes)
+        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
         fields = parse_json(routing_fields, body)
         model = fields.model
         if model is None:  # as `vllm serve` answers with its only model
@@ -265,8 +221,9 @@ class PlainResource(_Inference):
     def on_post(self, req: falcon.Request, resp: falcon.Response, deployment: str) -> None:
         req.context.deployment = ""
         require_media(req, ("text/*", "application/octet-stream"))
-        body = read_body(req, self._config.max_body_bytes)
-        prompt, params = parse_plain(body, req.get_param("max_tokens"))
+        max_tokens = plain_max_tokens(req.params)
+        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
+        prompt, params = parse_plain(body, max_tokens)
         request = GenerateRequest(request_id=req.context.request_id, prompt=prompt, params=params)
         dispatch, first, limits = self._start(req, deployment, request, prompt, False)
         req.context.streaming = True
@@ -331,6 +288,18 @@ class OpenApiResource:
 # --------------------------------------------------------------------------- errors
 
 
+LOG_MESSAGE_CHARS = 300  # of an error message in its log line; the client still gets all of it
+
+
+def _clip(message: str) -> str:
+    """An error message as its log line shows it: messages echo what the client sent (a model name, a
+    field name), and one 16 MiB model name made a 16 MiB log line, so each request could grow the log by
+    as much as it sent."""
+    if len(message) <= LOG_MESSAGE_CHARS:
+        return message
+    return "%s... (%d chars)" % (message[:LOG_MESSAGE_CHARS], len(message))
+
+
 def _rid(req: falcon.Request) -> str:
     return getattr(req.context, "request_id", "-")
 
@@ -358,7 +327,7 @@ def _write_error(resp: falcon.Response, status: int, body: dict[str, Any],
 
 def _on_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, params: dict) -> None:
     log.log(logging.WARNING if ex.status >= 500 else logging.INFO, "req=%s %s %s -> %d %s",
-            _rid(req), req.method, req.path, ex.status, ex.message)
+            _rid(req), req.method, req.path, ex.status, _clip(ex.message))
     _close_if_body_unread(req)
     _write_error(resp, ex.status, ex.body(), ex.headers, ex.raw)
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from runtime.addresses import check_host_port
 from runtime.owned_dirs import owned_temp_dir
 from runtime.settings import parse_config, setting
 
@@ -35,6 +37,18 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def check_tls_pair(certfile: str, keyfile: str) -> None:
+    """ValueError unless the certificate and key load together as the workers will load them: a file
+    that is not PEM, or a key that is not the certificate's, made every gunicorn worker die at boot and
+    be replaced at once, forever (a traceback each, four a second), while the master looked alive."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # a callback, so an encrypted key fails here instead of prompting on the terminal
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError("--certfile %s --keyfile %s: cannot load them as a certificate and its key (PEM, "
+                         "unencrypted key): %s" % (certfile, keyfile, exc)) from None
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,9 @@ class ProxyConfig:
     graceful_timeout: float = setting(10.0, help="seconds workers get to finish requests on shutdown")
     hwm: int = setting(100_000, help="SNDHWM/RCVHWM of every replica DEALER", cli=False, env=False)
     max_body_bytes: int = setting(16 * 1024 * 1024, help="largest request body; bigger ones get 413")
+    body_timeout: float = setting(
+        30.0, help="seconds a request body may stall between two reads; then 408 and the connection "
+                   "closes (a client that stops sending mid-body would otherwise hold it forever)")
     curve_dir: Optional[str] = setting(
         None, help="CURVE key directory holding one proxy-NAME.key_secret, head.key and replica.key (see "
                    "`tokenrelay keys add proxy`)", env=False, metavar="DIR",
@@ -125,9 +142,7 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if "://" not in self.head:
             raise ValueError("--head must be a ZeroMQ endpoint like tcp://HOST:PORT, got %r" % self.head)
-        host, sep, port = self.bind.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("--bind must be HOST:PORT, got %r" % self.bind)
+        check_host_port(self.bind, "--bind")
         if not 0.0 <= self.breaker_max_share <= 1.0:
             raise ValueError("--breaker-max-share must be between 0 and 1")
         if self.max_resumes < 0:
@@ -141,7 +156,7 @@ class ProxyConfig:
             raise ValueError("--rate-limit must be >= 0")
         for name in ("stale_after", "first_token_timeout", "idle_timeout", "head_timeout",
                      "head_timeout_max", "graceful_timeout", "total_timeout", "keepalive_interval",
-                     "retry_window", "breaker_cooldown", "load_stale_after"):
+                     "retry_window", "breaker_cooldown", "load_stale_after", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
         if (self.certfile is None) != (self.keyfile is None):
@@ -150,6 +165,8 @@ class ProxyConfig:
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ValueError("--%s %s: not a readable file" % (name, path))
+        if self.certfile is not None and self.keyfile is not None:
+            check_tls_pair(self.certfile, self.keyfile)
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError("--log-level must be one of %s" % ", ".join(LOG_LEVELS))
 

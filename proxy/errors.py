@@ -7,6 +7,7 @@ app.py translates these (and Falcon's own HTTPError) into `{"error": {message, t
      +-- InvalidRequest        400  invalid_request_error   bad JSON, bad field type/value (param names it)
      +-- Unauthorized          401  invalid_request_error   code invalid_api_key (missing or unknown key)
      +-- BodyTooLarge          413  invalid_request_error   code body_too_large
+     +-- BodyTimeout           408  invalid_request_error   code request_timeout (body stalled)
      +-- UnsupportedMediaType  415  invalid_request_error   code unsupported_media_type
      +-- ModelNotFound         404  invalid_request_error   code model_not_found
      +-- Overloaded            429  rate_limit_error        Retry-After; code overloaded (queue full/timeout)
@@ -70,6 +71,12 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "body_too_large"
+
+
+class BodyTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class Unauthorized(ProxyError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, TypeVar, Union
 
 import msgspec
 
@@ -210,6 +210,7 @@ _Body = TypeVar("_Body", MockChatRequest, MockCompletionRequest)
 def parse_chat(body: bytes, engine: str = "mock") -> ParsedRequest:
     """Map a chat body; 400 naming the field (and `engine`, for a field it does not take)."""
     req = _decode(body, _chat_decoder, engine)
+    _check_like_vllm(req)
     messages = tuple(ChatMessage(m.role, _text(m.content)) for m in req.messages)
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return ParsedRequest(CHAT, req.model, bool(req.stream), _include_usage(req), _sampling(req, limit),
@@ -219,6 +220,7 @@ def parse_chat(body: bytes, engine: str = "mock") -> ParsedRequest:
 def parse_completion(body: bytes, engine: str = "mock") -> ParsedRequest:
     """Map a completion body; 400 naming the field (and `engine`, for a field it does not take)."""
     req = _decode(body, _completion_decoder, engine)
+    _check_like_vllm(req)
     return ParsedRequest(COMPLETION, req.model, bool(req.stream), _include_usage(req),
                          _sampling(req, req.max_tokens), prompt=req.prompt)
 
@@ -240,6 +242,16 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[_Body], engine: str) -> _
         return msgspec.convert(_as_schema_reads(obj, 5), decoder.type)
     except msgspec.ValidationError as exc:
         raise _invalid(exc, engine) from None
+
+
+def _check_like_vllm(req: _MockRequest) -> None:
+    """The rules `vllm serve` applies across fields, with its messages: a mock deployment must not
+    accept (and silently ignore) what a vLLM one refuses."""
+    if req.stream_options is not None and req.stream_options != StreamOptions() and not req.stream:
+        raise InvalidRequest("Stream options can only be defined when `stream=True`.", param="stream_options")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or ()
+    if any(not stop for stop in stops):
+        raise InvalidRequest("stop cannot contain an empty string.", param="stop")
 
 
 def _as_schema_reads(value: Any, depth: int) -> Any:
@@ -291,6 +303,19 @@ def _sampling(req: _MockRequest, max_tokens: Optional[int]) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           stop=stop, seed=req.seed, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty)
+
+
+def plain_max_tokens(query: Mapping[str, Union[str, list[str]]]) -> Optional[str]:
+    """The legacy endpoint's one query parameter, `max_tokens`; any other (a typo such as `max_token`
+    was ignored, and the answer ran to the engine's default length) or a repeated one is a 400."""
+    for name, value in query.items():
+        if name != "max_tokens":
+            raise InvalidRequest("unknown query parameter %r; this endpoint takes only ?max_tokens=N"
+                                 % name[:100], param=name[:100])
+        if isinstance(value, list):
+            raise InvalidRequest("max_tokens given more than once", param="max_tokens")
+    limit = query.get("max_tokens")
+    return limit if isinstance(limit, str) else None
 
 
 def parse_plain(body: bytes, max_tokens: Optional[str]) -> tuple[str, SamplingParams]:

@@ -101,6 +101,7 @@ ERRORS: dict[str, str] = {
     "401": "API keys are configured and the request has no valid `Authorization: Bearer KEY`",
     "404": "unknown model (code model_not_found) or unknown path (code not_found)",
     "405": "method not allowed on this path",
+    "408": "the request body stalled for --body-timeout seconds; the connection closes (code request_timeout)",
     "413": "request body larger than --max-body-bytes (code body_too_large)",
     "415": "unsupported Content-Type (code unsupported_media_type)",
     "429": "every replica is busy and the wait queue is full or the wait timed out (code overloaded), or "
@@ -138,7 +139,7 @@ def _errors(*statuses: str) -> dict[str, Schema]:
 _SESSION = {"name": "X-Session-ID", "in": "header", "required": False, "schema": {"type": "string"},
             "description": "requests with the same session id go to the same replica while it is not "
                            "overloaded (deployment routing.session_affinity)"}
-_INFERENCE_ERRORS = ("400", "401", "404", "413", "415", "429", "503", "504")
+_INFERENCE_ERRORS = ("400", "401", "404", "408", "413", "415", "429", "503", "504")
 
 
 def _inference(summary: str, request: str, response: str) -> Schema:

@@ -10,6 +10,7 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   protocol.py      every wire message (msgspec structs, type byte), states on the wire
   settings.py      one definition per setting: config dataclass fields -> CLI flags, env vars, defaults
   stack_config.py  stack configuration files: process addresses and deployment specs
+  addresses.py     what a ZeroMQ endpoint or HOST:PORT must look like; whether a port is taken
   capacity.py      pure: what a replica takes from a host and whether it fits (head and agent)
   models.py        models servable with no model hub (the default instruct model)
   logs.py          one logging setup, a role tag on every line

@@ -21,10 +21,11 @@ import msgspec
 import yaml
 
 from runtime import head_client
+from runtime.addresses import bracket_host, check_zmq_endpoint
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
-from runtime.stack_config import StackConfig, load_stack
+from runtime.stack_config import StackConfig, load_stack, parse_deployment
 
 log = logging.getLogger("tokenrelay")
 
@@ -58,7 +59,8 @@ def _up_launcher(ns: argparse.Namespace) -> Any:
     def make(stack: StackConfig, path: Path, log_level: str, **kwargs: Any) -> Any:
         if ns.bind or ns.port:
             host, _, port = stack.proxy_bind.rpartition(":")
-            stack = dataclasses.replace(stack, proxy_bind="%s:%s" % (ns.bind or host, ns.port or port))
+            bind = "%s:%s" % (bracket_host(ns.bind) if ns.bind else host, ns.port or port)  # --bind ::1
+            stack = dataclasses.replace(stack, proxy_bind=bind)
         log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
         return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments,
                         verbose=ns.verbose, open_api=ns.open_api, **kwargs)
@@ -103,6 +105,13 @@ def _prepare_and_run(stack: StackConfig, path: Path, ns: argparse.Namespace, lau
         log.error("--certfile and --keyfile go together (HTTPS needs both)")
         return 2
     tls = (str(Path(ns.certfile).resolve()), str(Path(ns.keyfile).resolve())) if ns.certfile else None
+    if tls:
+        from proxy.config import check_tls_pair
+        try:
+            check_tls_pair(*tls)  # before any process starts (the proxy checks it again)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
     return launcher(stack, path, ns.log_level, insecure=ns.insecure, tls=tls).run()
 
 
@@ -134,6 +143,11 @@ def _prepare(model: str) -> bool:
 
 
 def _cmd_models_prepare(ns: argparse.Namespace) -> int:
+    from runtime.models import KNOWN_MODELS
+    if ns.name not in KNOWN_MODELS:  # it printed nothing and exited 0, as if the model were ready
+        log.error("no packaged model named %r (known: %s); a model folder or hub id needs no preparing",
+                  ns.name, ", ".join(sorted(KNOWN_MODELS)))
+        return 1
     return 0 if _prepare(ns.name) else 1
 
 
@@ -167,15 +181,45 @@ def _admin_call(ns: argparse.Namespace, fn, *args) -> int:
     return 0
 
 
+def load_deploy_file(path: str) -> list[dict[str, Any]]:
+    """The specs of a `deploy -f` file (one spec, a list, or {deployments: [...]}), each checked as the
+    head checks it, so a bad file sends nothing; ValueError naming the file and the field. The head used
+    to be the first to look: a file holding `null` got "protocol: bad DeployRequest payload", an empty
+    list did nothing and exited 0, a YAML alias inside its own anchor raised a RecursionError."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError("cannot read %s: %s" % (path, exc.strerror)) from None
+    except yaml.YAMLError as exc:
+        raise ValueError("%s: not valid YAML/JSON: %s" % (path, exc)) from None
+    try:
+        json.dumps(raw, default=str)
+    except ValueError:  # json's "Circular reference detected"
+        raise ValueError("%s: a YAML alias refers to its own anchor (the spec would never end)" % path) from None
+    where = "spec"
+    if isinstance(raw, dict) and "deployments" in raw:
+        raw, where = raw["deployments"], "deployments"
+        if not isinstance(raw, list):
+            raise ValueError("%s: deployments: must be a list of specs" % path)
+    specs = raw if isinstance(raw, list) else [raw]
+    if not specs:
+        raise ValueError("%s: holds no deployment spec" % path)
+    for i, spec in enumerate(specs):
+        try:
+            parse_deployment(spec, where if not isinstance(raw, list) else "%s[%d]" % (where, i))
+        except ValueError as exc:
+            raise ValueError("%s: %s" % (path, exc)) from None
+    return specs
+
+
 def _cmd_deploy(ns: argparse.Namespace) -> int:
     try:
-        raw = yaml.safe_load(Path(ns.file).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        log.error("cannot read %s: %s", ns.file, exc)
+        specs = load_deploy_file(ns.file)
+    except ValueError as exc:
+        if ns.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        log.error("%s", exc)
         return 2
-    if isinstance(raw, dict) and "deployments" in raw:
-        raw = raw["deployments"]
-    specs = raw if isinstance(raw, list) else [raw]
     code = 0
     for spec in specs:
         code = max(code, _admin_call(ns, head_client.deploy, spec))
@@ -235,6 +279,10 @@ def _cmd_keys(ns: argparse.Namespace) -> int:
                      "every agent host (its replicas refuse it from the next request)" % ns.name
                      if ns.role == "proxy" else ""))
         else:
+            if not directory.is_dir():  # an empty listing here read as "no keys registered"
+                log.error("no key directory at %s (a typo in --dir or $TOKENRELAY_CURVE_DIR? `tokenrelay keys "
+                          "init` makes one)", directory)
+                return 1
             for label, state, key in keyring.Registry(directory).listing():
                 print("%-40s %-8s %s" % (label, state, key))
             return 0
@@ -252,6 +300,8 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     try:
         reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
+        if ns.json:  # as deploy/scale/delete do: a script reading stdout got nothing to parse
+            print(json.dumps({"ok": False, "error": str(exc)}))
         log.error("%s", exc)
         return 1
     if ns.json:
@@ -288,6 +338,25 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(value: str) -> float:
+    """--timeout as argparse checks it: a negative one waited forever, nan or inf raised a traceback."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds, got %r" % value) from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds, got %r" % value)
+    return seconds
+
+
+def _head_endpoint(value: str) -> str:
+    """--head as argparse checks it (exit 2 with the reason; ZeroMQ's connect() raised a traceback)."""
+    try:
+        return check_zmq_endpoint(value, "--head")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenrelay", description="tokenrelay: distributed LLM serving.")
     p.add_argument("--log-level", default="INFO")
@@ -313,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_cmd_up)
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("--head", default=DEFAULT_HEAD, help="the head's control endpoint")
+        cmd.add_argument("--head", default=DEFAULT_HEAD, type=_head_endpoint, help="the head's control endpoint")
         cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
                                                        "the state directory's admin.token)")
         cmd.add_argument("--state-dir", default=None, help="where to look for admin.token (and keys/)")
@@ -321,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "and head.key (default $TOKENRELAY_CURVE_DIR, else "
                                                            "STATE_DIR/keys)")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
-        cmd.add_argument("--timeout", type=float, default=3.0)
+        cmd.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the head (default 3)")
         cmd.set_defaults(func=func)
         return cmd
 

@@ -74,12 +74,15 @@ def check_name(role: str, name: str) -> None:
 def make_private_dir(path: Path) -> None:
     """`path` as a 0700 directory of ours. Refuses a directory another user owns or a shared one (sticky
     bit, like /tmp): whoever else controls it could read the secrets or plant links where they go."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state dir, when keys/ comes first
     try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.stat(path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state dir, when keys/ comes first
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = os.stat(path)
+    except OSError as exc:  # e.g. $TOKENRELAY_STATE_DIR names a file, or a place we may not write
+        raise KeyFileError("cannot make the key directory %s: %s: %s" % (path, exc.filename, exc.strerror)) from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & stat.S_ISVTX:
         raise KeyFileError("%s: not a directory of our own (another user's, or shared like /tmp): keys go "
                            "only into a private directory" % path)
@@ -257,8 +260,9 @@ def identity(directory: Path, role: str, name: Optional[str] = None) -> Identity
     else:
         found = sorted(directory.glob("%s-*.key_secret" % role))
         if len(found) != 1:
-            raise KeyFileError("%s holds %d %s keys (%s); exactly one is needed (`tokenrelay keys add %s`)"
-                            % (directory, len(found), role, ", ".join(p.name for p in found) or "none", role))
+            raise KeyFileError("%s holds %d %s keys (%s); exactly one is needed (`tokenrelay keys add %s NAME` "
+                               "where the cluster's keys are, then its files here)"
+                               % (directory, len(found), role, ", ".join(p.name for p in found) or "none", role))
         path = found[0]
         name = path.name[len(role) + 1:-len(".key_secret")]
     try:

@@ -28,12 +28,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
 from proxy.config import API_KEYS_ENV
 from runtime import keyring
+from runtime.addresses import bind_problem, tcp_address
 from runtime.credentials import state_dir
 from runtime.curve import keys_dir, warn_insecure
 from runtime.settings import parse_csv
@@ -67,6 +68,7 @@ class Launcher:
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
         self._stop = threading.Event()
+        self._wants_no_replica = False  # the head said no deployment wants a replica (or there is none)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
@@ -86,8 +88,42 @@ class Launcher:
         self._keys = directory
         return ["--curve-dir", str(directory)]
 
+    def bind_problems(self, probe: Optional[Callable[[str, int], Optional[str]]] = None) -> list[str]:
+        """What stops this stack's head or proxy from listening where its config says, as
+        "head.control tcp://127.0.0.1:7100: in use" (the config key first); [] when nothing does."""
+        problems = []
+        for key, value in (("head.control", self.stack.head_control), ("head.publish", self.stack.head_publish),
+                           ("proxy.bind", self.stack.proxy_bind)):
+            address = tcp_address(value)
+            problem = None if address is None else (probe or bind_problem)(*address)
+            if problem:
+                problems.append("%s %s: %s" % (key, value, problem))
+        # replicas bind tcp://AGENT_HOST:* (a port the OS picks): only the address can be wrong
+        problem = (probe or bind_problem)(self.stack.agent_host.strip("[]"), 0)
+        if problem:
+            problems.append("agent.host %s: %s" % (self.stack.agent_host, problem))
+        # fixed metrics ports: the head's next to its control address (runtime.metrics_http.endpoint_host),
+        # the agent's on loopback (its --metrics-host default)
+        head_host = (tcp_address(self.stack.head_control) or ("127.0.0.1", 0))[0]
+        for key, host, port in (("head.metrics_port", head_host, self.stack.head_metrics_port),
+                                ("agent.metrics_port", "127.0.0.1", self.stack.agent_metrics_port)):
+            problem = (probe or bind_problem)(host, port) if port > 0 else None
+            if problem:
+                problems.append("%s %d: %s" % (key, port, problem))
+        return problems
+
     def run(self) -> int:
         s = self.stack
+        problems = self.bind_problems()
+        if problems:
+            # checked before any process starts: with a port in use, this stack's agent would join the
+            # head that holds it and take that stack's replicas out of routing (same agent name); a proxy
+            # that cannot bind exits 1, a crash the launcher would restart 5 times before stopping
+            log.error("[startup] cannot listen on %s.%s", "; ".join(problems),
+                      " Is another tokenrelay stack running (`tokenrelay status --head %s`)? Stop it, or give "
+                      "this stack other ports (its config file; --port for the proxy)."
+                      % local_endpoint(s.head_control) if any(p.endswith(": in use") for p in problems) else "")
+            return 1
         agent_id = socket.gethostname()
         try:
             self._security = self._secure(agent_id)
@@ -148,6 +184,7 @@ class Launcher:
         if line and line != last:
             log.info("[startup] replicas: %s", line)
         done = all(d.ready_replicas >= d.replicas for d in reply.deployments)
+        self._wants_no_replica = all(d.replicas == 0 for d in reply.deployments)
         return None if done else line
 
     def _watch(self) -> int:
@@ -174,10 +211,10 @@ class Launcher:
                 log.warning("[restart] %s exited with code %d; restarting it", name, rc)
                 self._spawn(name, self._args[name])
             outcome = None if announced else probe(base + "/ready", os.environ.get(API_KEYS_ENV, ""))
-            if outcome is not None:
+            note = announcement(outcome, self._wants_no_replica)
+            if note is not None:
                 announced = True
-                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base,
-                         "" if outcome == "ready" else " (/ready needs an API key: readiness not checked)")
+                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base, note)
             if progress is not None and time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + 2.0
                 progress = self._replica_progress(progress)
@@ -286,9 +323,24 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def announcement(outcome: Optional[str], wants_no_replica: bool) -> Optional[str]:
+    """What `serving on URL` adds for a probe's outcome, or None: not to be announced yet. A proxy that
+    is not ready is announced when the head says no deployment wants a replica: with no deployment (or
+    every one at 0 replicas) /ready stays 503, and the stack never said it was serving."""
+    if outcome == "ready":
+        return ""
+    if outcome == "protected":
+        return " (/ready needs an API key: readiness not checked)"
+    if outcome == "not_ready" and wants_no_replica:
+        return (" (no replica yet, none is wanted: `tokenrelay deploy` or `scale` adds some, and a request to a "
+                "deployment scaled to zero starts one)")
+    return None
+
+
 def probe(url: str, api_keys: str = "") -> Optional[str]:
     """The launcher's own look at its proxy: "ready" (200), "protected" (401: --protect-health and no key
-    of ours works, so the proxy serves but hides readiness), None (not up or not ready yet). Sends the
+    of ours works, so the proxy serves but hides readiness), "not_ready" (503: it answers, but has no
+    replica to route to), None (not up yet). Sends the
     first key of $TOKENRELAY_API_KEYS when there is one; accepts the proxy's own (maybe self-signed) TLS
     certificate, since it only asks its child."""
     request = urllib.request.Request(url)
@@ -301,6 +353,6 @@ def probe(url: str, api_keys: str = "") -> Optional[str]:
         with urllib.request.urlopen(request, timeout=0.5, context=context) as resp:
             return "ready" if resp.status == 200 else None
     except urllib.error.HTTPError as exc:
-        return "protected" if exc.code == 401 else None
+        return {401: "protected", 503: "not_ready"}.get(exc.code)
     except OSError:
         return None

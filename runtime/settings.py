@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -37,6 +38,15 @@ def parse_bool(text: str) -> bool:
     if low in _FALSE:
         return False
     raise ValueError("expected one of %s or %s, got %r" % ("/".join(_TRUE), "/".join(_FALSE), text))
+
+
+def finite_number(text: str) -> float:
+    """A float setting: nan and inf are refused (the agent's --stop-grace nan or inf never came due, so a
+    replica that ignored SIGTERM was never killed; every other time setting has the same trap)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("%r is not a finite number" % text)
+    return value
 
 
 def parse_csv(text: str) -> tuple[str, ...]:
@@ -85,7 +95,9 @@ def _converter(f: dataclasses.Field[Any], annotation: Any) -> Callable[[Any], An
         return parse_bool
     if base is tuple:
         return parse_csv
-    if base in (int, float, str):
+    if base is float:
+        return finite_number
+    if base in (int, str):
         return base
     raise TypeError("setting %s: no text conversion for %r (give parse=)" % (f.name, annotation))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any, Optional
 import msgspec
 import yaml
 
+from runtime.addresses import check_host, check_host_port, check_metrics_port, check_zmq_endpoint
 from runtime.protocol import ROUTING_POLICIES, RoutingSettings, TimeoutSettings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -142,9 +144,29 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _non_finite(value: Any, where: str) -> Optional[str]:
+    """The path of the first nan or infinity in `value` (YAML's .nan, .inf), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items: Any = (("%s.%s" % (where, k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = (("%s[%d]" % (where, i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for path, item in items:
+        found = _non_finite(item, path)
+        if found:
+            return found
+    return None
+
+
 def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
+    bad = _non_finite(raw, where)
+    if bad:  # nan compares false: a nan timeout never fired, nan cpus fit every host
+        raise ValueError("%s: must be a finite number" % bad)
     known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
              "max_ongoing_requests", "placement", "drain_seconds", "routing", "timeouts", "rollout",
              "autoscaling"}
@@ -321,15 +343,19 @@ def parse_stack(raw: Any) -> StackConfig:
         raise ValueError("deployments: duplicate name(s) %s" % dupes)
     workers = proxy.get("workers")
     return StackConfig(
-        head_control=_str(head.get("control", StackConfig.head_control), "head.control"),
-        head_publish=_str(head.get("publish", StackConfig.head_publish), "head.publish"),
+        head_control=check_zmq_endpoint(_str(head.get("control", StackConfig.head_control), "head.control"),
+                                        "head.control"),
+        head_publish=check_zmq_endpoint(_str(head.get("publish", StackConfig.head_publish), "head.publish"),
+                                        "head.publish"),
         head_state_dir=None if head.get("state_dir") is None else _str(head["state_dir"], "head.state_dir"),
-        head_metrics_port=_int(head.get("metrics_port", 0), "head.metrics_port", -1),
+        head_metrics_port=check_metrics_port(_int(head.get("metrics_port", 0), "head.metrics_port", -1),
+                                             "head.metrics_port"),
         head_prometheus_sd_file=None if head.get("prometheus_sd_file") is None
         else _str(head["prometheus_sd_file"], "head.prometheus_sd_file"),
-        agent_host=_str(agent.get("host", StackConfig.agent_host), "agent.host"),
-        agent_metrics_port=_int(agent.get("metrics_port", 0), "agent.metrics_port", -1),
-        proxy_bind=_str(proxy.get("bind", StackConfig.proxy_bind), "proxy.bind"),
+        agent_host=check_host(_str(agent.get("host", StackConfig.agent_host), "agent.host"), "agent.host"),
+        agent_metrics_port=check_metrics_port(_int(agent.get("metrics_port", 0), "agent.metrics_port", -1),
+                                              "agent.metrics_port"),
+        proxy_bind=check_host_port(_str(proxy.get("bind", StackConfig.proxy_bind), "proxy.bind"), "proxy.bind"),
         proxy_workers=None if workers is None else _int(workers, "proxy.workers", 1),
         deployments=deployments,
     )

@@ -4,7 +4,7 @@ import asyncio
 import zmq
 import zmq.asyncio
 
-from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, ReplicaConfig
+from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_USAGE, ReplicaConfig
 from model_proc.engine import create_engine
 from model_proc.server import ReplicaServer
 from runtime.protocol import (
@@ -223,3 +223,16 @@ def test_status_reports_the_ttft_p90_of_recent_requests():
         dealer.close(0)
         ctx.term()
     asyncio.run(go())
+
+
+def test_an_address_it_cannot_bind_is_a_usage_error_not_a_crash(caplog):
+    """agent.host 192.0.2.1 (not this host's): the replica died with a traceback and exit 1, which the
+    agent restarted six times with backoff; exit 2 (bad command line) stops that at once."""
+    async def go():
+        ctx = zmq.asyncio.Context()
+        cfg = ReplicaConfig("r1", "mock", "m", {}, bind="tcp://192.0.2.1:*")
+        code = await asyncio.wait_for(ReplicaServer(cfg, create_engine("mock", "m", {}), ctx).run(), 5)
+        ctx.term()
+        return code
+    assert asyncio.run(go()) == EXIT_USAGE
+    assert "cannot bind the data socket to tcp://192.0.2.1:*: Cannot assign requested address" in caplog.text

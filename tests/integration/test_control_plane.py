@@ -77,7 +77,11 @@ def test_deploy_scale_delete_are_idempotent_with_json(stack):
 def test_bad_spec_is_rejected_with_field_and_reason(stack):
     path = write_spec(stack, "bad.yaml", dict(BASE, name="bad", replicas="many"))
     code, out, err = cli(stack, "deploy", "-f", path)
-    assert code == 1 and "spec.replicas: must be an integer >= 0" in out["error"]
+    # the CLI checks the file as the head does before sending it: a bad file, exit 2
+    assert code == 2 and "spec.replicas: must be an integer >= 0" in out["error"]
+    path = write_spec(stack, "huge.yaml", dict(BASE, name="huge", gpus=1000))  # only the head can tell
+    code, out, err = cli(stack, "deploy", "-f", path)
+    assert code == 1 and "unplaceable" in out["error"]
     code, out, err = cli(stack, "scale", "nope", "3")
     assert code == 1 and "not_found" in out["error"]
 

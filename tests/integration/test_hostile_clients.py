@@ -1,7 +1,7 @@
 """Hostile or broken clients on a real stack (one proxy worker, API keys on, mock engine): each costs only
-itself. A 100 MB upload is refused at once and never stalls the worker's other streams; deeply nested
-JSON is a 400; chunked bodies work; the errors gunicorn itself makes are OpenAI JSON with an
-X-Request-ID.
+itself. A 100 MB upload is refused at once and never stalls the worker's other streams; a body that stops
+midway is a 408 (--body-timeout); deeply nested JSON is a 400; chunked bodies work; the errors gunicorn itself
+makes are OpenAI JSON with an X-Request-ID.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     s = Stack(tmp, [MOCK], workers=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOKENRELAY_PROXY_API_KEYS_FILE", str(keys))
+        mp.setenv("TOKENRELAY_PROXY_BODY_TIMEOUT", "1")
         s.start()
     yield s
     s.stop()
@@ -143,6 +144,28 @@ def test_a_100mb_upload_is_refused_at_once_and_does_not_stall_other_streams(stac
     assert max(during) < 0.5  # streams at 10 ms per token were not held (6.7 s before); 2 shared cores
     assert sent < 50 << 20  # the proxy did not read the whole body
     assert streams.failures == 0
+
+
+def test_a_body_that_stops_midway_is_a_408_and_the_connection_closes(stack: Stack) -> None:
+    """The client sends its headers and part of its body, then nothing. It used to hold its connection
+    (a slot of --worker-connections) for as long as it liked; now --body-timeout (1 s here) ends it."""
+    start = time.monotonic()
+    raw = send_raw(stack, b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-team\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ", timeout=10)
+    took = time.monotonic() - start
+    err = json_error(raw, 408)  # and send_raw returned: the proxy closed the connection
+    assert err["code"] == "request_timeout" and err["message"] == "request body stalled: no data for 1s"
+    assert 0.9 < took < 5.0
+    assert "POST /v1/completions -> 408 request body stalled" in stack.log()
+
+
+def test_a_malformed_chunked_body_is_a_400(stack: Stack) -> None:
+    """A chunk size that is not hex was a 500 (internal proxy error: InvalidChunkSize) and a traceback."""
+    raw = send_raw(stack, b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-team\r\n"
+                          b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+    err = json_error(raw, 400)  # and send_raw returned: the connection closed
+    assert err["message"] == "malformed chunked request body: Invalid chunk size: b'zz'"
+    assert "Traceback" not in stack.log()
 
 
 def test_deeply_nested_json_is_a_400(stack: Stack) -> None:

@@ -62,3 +62,32 @@ def test_a_normal_start_and_stop_print_no_warning(tmp_path):
     noisy = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
     assert noisy == []
     assert "is leaving (shutting down)" in log
+
+
+def test_a_second_up_with_the_same_ports_leaves_the_running_stack_alone(tmp_path):
+    """A second `tokenrelay up` of the same config exits 1 at once naming the ports in use. It used to
+    start an agent that registered with the running stack's head under the same name: that stack's
+    replicas left its routing table, while the second `up` printed "serving on ..." before giving up."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.stack import ROOT
+
+    stack = Stack(tmp_path, [MOCK])
+    try:
+        stack.start()
+        before = stack.replicas("mock")
+        second = subprocess.run([sys.executable, "-m", "runtime", "up", "--config", str(stack.config_path)],
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                                text=True, timeout=30)
+        assert second.returncode == 1, second.stderr
+        assert "cannot listen on head.control %s: in use" % stack.head in second.stderr
+        assert "serving on" not in second.stderr and "agent started" not in second.stderr
+        body = {"model": "mock", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(stack.base_url + "/v1/completions", json=body, timeout=10).status_code == 200
+        assert [(r["replica_id"], r["state"], r["pid"]) for r in stack.replicas("mock")] == [
+            (r["replica_id"], r["state"], r["pid"]) for r in before]
+        assert "re-registered" not in stack.log()
+    finally:
+        stack.stop()

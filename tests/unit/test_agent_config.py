@@ -66,6 +66,11 @@ def test_tokenrelay_insecure_in_the_environment_counts_like_the_flag(
     (["--on-stop", "later"], "invalid choice"),
     (["--stuck-timeout", "soon"], "--stuck-timeout"),
     (["--head-timeout", "5"], "unrecognized arguments"),  # not an option
+    # both started the agent: 99999 crashed it with an OverflowError traceback, and every replica assigned
+    # to "tcp://x" failed to bind "tcp://tcp://x:*"
+    (["--metrics-port", "99999"], "--metrics-port: must be at most 65535"),
+    (["--host", "tcp://10.0.0.1"], "--host: must be a host name or IP address"),
+    (["--host", "10.0.0.1:7200"], "--host: must be a host name or IP address"),
 ])
 def test_a_bad_command_line_exits_2_saying_what_to_change(argv: list[str], says: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,3 +56,37 @@ def test_a_bad_command_line_exits_2_naming_the_option(argv: list[str], knob: str
     with pytest.raises(SystemExit) as exc:
         config_from_args(argv)
     assert exc.value.code == 2 and knob in capsys.readouterr().err
+
+
+def test_a_state_directory_it_cannot_use_exits_2_naming_it(tmp_path, capsys) -> None:
+    """A state dir that is a file, or a head.db that is not a database: the head crashed with a
+    traceback (exit 1), which `tokenrelay up` restarted six times before it gave up."""
+    from head.__main__ import main
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    argv = ["--insecure", "--control", "tcp://127.0.0.1:1", "--publish", "tcp://127.0.0.1:2"]
+    assert main(argv + ["--state-dir", str(file)]) == 2
+    assert "cannot use the state directory %s" % file in capsys.readouterr().err
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "head.db").write_bytes(b"not a database, just garbage" * 100)
+    assert main(argv + ["--state-dir", str(state)]) == 2
+    assert "file is not a database" in capsys.readouterr().err
+
+
+def test_missing_keys_name_a_command_that_works(tmp_path, capsys) -> None:
+    """The head said `tokenrelay keys init DIR`, which the CLI refuses (unrecognized arguments)."""
+    import re
+    import shlex
+
+    from head.__main__ import main
+    from runtime import cli
+
+    keys = tmp_path / "keys"
+    argv = ["--control", "tcp://127.0.0.1:1", "--publish", "tcp://127.0.0.1:2", "--state-dir", str(tmp_path),
+            "--curve-dir", str(keys)]
+    assert main(argv) == 2
+    command = re.search(r"run `tokenrelay ([^`]*)`", capsys.readouterr().err).group(1)
+    assert cli.main(shlex.split(command)) == 0
+    assert (keys / "head.key_secret").exists()

@@ -38,6 +38,9 @@ def test_keys_cli_init_add_list_revoke(tmp_path, capsys):
     assert cli.main(["keys", "list", "--dir", str(d)]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert rows == [["agent-gpu1", "active"], ["operator-alice", "active"], ["proxy-edge1", "revoked"]]
+    # a mistyped --dir printed nothing and exited 0, as if the cluster had no keys
+    assert cli.main(["keys", "list", "--dir", str(tmp_path / "kyes")]) == 1
+    assert capsys.readouterr().out == ""
 
 
 def test_registry_says_who_a_key_is_and_sees_revocations_at_once(tmp_path):
@@ -164,3 +167,16 @@ def test_the_heads_state_directory_and_database_are_private(tmp_path):
     finally:
         os.umask(old)
     assert mode(tmp_path / "up-state") == 0o700
+
+
+def test_a_key_directory_that_cannot_be_made_is_a_key_file_error(tmp_path):
+    """$TOKENRELAY_STATE_DIR naming a file: `tokenrelay up` printed a FileExistsError traceback."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(keyring.KeyFileError, match="cannot make the key directory .*/file/keys: .*/file: "):
+        keyring.ensure_single_host(tmp_path / "file" / "keys", "vm")
+
+
+def test_a_missing_identity_names_a_complete_command(tmp_path):
+    """It said `tokenrelay keys add proxy`, which the CLI refuses: the name is required."""
+    with pytest.raises(keyring.KeyFileError, match=r"`tokenrelay keys add proxy NAME`"):
+        keyring.identity(tmp_path, "proxy")

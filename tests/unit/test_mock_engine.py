@@ -61,6 +61,37 @@ def test_chat_and_stop_string():
     assert "lazy" not in "".join(d[1] for d in deltas)
 
 
+def _stopped(stop, max_tokens=20):
+    async def go():
+        eng = create_engine("mock", "m", {"ttft_ms": 0, "itl_ms": 0})
+        sink = Sink()
+        await eng.start(sink)
+        eng.add_request(GenerateRequest("s", prompt="hi", params=SamplingParams(max_tokens=max_tokens, stop=stop)))
+        await sink.done.wait()
+        return sink
+    return run(go())
+
+
+@pytest.mark.parametrize("stop", [["zy d"], ["og wh", "nope"], ["y"], ["dog while tokens"]])
+def test_a_stop_string_ends_the_text_wherever_it_falls_as_in_vllm(stop):
+    """Only a whole word stopped the mock: "zy d" (across two tokens) or "y" (inside one) never did, and
+    the answer ran to max_tokens with the stop string in it."""
+    full = "".join(d[1] for d in _stopped([], 20).deltas)  # "a lazy dog while tokens ..." for "hi"
+    sink = _stopped(stop)
+    text = "".join(d[1] for d in sink.deltas)
+    end, first = min((full.find(s), s) for s in stop if s in full)
+    assert text == full[:end] and sink.deltas[-1][2] == "stop"
+    assert all(d[1] for d in sink.deltas[:-1])  # no empty chunks while text is held back
+    assert sink.deltas[-1][4] == len(full[:end + len(first)].split())  # tokens: up to the one completing it
+    assert getattr(sink, "ids", []) == []  # held-back text has no token ids: not resumable, as on vLLM
+
+
+def test_a_stop_string_that_never_comes_holds_back_nothing_at_the_end():
+    full = "".join(d[1] for d in _stopped([], 6).deltas)
+    sink = _stopped(["zzz"], 6)
+    assert "".join(d[1] for d in sink.deltas) == full and sink.deltas[-1][2] == "length"
+
+
 def test_abort_stops_generation_and_max_running_queues():
     async def go():
         eng = create_engine("mock", "m", {"ttft_ms": 1, "itl_ms": 5, "tokens": 1000, "max_running": 1})

@@ -36,6 +36,10 @@ def test_no_keys_means_disabled_and_bad_files_name_the_line(tmp_path: Path) -> N
         ApiKeys.parse("key lots\n", None)
     with pytest.raises(ValueError, match="cannot read"):
         load_api_keys(str(tmp_path / "missing"), env="")
+    # "sk-a sk-b" (space-separated) was taken as one key: both clients then got 401
+    with pytest.raises(ValueError, match=r"\$TOKENRELAY_API_KEYS: a key holds a space; separate keys with commas"):
+        ApiKeys.parse(None, "sk-a sk-b")
+    assert len(ApiKeys.parse(None, " sk-a , sk-b ")) == 2
 
 
 def test_keys_are_kept_as_digests_only() -> None:

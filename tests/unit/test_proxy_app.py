@@ -11,11 +11,13 @@ from typing import Any, Optional
 
 import falcon
 import falcon.testing
+import gevent
 import pytest
 
 from proxy.admission import AdmissionQueue
 from proxy.app import create_app
 from proxy.config import ProxyConfig
+from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.router import NONE, ROUTE, Decision
 from proxy.streams import Item, RequestStream
 from runtime.protocol import Delta, DeploymentRoute, GenerateRequest, ReplicaRoute, RequestError
@@ -172,6 +174,9 @@ def test_plain_endpoint(client: falcon.testing.TestClient, backend: FakeBackend)
     assert r.headers["content-type"].startswith("text/plain")
     assert "content-length" not in r.headers
     assert backend.requests[0].prompt == "tell me" and backend.requests[0].params.max_tokens == 4
+    r = client.simulate_post("/v1/chat/tiny", body=b"tell me", query_string="max_token=4")  # a typo
+    assert_openai_error(r, 400, param="max_token")
+    assert len(backend.requests) == 1
 
 
 def test_request_id_echoed_or_generated(client: falcon.testing.TestClient) -> None:
@@ -263,6 +268,107 @@ def test_body_too_large(backend: FakeBackend) -> None:
     small = ProxyConfig(head="tcp://127.0.0.1:1", workers=1, max_body_bytes=10)
     client = falcon.testing.TestClient(create_app(backend, small))
     assert_openai_error(client.simulate_post("/v1/chat/completions", json=chat_body()), 413, code="body_too_large")
+
+
+class StallingInput:
+    """A client's body that sends its first bytes, then nothing (wsgi.input)."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+
+    def read(self, size: int = -1) -> bytes:
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        gevent.sleep(30)  # the client stopped sending
+        return b""
+
+    readline = read  # what the WSGI validator asks an input stream for
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return [self.read()]
+
+    def __iter__(self) -> Any:
+        return iter(self.readlines())
+
+
+@pytest.mark.parametrize("path, content_type", [("/v1/chat/completions", "application/json"),
+                                                ("/v1/chat/tiny", "text/plain")])
+def test_a_body_that_stalls_is_408_and_the_connection_closes(backend: FakeBackend, path: str,
+                                                             content_type: str) -> None:
+    """A client that sent its headers and part of its body, then stopped, held its connection forever."""
+    app = create_app(backend, ProxyConfig(head="tcp://127.0.0.1:1", workers=1, body_timeout=0.05))
+    seen: list[dict] = []
+
+    def server(environ: dict, start_response: Any) -> Any:
+        seen.append(environ)
+        return app(environ, start_response)
+
+    start = time.monotonic()
+    r = falcon.testing.TestClient(server).simulate_post(
+        path, headers={"Content-Type": content_type, "Content-Length": "100"},
+        extras={"wsgi.input": StallingInput(b'{"model": "ti')})
+    assert time.monotonic() - start < 1.0
+    err = assert_openai_error(r, 408, code="request_timeout")
+    assert err["message"] == "request body stalled: no data for 0.05s"
+    assert seen[0].get(LINGER_ENV) is True  # the server hook closes the connection after the answer
+    assert backend.requests == []
+
+
+class BadChunks(StallingInput):
+    """A chunked body whose framing gunicorn cannot read (a chunk size of "zz")."""
+
+    def read(self, size: int = -1) -> bytes:
+        from gunicorn.http.errors import InvalidChunkSize
+        raise InvalidChunkSize(b"zz")
+
+    readline = read
+
+
+def test_a_malformed_chunked_body_is_400_not_500(backend: FakeBackend, caplog: Any) -> None:
+    """gunicorn raises InvalidChunkSize from read(): that was a 500 with a traceback in the log."""
+    app = create_app(backend, CONFIG)
+    seen: list[dict] = []
+
+    def server(environ: dict, start_response: Any) -> Any:
+        seen.append(environ)
+        return app(environ, start_response)
+
+    r = falcon.testing.TestClient(server).simulate_post(
+        "/v1/chat/completions", headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        extras={"wsgi.input": BadChunks(b"")})
+    err = assert_openai_error(r, 400)
+    assert err["message"] == "malformed chunked request body: Invalid chunk size: b'zz'"
+    assert seen[0].get(LINGER_ENV) is True
+    assert "Traceback" not in caplog.text and not any(rec.exc_info for rec in caplog.records)
+
+
+class ResetMidBody(StallingInput):
+    def read(self, size: int = -1) -> bytes:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    readline = read
+
+
+def test_a_client_that_resets_mid_body_is_499_not_500(backend: FakeBackend, caplog: Any) -> None:
+    """A client gone while its body came in (a reset) was a 500 with an ERROR traceback, each time."""
+    r = falcon.testing.TestClient(create_app(backend, CONFIG)).simulate_post(
+        "/v1/chat/completions", headers={"Content-Type": "application/json", "Content-Length": "100000"},
+        extras={"wsgi.input": ResetMidBody(b"")})
+    assert r.status_code == 499  # for the log and metrics: nobody reads it
+    assert not any(rec.exc_info or rec.levelname == "ERROR" for rec in caplog.records)
+    assert backend.requests == []
+
+
+def test_a_huge_echoed_value_makes_a_short_log_line(client: falcon.testing.TestClient, caplog: Any) -> None:
+    """An unknown model of 1 MB made a 1 MB log line (16 MiB with the largest body)."""
+    caplog.set_level("INFO", logger="proxy.app")
+    name = "m" * (1 << 20)
+    err = assert_openai_error(client.simulate_post("/v1/chat/completions", json=chat_body(model=name)), 404,
+                              param="model", code="model_not_found")
+    assert name in err["message"]  # the client gets the whole message, as from vllm serve
+    lines = [r.getMessage() for r in caplog.records if "-> 404" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0]) < 500 and lines[0].endswith(" chars)")
 
 
 def test_unexpected_exception_is_500_json(client: falcon.testing.TestClient, backend: FakeBackend) -> None:

@@ -1,6 +1,9 @@
 """Unit tests for proxy.config: CLI parsing, env fallback, validation (exit code 2)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from proxy.config import ENV_PREFIX, ProxyConfig, default_workers
@@ -37,6 +40,7 @@ def test_env_fallback_and_cli_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     ["--head", "localhost:5555"],
     ["--head", "tcp://h:1", "--bind", "8000"],
     ["--head", "tcp://h:1", "--bind", "h:99999"],
+    ["--head", "tcp://h:1", "--bind", "::1:8000"],  # gunicorn exited 1 on it (a crash, restarted 5 times)
     ["--head", "tcp://h:1", "--workers", "0"],
     ["--head", "tcp://h:1", "--workers", "two"],
     ["--head", "tcp://h:1", "--stale-after", "0"],
@@ -206,3 +210,29 @@ def test_a_proxy_others_can_reach_refuses_to_start_without_api_keys(capsys: pyte
     monkeypatch.delenv("TOKENRELAY_API_KEYS")
     assert proxy_main.main(["--head", "tcp://h:1", "--insecure"]) == 0
     assert len(started) == 3
+
+
+def _pem_pair(tmp_path, name: str) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = tmp_path / (name + ".crt"), tmp_path / (name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_a_certificate_and_key_that_do_not_load_exit_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that is not PEM, or the key of another certificate: every gunicorn worker died at boot
+    and was replaced at once, forever (four tracebacks a second), while `tokenrelay up` saw a live proxy."""
+    cert, key = _pem_pair(tmp_path, "a")
+    _, other_key = _pem_pair(tmp_path, "b")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    base = ["--head", "tcp://h:1", "--bind", "127.0.0.1:8443"]
+    assert ProxyConfig.from_args(base + ["--certfile", cert, "--keyfile", key]).scheme == "https"
+    for pair in ((str(junk), key), (cert, str(junk)), (cert, other_key)):
+        with pytest.raises(SystemExit) as info:
+            ProxyConfig.from_args(base + ["--certfile", pair[0], "--keyfile", pair[1]])
+        assert info.value.code == 2
+        assert "cannot load them as a certificate and its key" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.openai_request import CHAT, COMPLETION, parse_chat, parse_completion, parse_plain
+from proxy.openai_request import CHAT, COMPLETION, parse_chat, parse_completion, parse_plain, plain_max_tokens
 from runtime.protocol import ChatMessage, SamplingParams
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -87,6 +87,22 @@ def test_stop_list_and_integral_float_accepted() -> None:
     assert p.to_generate("r").prompt == "once upon" and p.to_generate("r").messages is None
 
 
+@pytest.mark.parametrize("parse, make", [(parse_chat, chat), (parse_completion, completion)])
+def test_what_vllm_refuses_across_fields_the_mock_refuses_too(parse: Any, make: Any) -> None:
+    """Both were accepted and silently ignored on a mock deployment; `vllm serve` answers 400."""
+    for fields in ({"stream_options": {"include_usage": True}}, {"stream": False,
+                                                                   "stream_options": {"include_usage": False}}):
+        with pytest.raises(InvalidRequest) as info:
+            parse(make(**fields))
+        assert info.value.param == "stream_options"
+        assert info.value.message == "Stream options can only be defined when `stream=True`."
+    assert not parse(make(stream_options={})).include_usage  # an empty object: vLLM takes it too
+    for stop in ("", ["END", ""]):
+        with pytest.raises(InvalidRequest) as info:
+            parse(make(stop=stop))
+        assert (info.value.param, info.value.message) == ("stop", "stop cannot contain an empty string.")
+
+
 @pytest.mark.parametrize("body,param,needle", [
     (b"{not json", None, "not valid JSON"),
     (b"", None, "empty"),
@@ -155,6 +171,18 @@ def test_completion_validation_errors(body: bytes, param: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_completion(body)
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_plain_query_takes_max_tokens_once_and_nothing_else() -> None:
+    """`?max_token=3` (a typo) and `?foo=1` were ignored: the answer ran to the engine's default length."""
+    assert plain_max_tokens({}) is None
+    assert plain_max_tokens({"max_tokens": "3"}) == "3"
+    for query, param, needle in (({"max_token": "3"}, "max_token", "unknown query parameter 'max_token'"),
+                                 ({"max_tokens": "3", "x" * 5000: "1"}, "x" * 100, "takes only ?max_tokens=N"),
+                                 ({"max_tokens": ["1", "5"]}, "max_tokens", "more than once")):
+        with pytest.raises(InvalidRequest) as info:
+            plain_max_tokens(query)
+        assert info.value.param == param and needle in info.value.message
 
 
 def test_plain_body() -> None:

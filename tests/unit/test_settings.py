@@ -67,6 +67,10 @@ def test_options_without_cli_or_env_keep_their_default() -> None:
     (["--endpoint", "x"], {"DEMO_COUNT": "many"}, "$DEMO_COUNT"),
     (["--endpoint", "x"], {"DEMO_LEVEL": "loud"}, "$DEMO_LEVEL"),
     (["--endpoint", "x", "--level", "loud"], {}, "--level"),
+    # a float setting is a finite number: the agent's --stop-grace nan or inf never came due (no SIGKILL)
+    (["--endpoint", "x", "--ratio", "nan"], {}, "argument --ratio: invalid finite_number value: 'nan'"),
+    (["--endpoint", "x", "--ratio", "-inf"], {}, "argument --ratio"),
+    (["--endpoint", "x"], {"DEMO_RATIO": "inf"}, "$DEMO_RATIO: 'inf' is not a finite number"),
 ])
 def test_bad_values_exit_2_naming_the_knob(argv: list[str], env: dict[str, str], says: str,
                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -66,3 +66,41 @@ def test_autoscaling_scale_to_zero_and_ttft_objective_parse_with_defaults():
 def test_bad_autoscaling_knobs_name_the_field(block, message):
     with pytest.raises(ValueError, match=message):
         parse_deployment({"name": "x", "engine": "mock", "autoscaling": block})
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"head": {"control": "garbage"}}, "head.control: must be a ZeroMQ endpoint"),
+    ({"head": {"publish": "127.0.0.1:7101"}}, "head.publish: must be a ZeroMQ endpoint"),
+    ({"head": {"control": "tcp://127.0.0.1:99999"}}, "head.control: must be a ZeroMQ endpoint"),
+    ({"proxy": {"bind": "nope"}}, "proxy.bind: must be HOST:PORT"),
+    ({"proxy": {"bind": "127.0.0.1:99999"}}, "proxy.bind: must be HOST:PORT"),
+    ({"proxy": {"bind": "::1:8000"}}, r"proxy.bind: an IPv6 address goes in brackets, \[::1\]:8000"),
+    ({"head": {"metrics_port": 99999}}, "head.metrics_port: must be at most 65535"),
+    ({"agent": {"metrics_port": 70000}}, "agent.metrics_port: must be at most 65535"),
+    ({"agent": {"host": "tcp://127.0.0.1"}}, "agent.host: must be a host name or IP address"),
+])
+def test_bad_addresses_are_refused_by_the_config_key(section, message):
+    """They used to start every process, each then failing with its own flag's name (--bind, --head)
+    and a full usage text; the operator wrote proxy.bind, not --bind."""
+    with pytest.raises(ValueError, match=message):
+        parse_stack(section)
+    stack = parse_stack({"head": {"control": "tcp://*:7100", "publish": "ipc:///tmp/x"},
+                         "proxy": {"bind": "[::1]:8000"}, "agent": {"host": "::1", "metrics_port": -1}})
+    assert (stack.agent_host, stack.agent_metrics_port) == ("::1", -1)
+    assert (stack.head_control, stack.head_publish, stack.proxy_bind) == ("tcp://*:7100", "ipc:///tmp/x",
+                                                                          "[::1]:8000")
+
+
+@pytest.mark.parametrize("extra, path", [
+    ({"timeouts": {"first_token_s": float("nan")}}, "d.timeouts.first_token_s"),
+    ({"routing": {"queue_timeout_s": float("inf")}}, "d.routing.queue_timeout_s"),
+    ({"cpus": float("nan")}, "d.cpus"),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": float("nan")}},
+     "d.autoscaling.target_ongoing_requests"),
+    ({"engine_args": {"ttft_ms": [1, float("-inf")]}}, "d.engine_args.ttft_ms[1]"),
+])
+def test_nan_and_infinity_anywhere_in_a_spec_are_refused_naming_the_field(extra, path):
+    """YAML's .nan and .inf passed every `value < 0` check: a nan timeout never fired, nan cpus fit."""
+    with pytest.raises(ValueError, match=r"^%s: must be a finite number$" % path.replace("[", r"\[").replace(
+            "]", r"\]")):
+        parse_deployment(dict({"name": "a", "engine": "mock", "model": "m"}, **extra), "d")

@@ -1,0 +1,52 @@
+"""`tokenrelay deploy -f FILE`: a bad file is refused here, naming the file and the field, and nothing is
+sent to the head."""
+from __future__ import annotations
+
+import pytest
+
+from runtime import cli, head_client
+
+SPEC = "{name: a, engine: mock, model: m}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("null\n", "spec: must be a mapping, got NoneType"),
+    ('"hello"\n', "spec: must be a mapping, got str"),
+    ("[]\n", "holds no deployment spec"),
+    ("deployments: []\n", "holds no deployment spec"),
+    ("deployments: {a: 1}\n", "deployments: must be a list of specs"),
+    ("- %s\n- {name: b, engine: mock, model: m, replicas: -1}\n" % SPEC, "spec[1].replicas: must be an integer"),
+    ("deployments:\n- %s\n- 5\n" % SPEC, "deployments[1]: must be a mapping, got int"),
+    ("name: a\nengine: mock\nmodel: m\nengine_args: &e {x: *e}\n", "a YAML alias refers to its own anchor"),
+    ("name: [\n", "not valid YAML/JSON"),
+])
+def test_a_bad_spec_file_is_refused_before_anything_is_sent(tmp_path, monkeypatch, capsys, text, message):
+    monkeypatch.setattr(head_client, "deploy", lambda *a, **k: pytest.fail("sent to the head"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    assert cli.main(["deploy", "-f", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "%s: " % path in err and message in err
+    assert cli.main(["deploy", "-f", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read %s: No such file or directory" % (tmp_path / "nope.yaml") in capsys.readouterr().err
+
+
+def test_every_spec_of_a_good_file_is_sent(tmp_path, monkeypatch, capsys):
+    sent = []
+    monkeypatch.setattr(head_client, "deploy", lambda endpoint, token, spec, **k: sent.append(spec) or {
+        "result": "created", "generation": 1})
+    monkeypatch.setattr(cli, "_token", lambda ns: "t")
+    path = tmp_path / "spec.yaml"
+    path.write_text("deployments:\n- %s\n- {name: b, engine: mock, model: m}\n" % SPEC)
+    assert cli.main(["deploy", "-f", str(path)]) == 0
+    assert [s["name"] for s in sent] == ["a", "b"]
+    assert capsys.readouterr().out == "created (generation 1)\ncreated (generation 1)\n"
+
+
+def test_a_bad_file_with_json_says_why_on_stdout(tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text("null\n")
+    assert cli.main(["deploy", "-f", str(path), "--json"]) == 2
+    import json
+    assert json.loads(capsys.readouterr().out) == {
+        "ok": False, "error": "%s: spec: must be a mapping, got NoneType" % path}
