@@ -113,8 +113,8 @@ class ProxyConfig:
     hwm: int = setting(100_000, help="SNDHWM/RCVHWM of every replica DEALER", cli=False, env=False)
     max_body_bytes: int = setting(16 * 1024 * 1024, help="largest request body; bigger ones get 413")
     body_timeout: float = setting(
-        30.0, help="seconds a request body may stall between two reads; then 408 and the connection "
-                   "closes (a client that stops sending mid-body would otherwise hold it forever)")
+        30.0, help="seconds a request body may send nothing (a pause, not the whole upload); then 408 and the "
+                   "connection closes (a client that stops sending mid-body would otherwise hold it forever)")
     curve_dir: Optional[str] = setting(
         None, help="CURVE key directory holding one proxy-NAME.key_secret, head.key and replica.key (see "
                    "`tokenrelay keys add proxy`)", env=False, metavar="DIR",

@@ -280,3 +280,21 @@ def test_2500_slowloris_connections_cost_other_clients_little(stack: Stack) -> N
           "by the proxy" % (normal * 1000, under * 1000, flood.opened, parked))
     assert parked > 0
     assert under <= 2 * normal + 0.01  # the issue saw 0.05 s -> 1.9 s; closing them instead: 10-20x
+
+
+def test_a_slow_body_that_keeps_coming_is_not_a_stall(stack: Stack) -> None:
+    """--body-timeout (1 s here) bounds a pause, not the time one 64 KiB piece takes: a 150 KB prompt
+    sent 8 KB every 0.25 s (4.6 s in all, ~2 s per 64 KiB) is served."""
+    body = json.dumps({"model": "mock", "prompt": "x" * 150_000, "max_tokens": 1}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-team\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as sock:
+        sock.sendall(head)
+        for i in range(0, len(body), 8192):
+            sock.sendall(body[i:i + 8192])
+            time.sleep(0.25)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 1
