@@ -96,6 +96,19 @@ class AdoptedProcess(_Tree):
     def poll(self) -> Optional[int]:
         return None if self._proc is not None and _alive(self._proc) else -1
 
+    @classmethod
+    def verified(cls, pid: int, replica_id: str) -> Optional["AdoptedProcess"]:
+        """The process, if `pid` runs `-m model_proc --replica-id replica_id`: a hello's pid is only a
+        claim, and this agent will signal that process (and its group) when it stops the replica."""
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            return None
+        pairs = set(zip(cmd, cmd[1:], strict=False))
+        if ("-m", "model_proc") not in pairs or ("--replica-id", replica_id) not in pairs:
+            return None
+        return cls(pid)
+
 
 class ReplicaProcess(_Tree):
     def __init__(self, spec: ReplicaSpec, host: str, agent_endpoint: str,

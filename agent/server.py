@@ -3,7 +3,7 @@
 Runs in the agent process, one thread. Owns two sockets, used only from `Agent.run`:
 - head DEALER (connects `config.head`): AgentRegister, then AgentHeartbeat every interval and at once
   on any replica state change; the head answers each with our full Assignment. AgentLeaving when an
-  orderly shutdown starts (not in adopt mode, where the replicas stay for the next agent). No answer for
+  orderly shutdown starts (not with --on-stop leave, where the replicas stay for the next agent). No answer for
   `head_timeout`: the socket is recreated and we register again (Lazy Pirate), reporting the replicas
   we run so a restarted head adopts them instead of restarting them.
 - replica ROUTER (binds `config.replica_endpoint`): our replicas' ReplicaHello/ReplicaStatus/ReplicaDead.
@@ -156,12 +156,16 @@ class Agent:
             log.info("[startup] adopted %d running replica(s): %s", len(self.records), sorted(self.records))
 
     def _adopt(self, hello: ReplicaHello, now: float) -> None:
+        proc = AdoptedProcess.verified(hello.pid, hello.replica_id)
+        if proc is None:
+            log.warning("not adopting replica %s: pid %d is not its process", hello.replica_id, hello.pid)
+            return
         spec = ReplicaSpec(hello.replica_id, hello.deployment, "", "", generation=hello.generation)
         rec = ReplicaRecord(spec, self.config.policy)
         rec.launched(hello.pid, now)
         rec.hello(hello.endpoint, now)
         self.records[hello.replica_id] = rec
-        self.procs[hello.replica_id] = AdoptedProcess(hello.pid)
+        self.procs[hello.replica_id] = proc
         self._dirty = True
         log.info("adopted replica %s of %s (pid %d, %s)", hello.replica_id, hello.deployment, hello.pid,
                  hello.endpoint)

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         store = StateStore(db if config.persist else None)
         token = load_or_create_token(directory)
     except (OSError, sqlite3.Error) as exc:  # a crash here was restarted over and over by `tokenrelay up`
+        if "locked" in str(exc) or "busy" in str(exc):  # another process holds the database: may pass
+            log.error("[startup] the state database %s is busy: %s", db, exc)
+            return 1
         log.error("[startup] cannot use the state directory %s: %s (--state-dir or $TOKENRELAY_STATE_DIR)",
                   directory, exc)
         return 2

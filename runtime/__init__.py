@@ -21,7 +21,8 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   authz.py         pure: role x socket and role x head message -> allowed or the reason for refusal
   credentials.py   local state directories and the admin credential
   owned_dirs.py    temporary directories removed at exit by the process that made them
-  parent_guard.py  a child process must not outlive its parent
+  parent_guard.py  a child process must not outlive its parent (or its stack); the launcher's subreaper
+  orphans.py       the replicas a crashed agent left to the `tokenrelay up` launcher: reap and stop them
   proctree.py      process trees: collect one, SIGTERM, grace, SIGKILL
   gc_policy.py     garbage collection in serving processes: start-up heap frozen, rare full collections
 """

@@ -16,6 +16,10 @@ import socket
 from typing import Optional
 
 
+IPV6_ZMQ = ("%s: IPv6 addresses are not supported on the ZeroMQ sockets (the processes do not turn on "
+            "ZMQ_IPV6); use an IPv4 address or a host name, got %r")
+
+
 def check_zmq_endpoint(value: str, where: str) -> str:
     """A ZeroMQ endpoint the processes accept: tcp://HOST:PORT (PORT may be `*`) or ipc://PATH."""
     if value.startswith("ipc://") and len(value) > len("ipc://"):
@@ -23,6 +27,8 @@ def check_zmq_endpoint(value: str, where: str) -> str:
     if value.startswith("tcp://"):
         host, sep, port = value[len("tcp://"):].rpartition(":")
         if sep and host and (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+            if ":" in host:  # libzmq refuses to bind or connect it without ZMQ_IPV6 ("No such device")
+                raise ValueError(IPV6_ZMQ % (where, value))
             return value
     raise ValueError("%s: must be a ZeroMQ endpoint like tcp://HOST:PORT or ipc://PATH, got %r" % (where, value))
 
@@ -44,9 +50,10 @@ def bracket_host(host: str) -> str:
 
 
 def check_host(value: str, where: str) -> str:
-    """A host name or IP address, as replicas bind tcp://HOST:* (not an endpoint, no port)."""
-    if not value or "://" in value or "/" in value or any(c.isspace() for c in value) or (
-            ":" in value and not _is_ipv6(value.strip("[]"))):
+    """A host name or IPv4 address, as replicas bind tcp://HOST:* (not an endpoint, no port)."""
+    if ":" in value and _is_ipv6(value.strip("[]")):
+        raise ValueError(IPV6_ZMQ % (where, value))
+    if not value or "://" in value or "/" in value or ":" in value or any(c.isspace() for c in value):
         raise ValueError("%s: must be a host name or IP address (no scheme, no port), got %r" % (where, value))
     return value
 

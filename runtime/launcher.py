@@ -2,20 +2,20 @@
 
 Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ socket. Each component
 is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
-stops them in order (proxy, agent, head) and whole process trees, SIGKILLing whatever is left after the
+stops them in order (proxy, agent with its replicas, replicas no agent stopped, head) and whole process
+trees, SIGKILLing whatever is left after the
 grace period: everything is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
 Each child also carries a parent-death guard.
 An agent crash does not touch the replicas or their streams: the agent runs in adopt mode on a fixed
-replica endpoint, its replicas outlive it (but not the launcher: `--stack-pid`), and the restarted agent
-adopts them. The launcher is a child subreaper, so a crashed agent's replicas become its children: it
-reaps them when they exit and stops them with the rest of the stack.
+replica endpoint (a Unix socket in the stack's state), its replicas outlive it (but not the launcher:
+`--stack-pid`), and the restarted agent adopts them; the head waits AGENT_TIMEOUT for it. The launcher is
+a child subreaper, so a crashed agent's replicas become its children meanwhile (runtime.orphans).
 Secure by default: before starting anything it creates, once, the keys this host needs (runtime.keyring,
 in the head's state directory's keys/, or $TOKENRELAY_CURVE_DIR) and hands every child `--curve-dir`;
 `insecure` hands them `--insecure` instead.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -30,12 +30,12 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-import psutil
 
 from proxy.config import API_KEYS_ENV
-from runtime import keyring
+from runtime import keyring, parent_guard
 from runtime.addresses import bind_problem, tcp_address
 from runtime.credentials import state_dir
+from runtime.orphans import Orphans
 from runtime.curve import keys_dir, warn_insecure
 from runtime.settings import parse_csv
 from runtime.proctree import collect_tree, signal_all
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE = 13.0  # seconds between SIGTERM and SIGKILL; the agent's replica grace (10 s + 1) fits inside
 MAX_CRASHES = 5
-_PR_SET_CHILD_SUBREAPER = 36
+MAX_IPC_PATH = 100  # bytes a Unix socket's path may have (sun_path is 108 with the NUL, less on some systems)
+AGENT_TIMEOUT = 10.0  # the head's --agent-timeout under `tokenrelay up` (3 s elsewhere)
 CRASH_WINDOW = 60.0
 
 
@@ -68,6 +69,7 @@ class Launcher:
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
         self._stop = threading.Event()
+        self.orphans = Orphans(lambda: {child.pid for child in self.children.values()})
         self._wants_no_replica = False  # the head said no deployment wants a replica (or there is none)
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -132,7 +134,7 @@ class Launcher:
             return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
-        become_subreaper()
+        parent_guard.become_subreaper()
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
             head_args += ["--state-dir", s.head_state_dir]
@@ -141,13 +143,16 @@ class Launcher:
         if self.reset_deployments:
             head_args += ["--reset-deployments"]
         head_args += ["--metrics-port", str(s.head_metrics_port), "--proxy-metrics", s.proxy_bind]
+        # the agent's replicas outlive it here (adopt mode), and proxies watch them directly: a silent
+        # agent is one being restarted, so give it time to come back before its replicas leave routing
+        head_args += ["--agent-timeout", str(AGENT_TIMEOUT)]
         if s.head_prometheus_sd_file:
             head_args += ["--prometheus-sd-file", s.head_prometheus_sd_file]
         self._spawn("head", head_args)
         # adopt mode: a restarted agent finds its replicas on the same endpoint (kept across restarts)
         agent_args = ["--head", local_endpoint(s.head_control), "--host", s.agent_host,
                       "--agent-id", agent_id, "--metrics-port", str(s.agent_metrics_port),
-                      "--adopt", "--on-stop", "stop", "--replica-endpoint", "tcp://127.0.0.1:%d" % free_port()]
+                      "--adopt", "--on-stop", "stop", "--replica-endpoint", self.replica_endpoint()]
         if not self.verbose:
             logs = self.replica_log_dir()
             agent_args += ["--replica-log-dir", str(logs)]
@@ -160,9 +165,21 @@ class Launcher:
         if self.open_api:
             proxy_args.append("--open-api")
         self._spawn("proxy", proxy_args)
-        code = self._watch()
-        self.shutdown()
-        return code
+        try:
+            return self._watch()
+        finally:
+            self.shutdown()
+
+    def replica_endpoint(self) -> str:
+        """Where the agent listens for its replicas: the same across the agent's restarts, so replicas
+        that outlived it find the next one. A Unix socket in the stack's state directory (no port to
+        lose to another program between a crash and the restart); a free TCP port when that path is
+        too long for a Unix socket's address."""
+        path = self.replica_log_dir().parent / "agent.sock"
+        if len(str(path)) <= MAX_IPC_PATH:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return "ipc://%s" % path
+        return "tcp://127.0.0.1:%d" % free_port()
 
     def replica_log_dir(self) -> Path:
         base = state_dir(self.stack.head_state_dir)
@@ -196,7 +213,7 @@ class Launcher:
         progress: Optional[str] = ""  # last replica summary logged; None once every replica was ready
         next_progress = time.monotonic() + 2.0
         while not self._stop.wait(0.25):
-            self._reap_orphans()
+            self.orphans.reap()
             for name, child in list(self.children.items()):
                 rc = child.poll()
                 if rc is None:
@@ -221,37 +238,6 @@ class Launcher:
         log.info("[shutdown] stopping the stack")
         return 0
 
-    def _orphans(self) -> list[psutil.Process]:
-        """Our running children that we did not start: replicas whose agent died (we are their
-        subreaper). Ended ones are reaped on the way."""
-        self._reap_orphans()
-        ours = {child.pid for child in self.children.values()}
-        out = []
-        for proc in psutil.Process().children():
-            try:
-                if proc.pid not in ours and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    def _reap_orphans(self) -> None:
-        """Collect the exit status of orphaned replicas that ended (else they stay zombies). Peeks first
-        (WNOWAIT) and reaps only pids we did not start: subprocess reaps its own (`poll`), and one of
-        those first in line just waits for the next call."""
-        ours = {child.pid for child in self.children.values()}
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:  # no children at all
-                return
-            if info is None or info.si_pid in ours:
-                return
-            try:
-                os.waitpid(info.si_pid, 0)  # it has exited: does not block
-            except ChildProcessError:
-                return
-
     def shutdown(self) -> None:
         """Stop in order, each after the one before it is gone (proxy first, so no client request and no
         proxy connection sees a replica go away; the agent before the head, so it never misses the head),
@@ -263,8 +249,8 @@ class Launcher:
         trees = {name: collect_tree(child.pid) for name, child in self.children.items()}
         deadline = start + STOP_GRACE
         for name in ("proxy", "agent", "replicas", "head"):
-            if name == "replicas":
-                self._stop_replicas(deadline)
+            if name == "replicas":  # those no agent stopped (it was dead, between a crash and its restart)
+                self.orphans.stop(deadline - time.monotonic())
                 continue
             child = self.children.get(name)
             if child is None:
@@ -275,39 +261,12 @@ class Launcher:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("[shutdown] %s did not stop in %.0fs; killing its tree", name, STOP_GRACE)
-        orphans = [p for orphan in self._orphans() for p in collect_tree(orphan.pid)]
         for name, child in self.children.items():
             procs = trees[name] + collect_tree(child.pid)
             signal_all(procs, signal.SIGKILL)  # whatever is left, including re-parented descendants
             child.poll()
-        signal_all(orphans, signal.SIGKILL)
-        self._reap_orphans()
+        self.orphans.stop(0.0)  # the head's tree may have left some too: SIGKILL and reap
         log.info("[shutdown] stack stopped in %.1fs", time.monotonic() - start)
-
-    def _stop_replicas(self, deadline: float) -> None:
-        """SIGTERM the replicas no agent stopped (now our children) and wait for them until `deadline`."""
-        replicas = self._orphans()
-        if not replicas:
-            return
-        log.info("[shutdown] stopping %d replica(s)", len(replicas))
-        signal_all(replicas, signal.SIGTERM)
-        _, alive = psutil.wait_procs(replicas, timeout=max(0.0, deadline - time.monotonic()))
-        if alive:
-            log.warning("[shutdown] %d replica(s) did not stop in time; killing them", len(alive))
-
-
-def become_subreaper() -> None:
-    """Linux: orphaned descendants (a crashed agent's replicas) become our children, not init's, so the
-    stack still holds them and can stop them. Elsewhere nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
-    except OSError as exc:
-        log.warning("cannot become a child subreaper: %s", exc)
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""

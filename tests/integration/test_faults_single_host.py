@@ -102,3 +102,23 @@ def test_a_killed_launcher_takes_the_replicas_with_it(tmp_path) -> None:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_ctrl_c_while_the_agent_is_dead_stops_the_replicas_it_left(tmp_path) -> None:
+    """Ctrl-C, and the agent dies before the launcher reaches it (it stops the proxy first): no agent
+    stops the replicas, so the launcher, their subreaper by then, stops them itself."""
+    s = Stack(tmp_path, [dict(MOCK, replicas=2)], workers=1).start()
+    replicas = replica_pids(s)
+    tree = s.tree()
+    s.proc.send_signal(signal.SIGINT)
+    os.kill(agent_pid(s), signal.SIGKILL)
+    try:
+        s.proc.wait(20)
+    finally:
+        _, alive = psutil.wait_procs(tree, timeout=2)
+        for p in alive:
+            p.kill()
+    assert alive == [], alive
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in replicas)
+    assert "stopping 2 replica(s) no agent stopped" in s.log()

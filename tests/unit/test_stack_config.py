@@ -78,6 +78,9 @@ def test_bad_autoscaling_knobs_name_the_field(block, message):
     ({"head": {"metrics_port": 99999}}, "head.metrics_port: must be at most 65535"),
     ({"agent": {"metrics_port": 70000}}, "agent.metrics_port: must be at most 65535"),
     ({"agent": {"host": "tcp://127.0.0.1"}}, "agent.host: must be a host name or IP address"),
+    # libzmq binds and connects IPv6 only with ZMQ_IPV6: every replica (or the head) would fail to bind
+    ({"agent": {"host": "::1"}}, "agent.host: IPv6 addresses are not supported on the ZeroMQ sockets"),
+    ({"head": {"control": "tcp://[::1]:7100"}}, "head.control: IPv6 addresses are not supported"),
 ])
 def test_bad_addresses_are_refused_by_the_config_key(section, message):
     """They used to start every process, each then failing with its own flag's name (--bind, --head)
@@ -85,8 +88,8 @@ def test_bad_addresses_are_refused_by_the_config_key(section, message):
     with pytest.raises(ValueError, match=message):
         parse_stack(section)
     stack = parse_stack({"head": {"control": "tcp://*:7100", "publish": "ipc:///tmp/x"},
-                         "proxy": {"bind": "[::1]:8000"}, "agent": {"host": "::1", "metrics_port": -1}})
-    assert (stack.agent_host, stack.agent_metrics_port) == ("::1", -1)
+                         "proxy": {"bind": "[::1]:8000"}, "agent": {"host": "localhost", "metrics_port": -1}})
+    assert (stack.agent_host, stack.agent_metrics_port) == ("localhost", -1)  # HTTP on IPv6 is fine
     assert (stack.head_control, stack.head_publish, stack.proxy_bind) == ("tcp://*:7100", "ipc:///tmp/x",
                                                                           "[::1]:8000")
 
