@@ -40,7 +40,8 @@ import psutil  # noqa: E402
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
 from benchmarks.serving_path import PRESETS  # noqa: E402
-from benchmarks.stack import MockStack, per_1k_tokens  # noqa: E402
+from benchmarks.meters import per_1k_tokens, stack_cpu_meters  # noqa: E402
+from benchmarks.stack import MockStack  # noqa: E402
 from benchmarks.stats import format_summary  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -214,7 +215,7 @@ def run(ns: argparse.Namespace, pyspy: str, outdir: Path) -> dict[str, Any]:
         if ns.target != "all":
             targets = {ns.target: targets[ns.target]}
         recorder = Recorder(pyspy, outdir, ns.rate, s["duration"])
-        meters = stack.cpu_meters()
+        meters = stack_cpu_meters(stack)
 
         def window_start() -> None:
             recorder.start(targets)

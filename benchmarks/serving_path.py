@@ -31,9 +31,10 @@ if __package__ in (None, ""):
 
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, raise_fd_limit, run_level  # noqa: E402
-from benchmarks.stack import (  # noqa: E402
-    CpuMeter, FloorProcess, GcMeter, MockStack, ReplicaCounters, RssMeter, per_1k_tokens,
+from benchmarks.meters import (  # noqa: E402
+    CpuMeter, GcMeter, ReplicaCounters, RssMeter, per_1k_tokens, stack_cpu_meters,
 )
+from benchmarks.stack import FloorProcess, MockStack  # noqa: E402
 from benchmarks.stats import format_summary  # noqa: E402
 from runtime.stack_config import single_host_proxy_workers  # noqa: E402
 
@@ -105,7 +106,7 @@ def run_stack(ns: argparse.Namespace, cfg: LoadConfig, workers: Optional[int]) -
     try:
         stack.start()
         stack.wait_ready()
-        meters = stack.cpu_meters()
+        meters = stack_cpu_meters(stack)
         if not stack.proxy_roots():
             log.warning("bench [cpu] no `-m proxy` process found under the launcher: no proxy CPU numbers")
         rss = RssMeter(stack.proxy_roots)

@@ -46,9 +46,8 @@ if __package__ in (None, ""):
 
 from benchmarks.floor_server import install_uvloop  # noqa: E402
 from benchmarks.loadgen import LoadConfig, parse_levels, raise_fd_limit, run_level  # noqa: E402
-from benchmarks.stack import (  # noqa: E402
-    REPO, CpuMeter, MainThreadCpu, MockStack, free_port, http, per_1k_tokens, stop_process,
-)
+from benchmarks.meters import CpuMeter, MainThreadCpu, per_1k_tokens, stack_cpu_meters  # noqa: E402
+from benchmarks.stack import REPO, MockStack, free_port, http, stop_process  # noqa: E402
 from benchmarks.stats import format_summary  # noqa: E402
 from runtime.proctree import collect_tree  # noqa: E402
 
@@ -101,7 +100,7 @@ class TokenrelayStack(MockStack):
     def meters(self) -> dict[str, Any]:
         """The stack's parts, and the replica's own process (the front end that runs vLLM's serving
         layer and AsyncLLM, without the engine core's process) and its event-loop thread."""
-        return dict(self.cpu_meters(), front_end=CpuMeter(self.replica_roots, trees=False, overlaps=True),
+        return dict(stack_cpu_meters(self), front_end=CpuMeter(self.replica_roots, trees=False, overlaps=True),
                     front_end_loop=MainThreadCpu(self.replica_roots))
 
 

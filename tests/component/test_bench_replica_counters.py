@@ -1,11 +1,11 @@
-"""benchmarks.stack.ReplicaCounters against real HTTP /metrics endpoints listed in a Prometheus SD file."""
+"""benchmarks.meters.ReplicaCounters against real HTTP /metrics endpoints listed in a Prometheus SD file."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.stack import ReplicaCounters
+from benchmarks.meters import ReplicaCounters
 
 
 class _Metrics:

@@ -3,7 +3,8 @@ import pytest
 
 from benchmarks.loadgen import LoadConfig, parse_levels
 from benchmarks.serving_path import build_parser, comparison, format_table, resolve, table_header
-from benchmarks.stack import RssMeter, _is_proxy, gc_pauses, per_1k_tokens
+from benchmarks.meters import RssMeter, gc_pauses, per_1k_tokens
+from benchmarks.stack import _is_proxy
 
 
 def summary(ttft_p50, itl_p99, rps, failures=None):
@@ -168,7 +169,7 @@ def test_main_thread_cpu_counts_only_the_main_thread():
 
     import psutil
 
-    from benchmarks.stack import CpuMeter, MainThreadCpu
+    from benchmarks.meters import CpuMeter, MainThreadCpu
 
     me = psutil.Process()
     main, whole = MainThreadCpu(lambda: [me]), CpuMeter(lambda: [me], trees=False)
