@@ -18,7 +18,7 @@ from typing import Optional
 
 import psutil
 
-from runtime.proctree import collect_tree, signal_all
+from runtime.proctree import collect_tree, running, signal_all
 from runtime.protocol import ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class _Tree:
         """Advance a stop; True once the whole tree is gone."""
         tree = self._stopping_tree or []
         self.poll()
-        alive = [p for p in tree if _alive(p)]
+        alive = [p for p in tree if running(p)]
         if not alive:
             self.kill_group()  # anything of the group the tree missed (re-parented before the stop)
             return True
@@ -94,7 +94,7 @@ class AdoptedProcess(_Tree):
             self._proc = None
 
     def poll(self) -> Optional[int]:
-        return None if self._proc is not None and _alive(self._proc) else -1
+        return None if self._proc is not None and running(self._proc) else -1
 
     @classmethod
     def verified(cls, pid: int, replica_id: str) -> Optional["AdoptedProcess"]:
@@ -147,9 +147,3 @@ class ReplicaProcess(_Tree):
         """Exit code if the main process ended (reaped), else None."""
         return self.popen.poll()
 
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

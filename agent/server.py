@@ -28,6 +28,7 @@ from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_
 from agent.lifecycle import ReplicaRecord
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
+from agent.repin import RepinPlan
 from model_proc.config import METRICS_HOST_ENV
 from runtime import authz, curve, parent_guard
 from runtime.capacity import Host, demand_of
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05
 ADOPT_WAIT = 1.0  # adopt mode: listen this long for surviving replicas (hello + status) before registering
-REPIN_DELAY = 1.0  # a replica re-pinned to fewer cores leaves routing this long before it is stopped
 
 
 def host_capacity() -> Capacity:
@@ -74,8 +74,7 @@ class Agent:
         self._identity = identity(self._keys, "agent", config.agent_id) if self._keys else None
         self._head_public = server_public(self._keys, "head") if self._keys else b""
         self.host = Host(self.capacity.cpus, self.capacity.memory_bytes, len(self.capacity.gpus))
-        self._repin_wanted: set[str] = set()  # running on cores a newer replica was given
-        self._repin_stop_at: dict[str, float] = {}  # re-pin under way: out of routing, stop at this time
+        self._repins = RepinPlan()  # replicas to restart on fewer cores (agent.repin)
         self.metrics = AgentMetrics(config.metrics_port)
         self._refusal_log = RefusalLog(log)
 
@@ -283,8 +282,7 @@ class Agent:
             self._stopping[replica_id] = proc
         self.records.pop(replica_id, None)
         self.devices.release(replica_id)
-        self._repin_wanted.discard(replica_id)
-        self._repin_stop_at.pop(replica_id, None)
+        self._repins.forget(replica_id)
         self._dirty = True
 
     def _supervise(self, now: float) -> None:
@@ -323,38 +321,21 @@ class Agent:
 
     def _repin(self, now: float) -> None:
         """Restart, one at a time, each replica still running on cores a newer one was given, once
-        another replica of its deployment here is ready (so the deployment keeps serving). Until then
-        the two share those cores: slower, never an outage."""
-        for replica_id, stop_at in list(self._repin_stop_at.items()):
-            proc = self.procs.pop(replica_id, None)
-            rec = self.records.get(replica_id)
-            if proc is None or rec is None:
-                del self._repin_stop_at[replica_id]
-            elif now >= stop_at:
-                del self._repin_stop_at[replica_id]
-                proc.begin_stop(rec.spec.drain_seconds + self.config.stop_grace, now)
-                self._stopping[replica_id] = proc
-                self.devices.release(replica_id)
-            else:
-                self.procs[replica_id] = proc
-        if self._repin_stop_at:
-            return
-        for replica_id in sorted(self._repin_wanted):
-            rec = self.records.get(replica_id)
-            if rec is None or replica_id not in self.procs:
-                self._repin_wanted.discard(replica_id)
-                continue
-            others_ready = [r for r in self.records.values() if r.spec.deployment == rec.spec.deployment
-                            and r.replica_id != replica_id and r.state == ReplicaState.READY]
-            if not others_ready:
-                continue
-            self._repin_wanted.discard(replica_id)
-            rec.planned_restart("restarting on fewer cores to make room for a new replica")
-            self._repin_stop_at[replica_id] = now + REPIN_DELAY
+        another replica of its deployment is ready (agent.repin)."""
+        for replica_id in self._repins.due(now, self._running()):
+            proc, rec = self.procs.pop(replica_id), self.records[replica_id]
+            proc.begin_stop(rec.spec.drain_seconds + self.config.stop_grace, now)
+            self._stopping[replica_id] = proc
+            self.devices.release(replica_id)
+        picked = self._repins.pick(now, self.records, self._running())
+        if picked is not None:
+            replica_id, ready = picked
+            self.records[replica_id].planned_restart("restarting on fewer cores to make room for a new replica")
             self._dirty = True
-            log.info("[restart] replica %s: restarting on fewer cores (%s is ready)", replica_id,
-                     others_ready[0].replica_id)
-            return
+            log.info("[restart] replica %s: restarting on fewer cores (%s is ready)", replica_id, ready)
+
+    def _running(self) -> set[str]:
+        return {replica_id for replica_id in self.procs if replica_id in self.records}
 
     def _start(self, rec: ReplicaRecord, now: float) -> None:
         try:
@@ -386,7 +367,7 @@ class Agent:
         demands = {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
                    for rid, r in self.records.items()}
         spec, env, gave_up = devices_for(self.devices, self.host, demands, spec)
-        self._repin_wanted.update(gave_up)
+        self._repins.want(gave_up)
         env.update({INSECURE_ENV: "1"} if self._keys is None else {
             CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id})
         env[METRICS_HOST_ENV] = self.config.metrics_host

@@ -4,6 +4,7 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   __main__.py          `python -m model_proc`: start one replica (normally the agent does)
   config.py            ReplicaConfig, built from the command line; exit codes
   server.py            the replica server: ZeroMQ in front of one engine
+  load_push.py         which proxy workers to tell the replica's load, and when
   agent_link.py        the DEALER to the agent: ReplicaHello, ReplicaStatus heartbeat, ReplicaDead
   data_access.py       with CURVE keys: ZAP on the data socket, each request's proxy key checked again
   engine.py            the Engine interface every engine implements, and the engine lookup

@@ -4,9 +4,8 @@ Runs in model_proc's asyncio loop (one thread). Owns two sockets, both used only
 - data ROUTER (binds `config.bind`): proxies' DEALERs send GenerateRequest/Abort; we answer with one
   TokenBatch per proxy worker per loop iteration (all new deltas of that worker's requests), RequestError
   for a failed request, ReplicaDead when the engine dies. Every TokenBatch carries the replica's load
-  (requests it holds), and when that load changes every known proxy worker that no TokenBatch has told
-  gets an empty one with it, at most every LOAD_PUSH_INTERVAL, so proxies admit against a fresh count,
-  not a 1 s old table.
+  (requests it holds), and when that load changes the workers no TokenBatch told get an empty one with
+  it (model_proc.load_push), so proxies admit against a fresh count, not a 1 s old table.
   ROUTER_MANDATORY makes a vanished proxy an error we act on (its requests are aborted) instead of tokens
   silently dropped.
 - agent DEALER (connects `config.agent`; model_proc.agent_link): ReplicaHello once, then ReplicaStatus
@@ -36,6 +35,7 @@ from model_proc.agent_link import AgentLink
 from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_LOAD_ERROR, EXIT_OK, EXIT_USAGE, ReplicaConfig
 from model_proc.data_access import DataAccess
 from model_proc.engine import Engine, EngineLoadError, EngineRequestError
+from model_proc.load_push import LoadPush
 from model_proc.ttft_window import TtftWindow
 from pathlib import Path
 
@@ -50,7 +50,6 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 
 DATA_HWM = 100_000  # messages per peer; a proxy that falls this far behind is treated as gone
-LOAD_PUSH_INTERVAL = 0.025  # seconds between load pushes to every proxy worker (only when it changed)
 
 
 class _Route:
@@ -78,11 +77,8 @@ class ReplicaServer:
         self._routes: dict[str, _Route] = {}
         self._outbox: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
-        self._peers: set[bytes] = set()
         self._ready = False
-        self._told: dict[bytes, int] = {}  # the load each proxy worker was last sent (batch or push)
-        self._pushed_at = float("-inf")
-        self._push_handle: Optional[asyncio.TimerHandle] = None
+        self._loads = LoadPush(lambda: len(self._routes), self._send_load)
         self._draining = False
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -155,8 +151,7 @@ class ReplicaServer:
             return self._exit_code
         finally:
             status_task.cancel()
-            if self._push_handle is not None:
-                self._push_handle.cancel()
+            self._loads.cancel()
             for task in (recv_task, gc_task):
                 if task is not None:
                     task.cancel()
@@ -233,7 +228,7 @@ class ReplicaServer:
                     self._send(peer, RequestError(msg.request_id, 403, "this proxy's key is not accepted (%s)"
                                                   % reason, "permission_error"))
                     continue
-            self._peers.add(peer)
+            self._loads.peers.add(peer)
             if isinstance(msg, GenerateRequest):
                 self._on_generate(peer, msg)
             elif isinstance(msg, Abort):
@@ -265,7 +260,7 @@ class ReplicaServer:
         except Exception as exc:  # an engine bug must fail this request, not the replica
             log.exception("request %s: engine refused it", rid)
             self.error(rid, 500, "engine error: %s" % exc)
-        self._load_changed()
+        self._loads.changed()
 
     def _on_abort(self, peer: bytes, msg: Abort) -> None:
         for rid in msg.request_ids:
@@ -275,7 +270,7 @@ class ReplicaServer:
                 self.engine.abort(rid)
                 self.requests_aborted += 1
                 log.debug("request %s aborted by its proxy", rid)
-        self._load_changed()
+        self._loads.changed()
 
     def _send(self, peer: bytes, msg: object) -> bool:
         """Non-blocking send to one proxy; on failure abort everything of that proxy."""
@@ -290,19 +285,21 @@ class ReplicaServer:
         self._drop_peer(peer)
         return False
 
+    def _send_load(self, peer: bytes, load: int) -> None:
+        self._send(peer, TokenBatch([], load))
+
     def _drop_peer(self, peer: bytes) -> None:
-        self._peers.discard(peer)
-        self._told.pop(peer, None)
+        self._loads.forget(peer)
         self._outbox.pop(peer, None)
         for rid in [rid for rid, route in self._routes.items() if route.peer == peer]:
             del self._routes[rid]
             self.engine.abort(rid)
             self.requests_aborted += 1
-        self._load_changed()
+        self._loads.changed()
 
     def _broadcast_dead(self, reason: str) -> None:
         dead = ReplicaDead(self.config.replica_id, reason)
-        for peer in list(self._peers):
+        for peer in list(self._loads.peers):
             self._send(peer, dead)
         self._agent.send(dead)
 
@@ -342,7 +339,7 @@ class ReplicaServer:
             etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
         self._flush()  # deltas before the error must arrive first
         self._send(route.peer, RequestError(request_id, status, message, etype, param, body))
-        self._load_changed()
+        self._loads.changed()
 
     def fatal(self, reason: str, exit_code: int = EXIT_ENGINE_DIED) -> None:
         if self._exit_code != EXIT_OK:
@@ -363,33 +360,9 @@ class ReplicaServer:
         self.batches_sent += len(outbox)
         load = len(self._routes)
         for peer, deltas in outbox.items():
-            self._told[peer] = load
+            self._loads.told(peer, load)
             self._send(peer, TokenBatch(deltas, load))
-        self._load_changed()
-
-    def _load_changed(self) -> None:
-        """Schedule a load push to the proxy workers not told the current load, no sooner than
-        LOAD_PUSH_INTERVAL after the last push."""
-        if self._push_handle is not None or not self._untold(len(self._routes)):
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, self._pushed_at + LOAD_PUSH_INTERVAL - loop.time())
-        self._push_handle = loop.call_later(delay, self._push_load)
-
-    def _untold(self, load: int) -> list[bytes]:
-        return [peer for peer in self._peers if self._told.get(peer) != load]
-
-    def _push_load(self) -> None:
-        self._push_handle = None
-        load = len(self._routes)
-        untold = self._untold(load)
-        if not untold:
-            return
-        self._pushed_at = asyncio.get_running_loop().time()
-        report = TokenBatch([], load)
-        for peer in untold:
-            self._told[peer] = load
-            self._send(peer, report)
+        self._loads.changed()
 
     # ------------------------------------------------------------------ status / heartbeat
 

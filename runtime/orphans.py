@@ -15,7 +15,7 @@ from typing import Callable
 
 import psutil
 
-from runtime.proctree import signal_all
+from runtime.proctree import running, signal_all
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,8 @@ class Orphans:
         except psutil.NoSuchProcess:
             return []
         for proc in children:
-            try:
-                if proc.pid not in own and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.NoSuchProcess:
-                pass
+            if proc.pid not in own and running(proc):
+                out.append(proc)
         return out
 
     def stop(self, timeout: float) -> None:

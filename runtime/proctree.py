@@ -20,6 +20,16 @@ def collect_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def running(proc: psutil.Process) -> bool:
+    """Whether the process runs: not gone, its pid not reused (psutil compares its start time), and not
+    a zombie (dead, not yet reaped by its parent). runtime.parent_guard.process_alive asks the same of
+    a bare pid, without psutil, for a check made every second."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
     for proc in procs:
         try:

@@ -155,7 +155,7 @@ def test_load_reaches_every_proxy_worker_once():
             msg = await _recv(idle)
         while msg.load != 0:  # the push after "i" ended, unless its own last batch said 0 already
             msg = await _recv(idle)
-        # "b" runs ~60 ms, longer than LOAD_PUSH_INTERVAL: the idle worker must hear of it meanwhile
+        # "b" runs ~60 ms, longer than load_push.LOAD_PUSH_INTERVAL: the idle worker must hear of it meanwhile
         await busy.send_multipart(encode(GenerateRequest("b", prompt="x", params=SamplingParams(max_tokens=12))))
         loads, last = [], None
         while last is None or not (last.deltas and last.deltas[-1].finish_reason):

@@ -8,7 +8,8 @@ import pytest
 from agent.config import AgentConfig
 from agent.devices import DeviceAllocator
 from agent.lifecycle import ReplicaState
-from agent.server import REPIN_DELAY, Agent
+from agent.repin import REPIN_DELAY
+from agent.server import Agent
 from runtime.capacity import Host
 from runtime.protocol import ReplicaSpec, ReplicaStatus
 
@@ -99,3 +100,24 @@ def test_the_agent_refuses_what_the_head_would_not_place(agent):
     agent._apply([_spec("smollm2-a", cpus=2.0), _spec("smollm2-b")])
     with pytest.raises(ValueError, match=r"0 of 2 CPU core\(s\) free, need 1"):
         agent._devices_for(agent.records["smollm2-b"].spec)
+
+
+def test_the_plan_takes_one_replica_at_a_time_and_forgets_one_that_is_gone():
+    from agent.lifecycle import ReplicaRecord
+    from agent.repin import RepinPlan
+    from agent.lifecycle import RestartPolicy
+
+    records = {rid: ReplicaRecord(_spec(rid), RestartPolicy()) for rid in ("smollm2-a", "smollm2-b", "smollm2-c")}
+    for i, rec in enumerate(records.values()):
+        rec.launched(100 + i, 0.0)
+        rec.status(ReplicaStatus(rec.replica_id, True, 0, 0, 0.0, 1, 0, 0, 0, 0), 1.0)
+    plan = RepinPlan()
+    plan.want(["smollm2-a", "smollm2-b"])
+    running = set(records)
+    assert plan.pick(2.0, records, running) == ("smollm2-a", "smollm2-b")
+    assert plan.pick(2.0, records, running) is None  # b waits until a's restart is under way no more
+    assert plan.due(2.0 + REPIN_DELAY - 0.01, running) == []
+    assert plan.due(2.0 + REPIN_DELAY, running) == ["smollm2-a"]
+    assert plan.pick(3.0, records, running) == ("smollm2-b", "smollm2-a")
+    assert plan.due(10.0, running - {"smollm2-b"}) == []  # b exited meanwhile: nothing to stop
+    assert plan.pick(10.0, records, running) is None and not plan.wanted
