@@ -67,9 +67,9 @@ class ReplicaCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "KV cache in use (0-1)",
                                 value=st.kv_cache_usage)
         yield GaugeMetricFamily(PREFIX + "in_flight_requests", "Requests routed to this replica, not ended",
-                                value=len(getattr(s, "_routes", ())))
+                                value=s.in_flight)
         yield GaugeMetricFamily(PREFIX + "connected_proxies", "Proxy workers that sent this replica a request",
-                                value=len(getattr(s, "_peers", ())))
+                                value=s.connected_proxies)
         yield CounterMetricFamily(PREFIX + "generated_tokens", "Completion tokens produced",
                                   value=st.tokens_generated)
         requests = CounterMetricFamily(PREFIX + "requests", "Requests that ended, by outcome",

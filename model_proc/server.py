@@ -366,6 +366,14 @@ class ReplicaServer:
 
     # ------------------------------------------------------------------ status / heartbeat
 
+    @property
+    def in_flight(self) -> int:  # read by model_proc.metrics (another thread: a len() of a dict is safe)
+        return len(self._routes)
+
+    @property
+    def connected_proxies(self) -> int:
+        return len(self._loads.peers)
+
     def status(self) -> ReplicaStatus:
         stats = self.engine.stats() if self._ready else None
         return ReplicaStatus(
@@ -374,7 +382,7 @@ class ReplicaServer:
             kv_cache_usage=stats.kv_cache_usage if stats else 0.0, steps=self.steps,
             tokens_generated=self.tokens_generated, requests_finished=self.requests_finished,
             requests_aborted=self.requests_aborted, errors=self.errors,
-            ttft_p90_s=self.ttft.p90(time.monotonic()))
+            ttft_p90_s=self.ttft.p90(time.monotonic()), model_card=self.engine.model_card if self._ready else b"")
 
     def _send_status(self) -> None:
         self.last_status = self.status()

@@ -126,6 +126,7 @@ def test_sd_file_lists_every_process_and_each_serves_sane_metrics(stack):
         assert value(s, "tokenrelay_replica_engine_errors_total", kind="fatal") == 0
         assert value(s, "tokenrelay_replica_connected_proxies") <= 2
         assert total(s, "process_resident_memory_bytes") > 0  # the default registry is served too
+    assert sum(value(s, "tokenrelay_replica_connected_proxies") for s in replicas) >= 1  # the workers that sent
     batches = sum(value(s, "tokenrelay_replica_token_batches_total") for s in replicas)
     tokens = sum(value(s, "tokenrelay_replica_generated_tokens_total") for s in replicas)
     assert 0 < batches <= tokens

@@ -26,7 +26,7 @@ def samples(collector) -> dict:
 
 def server(**kw) -> SimpleNamespace:
     base = dict(config=ReplicaConfig("r1", "mock", "tiny"), engine=ExplodingEngine(), last_status=None,
-                _routes={"a": 1, "b": 2}, _peers={b"w1"}, _exit_code=0, batches_sent=40)
+                in_flight=2, connected_proxies=1, _exit_code=0, batches_sent=40)
     base.update(kw)
     return SimpleNamespace(**base)
 
