@@ -18,7 +18,7 @@ from head.healing import Healer
 from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
     AgentHeartbeat, AgentRegister, AgentStatus, Capacity, DeploymentRoute, DeploymentStatus, ReplicaReport,
-    ReplicaRoute, ReplicaSpec, ReplicaState, ReplicaStatusRow,
+    MODEL_CARD_MAX_BYTES, ReplicaRoute, ReplicaSpec, ReplicaState, ReplicaStatusRow,
 )
 from runtime.stack_config import DeploymentSpec
 
@@ -69,6 +69,9 @@ class ClusterState:
         self.pending_reason: dict[str, str] = {}
         self.rollout_note: dict[str, str] = {}  # a rolling update replacing in place, or why it waits
         self.healer = Healer()
+        # each deployment's /v1/models entry, from its replicas (ReplicaStatus.model_card): kept while none
+        # runs (scaled to zero, restarting), dropped by a new generation (another model) and by a delete
+        self.model_cards: dict[str, bytes] = {}
 
     # ------------------------------------------------------------------ agents
 
@@ -148,10 +151,12 @@ class ClusterState:
             return changed, self.generations[spec.name]
         self.generations[spec.name] += 1
         self.healer.reset(spec.name)
+        self.model_cards.pop(spec.name, None)
         return "updated", self.generations[spec.name]
 
     def delete_deployment(self, name: str) -> bool:
         self.healer.reset(name)
+        self.model_cards.pop(name, None)
         return self.deployments.pop(name, None) is not None and self.generations.pop(name, None) is not None
 
     # ------------------------------------------------------------------ placement
@@ -364,6 +369,10 @@ class ClusterState:
             replicas = []
             for p in sorted(self.placements.values(), key=lambda p: p.replica_id):
                 rep = self._report(p) if p.deployment == dep.name and p.draining_since is None else None
+                if rep is not None and rep.status is not None and rep.status.model_card \
+                        and len(rep.status.model_card) <= MODEL_CARD_MAX_BYTES \
+                        and p.generation == self.generations.get(dep.name):
+                    self.model_cards[dep.name] = rep.status.model_card
                 if rep is None or rep.state != ROUTABLE_STATE or not rep.endpoint:
                     continue
                 st = rep.status
@@ -372,7 +381,8 @@ class ClusterState:
                     st.kv_cache_usage if st else 0.0, dep.max_ongoing_requests))
             scaling = dep.autoscaling
             cold = scaling.cold_start_timeout_s if scaling is not None and scaling.min_replicas == 0 else 0.0
-            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts, cold))
+            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts, cold,
+                                       self.model_cards.get(dep.name, b"")))
         return out
 
     def status(self, now: float, wall_now: float) -> tuple[list[DeploymentStatus], list[AgentStatus]]:

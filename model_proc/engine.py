@@ -61,6 +61,7 @@ class DeltaSink(Protocol):
 
 class Engine(Protocol):
     name: str
+    model_card: bytes  # the engine's own `/v1/models` entry (JSON) once started; b"": none (ReplicaStatus)
 
     async def start(self, sink: DeltaSink) -> None: ...
 

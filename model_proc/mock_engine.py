@@ -76,6 +76,7 @@ class _Request:
 class MockEngine:
     name = "mock"
     supports_resume = True
+    model_card = b""  # the proxy writes a mock deployment's /v1/models entry itself
 
     def __init__(self, model: str, engine_args: dict[str, Any]) -> None:
         unknown = set(engine_args) - _KNOWN_ARGS

@@ -98,6 +98,7 @@ class VllmEngine:
         self._dead = False
         self._vllm: Any = None  # see _import_vllm
         self._serving: Optional[ServingApp] = None
+        self.model_card = b""  # vLLM's /v1/models entry for the deployment, once started
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,6 +140,8 @@ class VllmEngine:
             self._defaults = dict(self._engine.model_config.get_diff_sampling_param())
             await self._warm_up()
             self._serving = await ServingApp.build(self._engine, namespace, sink)
+            names = namespace.served_model_name or [model]
+            self.model_card = await self._serving.model_card(names[0] if isinstance(names, list) else names)
         except BaseException:
             await self.shutdown()  # never leave an engine-core process behind a failed start
             raise

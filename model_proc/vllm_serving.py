@@ -222,6 +222,34 @@ class ServingApp:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def model_card(self, name: str) -> bytes:
+        """The `GET /v1/models` entry vLLM's app gives for `name` (JSON), b"" if it lists no such model."""
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": "GET", "scheme": "http", "path": "/v1/models", "raw_path": b"/v1/models",
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+            "headers": [],
+        }
+        await self._app(scope, receive, send)
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        try:
+            cards = json.loads(body)["data"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("vllm_serving [startup] /v1/models answered %r: %s", body[:200], exc)
+            return b""
+        for card in cards:
+            if isinstance(card, dict) and card.get("id") == name:
+                return json.dumps(card, separators=(",", ":")).encode()
+        return b""
+
     def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None) -> None:
         """Serve one relayed request; a `resume` that cannot be honoured raises EngineRequestError (501)."""
         rec = Relayed(request_id, resume=resume)

@@ -241,10 +241,24 @@ class ModelsResource:
         self._backend = backend
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = [{"id": d.name, "object": "model", "created": self._backend.started_at, "owned_by": "tokenrelay"}
-                for d in self._backend.deployments()]
+        data = [model_card(d, self._backend.started_at) for d in self._backend.deployments()]
         resp.content_type = falcon.MEDIA_JSON
         resp.data = _json({"object": "list", "data": data})
+
+
+def model_card(d: DeploymentRoute, started_at: int) -> dict[str, Any]:
+    """A deployment's `/v1/models` entry: its engine's own (a vLLM replica reports the one `vllm serve`
+    lists: max_model_len, root, permission; `created` is now, as there), else one the proxy writes."""
+    if d.model_card:
+        try:
+            card = msgspec.json.decode(d.model_card)
+        except msgspec.DecodeError:
+            card = None
+        if isinstance(card, dict) and card.get("id") == d.name:
+            card["created"] = int(time.time())
+            return card
+        log.warning("deployment %s: its replica's model card is not an entry for it; using the proxy's", d.name)
+    return {"id": d.name, "object": "model", "created": started_at, "owned_by": "tokenrelay"}
 
 
 class HealthResource:

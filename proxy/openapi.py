@@ -215,6 +215,8 @@ SPEC: Schema = {
             "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"const": "list"}, "data": {"type": "array", "items": {
                     "type": "object", "required": ["id", "object", "created", "owned_by"],
+                    "description": "a vLLM deployment's entry is vLLM's own (also max_model_len, root, parent, "
+                                   "permission), once one of its replicas has started",
                     "properties": {"id": {"type": "string"}, "object": {"const": "model"},
                                    "created": {"type": "integer"}, "owned_by": {"type": "string"}}}}}},
         },

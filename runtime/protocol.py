@@ -186,6 +186,9 @@ class ReplicaHello(msgspec.Struct, frozen=True):
     generation: int = 0
 
 
+MODEL_CARD_MAX_BYTES = 16384  # a /v1/models entry is a few hundred bytes; it rides every routing table
+
+
 class ReplicaStatus(msgspec.Struct, frozen=True):
     """Sent from the replica's working loop every status interval: it is also the heartbeat."""
 
@@ -200,6 +203,9 @@ class ReplicaStatus(msgspec.Struct, frozen=True):
     requests_aborted: int
     errors: int
     ttft_p90_s: Optional[float] = None  # time to first token, p90 over the last TTFT window; None: no request
+    # the engine's own `/v1/models` entry for the deployment (JSON, vLLM's ModelCard: max_model_len, root,
+    # ...), relayed by the proxy as `vllm serve` writes it; b"": the engine has none (mock), or not ready
+    model_card: bytes = b""  # at most MODEL_CARD_MAX_BYTES: the head ignores a longer one
 
 
 # --------------------------------------------------------------------------- agent <-> head
@@ -366,6 +372,7 @@ class DeploymentRoute(msgspec.Struct, frozen=True):
     timeouts: TimeoutSettings = TimeoutSettings()
     # > 0: the deployment scales to zero; a request finding no replica waits this long for one to start
     cold_start_timeout_s: float = 0.0
+    model_card: bytes = b""  # a replica's ReplicaStatus.model_card (the current generation's, else the last seen)
 
 
 class RoutingTable(msgspec.Struct, frozen=True):

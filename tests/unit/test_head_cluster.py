@@ -179,3 +179,28 @@ def test_a_scale_to_zero_deployment_tells_proxies_its_cold_start_timeout():
     routes = {r.name: r for r in ClusterState([zero, floor, DeploymentSpec("d", "mock", "m")]).routes()}
     assert routes["z"].cold_start_timeout_s == 45.0
     assert routes["f"].cold_start_timeout_s == 0.0 and routes["d"].cold_start_timeout_s == 0.0
+
+
+def test_each_deployment_carries_its_replicas_model_card_until_a_new_generation_or_a_delete():
+    state = ClusterState([DeploymentSpec("d", "vllm", "m", replicas=1)])
+    _register(state, "a1", 0.0)
+    state.reconcile(0.0)
+    (spec,) = state.assignment_for("a1")
+    assert state.routes()[0].model_card == b""  # no replica has reported one yet
+    st = ReplicaStatus(spec.replica_id, True, 0, 0, 0.0, 1, 0, 0, 0, 0, model_card=b'{"id":"d"}')
+    report = ReplicaReport(spec.replica_id, "d", "ready", "tcp://h:1", 10, status=st, generation=1)
+    state.heartbeat(AgentHeartbeat("a1", 1, [report]), 1.0)
+    assert state.routes()[0].model_card == b'{"id":"d"}'
+    huge = ReplicaStatus(spec.replica_id, True, 0, 0, 0.0, 1, 0, 0, 0, 0, model_card=b"x" * 20000)
+    state.heartbeat(AgentHeartbeat("a1", 2, [ReplicaReport(spec.replica_id, "d", "ready", "tcp://h:1", 10,
+                                                           status=huge, generation=1)]), 2.0)
+    assert state.routes()[0].model_card == b'{"id":"d"}'  # too big to ride every table: ignored
+    state.expire_agents(10.0)  # its replica is gone: the card stays (a request may start a new one)
+    assert state.routes()[0].replicas == [] and state.routes()[0].model_card == b'{"id":"d"}'
+    state.put_deployment(DeploymentSpec("d", "vllm", "another-model", replicas=1))
+    assert state.routes()[0].model_card == b""  # another model: the old card would be wrong
+    _register(state, "a2", 11.0)
+    state.heartbeat(AgentHeartbeat("a2", 1, [report]), 11.0)  # a replica of generation 1 reports late
+    assert state.routes()[0].model_card == b""
+    state.delete_deployment("d")
+    assert "d" not in state.model_cards

@@ -195,6 +195,21 @@ def test_models_health_ready(client: falcon.testing.TestClient, backend: FakeBac
     assert r.status_code == 503 and r.json["reason"] == "routing table is stale"
 
 
+def test_a_vllm_deployment_lists_its_engines_own_model_card(client: falcon.testing.TestClient,
+                                                            backend: FakeBackend) -> None:
+    """What `vllm serve` lists (max_model_len, root, ...) comes from the replica; a card that is not an entry
+    for the deployment (a buggy or hostile replica) is not relayed."""
+    card = {"id": "tiny", "object": "model", "created": 5, "owned_by": "vllm", "root": "/models/tiny",
+            "parent": None, "max_model_len": 512, "permission": [{"object": "model_permission"}]}
+    backend.deps["tiny"] = DeploymentRoute("tiny", "vllm", "m", [], model_card=json.dumps(card).encode())
+    backend.deps["empty"] = DeploymentRoute("empty", "vllm", "m", [], model_card=b'{"id": "other"}')
+    before = int(time.time())
+    got = {m["id"]: m for m in client.simulate_get("/v1/models").json["data"]}
+    assert got["tiny"]["created"] >= before  # the time of the listing, as vLLM's own
+    assert dict(got["tiny"], created=5) == card
+    assert got["empty"] == {"id": "empty", "object": "model", "created": 123, "owned_by": "tokenrelay"}
+
+
 def test_metrics_endpoint(client: falcon.testing.TestClient) -> None:
     client.simulate_post("/v1/chat/completions", json=chat_body())
     r = client.simulate_get("/metrics")

@@ -309,6 +309,21 @@ def test_no_model_means_the_only_one(vllm_serve: str, relay: str) -> None:
     assert expected["status"] == 200 and diff(expected, got) is None, diff(expected, got)
 
 
+def test_the_model_list_is_the_same(vllm_serve: str, relay: str) -> None:
+    """GET /v1/models: vLLM's own entry (max_model_len, root, permission), which applications read the
+    context length from; the same through the official client."""
+    def listing(base: str) -> Any:
+        return normalize(httpx.get(base + "/v1/models", timeout=30).json())
+
+    expected, got = listing(vllm_serve), listing(relay)
+    assert expected["data"][0]["max_model_len"] == 512, expected
+    assert diff(expected, got) is None, diff(expected, got)
+    openai = pytest.importorskip("openai")
+    ids = [[m.id for m in openai.OpenAI(base_url=base + "/v1", api_key="unused").models.list()]
+           for base in (vllm_serve, relay)]
+    assert ids[0] == ids[1] == [MODEL]
+
+
 def test_the_official_client_gets_the_same(vllm_serve: str, relay: str) -> None:
     """The same calls through the `openai` client, whose parsed objects must match."""
     openai = pytest.importorskip("openai")
