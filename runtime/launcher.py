@@ -176,8 +176,10 @@ class Launcher:
         try:
             return self._start_and_watch(agent_id)
         finally:
-            self.shutdown()
-            stack_record.remove(record, os.getpid())
+            try:
+                self.shutdown()
+            finally:
+                stack_record.remove(record, os.getpid())
 
     def _start_and_watch(self, agent_id: str) -> int:
         s = self.stack

@@ -295,7 +295,11 @@ def add_parsers(sub: Any, seconds: Callable[[str], float]) -> None:
                          "it can use every model; without keys or this flag such a proxy refuses to start)")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop a stack `tokenrelay up` started (in order, as Ctrl-C does); "
-                                       "exit 3 if none runs")
+                                       "exit 3 if none runs",
+                          description="Stop a running `tokenrelay up` stack on this host: SIGTERM to its "
+                                      "launcher (found by its record in the stack's state directory), then wait "
+                                      "until every process of it is gone. Exit codes: 0 stopped, 1 not stopped "
+                                      "within --timeout, 2 bad command line, %d no such stack runs." % NO_STACK)
     down.add_argument("--config", help="the config the stack was started with (its name and state directory)")
     down.add_argument("--stack", default=None, help="the stack's name (as `up --stack`; default: the config's, "
                                                     "else the one stack running in the state directory)")

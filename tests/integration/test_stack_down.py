@@ -42,6 +42,14 @@ def leftovers(tree: list[psutil.Process]) -> list[str]:
     return left
 
 
+def signal_mask(pid: int, field: str) -> int:
+    """SigIgn or SigCgt of /proc/PID/status: bit N-1 set for signal N ignored or caught."""
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
 class Stream(threading.Thread):
     """One streaming completion, read to its end: its text chunks and whether it ended with [DONE]."""
 
@@ -93,6 +101,7 @@ def test_down_stops_a_background_stack_in_order_and_then_says_none_runs(tmp_path
     assert again.returncode == 3 and "no running stack in %s" % s.state_dir in again.stderr, again.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
 def test_sighup_stops_the_stack_in_order(tmp_path) -> None:
     """A closed terminal: the stream in flight still ends with [DONE], nothing is left."""
     s = Stack(tmp_path, [MOCK], workers=1)
@@ -103,6 +112,7 @@ def test_sighup_stops_the_stack_in_order(tmp_path) -> None:
     try:
         stream.start()
         wait_for(lambda: len(stream.chunks) >= 3, 10, "the stream's first tokens")
+        assert signal_mask(s.proc.pid, "SigCgt") & (1 << (signal.SIGHUP - 1))  # the launcher handles it
         s.proc.send_signal(signal.SIGHUP)
         assert s.proc.wait(15) == 0
     finally:
@@ -135,3 +145,23 @@ def test_down_reports_a_launcher_that_does_not_stop_and_leaves_it_alone(tmp_path
         stuck.wait(5)
     gone = tokenrelay("down", "--stack", "stuck", "--state-dir", str(tmp_path))  # its record is stale now
     assert gone.returncode == 3 and "the record is stale" in gone.stderr, gone.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_under_nohup_sighup_stays_ignored_and_down_finds_the_stack_by_name(tmp_path) -> None:
+    """`nohup tokenrelay up` asked to outlive its terminal: the launcher leaves SIGHUP ignored."""
+    s = Stack(tmp_path, [dict(MOCK, replicas=1)], workers=1)
+    s.preexec_fn = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+    s.start()
+    tree = s.tree()
+    try:
+        hup = 1 << (signal.SIGHUP - 1)
+        assert signal_mask(s.proc.pid, "SigIgn") & hup and not signal_mask(s.proc.pid, "SigCgt") & hup
+        assert signal_mask(s.proc.pid, "SigCgt") & (1 << (signal.SIGTERM - 1))
+        [path] = (s.state_dir / "stacks").glob("*/launcher.json")
+        down = tokenrelay("down", "--stack", path.parent.name, "--state-dir", str(s.state_dir))
+        assert down.returncode == 0, down.stderr
+        assert s.proc.wait(5) == 0
+    finally:
+        s.stop()
+    assert leftovers(tree) == []
