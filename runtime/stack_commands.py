@@ -271,6 +271,8 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
 
 
 def add_parsers(sub: Any, seconds: Callable[[str], float]) -> None:
