@@ -254,7 +254,7 @@ def make_stack(ns: argparse.Namespace) -> tuple[MockStack, dict[str, Any]]:
         dep["engine_args"].update(startup_ms=ns.cold_start_s * 1000, max_running=ns.max_running)
         body: dict[str, Any] = {"model": stack.model, "prompt": "step", "stream": True}
     else:
-        from runtime.cli import DEFAULT_STACK  # the deployment `tokenrelay up` serves with no config
+        from runtime.stack_commands import DEFAULT_STACK  # the deployment `tokenrelay up` serves with no config
 
         default: Any = DEFAULT_STACK["deployments"]
         dep = copy.deepcopy(default[0])

@@ -59,6 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if open_to_all:
         logging.getLogger("proxy").warning("[startup] --open-api: /v1 on %s takes requests from anyone who "
                                            "reaches it, with no API key", config.bind)
+    for repeat in api_keys.repeats:  # where, never the key
+        logging.getLogger("proxy").warning("[startup] API keys: %s; that key counts once (a copy-paste slip "
+                                           "that left another key out?)", repeat)
     if api_keys.enabled:
         logging.getLogger("proxy").info("[startup] %d API key(s): /v1 requires Authorization: Bearer%s",
                                         len(api_keys), " (health and metrics too)" if config.protect_health else "")

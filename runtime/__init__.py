@@ -4,8 +4,10 @@ Imports no event loop and creates no socket at import time.
 
 Module map (tests/unit/test_module_maps.py keeps it complete):
   __main__.py      `python -m runtime` is the `tokenrelay` command
-  cli.py           the `tokenrelay` command: up, status, deploy/scale/delete, keys, models
+  cli.py           the `tokenrelay` command: its parser, status, deploy/scale/delete, keys, models
+  stack_commands.py  `tokenrelay up` and `tokenrelay down`: start a single-host stack, stop a running one
   launcher.py      `tokenrelay up`: head, agent and proxy on this host, started and stopped together
+  stack_record.py  the launcher record of a running stack (pid, start time), how `down` finds its launcher
   head_client.py   blocking request/reply client for the head's control socket (CLI and tests)
   protocol.py      every wire message (msgspec structs, type byte), states on the wire
   settings.py      one definition per setting: config dataclass fields -> CLI flags, env vars, defaults

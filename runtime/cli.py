@@ -1,129 +1,32 @@
-"""The `tokenrelay` command (also `python -m runtime`): start a stack, show status, prepare models.
+"""The `tokenrelay` command (also `python -m runtime`): its parser, the head's admin commands (status,
+deploy, scale, delete), keys and models. `up` and `down` live in runtime.stack_commands.
 
 Runs in the CLI process; talks to the head only through runtime.head_client. Exit codes: 0 ok, 1 the
-operation failed (head unreachable, refused), 2 bad command line or config.
+operation failed (head unreachable, refused), 2 bad command line or config; `down` also 3 (no running
+stack).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import importlib.util
 import json
 import logging
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import msgspec
 import yaml
 
-from runtime import head_client
-from runtime.addresses import bracket_host, check_zmq_endpoint
+from runtime import head_client, stack_commands
+from runtime.addresses import check_zmq_endpoint
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
-from runtime.stack_config import StackConfig, load_stack, parse_deployment
+from runtime.stack_config import parse_deployment
 
 log = logging.getLogger("tokenrelay")
 
 DEFAULT_HEAD = "tcp://127.0.0.1:7100"
-
-DEFAULT_STACK = {
-    "deployments": [{
-        "name": "smollm2", "engine": "vllm", "model": "smollm2", "replicas": 1,
-        "engine_args": {"max_model_len": 2048},
-    }],
-}
-
-
-def stack_name(config: Optional[str], explicit: Optional[str] = None) -> str:
-    """Whose head state a `tokenrelay up` uses: --stack, else one per config file (its name and a hash
-    of its absolute path), else "default"; so two configs never share deployments."""
-    if explicit:
-        return explicit
-    if not config:
-        return "default"
-    path = Path(config).resolve()
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:40] or "stack"
-    return "%s-%s" % (stem, hashlib.sha256(str(path).encode()).hexdigest()[:8])
-
-
-def _up_launcher(ns: argparse.Namespace) -> Any:
-    """The Launcher class with this command line's stack name, reset flag and proxy address bound in."""
-    from runtime.launcher import Launcher
-    name = stack_name(ns.config, ns.stack)
-
-    def make(stack: StackConfig, path: Path, log_level: str, **kwargs: Any) -> Any:
-        if ns.bind or ns.port:
-            host, _, port = stack.proxy_bind.rpartition(":")
-            bind = "%s:%s" % (bracket_host(ns.bind) if ns.bind else host, ns.port or port)  # --bind ::1
-            stack = dataclasses.replace(stack, proxy_bind=bind)
-        log.info("[startup] stack %r (its deployments are kept apart; --stack to name it)", name)
-        return Launcher(stack, path, log_level, stack_name=name, reset_deployments=ns.reset_deployments,
-                        verbose=ns.verbose, open_api=ns.open_api, **kwargs)
-    return make
-
-
-def _cmd_up(ns: argparse.Namespace) -> int:
-    from head.config import STACK_NAME_RE
-    if ns.stack is not None and not STACK_NAME_RE.match(ns.stack):
-        log.error("--stack must be 1-63 letters, digits, '.', '_' or '-', got %r", ns.stack)
-        return 2
-    if ns.port is not None and not 0 < ns.port < 65536:
-        log.error("--port must be between 1 and 65535, got %d", ns.port)
-        return 2
-    Launcher = _up_launcher(ns)
-    if ns.config:
-        path = Path(ns.config)
-        try:
-            stack = load_stack(path)
-        except ValueError as exc:
-            log.error("%s", exc)
-            return 2
-        return _prepare_and_run(stack, path, ns, Launcher)
-    if importlib.util.find_spec("vllm") is None:  # find_spec: importing vllm here would cost ~8 s
-        log.error("the vLLM engine is not installed: run `bash scripts/install.sh` (vLLM for this "
-                  "machine), or start the mock stack with --config examples/mock.yaml")
-        return 1
-    # No --config: serve the default real model (SmolLM2-135M-Instruct) with the vLLM engine. The head
-    # reads its --config once at start, so the temporary file lives exactly as long as the stack.
-    with tempfile.TemporaryDirectory(prefix="tokenrelay-up-") as tmp:
-        path = Path(tmp) / "stack.yaml"
-        path.write_text(yaml.safe_dump(DEFAULT_STACK))
-        return _prepare_and_run(load_stack(path), path, ns, Launcher)
-
-
-def _prepare_and_run(stack: StackConfig, path: Path, ns: argparse.Namespace, launcher: Any) -> int:
-    """Convert known models once before any process starts (so progress shows here), then run."""
-    for dep in stack.deployments:
-        if dep.engine == "vllm" and not _prepare_in_child(dep.model, ns.log_level):
-            return 1
-    if (ns.certfile is None) != (ns.keyfile is None):
-        log.error("--certfile and --keyfile go together (HTTPS needs both)")
-        return 2
-    tls = (str(Path(ns.certfile).resolve()), str(Path(ns.keyfile).resolve())) if ns.certfile else None
-    if tls:
-        from proxy.config import check_tls_pair
-        try:
-            check_tls_pair(*tls)  # before any process starts (the proxy checks it again)
-        except ValueError as exc:
-            log.error("%s", exc)
-            return 2
-    return launcher(stack, path, ns.log_level, insecure=ns.insecure, tls=tls).run()
-
-
-def _prepare_in_child(model: str, log_level: str) -> bool:
-    """Convert a known model in a child process (`tokenrelay models prepare`): torch and transformers
-    then never load into the launcher, which stays small for the whole run (~1 GiB less resident)."""
-    from runtime.models import KNOWN_MODELS, default_cache_dir, is_prepared
-    if model not in KNOWN_MODELS or is_prepared(default_cache_dir(model)):
-        return True
-    log.info("[startup] preparing model %s (once)", model)
-    cmd = [sys.executable, "-m", "runtime", "--log-level", log_level, "models", "prepare", model]
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode == 0
 
 
 def _prepare(model: str) -> bool:
@@ -361,25 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenrelay", description="tokenrelay: distributed LLM serving.")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start head, agent and proxy on this host")
-    up.add_argument("--config", help="stack config (default: serve SmolLM2-135M-Instruct with vLLM)")
-    up.add_argument("--certfile", help="serve HTTPS with this PEM certificate (needs --keyfile)")
-    up.add_argument("--keyfile", help="the certificate's PEM private key")
-    up.add_argument("--insecure", action="store_true",
-                    help="plain ZeroMQ sockets, no keys (benchmarks and debugging only; logged loudly)")
-    up.add_argument("--stack", default=None, help="name of this stack's head state (default: one per "
-                                                  "config file; 'default' without --config)")
-    up.add_argument("--reset-deployments", action="store_true",
-                    help="replace the stack's stored deployments with the config's (default: the config "
-                         "seeds a new stack only; deploy/scale changes are kept across restarts)")
-    up.add_argument("--port", type=int, default=None, help="HTTP port of the proxy (default: proxy.bind's)")
-    up.add_argument("--verbose", action="store_true",
-                    help="stream the replicas' (engines') logs here instead of to per-replica log files")
-    up.add_argument("--bind", default=None, help="HTTP address of the proxy (default: proxy.bind's host)")
-    up.add_argument("--open-api", action="store_true",
-                    help="let a proxy bound beyond loopback serve /v1 without API keys (anyone who reaches "
-                         "it can use every model; without keys or this flag such a proxy refuses to start)")
-    up.set_defaults(func=_cmd_up)
+    stack_commands.add_parsers(sub, _seconds)
+
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
         cmd.add_argument("--head", default=DEFAULT_HEAD, type=_head_endpoint, help="the head's control endpoint")

@@ -1,11 +1,14 @@
 """`tokenrelay up`: start head, one agent and the proxy on this host, and stop them all together.
 
 Runs in the launcher process (the `tokenrelay` console script); owns no ZeroMQ socket. Each component
-is a separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
-stops them in order (proxy, agent with its replicas, replicas no agent stopped, head) and whole process
-trees, SIGKILLing whatever is left after the
-grace period: everything is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
-Each child also carries a parent-death guard.
+is a separate process in its own session, so a terminal's Ctrl-C (or its SIGHUP when it closes) reaches
+only the launcher, which then stops them in order (proxy, agent with its replicas, replicas no agent
+stopped, head) and whole process trees, SIGKILLing whatever is left after the grace period: everything
+is gone within STOP_GRACE (13 s; a normal stop takes a few seconds).
+Each child also carries a parent-death guard. SIGINT, SIGTERM and SIGHUP all stop the stack so
+(SIGHUP is left ignored when it is ignored on entry: `nohup tokenrelay up`). A stack started in the
+background is found by its launcher record (runtime.stack_record, in the stack's state directory),
+which `tokenrelay down` reads; a second `up` of a running stack is refused by the same record.
 An agent crash does not touch the replicas or their streams: the agent runs in adopt mode on a fixed
 replica endpoint (a Unix socket in the stack's state), its replicas outlive it (but not the launcher:
 `--stack-pid`), and the restarted agent adopts them; the head waits AGENT_TIMEOUT for it. The launcher is
@@ -32,7 +35,7 @@ from typing import Callable, Optional
 
 
 from proxy.config import API_KEYS_ENV
-from runtime import keyring, parent_guard
+from runtime import keyring, parent_guard, stack_record
 from runtime.addresses import bind_problem, tcp_address
 from runtime.credentials import state_dir
 from runtime.orphans import Orphans
@@ -69,6 +72,7 @@ class Launcher:
         self._args: dict[str, list[str]] = {}
         self._crashes: dict[str, list[float]] = {}
         self._stop = threading.Event()
+        self._stop_signal: Optional[int] = None  # what stopped the stack (logged by _watch)
         self.orphans = Orphans(lambda: {child.pid for child in self.children.values()})
         self._wants_no_replica = False  # the head said no deployment wants a replica (or there is none)
 
@@ -114,8 +118,36 @@ class Launcher:
                 problems.append("%s %d: %s" % (key, port, problem))
         return problems
 
+    def record_path(self) -> Path:
+        return stack_record.record_path(state_dir(self.stack.head_state_dir), self.stack_name)
+
+    def down_command(self) -> str:
+        """The `tokenrelay down` that finds this stack (the one `up` options it needs)."""
+        return "tokenrelay down%s%s" % (" --stack %s" % self.stack_name if self.stack_name else "",
+                                        " --state-dir %s" % self.stack.head_state_dir
+                                        if self.stack.head_state_dir else "")
+
+    def already_running(self) -> Optional[str]:
+        """Why this stack must not start: its launcher record names a live launcher; else None (no
+        record, or a stale one of a launcher that was SIGKILLed: it is written over)."""
+        record = stack_record.read(self.record_path())
+        if record is None or stack_record.running(record) is None:
+            return None
+        return ("stack %r is already running (launcher pid %d, started %s%s): `%s` stops it"
+                % (record.stack or "default", record.pid, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                        time.localtime(record.started_at)),
+                   ", proxy on %s" % record.proxy if record.proxy else "", self.down_command()))
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop_signal = signum  # only enqueue: _watch logs and stops
+        self._stop.set()
+
     def run(self) -> int:
         s = self.stack
+        running = self.already_running()
+        if running:
+            log.error("[startup] %s", running)
+            return 1
         problems = self.bind_problems()
         if problems:
             # checked before any process starts: with a port in use, this stack's agent would join the
@@ -132,8 +164,25 @@ class Launcher:
         except keyring.KeyFileError as exc:
             log.error("[startup] %s", exc)
             return 2
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._stop.set())
+        for sig in stop_signals():
+            signal.signal(sig, self._on_signal)
+        # after the handlers: `tokenrelay down` may signal the launcher as soon as it finds the record
+        record = self.record_path()
+        try:
+            stack_record.write(record, stack_record.this_process(self.stack_name or "", s.proxy_bind))
+        except OSError as exc:
+            log.error("[startup] cannot write the launcher record %s: %s", record, exc.strerror)
+            return 1
+        try:
+            return self._start_and_watch(agent_id)
+        finally:
+            try:
+                self.shutdown()
+            finally:
+                stack_record.remove(record, os.getpid())
+
+    def _start_and_watch(self, agent_id: str) -> int:
+        s = self.stack
         parent_guard.become_subreaper()
         head_args = ["--control", s.head_control, "--publish", s.head_publish, "--config", str(self.config_path)]
         if s.head_state_dir:
@@ -165,10 +214,7 @@ class Launcher:
         if self.open_api:
             proxy_args.append("--open-api")
         self._spawn("proxy", proxy_args)
-        try:
-            return self._watch()
-        finally:
-            self.shutdown()
+        return self._watch()
 
     def replica_endpoint(self) -> str:
         """Where the agent listens for its replicas: the same across the agent's restarts, so replicas
@@ -182,8 +228,7 @@ class Launcher:
         return "tcp://127.0.0.1:%d" % free_port()
 
     def replica_log_dir(self) -> Path:
-        base = state_dir(self.stack.head_state_dir)
-        return base / "stacks" / self.stack_name / "logs" if self.stack_name else base / "logs"
+        return stack_record.stack_dir(state_dir(self.stack.head_state_dir), self.stack_name) / "logs"
 
     def _replica_progress(self, last: str) -> Optional[str]:
         """Log the replicas' readiness when it changed ("smollm2 1/2 ready"); None once all are ready."""
@@ -231,11 +276,13 @@ class Launcher:
             note = announcement(outcome, self._wants_no_replica)
             if note is not None:
                 announced = True
-                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C stops", base, note)
+                log.info("[startup] serving on %s (OpenAI API under /v1)%s; Ctrl-C or `%s` stops", base, note,
+                         self.down_command())
             if progress is not None and time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + 2.0
                 progress = self._replica_progress(progress)
-        log.info("[shutdown] stopping the stack")
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "stop"
+        log.info("[shutdown] %s: stopping the stack", name)
         return 0
 
     def shutdown(self) -> None:
@@ -267,6 +314,18 @@ class Launcher:
             child.poll()
         self.orphans.stop(0.0)  # the head's tree may have left some too: SIGKILL and reap
         log.info("[shutdown] stack stopped in %.1fs", time.monotonic() - start)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop the stack in order: SIGINT (Ctrl-C), SIGTERM (`tokenrelay down`, systemd,
+    kill) and SIGHUP (its terminal closed: stopping in order beats the default, dying with every child
+    left to its parent-death guard). SIGHUP stays ignored when it is ignored on entry: `nohup tokenrelay
+    up` asked to outlive the terminal."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return signals
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 import msgspec
@@ -63,6 +63,7 @@ class Stack:
         self.log_path = tmp / "stack.log"
         self.base_url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.http_port)
         self.proc: subprocess.Popen | None = None
+        self.preexec_fn: Optional[Callable[[], None]] = None  # run in the launcher's process before exec
 
     def start(self, timeout: float = 60.0) -> "Stack":
         env = dict(os.environ, PYTHONPATH=str(ROOT), **self.env)
@@ -72,7 +73,8 @@ class Stack:
             cmd += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
         cmd += list(self.up_args)
         self.proc = subprocess.Popen(cmd + (["--insecure"] if self.insecure else []),
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=self.preexec_fn)
         wait_for(self.all_ready, timeout, "every replica READY and the proxy /ready")
         return self
 

@@ -65,7 +65,7 @@ def test_a_normal_start_and_stop_print_no_warning(tmp_path):
 
 
 def test_a_second_up_with_the_same_ports_leaves_the_running_stack_alone(tmp_path):
-    """A second `tokenrelay up` of the same config exits 1 at once naming the ports in use. It used to
+    """A second `tokenrelay up` of the same config exits 1 at once: the stack runs. It used to
     start an agent that registered with the running stack's head under the same name: that stack's
     replicas left its routing table, while the second `up` printed "serving on ..." before giving up."""
     import os
@@ -82,7 +82,9 @@ def test_a_second_up_with_the_same_ports_leaves_the_running_stack_alone(tmp_path
                                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                                 text=True, timeout=30)
         assert second.returncode == 1, second.stderr
-        assert "cannot listen on head.control %s: in use" % stack.head in second.stderr
+        # its launcher record says it runs (another config on the same ports: "cannot listen on ... in use")
+        assert "is already running (launcher pid %d" % stack.proc.pid in second.stderr
+        assert "`tokenrelay down --stack stack-" in second.stderr
         assert "serving on" not in second.stderr and "agent started" not in second.stderr
         body = {"model": "mock", "prompt": "hi", "max_tokens": 2}
         assert httpx.post(stack.base_url + "/v1/completions", json=body, timeout=10).status_code == 200

@@ -5,17 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cli
+from runtime import cli, stack_commands
 from runtime.stack_config import StackConfig
 
 
 def test_each_config_file_gets_its_own_stack_and_the_default_is_default(tmp_path):
     a, b = tmp_path / "a" / "mock.yaml", tmp_path / "b" / "mock.yaml"
-    assert cli.stack_name(None) == "default"
-    assert cli.stack_name(str(a)) != cli.stack_name(str(b))  # same file name, different files
-    assert cli.stack_name(str(a)).startswith("mock-")
-    assert cli.stack_name(str(a)) == cli.stack_name(str(a))  # stable across runs
-    assert cli.stack_name(str(a), "prod") == "prod"
+    assert stack_commands.stack_name(None) == "default"
+    assert stack_commands.stack_name(str(a)) != stack_commands.stack_name(str(b))  # same file name, different files
+    assert stack_commands.stack_name(str(a)).startswith("mock-")
+    assert stack_commands.stack_name(str(a)) == stack_commands.stack_name(str(a))  # stable across runs
+    assert stack_commands.stack_name(str(a), "prod") == "prod"
 
 
 def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypatch):
@@ -32,16 +32,16 @@ def test_up_port_and_bind_override_the_proxy_address_and_pass_the_stack(monkeypa
     import runtime.launcher
     monkeypatch.setattr(runtime.launcher, "Launcher", FakeLauncher)
     ns = cli.build_parser().parse_args(["up", "--port", "8123", "--bind", "0.0.0.0", "--reset-deployments"])
-    cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO").run()
+    stack_commands._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO").run()
     assert made == {"bind": "0.0.0.0:8123", "name": "default", "reset": True, "open_api": False}
     ns = cli.build_parser().parse_args(["up", "--port", "9000"])
-    cli._up_launcher(ns)(StackConfig(proxy_bind="127.0.0.2:8000"), Path("x.yaml"), "INFO")
+    stack_commands._up_launcher(ns)(StackConfig(proxy_bind="127.0.0.2:8000"), Path("x.yaml"), "INFO")
     assert made["bind"] == "127.0.0.2:9000" and made["reset"] is False
     ns = cli.build_parser().parse_args(["up", "--bind", "::1"])  # gunicorn exited on "::1:8000" (no port)
-    cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
+    stack_commands._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
     assert made["bind"] == "[::1]:8000"
     ns = cli.build_parser().parse_args(["up", "--bind", "0.0.0.0", "--open-api"])
-    cli._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
+    stack_commands._up_launcher(ns)(StackConfig(), Path("x.yaml"), "INFO")
     assert made["open_api"] is True
 
 

@@ -63,3 +63,30 @@ def test_rate_limit_zero_is_unlimited_and_tiny_limits_allow_one() -> None:
     assert all(limiter.allow(b"k", 0, 0.0)[0] for _ in range(1000))
     assert limiter.allow(b"s", 3, 0.0)[0]  # 3/min over 8 workers: each still allows one
     assert not limiter.allow(b"s", 3, 0.0)[0]
+
+
+def test_a_repeated_key_counts_once_and_is_reported_by_line_never_by_value(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("sk-alpha 120\nsk-beta\n# a comment\nsk-beta   # pasted twice\nsk-alpha 120\n")
+    keys = load_api_keys(str(path), env="sk-gamma,sk-beta,,sk-gamma")
+    assert len(keys) == 3  # alpha, beta, gamma
+    assert keys.repeats == ("--api-keys-file line 4 repeats line 2", "--api-keys-file line 5 repeats line 1",
+                            "$TOKENRELAY_API_KEYS item 2 repeats --api-keys-file line 2",
+                            "$TOKENRELAY_API_KEYS item 4 repeats item 1")
+    assert not any("sk-" in r for r in keys.repeats)
+    alpha = keys.check("Bearer sk-alpha")
+    assert alpha is not None and keys.limit_of(alpha, 10) == 120  # the environment gives no limit
+    assert ApiKeys.parse("sk-a\nsk-b\n", "sk-c").repeats == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sk-a 60\nsk-b\nsk-a 600\n", r"line 3: the key of line 1 again, with another rate limit \(600/min, there "
+                                  r"60/min\): keep one line"),
+    ("sk-a\nsk-a 60\n", r"line 2: the key of line 1 again, with another rate limit \(60/min, there none of its "
+                        r"own\)"),
+])
+def test_one_key_with_two_rate_limits_is_refused_naming_both_lines(text: str, message: str) -> None:
+    """Which limit was meant cannot be told (the last line used to win silently)."""
+    with pytest.raises(ValueError, match=message) as info:
+        ApiKeys.parse(text, None)
+    assert "sk-a" not in str(info.value)
