@@ -40,13 +40,14 @@ from runtime.zap import RefusalLog, ZapHandler
 from runtime.protocol import (
     PROTOCOL_VERSION, TABLE_TOPIC, AgentHeartbeat, AgentLeaving, AgentRegister, Assignment, AutoscaleStatus,
     ControlReply, DeleteRequest, DeployRequest, HeadHello, HeadInfo, ProtocolError, ScaleDemand, ScaleRequest,
-    SnapshotRequest, StatusReply, StatusRequest, decode, encode,
+    SnapshotRequest, StatusReply, StatusRequest, decode, encode, loggable_identity,
 )
 from runtime.stack_config import DeploymentSpec, check_replicas, parse_deployment
 
 log = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between housekeeping passes
+REBIND_PATIENCE = 2.0  # seconds of retrying the publisher's own address before the configured one
 UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN, or run on the head's "
                 "host where the token file in the state directory is readable")
 
@@ -76,6 +77,9 @@ class Head:
         self._refusal_log = RefusalLog(log)
         self._access: Optional[ControlAccess] = None  # with a key directory (bind)
         self._auth: Optional[ZapHandler] = None
+        self._pub: Optional[zmq.Socket] = None  # the table publisher; None while it is being bound again
+        self._unbound_since = 0.0
+        self._rebind_failed = False
         self.control_endpoint = ""
         self.publish_endpoint = ""
 
@@ -107,13 +111,19 @@ class Head:
                  curve.describe(keys))
 
     def _bind_pub(self, endpoint: str) -> None:
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.setsockopt(zmq.SNDHWM, 100)
+        """A new PUB socket bound to `endpoint` as self._pub; on a ZMQError it is closed and re-raised."""
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 100)
         if self._access is not None:
-            curve.serve(self._pub, self._pair, authz.PUBLISH)
-        self._pub.bind(endpoint)
-        self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            curve.serve(pub, self._pair, authz.PUBLISH)
+        try:
+            pub.bind(endpoint)
+        except zmq.ZMQError:
+            pub.close(0)
+            raise
+        self._pub = pub
+        self.publish_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _refused(self, role: str, reason: str, who: str) -> None:
         """Count and log one refusal (called from the loop and from the ZAP thread)."""
@@ -129,12 +139,34 @@ class Head:
         if not new:
             return
         log.warning("[auth] key(s) %s revoked: dropping their sessions", sorted(p.label for p in new))
-        self._pub.close(0)
+        if self._pub is not None:
+            self._pub.close(0)
+            self._pub = None
+            self._unbound_since = now
+        self._rebind_pub(now)
+
+    def _rebind_pub(self, now: float) -> None:
+        """Bind the PUB socket again, each tick until it works: libzmq frees a closed socket's port in its
+        I/O thread, so the first bind often finds it still in use. Past REBIND_PATIENCE the configured
+        address is tried too (a port 0 there binds any free port; proxies find it through HeadHello)."""
         try:
             self._bind_pub(self.publish_endpoint)
-        except zmq.ZMQError as exc:  # the port was taken meanwhile: proxies find the new one via HeadHello
-            log.error("[auth] cannot rebind %s (%s); binding %s", self.publish_endpoint, exc, self.config.publish)
-            self._bind_pub(self.config.publish)
+        except zmq.ZMQError as exc:
+            if now - self._unbound_since < REBIND_PATIENCE or self.config.publish == self.publish_endpoint:
+                if not self._rebind_failed:
+                    log.warning("[auth] rebinding %s: %s; retrying every tick (no table goes out meanwhile)",
+                                self.publish_endpoint, exc)
+                    self._rebind_failed = True
+                return
+            try:
+                self._bind_pub(self.config.publish)
+            except zmq.ZMQError as again:
+                log.error("[auth] cannot bind %s either (%s); retrying", self.config.publish, again)
+                return
+        log.info("[auth] table publisher bound again on %s after %.2fs", self.publish_endpoint,
+                 now - self._unbound_since)
+        self._rebind_failed = False
+        self.tables.force_next()
 
     def run(self) -> int:
         """Serve until stop() or SIGTERM/SIGINT. Returns the exit code."""
@@ -160,7 +192,8 @@ class Head:
                     self._housekeeping()
         finally:
             self._control.close(0)
-            self._pub.close(0)
+            if self._pub is not None:
+                self._pub.close(0)
             if self._auth is not None:
                 self._auth.stop()
             self.metrics.close()
@@ -373,7 +406,7 @@ class Head:
         try:
             self._control.send_multipart([peer] + encode(msg), zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("control reply to %r dropped (peer not reading)", peer)
+            log.warning("control reply to %s dropped (peer not reading)", loggable_identity(peer))
 
     def _send_assignment(self, peer: bytes, agent_id: str) -> None:
         self._reply(peer, Assignment(self.tables.epoch, self.tables.version,
@@ -385,6 +418,8 @@ class Head:
         now = self.clock()
         started = time.perf_counter()
         try:
+            if self._pub is None:
+                self._rebind_pub(now)
             self._check_revocations(now)
             self.state.expire_agents(now)
             if not self.recovering:  # let every agent re-register (and report) before placing anything
@@ -397,8 +432,8 @@ class Head:
         self.metrics.update(self, now)
         if self.recovering:
             return  # never publish a table that drops replicas we have not heard from yet
-        table = self.tables.update(self.state.routes(), now, time.time())
-        if table is not None:
+        table = self.tables.update(self.state.routes(), now, time.time()) if self._pub is not None else None
+        if table is not None and self._pub is not None:
             try:
                 self._pub.send_multipart([TABLE_TOPIC] + encode(table), zmq.NOBLOCK)
             except zmq.Again:

@@ -20,6 +20,10 @@ class TableVersions:
         self._last_published = float("-inf")
         self.current: Optional[RoutingTable] = None
 
+    def force_next(self) -> None:
+        """Publish at the next update whatever the content (the publisher was just bound again)."""
+        self._last_published = float("-inf")
+
     def update(self, routes: list[DeploymentRoute], now: float, wall_time: float = 0.0
                ) -> Optional[RoutingTable]:
         """Return a table to publish now (content changed, or the republish interval passed), else None."""

@@ -44,7 +44,7 @@ from runtime.gc_policy import prepare_to_serve, run_paced_async
 from runtime.keyring import server_pair
 from runtime.protocol import (
     PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
-    ReplicaStatus, RequestError, TokenBatch, decode, encode,
+    ReplicaStatus, RequestError, TokenBatch, decode, encode, loggable_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class ReplicaServer:
             try:
                 msg = decode(frames[1], frames[2])
             except ProtocolError as exc:
-                log.warning("dropping bad message from %r: %s", peer, exc)
+                log.warning("dropping bad message from %s: %s", loggable_identity(peer), exc)
                 continue
             if self._access is not None and isinstance(msg, GenerateRequest):
                 reason = self._access.refusal(user, msg.request_id)
@@ -234,7 +234,7 @@ class ReplicaServer:
             elif isinstance(msg, Abort):
                 self._on_abort(peer, msg)
             else:
-                log.warning("unexpected %s from %r", type(msg).__name__, peer)
+                log.warning("unexpected %s from %s", type(msg).__name__, loggable_identity(peer))
 
     def _on_generate(self, peer: bytes, req: GenerateRequest) -> None:
         rid = req.request_id
@@ -279,9 +279,9 @@ class ReplicaServer:
         if exc is None:
             return True
         if isinstance(exc, zmq.Again):
-            log.warning("proxy %r is not reading (queue full); aborting its requests", peer)
+            log.warning("proxy %s is not reading (queue full); aborting its requests", loggable_identity(peer))
         else:
-            log.info("proxy %r is gone (%s); aborting its requests", peer, exc)
+            log.info("proxy %s is gone (%s); aborting its requests", loggable_identity(peer), exc)
         self._drop_peer(peer)
         return False
 

@@ -63,8 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger("proxy").warning("[startup] API keys: %s; that key counts once (a copy-paste slip "
                                            "that left another key out?)", repeat)
     if api_keys.enabled:
-        logging.getLogger("proxy").info("[startup] %d API key(s): /v1 requires Authorization: Bearer%s",
-                                        len(api_keys), " (health and metrics too)" if config.protect_health else "")
+        logging.getLogger("proxy").info("[startup] %d API key(s): every path but /openapi.json%s requires "
+                                        "Authorization: Bearer", len(api_keys),
+                                        "" if config.protect_health else ", /health, /ready and /metrics")
     if config.parent_pid is not None:
         from runtime import parent_guard
         parent_guard.install(config.parent_pid)  # SIGTERM (gunicorn's graceful stop) when it dies

@@ -37,7 +37,7 @@ from proxy.streams import RequestStream
 from proxy.subscriber import TableSubscriber
 from proxy.table_state import TableState
 from runtime import curve, keyring
-from runtime.protocol import DeploymentRoute, GenerateRequest
+from runtime.protocol import DeploymentRoute, GenerateRequest, loggable_identity
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class Gateway:
                               on_table=metrics.table_applied)
         self._sub = sub
         self._subscriber = gevent.spawn(sub.run)
-        log.info("[startup] worker %s identity %s%s", self.worker_tag, self.identity.decode(), curve_note)
+        log.info("[startup] worker %s identity %s-...%s", self.worker_tag, loggable_identity(self.identity),
+                 curve_note)
 
     def streams(self) -> int:
         """Requests this worker has in flight at replicas (0 before start and after stop)."""

@@ -21,6 +21,7 @@ from proxy.errors import RateLimited, Unauthorized
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/health", "/ready", "/metrics")
+OPENAPI_PATH = "/openapi.json"  # always open: it says how to authenticate
 
 
 class RequestContext:
@@ -56,8 +57,9 @@ class RequestContext:
 
 
 class AccessControl:
-    """With API keys configured: `Authorization: Bearer KEY` on /v1 (and the health endpoints when
-    `protect_health`), else 401; then the key's rate limit, else 429 with Retry-After."""
+    """With API keys configured: `Authorization: Bearer KEY` on every path but /openapi.json and the
+    health endpoints (those too with `protect_health`), else 401; then the key's rate limit, else 429
+    with Retry-After."""
 
     def __init__(self, keys: ApiKeys, limiter: RateLimiter, default_limit: int, protect_health: bool,
                  clock: Callable[[], float]) -> None:
@@ -68,7 +70,11 @@ class AccessControl:
         self._clock = clock
 
     def _protected(self, path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or (self._protect_health and path in HEALTH_PATHS)
+        """Every path but the OpenAPI document, and the health paths unless `protect_health`: a key is
+        asked for by what is open, not by a prefix (vLLM's /tokenize and /detokenize are not under /v1)."""
+        if path in HEALTH_PATHS:
+            return self._protect_health
+        return path != OPENAPI_PATH
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self._keys.enabled or not self._protected(req.path):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CURVE_ENV = "TOKENRELAY_CURVE_DIR"
 INSECURE_ENV = "TOKENRELAY_INSECURE"
+OPERATOR_ENV = "TOKENRELAY_OPERATOR"  # which operator key the CLI uses where its key directory holds several
 AGENT_KEY_ENV = "TOKENRELAY_REPLICA_AGENT"  # set by the agent for its replicas: whose key they connect with
 KEYS_SUBDIR = "keys"
 

@@ -2,13 +2,14 @@
 
 Runs in the CLI process; owns one DEALER per call, closed before returning. Never waits past `timeout`:
 an unreachable head is a `HeadUnreachable` error, not a hang. The DEALER is a CURVE client with the
-operator key of `keys` (default: runtime.curve.keys_dir(), the one operator-NAME.key_secret there), plain
-only with $TOKENRELAY_INSECURE=1 or when no operator key is found (a secure head then never answers, and
-the error says so; a WARNING says the admin token went in clear text).
+operator key of `keys` (default: runtime.curve.keys_dir(); the one operator-NAME.key_secret there, or
+$TOKENRELAY_OPERATOR's), plain only with $TOKENRELAY_INSECURE=1 (a WARNING says the admin token goes in
+clear text). Without a usable operator key nothing is sent: `NoOperatorKey` says why.
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,6 +32,10 @@ class HeadRefused(RuntimeError):
     pass
 
 
+class NoOperatorKey(HeadUnreachable):
+    """No operator key to talk to the head with: the admin token is never sent in clear text by default."""
+
+
 Keys = Optional[Union[str, Path]]
 
 
@@ -42,13 +47,12 @@ def _secure(sock: zmq.Socket[bytes], keys: Keys) -> str:
         return " (plain socket: $%s is set)" % curve.INSECURE_ENV
     directory = Path(keys) if keys is not None else curve.keys_dir()
     try:
-        me = keyring.identity(directory, "operator")
+        me = keyring.identity(directory, "operator", os.environ.get(curve.OPERATOR_ENV) or None)
         head = keyring.server_public(directory, "head")
-    except keyring.KeyFileError as exc:
-        log.warning("no operator key (%s): sending to the head WITHOUT CURVE, the admin token in clear text; "
-                    "a secure head will not answer. Set $%s=1 if the head really runs --insecure",
-                    exc, curve.INSECURE_ENV)
-        return " (sent without CURVE: %s)" % exc
+    except (keyring.KeyFileError, ValueError) as exc:  # ValueError: a bad $TOKENRELAY_OPERATOR name
+        raise NoOperatorKey("no operator key to reach the head securely: %s. Name one with $%s=NAME, or set "
+                            "$%s=1 if the head really runs --insecure (the admin token then goes in clear "
+                            "text)" % (exc, curve.OPERATOR_ENV, curve.INSECURE_ENV)) from exc
     curve.connect(sock, me, head)
     return " (as %s-%s)" % (me.role, me.name)
 
@@ -57,7 +61,11 @@ def request(endpoint: str, msg: Any, timeout: float = 3.0, keys: Keys = None) ->
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    how = _secure(sock, keys)
+    try:
+        how = _secure(sock, keys)
+    except NoOperatorKey:
+        sock.close(0)
+        raise
     try:
         sock.connect(endpoint)
         sock.send_multipart(encode(msg))

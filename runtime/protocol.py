@@ -166,6 +166,14 @@ class RequestError(msgspec.Struct, frozen=True):
 SHUTTING_DOWN = "service_unavailable"
 
 
+def loggable_identity(identity: bytes) -> str:
+    """A proxy worker's DEALER identity (`proxy-HOST-PID-SECRET`) as logs may show it: without the part
+    after its last '-', a secret, since replicas set ROUTER_HANDOVER and whoever connects with the whole
+    identity (and any proxy key) takes over that worker's streams."""
+    head, sep, _ = identity.rpartition(b"-")
+    return (head if sep else b"?").decode("ascii", "replace")[:120]
+
+
 class ReplicaDead(msgspec.Struct, frozen=True):
     """replica -> every peer: the engine died; fail everything in flight on this replica at once."""
 

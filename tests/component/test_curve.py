@@ -9,8 +9,9 @@ from head.config import HeadConfig
 from head.server import Head
 from head.store import StateStore
 from runtime import authz, curve, head_client, keyring
-from runtime.head_client import HeadRefused, HeadUnreachable
+from runtime.head_client import HeadRefused, HeadUnreachable, NoOperatorKey
 from runtime.zap import RefusalLog
+from tests.support import free_port
 
 
 def test_curve_head_answers_only_registered_keys_by_role(tmp_path, monkeypatch):
@@ -78,16 +79,38 @@ def test_a_curve_server_without_a_running_zap_handler_admits_nobody(tmp_path):
         ctx.term()
 
 
-def test_the_cli_says_loudly_when_it_falls_back_to_a_plain_socket(tmp_path, monkeypatch, caplog):
+def test_the_cli_never_sends_the_admin_token_in_clear_text_unless_told_to(tmp_path, monkeypatch, caplog):
+    """No operator key, or several and none named: nothing leaves the CLI (a plain listener on the head's
+    port would read the token). $TOKENRELAY_OPERATOR picks one of several; $TOKENRELAY_INSECURE=1 sends
+    in clear text, loudly."""
     monkeypatch.delenv("TOKENRELAY_INSECURE", raising=False)
-    with pytest.raises(HeadUnreachable, match="sent without CURVE"):
-        head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2, keys=tmp_path / "no-keys-here")
-    assert "WITHOUT CURVE, the admin token in clear text" in caplog.text
-    caplog.clear()
-    monkeypatch.setenv("TOKENRELAY_INSECURE", "1")  # explicit, but still not silent
-    with pytest.raises(HeadUnreachable, match="plain socket"):
-        head_client.status("tcp://127.0.0.1:9", "tok", timeout=0.2)
-    assert "$TOKENRELAY_INSECURE is set: sending to the head WITHOUT CURVE" in caplog.text
+    monkeypatch.delenv("TOKENRELAY_OPERATOR", raising=False)
+    ctx = zmq.Context()
+    spy = ctx.socket(zmq.ROUTER)  # what a sniffer or an impostor bound to the head's port would read
+    spy.setsockopt(zmq.LINGER, 0)
+    port = spy.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = "tcp://127.0.0.1:%d" % port
+    keys = tmp_path / "keys"
+    try:
+        with pytest.raises(NoOperatorKey, match="holds 0 operator keys"):
+            head_client.status(endpoint, "S3CRET", timeout=0.2, keys=tmp_path / "no-keys-here")
+        keyring.init_cluster(keys)
+        keyring.add(keys, "operator", "me")
+        keyring.add(keys, "operator", "alice")
+        with pytest.raises(NoOperatorKey, match="holds 2 operator keys.*TOKENRELAY_OPERATOR=NAME"):
+            head_client.status(endpoint, "S3CRET", timeout=0.2, keys=keys)
+        assert spy.poll(200) == 0  # nothing was sent
+        monkeypatch.setenv("TOKENRELAY_OPERATOR", "alice")
+        with pytest.raises(HeadUnreachable, match="as operator-alice"):
+            head_client.status(endpoint, "S3CRET", timeout=0.3, keys=keys)
+        assert spy.poll(200) == 0  # a CURVE client: the plain listener gets no message
+        monkeypatch.setenv("TOKENRELAY_INSECURE", "1")  # explicit, but still not silent
+        with pytest.raises(HeadUnreachable, match="plain socket"):
+            head_client.status(endpoint, "S3CRET", timeout=0.2)
+        assert "$TOKENRELAY_INSECURE is set: sending to the head WITHOUT CURVE" in caplog.text
+    finally:
+        spy.close(0)
+        ctx.term()
 
 
 def test_an_agent_cannot_persist_bindings_for_replicas_the_head_never_placed_or_adopted(tmp_path):
@@ -169,4 +192,57 @@ def test_connections_with_fresh_keys_in_a_loop_do_not_flood_the_heads_log(tmp_pa
         if head._auth is not None:
             head._auth.stop()
         head.metrics.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_a_revoked_key_never_leaves_the_table_publisher_unbound(tmp_path, trial):
+    """A revocation rebinds the head's PUB socket on the same port (every subscriber goes through ZAP
+    again); libzmq frees the old socket's port asynchronously, so the first bind often fails. The head
+    retries each tick: a legitimate proxy gets tables again on the same address."""
+    keys = tmp_path / "keys"
+    keyring.init_cluster(keys)
+    keyring.add(keys, "proxy", "good")
+    keyring.add(keys, "proxy", "bad")
+    cfg = HeadConfig(control="tcp://127.0.0.1:%d" % free_port(), publish="tcp://127.0.0.1:%d" % free_port(),
+                     curve_dir=str(keys), metrics_port=-1, recovery_grace=0.0)
+    ctx = zmq.Context()
+    head = Head(cfg, StateStore(None), "tok", ctx=ctx)
+    head.bind()
+    good = keyring.identity(keys, "proxy", "good")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    curve.connect(sub, good, keyring.server_public(keys, "head"))
+    sub.connect(head.publish_endpoint)
+    address = head.publish_endpoint
+
+    def table_arrives(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            head.tables.force_next()
+            head._housekeeping()
+            if sub.poll(50):
+                while sub.poll(0):
+                    sub.recv_multipart()
+                return True
+        return False
+
+    try:
+        assert table_arrives(5.0)
+        keyring.revoke(keys, "proxy", "bad")
+        old = head._pub
+        deadline = time.monotonic() + 5.0  # the registry notices within its rescan interval
+        while head._pub is old:  # a housekeeping pass that sees the revocation closes the old publisher
+            assert time.monotonic() < deadline, "the revocation was not noticed"
+            head._housekeeping()
+            sub.poll(50)
+        assert table_arrives(5.0), "no table after the revocation"
+        assert head.publish_endpoint == address and head._pub is not None
+    finally:
+        sub.close(0)
+        head._control.close(0)
+        if head._pub is not None:
+            head._pub.close(0)
+        head._auth.stop()
         ctx.term()

@@ -42,3 +42,10 @@ def test_wrong_field_types_are_rejected():
     frames = p.encode(p.Abort(["a"]))
     with pytest.raises(p.ProtocolError):
         p.decode(frames[0], msgspec.msgpack.encode({"request_ids": [1, 2]}))
+
+
+def test_a_proxy_identity_is_logged_without_its_secret() -> None:
+    from runtime.protocol import loggable_identity
+    assert loggable_identity(b"proxy-host1-123-" + b"ab" * 16) == "proxy-host1-123"
+    assert loggable_identity(b"no separator") == "?"
+    assert loggable_identity(b"x-\xff\xfe-secret") == "x-\ufffd\ufffd"

@@ -39,7 +39,9 @@ def test_without_keys_everything_is_open() -> None:
 def test_v1_needs_a_valid_bearer_key(headers: dict[str, str], message: str) -> None:
     backend = FakeBackend()
     c = client_for(backend, "sk-good")
-    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/nothing")):
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/nothing"),
+                         ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/v1/chat/tiny"),
+                         ("GET", "/nothing")):
         r = c.simulate_request(method, path, json=chat_body(), headers=dict(headers, **{"X-Request-ID": "cid"}))
         err = assert_openai_error(r, 401, code="invalid_api_key")
         assert message in err["message"] and r.headers["www-authenticate"] == "Bearer"
