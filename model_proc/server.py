@@ -43,8 +43,8 @@ from runtime import authz, curve
 from runtime.gc_policy import prepare_to_serve, run_paced_async
 from runtime.keyring import server_pair
 from runtime.protocol import (
-    PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead, ReplicaHello,
-    ReplicaStatus, RequestError, TokenBatch, decode, encode, loggable_identity,
+    KEY_REFUSED, PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead,
+    ReplicaHello, ReplicaStatus, RequestError, TokenBatch, decode, encode, loggable_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class ReplicaServer:
                 reason = self._access.refusal(user, msg.request_id)
                 if reason:  # 403 to a key no longer registered as a proxy's, though ZAP let it connect
                     self._send(peer, RequestError(msg.request_id, 403, "this proxy's key is not accepted (%s)"
-                                                  % reason, "permission_error"))
+                                                  % reason, KEY_REFUSED))
                     continue
             self._loads.peers.add(peer)
             if isinstance(msg, GenerateRequest):

@@ -49,7 +49,7 @@ from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, ProxyError, U
 from proxy.replicas import ReplicaUnavailable
 from proxy.router import DOWN, FULL, NONE, Decision
 from proxy.streams import RequestStream, as_error
-from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError, Resume
+from runtime.protocol import KEY_REFUSED, SHUTTING_DOWN, Delta, GenerateRequest, RequestError, Resume
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,10 @@ class Dispatch:
                 if failed is not None:
                     raise UpstreamError.from_message(failed)
                 continue
+            if err.type == KEY_REFUSED:  # this proxy's fault or its operator's, never the client's
+                log.error("req=%s [auth] replica %s refused this proxy's key: %s", self.request_id,
+                          self.stream.replica_id, err.message)
+                err = RequestError(err.request_id, 503, "a replica refused this proxy's key", "server_error")
             self._fail_current(err)
             if err.type == SHUTTING_DOWN:
                 # a draining replica's refusal is no attempt, and the router avoids it from now on (it

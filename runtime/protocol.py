@@ -164,6 +164,7 @@ class RequestError(msgspec.Struct, frozen=True):
 # unfinished. Not the replica's fault and not the request's: proxies send it elsewhere (or resume it there)
 # and never count it against the replica.
 SHUTTING_DOWN = "service_unavailable"
+KEY_REFUSED = "permission_error"  # RequestError.type: the replica's host does not accept this proxy's key
 
 
 def loggable_identity(identity: bytes) -> str:

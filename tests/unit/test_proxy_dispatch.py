@@ -19,7 +19,7 @@ from proxy.errors import ClientGone, NoHealthyReplica, Overloaded, UpstreamError
 from proxy.replicas import ReplicaUnavailable
 from proxy.router import DOWN, FULL, NONE, ROUTE, Decision
 from proxy.streams import Item, RequestStream
-from runtime.protocol import SHUTTING_DOWN, Delta, GenerateRequest, RequestError
+from runtime.protocol import KEY_REFUSED, SHUTTING_DOWN, Delta, GenerateRequest, RequestError
 
 Script = Callable[[str], list[Item]]
 
@@ -142,6 +142,25 @@ def test_a_drain_refusal_is_retried_elsewhere_and_never_held_against_the_replica
     d.admit()
     assert d.first(None) is not None and d.stream.replica_id == "r2"
     assert c.records == [("r2", True)]  # r1 is draining: not a failure
+
+
+def test_a_replica_that_refuses_this_proxys_key_is_a_server_fault_retried_elsewhere() -> None:
+    """A key revoked (or not yet copied) on one agent host: its replicas answer 403 permission_error. The
+    client did nothing wrong: the request goes to another replica, and the refusal counts against r1."""
+    def refuse(rid: str) -> list[RequestError]:
+        return [RequestError(rid, 403, "this proxy's key is not accepted (revoked)", KEY_REFUSED)]
+
+    c = FakeCluster({"r1": refuse, "r2": ok})
+    d = dispatch(c)
+    d.admit()
+    assert d.first(None) is not None and d.stream.replica_id == "r2"
+    assert c.records == [("r1", False), ("r2", True)]
+    alone = FakeCluster({"r1": refuse})
+    d = dispatch(alone)
+    d.admit()
+    with pytest.raises(UpstreamError) as info:
+        d.first(None)
+    assert info.value.status == 503  # never the replica's 403: the client's key is fine
 
 
 def test_every_replica_down_waits_in_the_queue_for_one_to_come_back() -> None:
