@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "tokenrelay_head_"
 UPDATE_INTERVAL = 1.0  # seconds between snapshots and SD-file checks
+MAX_PROXY_ENDPOINTS_PER_KEY = 8  # HTTP addresses listed for Prometheus per announcing key (see HeadMetrics.note)
 REPLICA_STATES = ("assigned", "starting", "ready", "unhealthy", "backoff", "stopping", "failed", "draining")
 DEPLOYMENT_STATES = ("healthy", "degraded", "pending")
 RECONCILE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -185,7 +186,9 @@ class HeadMetrics:
     address: str = ""  # HOST:PORT this head's /metrics is reachable at ("" when off)
     agent_endpoints: dict[str, str] = field(default_factory=dict)  # agent id -> HOST:PORT
     agent_usage: dict[str, AgentUsage] = field(default_factory=dict)
-    proxies: dict[str, None] = field(default_factory=dict)  # HOST:PORT, in registration order
+    # HOST:PORT -> who announced it (its key's ZAP User-Id, "" without keys, "static" from the config), in
+    # announcement order; each announcer keeps its newest MAX_PROXY_ENDPOINTS_PER_KEY
+    proxies: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.registry = metrics_http.registry_with_defaults()
@@ -195,7 +198,7 @@ class HeadMetrics:
         self.auth_refused = Counter(PREFIX + "auth_refused", "Connections and messages refused by "
                                     "authentication or authorisation", ["role", "reason"], registry=self.registry)
         for address in self.static_proxies:
-            self.proxies[address] = None
+            self.proxies[address] = "static"
         self._server: Optional[metrics_http.MetricsServer] = None
         self._next_update = 0.0
         self._written: Optional[bytes] = None
@@ -214,16 +217,27 @@ class HeadMetrics:
 
     # ------------------------------------------------------------------ from the head's loop
 
-    def note(self, msg: object) -> None:
-        """A control message: remember metrics endpoints and usage reports."""
+    def note(self, msg: object, who: str = "") -> None:
+        """A control message from `who` (its key's ZAP User-Id): remember metrics endpoints and usage
+        reports. A proxy's HTTP address is listed for Prometheus until its key has announced
+        MAX_PROXY_ENDPOINTS_PER_KEY newer ones (a proxy host restarted on another port), so no key can
+        grow the list without bound."""
         if isinstance(msg, AgentRegister) and msg.metrics_endpoint:
             self.agent_endpoints[msg.agent_id] = msg.metrics_endpoint
         elif isinstance(msg, AgentHeartbeat) and msg.usage is not None:
             self.agent_usage[msg.agent_id] = msg.usage
         elif isinstance(msg, HeadHello) and msg.role == "proxy" and msg.http_endpoint:
+            if self.proxies.get(msg.http_endpoint) == "static":
+                return
             if msg.http_endpoint not in self.proxies:
                 log.info("proxy %s registered for metrics discovery", msg.http_endpoint)
-            self.proxies[msg.http_endpoint] = None
+            self.proxies.pop(msg.http_endpoint, None)  # re-announced: now the announcer's newest
+            self.proxies[msg.http_endpoint] = who
+            mine = [address for address, by in self.proxies.items() if by == who]
+            for address in mine[:-MAX_PROXY_ENDPOINTS_PER_KEY]:
+                del self.proxies[address]
+                log.info("proxy %s dropped from metrics discovery (its key announced %d newer ones)",
+                         address, MAX_PROXY_ENDPOINTS_PER_KEY)
 
     def observe_reconcile(self, seconds: float) -> None:
         self.reconcile.observe(seconds)

@@ -234,7 +234,7 @@ class Head:
                 self._reply(peer, refusal)
                 return
             msg = checked
-        self.metrics.note(msg)
+        self.metrics.note(msg, str(user or ""))
         if isinstance(msg, AgentHeartbeat):
             if self.state.heartbeat(msg, now):
                 self._send_assignment(peer, msg.agent_id)

@@ -144,3 +144,17 @@ def test_enrich_status_adds_usage_and_endpoints():
     assert agents[0].cpu_percent == 55.0 and agents[0].rss_bytes == 3 * 2**30
     assert agents[0].gpu_usage == [GpuUsage(0, 0.5, 2**30, 2**34)]
     assert agents[0].metrics_endpoint == "10.0.0.5:7200"
+
+
+def test_no_key_can_grow_the_proxy_discovery_list_without_bound():
+    """A proxy (or any key allowed HeadHello) announcing address after address keeps only its newest
+    MAX_PROXY_ENDPOINTS_PER_KEY; other keys' and the config's addresses stay."""
+    from head.metrics import MAX_PROXY_ENDPOINTS_PER_KEY
+    m = HeadMetrics(port=-1, static_proxies=("static:1",))
+    m.note(HeadHello(PROTOCOL_VERSION, "proxy", http_endpoint="edge1:8000"), "key-edge1")
+    for port in range(1000):
+        m.note(HeadHello(PROTOCOL_VERSION, "proxy", http_endpoint="flood:%d" % port), "key-hostile")
+    m.note(HeadHello(PROTOCOL_VERSION, "proxy", http_endpoint="static:1"), "key-hostile")
+    assert list(m.proxies) == ["static:1", "edge1:8000"] + [
+        "flood:%d" % p for p in range(1000 - MAX_PROXY_ENDPOINTS_PER_KEY, 1000)]
+    assert m.proxies["static:1"] == "static"
