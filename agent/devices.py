@@ -25,7 +25,7 @@ from runtime.capacity import Demand, Host, demand_of, divide_cores, pick_cores, 
 from runtime.protocol import GpuInfo, ReplicaSpec
 
 __all__ = ["Allocation", "DeviceAllocator", "devices_for", "discover_gpus", "format_id_list", "host_cpu_cores",
-           "pick_cores"]
+           "pick_cores", "stopping_holders"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ class DeviceAllocator:
     """Which GPUs and cores each replica on this host holds. Not thread-safe: one owner (the agent loop).
 
     `allocate` is idempotent for a replica that already holds devices of the same shape (an agent that
-    re-applies the same assignment gets the same env back).
+    re-applies the same assignment gets the same env back). A replica whose process is stopping is
+    `retire`d: its devices stay taken until `release` (its process gone), but it no longer counts among
+    the holders of cores when they are divided (it will not run on them again).
     """
 
     def __init__(self, gpu_indices: Iterable[int], cpu_cores: Iterable[int],
@@ -124,6 +126,7 @@ class DeviceAllocator:
                              "got %r" % kv_cache_gib)
         self._kv_cache_gib = kv_cache_gib
         self._held: dict[str, Allocation] = {}
+        self._retiring: set[str] = set()  # held by a process that is stopping
 
     @property
     def free_gpus(self) -> list[int]:
@@ -140,8 +143,17 @@ class DeviceAllocator:
         return list(self._cores)
 
     def held_cores(self) -> dict[str, tuple[int, ...]]:
-        """The cores each pinned CPU replica holds now."""
-        return {rid: a.cpus for rid, a in self._held.items() if a.cpus}
+        """The cores each pinned CPU replica holds now (not those of replicas being stopped)."""
+        return {rid: a.cpus for rid, a in self._held.items() if a.cpus and rid not in self._retiring}
+
+    def retiring(self) -> dict[str, Allocation]:
+        """The devices still held by replicas whose processes are stopping."""
+        return {rid: self._held[rid] for rid in sorted(self._retiring)}
+
+    def retire(self, replica_id: str) -> None:
+        """The replica's process is stopping: its devices stay taken until `release`."""
+        if replica_id in self._held:
+            self._retiring.add(replica_id)
 
     def get(self, replica_id: str) -> Optional[Allocation]:
         return self._held.get(replica_id)
@@ -189,8 +201,9 @@ class DeviceAllocator:
         return allocation
 
     def release(self, replica_id: str) -> None:
-        """Return a replica's devices; unknown ids are ignored (idempotent)."""
+        """Return a replica's devices (its process is gone); unknown ids are ignored (idempotent)."""
         self._held.pop(replica_id, None)
+        self._retiring.discard(replica_id)
 
     def _allocate_gpus(self, replica_id: str, count: int) -> Allocation:
         free = self.free_gpus
@@ -258,3 +271,25 @@ def devices_for(devices: DeviceAllocator, host: Host, demands: dict[str, Demand]
                      format_id_list(targets[other]))
             gave_up.add(other)
     return spec, dict(devices.pin(spec.replica_id, targets[spec.replica_id]).env), gave_up
+
+
+def stopping_holders(devices: DeviceAllocator, demands: dict[str, Demand], spec: ReplicaSpec) -> list[str]:
+    """The stopping replicas whose processes still hold GPUs or cores a replica about to start would
+    get; the agent starts it once there are none (a vLLM on a GPU another process still fills fails to
+    load; on cores still busy it runs slow). `demands` as for `devices_for`. [] for a replica that takes
+    no devices or does not fit anyway (`devices_for` then says why)."""
+    retiring = devices.retiring()
+    if spec.engine != "vllm" or not retiring:
+        return []
+    if spec.gpus:
+        if len(devices.free_gpus) >= spec.gpus:
+            return []
+        return [rid for rid, a in retiring.items() if a.gpus]
+    held = devices.held_cores()
+    held.pop(spec.replica_id, None)
+    mine = demands.get(spec.replica_id) or demand_of(spec.engine, spec.gpus, spec.cpus, spec.memory_bytes)
+    try:
+        cores = set(divide_cores(devices.cores, {**demands, spec.replica_id: mine}, held)[spec.replica_id])
+    except (ValueError, KeyError):
+        return []
+    return [rid for rid, a in retiring.items() if cores & set(a.cpus)]

@@ -48,7 +48,8 @@ class ReplicaRecord:
     message: str = ""
     last_exit_code: Optional[int] = None
     crash_times: list[float] = field(default_factory=list)
-    load_errors: int = 0
+    load_errors: int = 0  # exits with a load error since it was last ready
+    waiting_for: tuple[str, ...] = ()  # stopping replicas that hold the devices it would start on
 
     @property
     def replica_id(self) -> str:
@@ -80,6 +81,7 @@ class ReplicaRecord:
         if self.state in (ReplicaState.STARTING, ReplicaState.UNHEALTHY) and st.ready:
             self.state = ReplicaState.READY
             self.message = ""
+            self.load_errors = 0  # it loads: an earlier load error (a GPU still busy, say) was passing
             return True
         if self.state == ReplicaState.READY and not st.ready:  # draining
             self.state = ReplicaState.UNHEALTHY
@@ -128,6 +130,16 @@ class ReplicaRecord:
         self.next_start_at = now + delay
         self.restarts += 1
         self.message = "exited with code %d; restarting in %.1fs" % (code, delay)
+
+    def wait_for_devices(self, holders: list[str]) -> bool:
+        """Due to start, but stopping replicas' processes still hold the devices it would get (the agent
+        starts it once `holders` is empty); said in its message. True if that changed."""
+        if tuple(holders) == self.waiting_for:
+            return False
+        self.waiting_for = tuple(holders)
+        self.message = "waiting for stopping replica(s) %s to free their devices" % ", ".join(holders) \
+            if holders else ""
+        return True
 
     def planned_restart(self, message: str) -> None:
         """The agent restarts it on purpose (a new core set): out of routing now, started again once its

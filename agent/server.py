@@ -24,14 +24,14 @@ import psutil
 import zmq
 
 from agent.config import AgentConfig
-from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_cores
+from agent.devices import DeviceAllocator, devices_for, discover_gpus, host_cpu_cores, stopping_holders
 from agent.lifecycle import ReplicaRecord
 from agent.metrics import AgentMetrics
 from agent.processes import AdoptedProcess, ReplicaProcess
 from agent.repin import RepinPlan
 from model_proc.config import METRICS_HOST_ENV
 from runtime import authz, curve, parent_guard
-from runtime.capacity import Host, demand_of
+from runtime.capacity import Demand, Host, demand_of
 from runtime.curve import AGENT_KEY_ENV, CURVE_ENV, INSECURE_ENV
 from runtime.keyring import Registry, identity, server_public
 from runtime.zap import RefusalLog, ZapHandler
@@ -281,7 +281,10 @@ class Agent:
             proc.begin_stop(seconds + self.config.stop_grace, self.clock())
             self._stopping[replica_id] = proc
         self.records.pop(replica_id, None)
-        self.devices.release(replica_id)
+        if replica_id in self._stopping:  # its process holds its GPUs (or cores) until it is gone
+            self.devices.retire(replica_id)
+        else:
+            self.devices.release(replica_id)
         self._repins.forget(replica_id)
         self._dirty = True
 
@@ -308,11 +311,12 @@ class Agent:
                 if kill:
                     log.warning("[restart] replica %s: %s; stopping it", replica_id, rec.message)
                     proc.begin_stop(self.config.stop_grace, now)
-            elif rec.should_start(now):
+            elif rec.should_start(now) and not self._waits_for_devices(rec):
                 self._start(rec, now)
         for replica_id, proc in list(self._stopping.items()):
             if proc.poll_stop(now):
                 del self._stopping[replica_id]
+                self.devices.release(replica_id)
                 log.info("replica %s stopped", replica_id)
                 restarting = self.records.get(replica_id)
                 if restarting is not None:
@@ -326,7 +330,7 @@ class Agent:
             proc, rec = self.procs.pop(replica_id), self.records[replica_id]
             proc.begin_stop(rec.spec.drain_seconds + self.config.stop_grace, now)
             self._stopping[replica_id] = proc
-            self.devices.release(replica_id)
+            self.devices.retire(replica_id)  # it starts again on its new share once this process is gone
         picked = self._repins.pick(now, self.records, self._running())
         if picked is not None:
             replica_id, ready = picked
@@ -361,12 +365,26 @@ class Agent:
         log.info("[startup] replica %s started, pid %d%s", rec.replica_id, proc.pid,
                  ", log %s" % log_path if log_path else "")
 
+    def _waits_for_devices(self, rec: ReplicaRecord) -> bool:
+        """True while a stopping process (its own previous one, or another replica's) still holds devices
+        this replica would get: the head unassigns a replica before its process has drained and exited,
+        and may place the next one there by then."""
+        holders = [rec.replica_id] if rec.replica_id in self._stopping else \
+            stopping_holders(self.devices, self._demands(), rec.spec)
+        if rec.wait_for_devices(holders):
+            if holders:
+                log.info("replica %s: %s", rec.replica_id, rec.message)
+            self._dirty = True
+        return bool(holders)
+
+    def _demands(self) -> dict[str, Demand]:
+        return {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
+                for rid, r in self.records.items()}
+
     def _devices_for(self, spec: ReplicaSpec) -> tuple[ReplicaSpec, dict[str, str]]:
         """The replica's devices and environment (agent.devices.devices_for); replicas left holding some
         of its cores are re-pinned by `_repin`."""
-        demands = {rid: demand_of(r.spec.engine, r.spec.gpus, r.spec.cpus, r.spec.memory_bytes)
-                   for rid, r in self.records.items()}
-        spec, env, gave_up = devices_for(self.devices, self.host, demands, spec)
+        spec, env, gave_up = devices_for(self.devices, self.host, self._demands(), spec)
         self._repins.want(gave_up)
         env.update({INSECURE_ENV: "1"} if self._keys is None else {
             CURVE_ENV: str(self._keys), INSECURE_ENV: "0", AGENT_KEY_ENV: self.config.agent_id})

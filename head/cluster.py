@@ -1,6 +1,7 @@
 """The head's picture of the cluster, and the decisions it makes from it. Pure logic, no sockets.
 
-Runs in the head process; every method takes `now` so tests fake time. Never does I/O.
+Runs in the head process; every method takes `now` so tests fake time. Never does I/O (head.access
+hooks `on_unassigned` to drop replica bindings from head.db).
 
 Hard state: deployments (what operators asked for). Soft state, rebuilt from agents after a restart:
 agents, which replica runs where, their health and load. The head never invents a replica's health:
@@ -12,7 +13,7 @@ import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Container, Optional
 
 from head.healing import Healer
 from runtime.capacity import Demand, Host, demand_of, why_not
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ROUTABLE_STATE = ReplicaState.READY
 DRAIN_DELAY = 1.0  # seconds a retired replica stays assigned after leaving routing (table propagation)
+ID_BYTES = 3  # random bytes in a replica id (name-<hex>), drawn again while the id is taken
 
 
 @dataclass
@@ -72,6 +74,10 @@ class ClusterState:
         # each deployment's /v1/models entry, from its replicas (ReplicaStatus.model_card): kept while none
         # runs (scaled to zero, restarting), dropped by a new generation (another model) and by a delete
         self.model_cards: dict[str, bytes] = {}
+        # head.access (with CURVE keys) keeps replica -> agent bindings: a new replica id is drawn again
+        # while it names a binding too, and bindings go when their placement ends for good
+        self.bound_ids: Container[str] = frozenset()
+        self.on_unassigned: Callable[[list[str]], None] = lambda replica_ids: None
 
     # ------------------------------------------------------------------ agents
 
@@ -121,6 +127,7 @@ class ClusterState:
         if agent_id not in self.agents:
             return False
         lost = self._forget_agent(agent_id)
+        self.on_unassigned(lost)  # it stops them all (an agent that leaves its replicas running never says so)
         log.info("[shutdown] agent %s is leaving (%s): %d replica(s) leave routing %s", agent_id,
                  reason or "no reason given", len(lost), lost)
         return True
@@ -171,15 +178,19 @@ class ClusterState:
         """
         self.pending_reason = {}
         self.rollout_note = {}
+        ended = []  # unassigned for good: their agents stop them
         for replica_id, p in list(self.placements.items()):
             if p.draining_since is None and p.deployment not in self.deployments:
                 p.draining_since = now
             if p.draining_since is not None and now - p.draining_since >= DRAIN_DELAY:
                 del self.placements[replica_id]
-            elif p.draining_since is None:
-                self._heal(p, now)
+                ended.append(replica_id)
+            elif p.draining_since is None and self._heal(p, now):
+                ended.append(replica_id)
         for dep in self.deployments.values():
             self._reconcile_one(dep, self.generations[dep.name], now)
+        if ended:
+            self.on_unassigned(ended)
 
     def _reconcile_one(self, dep: DeploymentSpec, gen: int, now: float) -> None:
         live = [p for p in self.placements.values() if p.deployment == dep.name and p.draining_since is None]
@@ -203,7 +214,7 @@ class ClusterState:
             if agent_id is None:
                 blocked = reason
                 break
-            replica_id = "%s-%s" % (dep.name, secrets.token_hex(3))
+            replica_id = self._new_replica_id(dep.name)
             placement = Placement(replica_id, dep.name, agent_id, now, gen, demand=demand(dep))
             self.placements[replica_id] = placement
             new.append(placement)
@@ -219,12 +230,20 @@ class ClusterState:
         elif blocked:
             self.pending_reason[dep.name] = blocked
 
-    def _heal(self, p: Placement, now: float) -> None:
+    def _new_replica_id(self, deployment: str) -> str:
+        """name-<random hex>, unlike every placement and every bound id (an id bound to another agent
+        would have this replica's reports refused as replica_not_owned)."""
+        while True:
+            replica_id = "%s-%s" % (deployment, secrets.token_hex(ID_BYTES))
+            if replica_id not in self.placements and replica_id not in self.bound_ids:
+                return replica_id
+
+    def _heal(self, p: Placement, now: float) -> bool:
         """A replica its agent gave up on is unassigned (the agent drops it) and replaced after a backoff
-        (head.healing), elsewhere if another agent fits; a ready one ends the backoff."""
+        (head.healing), elsewhere if another agent fits; a ready one ends the backoff. True: unassigned."""
         rep = self._report(p)
         if rep is None:
-            return
+            return False
         if rep.state == ROUTABLE_STATE:
             self.healer.ready(p.deployment, p.placed_at)
         elif rep.state == "failed":
@@ -232,10 +251,12 @@ class ClusterState:
             if p.generation != self.generations.get(p.deployment):
                 log.info("replica %s of %s (old generation %d) failed; not replaced", p.replica_id,
                          p.deployment, p.generation)
-                return  # an update is replacing it anyway; its failure says nothing of the new spec
+                return True  # an update is replacing it anyway; its failure says nothing of the new spec
             delay = self.healer.failed(p.deployment, p.replica_id, p.agent_id, rep.message, now)
             log.warning("[failover] replica %s of %s failed on %s (%s); placing a replacement in %.0fs",
                         p.replica_id, p.deployment, p.agent_id, rep.message, delay)
+            return True
+        return False
 
     def _replace_in_place(self, dep: DeploymentSpec, old: list[Placement], ready_new: int, blocked: str,
                           now: float) -> None:

@@ -78,7 +78,8 @@ class StateStore:
 
     def owners(self) -> dict[str, str]:
         """replica id -> the agent bound to it at its first report (kept across head restarts, so an agent
-        key cannot claim another agent's replicas while the head re-learns placements)."""
+        key cannot claim another agent's replicas while the head re-learns placements; head.access drops a
+        binding once its replica is gone for good)."""
         return dict(self._db.execute("SELECT replica_id, agent_id FROM replica_owners").fetchall())
 
     def bind_owners(self, pairs: list[tuple[str, str]]) -> None:

@@ -84,3 +84,29 @@ def test_startup_timeout_asks_for_a_kill():
     rec.launched(1, 0.0)
     assert rec.check(29.0) == (False, False)
     assert rec.check(31.0) == (False, True)
+
+
+def test_a_load_error_before_a_successful_start_is_forgotten_once_ready():
+    """One spurious load error (a GPU still held by a stopping replica) counted against the replica for
+    ever: a second one, weeks later, marked it failed."""
+    rec = ReplicaRecord(SPEC, RestartPolicy(max_load_errors=2, crash_window=60.0))
+    rec.launched(1, 0.0)
+    rec.exited(EXIT_LOAD_ERROR, 0.0)
+    assert rec.state == ReplicaState.BACKOFF
+    rec.launched(2, rec.next_start_at)
+    rec.status(_status(ready=True), 5.0)
+    rec.launched(3, 10_000.0)  # a restart much later ...
+    rec.exited(EXIT_LOAD_ERROR, 10_000.0)  # ... that cannot load once
+    assert rec.state == ReplicaState.BACKOFF and rec.load_errors == 1
+    rec.launched(4, rec.next_start_at)
+    rec.exited(EXIT_LOAD_ERROR, 10_001.0)
+    assert rec.state == ReplicaState.FAILED  # twice in a row still fails it
+
+
+def test_waiting_for_devices_is_said_in_the_message_and_cleared():
+    rec = ReplicaRecord(SPEC, RestartPolicy())
+    assert rec.wait_for_devices([]) is False and rec.message == ""
+    assert rec.wait_for_devices(["r0"]) is True
+    assert "r0" in rec.report().message and rec.report().state == ReplicaState.BACKOFF
+    assert rec.wait_for_devices(["r0"]) is False
+    assert rec.wait_for_devices([]) is True and rec.message == ""

@@ -204,3 +204,13 @@ def test_each_deployment_carries_its_replicas_model_card_until_a_new_generation_
     assert state.routes()[0].model_card == b""
     state.delete_deployment("d")
     assert "d" not in state.model_cards
+
+
+def test_a_new_replica_id_is_drawn_again_while_it_names_a_placement():
+    from unittest import mock
+
+    state = ClusterState([DeploymentSpec("d", "mock", "m", replicas=2)])
+    _register(state, "a1", 0.0)
+    with mock.patch("head.cluster.secrets.token_hex", side_effect=["aaaaaa", "aaaaaa", "bbbbbb"]):
+        state.reconcile(0.0)
+    assert sorted(state.placements) == ["d-aaaaaa", "d-bbbbbb"]
