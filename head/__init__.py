@@ -6,6 +6,7 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   server.py      the reactor: a poll loop around the control ROUTER and the routing PUB
   access.py      with CURVE keys: who may send which control message, replica -> agent bindings, revocations
   cluster.py     pure: the head's picture of the cluster (agents, replicas, placement, reconcile, status)
+  views.py       pure: what the head shows of it: the routing table's content, `tokenrelay status`
   table.py       pure: when a routing table is published, with which (epoch, version)
   healing.py     pure: when and where a failed deployment's replica is tried again
   autoscaler.py  pure: how many replicas an autoscaled deployment should have (and proxies' ScaleDemand)

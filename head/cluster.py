@@ -15,17 +15,18 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Container, Optional
 
+from head import views
+from head.views import ROUTABLE_STATE
 from head.healing import Healer
 from runtime.capacity import Demand, Host, demand_of, why_not
 from runtime.protocol import (
     AgentHeartbeat, AgentRegister, AgentStatus, Capacity, DeploymentRoute, DeploymentStatus, ReplicaReport,
-    MODEL_CARD_MAX_BYTES, ReplicaRoute, ReplicaSpec, ReplicaState, ReplicaStatusRow,
+    ReplicaSpec,
 )
 from runtime.stack_config import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
-ROUTABLE_STATE = ReplicaState.READY
 DRAIN_DELAY = 1.0  # seconds a retired replica stays assigned after leaving routing (table propagation)
 ID_BYTES = 3  # random bytes in a replica id (name-<hex>), drawn again while the id is taken
 
@@ -241,7 +242,7 @@ class ClusterState:
     def _heal(self, p: Placement, now: float) -> bool:
         """A replica its agent gave up on is unassigned (the agent drops it) and replaced after a backoff
         (head.healing), elsewhere if another agent fits; a ready one ends the backoff. True: unassigned."""
-        rep = self._report(p)
+        rep = self.report(p)
         if rep is None:
             return False
         if rep.state == ROUTABLE_STATE:
@@ -287,7 +288,7 @@ class ClusterState:
         for p in self.placements.values():
             if p.deployment != name or p.draining_since is not None:
                 continue
-            rep = self._report(p)
+            rep = self.report(p)
             if rep is not None and rep.state == ROUTABLE_STATE:
                 ready += 1
                 ongoing += rep.status.running + rep.status.waiting if rep.status else 0
@@ -299,14 +300,14 @@ class ClusterState:
         """The worst TTFT p90 its ready replicas report (each over its last window); None: none reported."""
         worst: Optional[float] = None
         for p in self.placements.values():
-            rep = self._report(p) if p.deployment == name and p.draining_since is None else None
+            rep = self.report(p) if p.deployment == name and p.draining_since is None else None
             if rep is not None and rep.state == ROUTABLE_STATE and rep.status is not None \
                     and rep.status.ttft_p90_s is not None:
                 worst = max(worst or 0.0, rep.status.ttft_p90_s)
         return worst
 
     def _is_ready(self, p: Placement) -> bool:
-        rep = self._report(p)
+        rep = self.report(p)
         return rep is not None and rep.state == ROUTABLE_STATE
 
     def _placed(self, agent_id: str, skip: str = "") -> list[Demand]:
@@ -379,68 +380,14 @@ class ClusterState:
 
     # ------------------------------------------------------------------ views
 
-    def _report(self, p: Placement) -> Optional[ReplicaReport]:
+    def report(self, p: Placement) -> Optional[ReplicaReport]:
         agent = self.agents.get(p.agent_id)
         return agent.reports.get(p.replica_id) if agent else None
 
     def routes(self) -> list[DeploymentRoute]:
-        """The routing table's content: each deployment with its healthy replicas."""
-        out = []
-        for dep in sorted(self.deployments.values(), key=lambda d: d.name):
-            replicas = []
-            for p in sorted(self.placements.values(), key=lambda p: p.replica_id):
-                rep = self._report(p) if p.deployment == dep.name and p.draining_since is None else None
-                if rep is not None and rep.status is not None and rep.status.model_card \
-                        and len(rep.status.model_card) <= MODEL_CARD_MAX_BYTES \
-                        and p.generation == self.generations.get(dep.name):
-                    self.model_cards[dep.name] = rep.status.model_card
-                if rep is None or rep.state != ROUTABLE_STATE or not rep.endpoint:
-                    continue
-                st = rep.status
-                replicas.append(ReplicaRoute(
-                    rep.replica_id, rep.endpoint, st.running if st else 0, st.waiting if st else 0,
-                    st.kv_cache_usage if st else 0.0, dep.max_ongoing_requests))
-            scaling = dep.autoscaling
-            cold = scaling.cold_start_timeout_s if scaling is not None and scaling.min_replicas == 0 else 0.0
-            out.append(DeploymentRoute(dep.name, dep.engine, dep.model, replicas, dep.routing, dep.timeouts, cold,
-                                       self.model_cards.get(dep.name, b"")))
-        return out
+        """The routing table's content: each deployment with its healthy replicas (head.views)."""
+        return views.routes(self)
 
     def status(self, now: float, wall_now: float) -> tuple[list[DeploymentStatus], list[AgentStatus]]:
-        deployments = []
-        for dep in sorted(self.deployments.values(), key=lambda d: d.name):
-            replicas = []
-            for p in sorted(self.placements.values(), key=lambda p: p.replica_id):
-                if p.deployment != dep.name:
-                    continue
-                rep = self._report(p)
-                agent = self.agents.get(p.agent_id)
-                st = rep.status if rep else None
-                replicas.append(ReplicaStatusRow(
-                    replica_id=p.replica_id, agent=p.agent_id, host=agent.host if agent else "",
-                    state="draining" if p.draining_since is not None else (rep.state if rep else "assigned"),
-                    generation=p.generation, endpoint=rep.endpoint if rep else "",
-                    pid=rep.pid if rep else 0, restarts=rep.restarts if rep else 0,
-                    age_s=round(wall_now - rep.started_at, 1) if rep and rep.started_at else 0.0,
-                    message=rep.message if rep else "",
-                    running=st.running if st else 0, waiting=st.waiting if st else 0,
-                    kv_cache_usage=st.kv_cache_usage if st else 0.0,
-                    tokens_generated=st.tokens_generated if st else 0,
-                    requests_finished=st.requests_finished if st else 0,
-                    requests_aborted=st.requests_aborted if st else 0,
-                ))
-            ready = sum(1 for r in replicas if r.state == ROUTABLE_STATE
-                        and r.generation == self.generations[dep.name])
-            state = "pending" if dep.name in self.pending_reason else (
-                "healthy" if ready >= dep.replicas else "degraded")
-            deployments.append(DeploymentStatus(
-                **dep.to_dict(), state=state, ready_replicas=ready, generation=self.generations[dep.name],
-                pending_reason=self.pending_reason.get(dep.name, ""),
-                rollout_note=self.rollout_note.get(dep.name, ""),
-                failures=self.healer.describe(dep.name, now), replica_list=replicas))
-        agents = [AgentStatus(
-            agent_id=a.agent_id, host=a.host, cpus=a.capacity.cpus, memory_bytes=a.capacity.memory_bytes,
-            gpus=list(a.capacity.gpus), labels=a.labels, last_heartbeat_s=round(now - a.last_seen, 2),
-            replicas=len(a.reports),
-        ) for a in sorted(self.agents.values(), key=lambda a: a.agent_id)]
-        return deployments, agents
+        """`tokenrelay status`'s content (head.views)."""
+        return views.status(self, now, wall_now)
