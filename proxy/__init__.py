@@ -14,9 +14,10 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   gateway.py          per-worker object joining the table subscriber, replica pool, router and queues
   subscriber.py       routing-table subscriber greenlet (head DEALER + SUB; Clone pattern)
   table_state.py      pure: apply/ignore/stale decisions for routing tables, readiness
-  backoff.py          pure: exponential backoff for head reconnects
+  backoff.py          pure: exponential backoff for head reconnects and replica handshake retries
   replica_pool.py     all replica connections of one worker, kept in step with the routing table
   replicas.py         one worker's connection to one replica: reader + monitor greenlets, in-flight requests
+  handshake.py        pure: a replica connection's handshake outcomes (refused key: reopen with backoff)
   raw_dealer.py       the plain pyzmq DEALER behind replicas.py (the one zmq fast path; its invariant)
   streams.py          per-request queue handed from reader greenlets to request greenlets
   client_sink.py      writes a stream's tokens straight to the client socket from the reader greenlet

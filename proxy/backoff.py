@@ -1,4 +1,5 @@
-"""Exponential backoff for reconnecting to the head (Lazy Pirate reply timeouts).
+"""Exponential backoff for reconnecting to the head (Lazy Pirate reply timeouts) and for reopening a
+replica connection whose handshake failed (proxy/handshake.py).
 
 Pure logic; runs in proxy workers; owns no socket, never sleeps or reads the clock.
 """

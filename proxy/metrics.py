@@ -57,6 +57,9 @@ RESUME_GAP = Histogram("tokenrelay_proxy_resume_gap_seconds",
                        ["deployment"], buckets=BUCKETS)
 EJECTIONS = Counter("tokenrelay_proxy_replica_ejections",
                     "Circuit breaker openings: a replica ejected after repeated failures", ["deployment"])
+HANDSHAKE_FAILURES = Counter("tokenrelay_proxy_replica_handshake_failures",
+                             "Failed handshakes with a replica's data socket, by kind (refused: its host "
+                             "does not list this proxy's key; protocol; dropped)", ["deployment", "kind"])
 ABORTS = Counter("tokenrelay_proxy_aborts",
                  "Requests the proxy aborted at the replica before they finished, by reason (client_gone, "
                  "timeout, first_token_timeout, slow_reader, error)", ["deployment", "reason"])

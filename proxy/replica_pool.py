@@ -7,6 +7,7 @@ still streaming: a replica that leaves the table is retired and closed once drai
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable, Optional
@@ -33,7 +34,7 @@ class ReplicaPool:
         self._on_capacity = on_capacity
         self._by_id: dict[str, ReplicaConnection] = {}
         self._by_deployment: dict[str, list[ReplicaConnection]] = {}
-        self._opened: dict[str, int] = {}  # endpoint -> connections opened to it so far
+        self._opened: dict[str, int] = {}  # endpoint in use -> connections (DEALERs) opened to it so far
         self._retired: dict[str, ReplicaConnection] = {}  # left the table, still draining
 
     def _identity_for(self, endpoint: str) -> bytes:
@@ -41,7 +42,8 @@ class ReplicaPool:
 
         A ROUTER ignores a new peer whose identity it still holds (unless ROUTER_HANDOVER is set), and
         after we close a DEALER the replica may not have noticed yet: a reopened connection with the
-        same identity could silently swallow requests.
+        same identity could silently swallow requests. The count of an endpoint is kept while a
+        connection to it is open (`sync` forgets the others).
         """
         n = self._opened.get(endpoint, 0)
         self._opened[endpoint] = n + 1
@@ -78,9 +80,14 @@ class ReplicaPool:
             else:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
                 identity = self._identity_for(route.endpoint)
-                conn = self._by_id[rid] = ReplicaConnection(self._ctx, identity, deployment, route, self._hwm,
-                                                            self._secure, self._clock, self._on_capacity)
+                conn = self._by_id[rid] = ReplicaConnection(
+                    self._ctx, identity, deployment, route, self._hwm, self._secure, self._clock,
+                    self._on_capacity, new_identity=functools.partial(self._identity_for, route.endpoint))
             conn.table_update(route, now)
+        # endpoints no open connection uses forget their count: a later connection may take the plain
+        # identity again (a replica still holding it hands it over: model_proc sets ROUTER_HANDOVER)
+        in_use = {c.endpoint for c in self.all_connections()}
+        self._opened = {e: n for e, n in self._opened.items() if e in in_use}
         by_dep: dict[str, list[ReplicaConnection]] = {}
         for conn in self._by_id.values():
             by_dep.setdefault(conn.deployment, []).append(conn)

@@ -7,9 +7,15 @@ Runs in each proxy worker (gevent, after fork). Sockets, per replica:
     greenlets send GenerateRequest/Abort on it with NOBLOCK: the worker is one OS thread and a NOBLOCK
     send never yields, so each multipart send is atomic with respect to other greenlets (and libzmq keeps
     multipart messages atomic against the HWM).
-  * its monitor PAIR (EVENT_CONNECTED/EVENT_DISCONNECTED), a zmq.green socket owned and read by a watcher
-    greenlet.
+  * its monitor PAIR (EVENT_HANDSHAKE_SUCCEEDED, EVENT_HANDSHAKE_FAILED_*, EVENT_DISCONNECTED), a
+    zmq.green socket owned and read by a watcher greenlet.
   `ReplicaConnection.close` stops both greenlets and then closes both sockets (linger 0).
+
+Connected means the handshake succeeded (with CURVE: the replica's ZAP handler accepted our key), not
+TCP connected. A handshake refused (our key is not on the replica's host yet) or broken by a protocol
+error is never retried by libzmq: the watcher then replaces the DEALER, its monitor and its reader by
+new ones with a new identity, after a backoff (proxy/handshake.py), until one is accepted. Only the
+watcher does that; requests in flight on the dead socket are failed `lost` (resumed elsewhere).
 
 The DEALER is a plain pyzmq socket driven by hand, not a zmq.green one, behind proxy/raw_dealer.py's
 RawDealer: the one class that relies on pyzmq's backend calls and ZMQ_FD's edges, with the invariant
@@ -44,6 +50,7 @@ import zmq.green as zmq_green
 from zmq.utils.monitor import recv_monitor_message
 
 from proxy import metrics
+from proxy.handshake import FAILED_EVENTS, REOPEN_INITIAL_S, REOPEN_MAX_S, Handshakes
 from proxy.raw_dealer import RawDealer, Secure
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
@@ -54,10 +61,16 @@ from runtime.protocol import (
 
 log = logging.getLogger(__name__)
 
-_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _monitor_ids = itertools.count(1)
 TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
 SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
+
+
+def _suffixed(identity: bytes) -> Callable[[], bytes]:
+    counter = itertools.count(1)
+    return lambda: identity + b"~%d" % next(counter)
 
 
 class ReplicaUnavailable(Exception):
@@ -70,7 +83,10 @@ Capacity = Callable[[str], None]  # called with a deployment name when room may 
 class ReplicaConnection:
     def __init__(self, ctx: zmq_green.Context, identity: bytes, deployment: str, route: ReplicaRoute,
                  hwm: int, secure: Optional[Secure] = None, clock: Callable[[], float] = time.monotonic,
-                 on_capacity: Capacity = lambda deployment: None) -> None:
+                 on_capacity: Capacity = lambda deployment: None,
+                 new_identity: Optional[Callable[[], bytes]] = None) -> None:
+        """`new_identity` names each DEALER that replaces one whose handshake failed for good
+        (ReplicaPool._identity_for; default: `identity` with a counter)."""
         self.deployment = deployment
         self.replica_id = route.replica_id
         self.endpoint = route.endpoint
@@ -85,13 +101,22 @@ class ReplicaConnection:
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
         self.draining = False  # it said it is shutting down (protocol.SHUTTING_DOWN): no new requests
+        self._ctx, self._hwm, self._secure = ctx, hwm, secure
+        self._new_identity = new_identity or _suffixed(identity)
+        self._handshakes = Handshakes()
+        self._open(identity)
+        self._watcher = gevent.spawn(self._watch_loop)
+
+    def _open(self, identity: bytes) -> None:
+        """A new DEALER with its monitor and reader. The monitor PAIR connects first (inproc allows
+        that), so not even the first handshake's event can be missed."""
         monitor_addr = "inproc://tokenrelay-replica-monitor-%d" % next(_monitor_ids)
-        self._dealer = RawDealer(ctx, identity, self.endpoint, hwm, (monitor_addr, _MONITOR_EVENTS), secure)
-        self._monitor = ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
+        self._monitor = self._ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._monitor.connect(monitor_addr)
+        self._dealer = RawDealer(self._ctx, identity, self.endpoint, self._hwm, (monitor_addr, _MONITOR_EVENTS),
+                                 self._secure)
         self._reader = gevent.spawn(self._read_loop)
-        self._watcher = gevent.spawn(self._watch_loop)
 
     # ----------------------------------------------------------------- request greenlets
 
@@ -243,20 +268,22 @@ class ReplicaConnection:
     # ----------------------------------------------------------------- watcher greenlet
 
     def _watch_loop(self) -> None:
+        """Reads the current DEALER's monitor (`_reopen` replaces both, from this greenlet)."""
         try:
             while True:
-                event = recv_monitor_message(self._monitor)["event"]
-                if event == zmq.EVENT_CONNECTED:
-                    was_down = self.down
-                    if was_down:
-                        log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
-                    self.connected, self.down, self.draining = True, False, False
-                    self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
+                msg = recv_monitor_message(self._monitor)
+                event = msg["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # not EVENT_CONNECTED: TCP alone is not enough
+                    self._handshake_succeeded()
                 elif event == zmq.EVENT_DISCONNECTED:
-                    self._let_reader_drain()
-                    log.warning("[failover] lost connection to replica %s at %s (%d in flight)",
-                                self.replica_id, self.endpoint, len(self.inflight))
-                    self._mark_down("lost connection to replica %s" % self.replica_id)
+                    if self.connected:
+                        self._let_reader_drain()
+                        log.warning("[failover] lost connection to replica %s at %s (%d in flight)",
+                                    self.replica_id, self.endpoint, len(self.inflight))
+                    if not self.down or self.inflight:  # after a failed handshake: marked down already
+                        self._mark_down("lost connection to replica %s" % self.replica_id)
+                elif event in FAILED_EVENTS:
+                    self._handshake_failed(event, msg["value"])
         except gevent.GreenletExit:
             pass
         except zmq.ZMQError as exc:
@@ -264,6 +291,45 @@ class ReplicaConnection:
                 log.warning("replica %s monitor stopped: %s", self.replica_id, exc)
         except Exception:
             log.exception("replica %s monitor crashed", self.replica_id)
+
+    def _handshake_succeeded(self) -> None:
+        failures = self._handshakes.succeeded()
+        if failures:
+            log.info("[failover] replica %s at %s accepted this proxy after %d failed handshake(s)",
+                     self.replica_id, self.endpoint, failures)
+        elif self.down:
+            log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
+        self.connected, self.down, self.draining = True, False, False
+        self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
+
+    def _handshake_failed(self, event: int, value: int) -> None:
+        """Not routable until a handshake succeeds. After a refusal or a protocol error libzmq never
+        tries again: wait (backoff), then replace the DEALER, so a key copied to the replica's host later
+        is picked up without a restart."""
+        failure = self._handshakes.failed(event, value)
+        metrics.HANDSHAKE_FAILURES.labels(self.deployment, failure.kind).inc()
+        if failure.warn:
+            log.warning("replica %s at %s %s; %s", self.replica_id, self.endpoint, failure.reason,
+                        "retrying" if failure.reopen_in is None else
+                        "retrying with a new connection every %.1f-%.0fs" % (REOPEN_INITIAL_S, REOPEN_MAX_S))
+        if not self.down or self.inflight:  # requests queued while it was connecting move elsewhere
+            self._mark_down("handshake with replica %s failed (%s)" % (self.replica_id, failure.kind))
+        if failure.reopen_in is not None:
+            gevent.sleep(failure.reopen_in)
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Replace the dead DEALER, its monitor and its reader by new ones with a new identity. Called by
+        the watcher; `close` may run while the old reader is being stopped, and then cleans up the old
+        sockets itself (they are still the current ones)."""
+        self._reader.kill(block=True)
+        if self.closed:
+            return
+        self.fail_all(503, "connection to replica %s is being reopened" % self.replica_id, lost=True)
+        self._dealer.close()
+        self._monitor.close(linger=0)
+        self._open(self._new_identity())
+        log.debug("replica %s: reopened the connection to %s", self.replica_id, self.endpoint)
 
     def _let_reader_drain(self) -> None:
         """Tokens the replica sent just before dying may still sit in the DEALER's queue: let the reader
