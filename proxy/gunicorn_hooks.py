@@ -32,6 +32,7 @@ from proxy.errors import error_body, error_type_for
 log = logging.getLogger(__name__)
 
 LINGER_ENV = "tokenrelay.linger_close"  # the app sets it in the environ: linger_close after the response
+CONTINUE_ENV = "tokenrelay.continue"  # True: an Expect: 100-continue is owed, sent when the body is read
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 << 20
 ERROR_LINGER_SECONDS = 0.5
