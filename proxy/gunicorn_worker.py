@@ -25,6 +25,9 @@ Three more things at the edge of each request, where only the worker can reach g
     proxy/request_body.py sends it when it reads the body; an answer given without it closes the
     connection (the client may or may not send the body then: where the next request starts is unknown).
 
+It also yields between the requests of one connection, so a client that pipelines thousands of
+requests in one burst cannot hold the worker's other streams while they are answered.
+
 Settings (ProxyConfig): --max-idle-per-client, --max-idle-connections (per worker), --header-timeout.
 """
 from __future__ import annotations
@@ -142,6 +145,10 @@ class ProxyGeventWorker(GeventWorker):
             self._expecting.discard(key)
         if ending:
             raise StopIteration()  # gunicorn's handle(): "Closing connection", then it closes the socket
+        # Let the worker's other greenlets run before the next request of this connection: requests
+        # pipelined in one burst are all in the socket buffer, and gevent's recv does not yield while
+        # data is there (20,000 pipelined GET /health held every stream of the worker for 1.9 s).
+        gevent.sleep(0)
         return result
 
     def _close(self, keys: list[Any]) -> None:
