@@ -7,7 +7,8 @@ proxy worker, API keys on, mock engine; short deadlines: --body-timeout 1, --bod
     closes it, and nothing the client sent after it is ever parsed as a request (request smuggling);
     a refused request whose small body was read keeps its connection, and a request pipelined behind
     a streaming one is answered after it;
-  * thousands of requests pipelined in one burst do not hold the worker's other streams;
+  * thousands of requests pipelined in one burst, or a body of a million 1-byte chunks, do not hold
+    the worker's other streams;
   * Expect: 100-continue: a request refused before its body is wanted gets no "100 Continue";
   * request heads sent a byte at a time (slowloris) are closed at --header-timeout while an honest
     client is served.
@@ -181,6 +182,31 @@ def test_a_burst_of_pipelined_requests_does_not_hold_the_other_streams(stack: St
           % (n, took, max(during)))
     assert raw.count(b"HTTP/1.1 200 ") == n
     assert max(during) < 0.3 and streams.failures == 0
+
+
+def test_a_body_of_tiny_chunks_does_not_hold_the_other_streams(stack: Stack) -> None:
+    """2,000,000 chunks of one byte (12 MB on the wire, a 2 MB JSON body): gunicorn decodes chunk
+    framing in Python, and 64 KiB reads of it held every stream of the worker for the whole 3.4 s."""
+    n = 2_000_000
+    prefix = b'{"model": "mock", "max_tokens": 1, "prompt": "a"'
+    body = (b"%x\r\n%s\r\n" % (len(prefix), prefix) + b"1\r\n \r\n" * n + b"1\r\n}\r\n0\r\n\r\n")
+    streams = Streams(stack, 3)
+    try:
+        while len(streams.gaps) < 20:  # the streams are under way
+            time.sleep(0.05)
+        before = len(streams.gaps)
+        with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as sock:
+            start = time.monotonic()
+            sock.sendall(POST + AUTH + JSON + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
+            raw = read_to_end(sock)
+            took = time.monotonic() - start
+        during = streams.gaps[before:]
+    finally:
+        streams.stop()
+    print("\n[edge] %d one-byte chunks read in %.2fs; longest gap of 3 streams meanwhile %.3fs"
+          % (n, took, max(during)))
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+    assert max(during) < 1.0 and streams.failures == 0
 
 
 @pytest.mark.parametrize("status, auth, length", [(401, b"", 300000), (413, AUTH, 30000000)], ids=["401", "413"])
