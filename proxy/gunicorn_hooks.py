@@ -24,10 +24,10 @@ import socket
 import time
 from typing import Any
 
-import gevent
 import msgspec
 
 from proxy.errors import error_body, error_type_for
+from proxy.loop_turns import TURNS
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def linger_close(sock: Any, seconds: float = LINGER_SECONDS, max_bytes: int = LI
             if not data:
                 break
             dropped += len(data)
-            gevent.sleep(0)
+            TURNS.take()
     except (OSError, socket.timeout):
         pass
     finally:

@@ -16,6 +16,7 @@ from gunicorn.http.errors import NoMoreData, ParseException
 
 from proxy.errors import BodyTimeout, BodyTooLarge, ClientGone, InvalidRequest, UnsupportedMediaType
 from proxy.gunicorn_hooks import CONTINUE_ENV, LINGER_ENV
+from proxy.loop_turns import TURNS
 
 READ_CHUNK = 65536  # bytes per read of a request body; the worker's other greenlets run in between
 PIECE_SECONDS = 0.005  # a chunked body's reads are sized to take about this long (below)
@@ -75,7 +76,7 @@ def read_body(req: falcon.Request, limit: int, timeout: float, min_rate: int = 0
             if (left := pace.seconds_left(size, 0)) is not None and left < 0:  # this piece came too late
                 req.env[LINGER_ENV] = True
                 raise BodyTimeout(pace.too_slow())
-            gevent.sleep(0)
+            TURNS.take()
     finally:
         if per_receive:
             sock.settimeout(previous)  # a keep-alive connection's next request waits as gunicorn says
