@@ -27,9 +27,11 @@ def read_body(req: falcon.Request, limit: int, timeout: float, min_rate: int = 0
               clock: Callable[[], float] = time.monotonic) -> bytes:
     """The request body, at most `limit` bytes, else 413 (at once when Content-Length says so, before
     reading anything). Chunked bodies (no Content-Length) are read to their end within the same limit.
-    Read in 64 KiB pieces with a yield between them: gevent's recv does not yield while data is there,
-    so one fast upload would otherwise hold the worker (and every stream on it) until it ends. Bad
-    chunked framing is a 400 (gunicorn raises it from read(): it was a 500 with a traceback).
+    Read in 64 KiB pieces (a chunked body's sized to ~5 ms of decoding: _next_piece) with a turn for
+    the worker's other greenlets between them (proxy/loop_turns.py): gevent's recv does not yield
+    while data is there, so one fast upload would otherwise hold the worker (and every stream on it)
+    until it ends. Bad chunked framing is a 400 (gunicorn raises it from read(): it was a 500 with a
+    traceback).
 
     Two bounds on time, each a 408 that closes the connection:
       * a pause: no byte for `timeout` seconds. Under gunicorn that is the client socket's timeout,
