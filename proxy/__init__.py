@@ -8,7 +8,9 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   __main__.py         `python -m proxy`: parse args, set up logging and metrics, serve
   config.py           ProxyConfig (frozen), CLI over env over defaults (runtime.settings)
   server.py           gunicorn BaseApplication + hooks; `run(config)`
-  gunicorn_worker.py  the gevent worker class that bounds idle client connections
+  gunicorn_worker.py  the gevent worker class: idle connections bounded, --header-timeout, Connection: close,
+                      Expect: 100-continue when the body is read
+  loop_turns.py       yielding a busy greenlet so the worker's loop still polls I/O every few ms
   gunicorn_hooks.py   what the proxy changes in gunicorn's handling of bad clients
   idle_connections.py pure: which idle client connections a worker closes
   gateway.py          per-worker object joining the table subscriber, replica pool, router and queues
@@ -26,7 +28,7 @@ Module map (tests/unit/test_module_maps.py keeps it complete):
   breaker.py          pure: circuit breaker per replica (eject, cool down, probe)
   dispatch.py         one request's way to a replica: admission, choice, send, first token, retries, resume
   app.py              Falcon app: routes, error handlers
-  request_body.py     reading a request body: size, stalls, chunked framing, media type, JSON depth
+  request_body.py     reading a request body: size, stalls, pace, chunked framing, media type, JSON depth
   middleware.py       Falcon middleware: request ids, metrics, API keys and rate limits
   access.py           pure: API keys and per-key rate limits
   openai_request.py   pure: what the proxy reads of a body (routing fields; relayed to vLLM replicas as is),

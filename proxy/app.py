@@ -148,7 +148,7 @@ class OpenAIResource(_Inference):
         ctx = req.context
         ctx.deployment = ""  # until the model is known to exist
         require_media(req, ("application/json",))
-        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
+        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout, self._config.body_min_rate)
         fields = parse_json(routing_fields, body)
         model = fields.model
         if model is None:  # as `vllm serve` answers with its only model
@@ -222,7 +222,7 @@ class PlainResource(_Inference):
         req.context.deployment = ""
         require_media(req, ("text/*", "application/octet-stream"))
         max_tokens = plain_max_tokens(req.params)
-        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout)
+        body = read_body(req, self._config.max_body_bytes, self._config.body_timeout, self._config.body_min_rate)
         prompt, params = parse_plain(body, max_tokens)
         request = GenerateRequest(request_id=req.context.request_id, prompt=prompt, params=params)
         dispatch, first, limits = self._start(req, deployment, request, prompt, False)

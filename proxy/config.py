@@ -115,6 +115,15 @@ class ProxyConfig:
     body_timeout: float = setting(
         30.0, help="seconds a request body may send nothing (a pause, not the whole upload); then 408 and the "
                    "connection closes (a client that stops sending mid-body would otherwise hold it forever)")
+    body_min_rate: int = setting(
+        4096, help="bytes/s a request body must average once its first --body-timeout seconds are over: it may "
+                   "take --body-timeout + its size / this rate in all, else 408 and the connection closes (a body "
+                   "trickled just inside --body-timeout would otherwise hold its connection for as long as the "
+                   "client likes); 0: no such bound")
+    header_timeout: float = setting(
+        5.0, help="seconds a client has to send a request's whole header block, counted from when the "
+                  "connection opens or its previous request ends (so also how long an idle keep-alive "
+                  "connection stays open); then the connection closes")
     curve_dir: Optional[str] = setting(
         None, help="CURVE key directory holding one proxy-NAME.key_secret, head.key and replica.key (see "
                    "`tokenrelay keys add proxy`)", env=False, metavar="DIR",
@@ -152,11 +161,13 @@ class ProxyConfig:
                      "max_idle_connections"):
             if getattr(self, name) < 1:
                 raise ValueError("--%s must be >= 1" % name.replace("_", "-"))
-        if self.rate_limit < 0:
-            raise ValueError("--rate-limit must be >= 0")
+        for name in ("rate_limit", "body_min_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError("--%s must be >= 0" % name.replace("_", "-"))
         for name in ("stale_after", "first_token_timeout", "idle_timeout", "head_timeout",
                      "head_timeout_max", "graceful_timeout", "total_timeout", "keepalive_interval",
-                     "retry_window", "breaker_cooldown", "load_stale_after", "body_timeout"):
+                     "retry_window", "breaker_cooldown", "load_stale_after", "body_timeout",
+                     "header_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
         if (self.certfile is None) != (self.keyfile is None):

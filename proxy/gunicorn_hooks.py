@@ -24,14 +24,15 @@ import socket
 import time
 from typing import Any
 
-import gevent
 import msgspec
 
 from proxy.errors import error_body, error_type_for
+from proxy.loop_turns import TURNS
 
 log = logging.getLogger(__name__)
 
 LINGER_ENV = "tokenrelay.linger_close"  # the app sets it in the environ: linger_close after the response
+CONTINUE_ENV = "tokenrelay.continue"  # True: an Expect: 100-continue is owed, sent when the body is read
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 << 20
 ERROR_LINGER_SECONDS = 0.5
@@ -86,7 +87,7 @@ def linger_close(sock: Any, seconds: float = LINGER_SECONDS, max_bytes: int = LI
             if not data:
                 break
             dropped += len(data)
-            gevent.sleep(0)
+            TURNS.take()
     except (OSError, socket.timeout):
         pass
     finally:

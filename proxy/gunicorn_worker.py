@@ -10,7 +10,25 @@ then closes that socket object) and a duplicate of its file descriptor keeps the
 `_parked` until one sweeper greenlet closes it PARK_SECONDS later (or sooner, oldest first, past
 PARK_MAX). Must never touch a busy connection.
 
-Settings (ProxyConfig): --max-idle-per-client, --max-idle-connections (per worker).
+Three more things at the edge of each request, where only the worker can reach gunicorn's objects:
+  * the header deadline: gunicorn reads each request head (and drains the unread rest of the previous
+    body) inside `timeout_ctx()`, one gevent.Timeout for the whole head, not per receive; here it lasts
+    --header-timeout instead of gunicorn's whole-second `keepalive`. Past it the connection closes
+    without an answer (as nginx's client_header_timeout does): it may be an idle keep-alive connection.
+  * `Connection: close` on every answer after which the connection closes: the app marks those in the
+    environ (LINGER_ENV: a body left unread, a 408, broken chunked framing); gunicorn ignores a
+    Connection header from the app, so `_serve` calls force_close() on gunicorn's Response (the
+    start_response it passes is that Response's bound method) before the headers go out. Without it a
+    client was told keep-alive and then found the connection closed under its next request.
+  * Expect: 100-continue: gunicorn answers "100 Continue" before the app runs, so the client sent its
+    body even when the answer was a 401 or a 413. The worker takes that over (CONTINUE_ENV):
+    proxy/request_body.py sends it when it reads the body; an answer given without it closes the
+    connection (the client may or may not send the body then: where the next request starts is unknown).
+
+It also yields between the requests of one connection, so a client that pipelines thousands of
+requests in one burst cannot hold the worker's other streams while they are answered.
+
+Settings (ProxyConfig): --max-idle-per-client, --max-idle-connections (per worker), --header-timeout.
 """
 from __future__ import annotations
 
@@ -24,7 +42,9 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from proxy.gunicorn_hooks import CONTINUE_ENV, LINGER_ENV
 from proxy.idle_connections import IdleConnections
+from proxy.loop_turns import TURNS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +60,33 @@ class ProxyGeventWorker(GeventWorker):
         self._parked: deque[tuple[float, int]] = deque()  # (close at, duplicated fd)
         self._sweeper: Any = None
         self._ending: set[int] = set()  # connections to close after their current request
+        self._expecting: set[int] = set()  # connections whose request waits for a 100 Continue
+        self._header_timeout = config.header_timeout
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self._app: Any = self.wsgi  # type: ignore[has-type]  # set by gunicorn's untyped load_wsgi
+        self.wsgi = self._serve
+
+    def timeout_ctx(self) -> Any:
+        """The deadline for one request head (gunicorn's keep-alive loop reads it inside this)."""
+        return gevent.Timeout(self._header_timeout, False)
+
+    def _serve(self, environ: dict[str, Any], start_response: Any) -> Any:
+        """The app, with the 100 Continue it owes and an honest Connection header (module docstring)."""
+        if id(environ.get("gunicorn.socket")) in self._expecting:
+            environ[CONTINUE_ENV] = True
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if environ.get(CONTINUE_ENV) is True and _has_body(environ):
+                environ[LINGER_ENV] = True  # answered without asking for the body
+            if environ.get(LINGER_ENV):
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if force_close is not None:
+                    force_close()
+            return start_response(status, headers, exc_info)
+        return self._app(environ, start)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         key = id(client)
@@ -87,6 +133,9 @@ class ProxyGeventWorker(GeventWorker):
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         key = id(sock)
         self._idle.busy(key)
+        if getattr(req, "_expected_100_continue", False):  # gunicorn's wsgi.create would send it now
+            req._expected_100_continue = False
+            self._expecting.add(key)
         try:
             result = super().handle_request(listener_name, req, sock, addr)
         finally:
@@ -94,8 +143,13 @@ class ProxyGeventWorker(GeventWorker):
                 self._close(self._idle.idle(key))
             ending = key in self._ending
             self._ending.discard(key)
+            self._expecting.discard(key)
         if ending:
             raise StopIteration()  # gunicorn's handle(): "Closing connection", then it closes the socket
+        # Let the worker's other greenlets run before the next request of this connection: requests
+        # pipelined in one burst are all in the socket buffer, and gevent's recv does not yield while
+        # data is there (20,000 pipelined GET /health held every stream of the worker for 1.9 s).
+        TURNS.take()
         return result
 
     def _close(self, keys: list[Any]) -> None:
@@ -110,3 +164,7 @@ class ProxyGeventWorker(GeventWorker):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _has_body(environ: dict[str, Any]) -> bool:
+    return environ.get("CONTENT_LENGTH") not in (None, "", "0") or bool(environ.get("HTTP_TRANSFER_ENCODING"))

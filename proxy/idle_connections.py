@@ -16,7 +16,7 @@ Rules:
   * when the worker then has more than `total` idle ones, the oldest idle one of all is closed
     (legitimate clients send their request head within milliseconds and are rarely the oldest).
 So a flood from one address only ever costs that address, and busy connections are never touched.
-gunicorn's keep-alive timeout still closes any idle connection after `--keepalive` seconds.
+--header-timeout (proxy/gunicorn_worker.py) still closes any connection whose request head is not in after that long.
 """
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ upgrade of the pinned library changes what that class relies on:
   gunicorn           environ["gunicorn.socket"]: the client socket    proxy/client_sink.py ClientSink
                      util.write_error(sock, status, reason, mesg),    proxy/gunicorn_hooks.py
                      called as util.write_error by handle_error       install_json_errors
+                     the request head read inside timeout_ctx();      proxy/gunicorn_worker.py
+                     "100 Continue" sent by wsgi.create iff           ProxyGeventWorker (--header-timeout,
+                     req._expected_100_continue; start_response a     the owed 100 Continue, an honest
+                     bound method of the Response (force_close)       Connection: close)
   prometheus-client  a histogram child's `_upper_bounds`, `_buckets`  proxy/metrics.py BatchedObservations
                      (per-bucket, non-cumulative) and `_sum`
 """
@@ -100,3 +104,34 @@ def test_gunicorn_writes_its_own_errors_through_util_write_error() -> None:
     assert list(inspect.signature(util.write_error).parameters) == ["sock", "status_int", "reason", "mesg"]
     source = inspect.getsource(base.Worker.handle_error)
     assert "util.write_error(client, status_int, reason, mesg)" in source
+
+
+def test_gunicorn_reads_each_request_head_inside_timeout_ctx() -> None:
+    from gunicorn.workers import base_async
+
+    source = inspect.getsource(base_async.AsyncWorker.handle)
+    assert "with self.timeout_ctx():\n                            req = next(parser)" in source
+
+
+def test_gunicorn_sends_100_continue_from_wsgi_create_only_when_the_request_expects_it() -> None:
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+
+    class Sock:
+        sent: list[bytes] = []
+
+        def send(self, data: bytes) -> int:
+            self.sent.append(data)
+            return len(data)
+
+    for expected in (True, False):
+        sock = Sock()
+        sock.sent = []
+        req = SimpleNamespace(body=b"", method="POST", query="", uri="/", path="/", version=(1, 1), headers=[],
+                              scheme="http", proxy_protocol_info=None, _expected_100_continue=expected)
+        resp, environ = wsgi.create(req, sock, ("127.0.0.1", 1), ("127.0.0.1", 2), Config())
+        assert sock.sent == ([b"HTTP/1.1 100 Continue\r\n\r\n"] if expected else [])
+        start_response = resp.start_response
+        assert start_response.__self__ is resp and callable(resp.force_close)
+        resp.force_close()
+        assert resp.should_close()

@@ -80,6 +80,8 @@ def test_limits_and_access_flags(tmp_path) -> None:
     (["--keepalive-interval", "-1"], "--keepalive-interval"),
     (["--rate-limit", "-5"], "--rate-limit"),
     (["--max-pending-chars", "0"], "--max-pending-chars"),
+    (["--body-min-rate", "-1"], "--body-min-rate"),
+    (["--header-timeout", "0"], "--header-timeout"),
 ])
 def test_bad_limits_name_the_flag(argv: list[str], knob: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
