@@ -120,6 +120,11 @@ class ProxyConfig:
                    "take --body-timeout + its size / this rate in all, else 408 and the connection closes (a body "
                    "trickled just inside --body-timeout would otherwise hold its connection for as long as the "
                    "client likes); 0: no such bound")
+    send_timeout: float = setting(
+        60.0, help="seconds one write of a response may wait for the client to take its bytes (each write is at "
+                   "most one coalesced chunk); a client that stopped reading but keeps its connection open is "
+                   "then cut off, its request aborted at the replica and its connection closed (it would "
+                   "otherwise hold a worker slot forever: TCP keeps a zero window open indefinitely)")
     header_timeout: float = setting(
         5.0, help="seconds a client has to send a request's whole header block, counted from when the "
                   "connection opens or its previous request ends (so also how long an idle keep-alive "
@@ -167,7 +172,7 @@ class ProxyConfig:
         for name in ("stale_after", "first_token_timeout", "idle_timeout", "head_timeout",
                      "head_timeout_max", "graceful_timeout", "total_timeout", "keepalive_interval",
                      "retry_window", "breaker_cooldown", "load_stale_after", "body_timeout",
-                     "header_timeout"):
+                     "header_timeout", "send_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
         if (self.certfile is None) != (self.keyfile is None):

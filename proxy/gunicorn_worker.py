@@ -26,9 +26,15 @@ Three more things at the edge of each request, where only the worker can reach g
     connection (the client may or may not send the body then: where the next request starts is unknown).
 
 It also yields between the requests of one connection, so a client that pipelines thousands of
-requests in one burst cannot hold the worker's other streams while they are answered.
+requests in one burst cannot hold the worker's other streams while they are answered; and it gives
+each request's client socket the --send-timeout as its timeout: every blocking write of the response
+(gunicorn's, and proxy.client_sink's catch-up) must be taken by the client within it, else the write
+fails, the request ends (aborted at its replica) and the connection closes with one log line. The
+direct writes of proxy.client_sink never block and are not affected; proxy.request_body sets its own
+timeout per receive while it reads a body, and puts this one back.
 
-Settings (ProxyConfig): --max-idle-per-client, --max-idle-connections (per worker), --header-timeout.
+Settings (ProxyConfig): --max-idle-per-client, --max-idle-connections (per worker), --header-timeout,
+--send-timeout.
 """
 from __future__ import annotations
 
@@ -62,6 +68,7 @@ class ProxyGeventWorker(GeventWorker):
         self._ending: set[int] = set()  # connections to close after their current request
         self._expecting: set[int] = set()  # connections whose request waits for a 100 Continue
         self._header_timeout = config.header_timeout
+        self._send_timeout = config.send_timeout
         super().init_process()
 
     def load_wsgi(self) -> None:
@@ -137,7 +144,16 @@ class ProxyGeventWorker(GeventWorker):
             req._expected_100_continue = False
             self._expecting.add(key)
         try:
+            sock.settimeout(self._send_timeout)
             result = super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError:  # a response write the client took nothing of for --send-timeout
+            from proxy import metrics
+
+            metrics.CLIENTS_STALLED.inc()
+            log.warning("client %s took none of the response for %gs (--send-timeout): closing its connection",
+                        addr[0] if isinstance(addr, tuple) else addr, self._send_timeout)
+            raise StopIteration() from None  # gunicorn's handle(): "Closing connection"; the response's
+            # iterator was closed on the way out (the request is aborted at its replica)
         finally:
             if key in self._sockets:
                 self._close(self._idle.idle(key))

@@ -73,6 +73,9 @@ IDLE_CLOSED = Counter("tokenrelay_proxy_idle_connections_closed",
 CONNECTIONS_PARKED = Counter("tokenrelay_proxy_connections_parked",
                              "New connections from an address over --max-idle-per-client, held unserved "
                              "and closed later (proxy/gunicorn_worker.py)")
+CLIENTS_STALLED = Counter("tokenrelay_proxy_clients_stalled",
+                          "Connections closed because the client took none of a response write for "
+                          "--send-timeout (it stopped reading)")
 AUTH_FAILURES = Counter("tokenrelay_proxy_auth_failures", "Requests refused with 401 (missing or unknown key)")
 TABLE_AGE = Gauge("tokenrelay_proxy_routing_table_age_seconds",
                   "Seconds since this worker last got a routing table (max over live workers)",

@@ -11,7 +11,9 @@ proxy worker, API keys on, mock engine; short deadlines: --body-timeout 1, --bod
     the worker's other streams;
   * Expect: 100-continue: a request refused before its body is wanted gets no "100 Continue";
   * request heads sent a byte at a time (slowloris) are closed at --header-timeout while an honest
-    client is served.
+    client is served;
+  * a streaming client that stops reading (but keeps its connection open) is cut off at --send-timeout
+    (2 s here): its request is aborted and its connection closed, with a log line and a metric.
 """
 from __future__ import annotations
 
@@ -23,13 +25,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, wait_for
 from tests.integration.test_hostile_clients import KEY, MOCK, Streams, json_error
 
 pytestmark = pytest.mark.integration
 
 AUTH = b"Authorization: Bearer sk-team\r\n"
 JSON = b"Content-Type: application/json\r\n"
+# fast, long streams: more than a client's kernel buffers hold, so a client that reads nothing stalls them
+FLOOD = {"name": "flood", "engine": "mock", "model": "mock", "replicas": 1,
+         "engine_args": {"ttft_ms": 10, "itl_ms": 0, "tokens": 100000, "max_context": 200000}}
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")  # a status line (the bodies here never hold one)
 
 
@@ -38,12 +43,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     tmp: Path = tmp_path_factory.mktemp("edge")
     keys = tmp / "keys.txt"
     keys.write_text("sk-team\n")
-    s = Stack(tmp, [MOCK], workers=1)
+    s = Stack(tmp, [MOCK, FLOOD], workers=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOKENRELAY_PROXY_API_KEYS_FILE", str(keys))
         mp.setenv("TOKENRELAY_PROXY_BODY_TIMEOUT", "1")
         mp.setenv("TOKENRELAY_PROXY_BODY_MIN_RATE", "10000")
         mp.setenv("TOKENRELAY_PROXY_HEADER_TIMEOUT", "2")
+        mp.setenv("TOKENRELAY_PROXY_SEND_TIMEOUT", "2")
         s.start()
     yield s
     s.stop()
@@ -305,3 +311,40 @@ def test_slow_request_heads_are_closed_at_the_header_deadline_while_an_honest_cl
     print("\n[edge] %d slow heads closed after %.2f-%.2f s (--header-timeout 2)"
           % (n, min(closed.values()), max(closed.values())))
     assert 1.8 < min(closed.values()) and max(closed.values()) < 4.0
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_off_at_the_send_timeout(stack: Stack) -> None:
+    """The client keeps its connection open and reads nothing (TCP then holds a zero window forever):
+    the proxy's write waits --send-timeout (2 s) at most, then the request is aborted at the replica and
+    the connection closes. Without the bound the greenlet and the connection were held forever."""
+    def stalled() -> float:
+        text = httpx.get(stack.base_url + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("tokenrelay_proxy_clients_stalled_total"))
+
+    before = stalled()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", stack.http_port))
+    body = b'{"model": "flood", "prompt": "x", "stream": true}'
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n" + AUTH + JSON
+                 + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    started = time.monotonic()
+    try:
+        wait_for(lambda: stalled() > before, 30, "the proxy to give up on the client that reads nothing")
+        given_up = time.monotonic() - started
+        sock.settimeout(10)
+        raw = read_to_end(sock)  # what the kernel buffers held, then the end of the connection
+    finally:
+        sock.close()
+    assert raw.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in raw
+    assert 2.0 <= given_up < 20, given_up  # at most two writes' worth of --send-timeout, once it stalls
+    assert "took none of the response for 2s (--send-timeout)" in stack.log()
+    # the replica stopped generating for it (the flood is 100,000 tokens)
+    wait_for(lambda: proxy_in_flight(stack) == 0, 10, "the request to end at the proxy")
+
+
+def proxy_in_flight(stack: Stack) -> float:
+    text = httpx.get(stack.base_url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tokenrelay_proxy_in_flight_requests{"))
