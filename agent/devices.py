@@ -93,6 +93,15 @@ def format_id_list(ids: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def parse_id_list(text: str) -> list[int]:
+    """"0-2,5" -> [0, 1, 2, 5]: format_id_list's inverse (also plain "0,1"). Raises ValueError."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        out += range(int(first), int(last) + 1) if dash else [int(first)]
+    return sorted(set(out))
+
+
 # --------------------------------------------------------------------------- allocator
 
 
@@ -200,6 +209,23 @@ class DeviceAllocator:
                  list(allocation.gpus), format_id_list(allocation.cpus))
         return allocation
 
+    def adopt(self, replica_id: str, env: dict[str, str]) -> Allocation:
+        """Record the devices a running replica started by a previous agent holds, read from its
+        environment (the CUDA_VISIBLE_DEVICES and VLLM_CPU_OMP_THREADS_BIND that agent gave it), so a
+        new replica is not given them, and its successor waits for them when it stops. An id that is not
+        this host's is ignored; one already held by another replica is kept by both (logged)."""
+        gpus = tuple(g for g in _ids(env.get("CUDA_VISIBLE_DEVICES", "")) if g in self._gpus)
+        cpus = () if gpus else tuple(c for c in _ids(env.get("VLLM_CPU_OMP_THREADS_BIND", "")) if c in self._cores)
+        clash = [other for other, a in self._held.items()
+                 if other != replica_id and (set(a.gpus) & set(gpus) or set(a.cpus) & set(cpus))]
+        if clash:
+            log.warning("agent [devices] adopted %s shares devices with %s", replica_id, ",".join(clash))
+        allocation = Allocation(replica_id, gpus, cpus, {})
+        self._held[replica_id] = allocation
+        log.info("agent [devices] adopted %s holding gpus=%s cpus=%s", replica_id, list(gpus),
+                 format_id_list(cpus))
+        return allocation
+
     def release(self, replica_id: str) -> None:
         """Return a replica's devices (its process is gone); unknown ids are ignored (idempotent)."""
         self._held.pop(replica_id, None)
@@ -293,3 +319,10 @@ def stopping_holders(devices: DeviceAllocator, demands: dict[str, Demand], spec:
     except (ValueError, KeyError):
         return []
     return [rid for rid, a in retiring.items() if cores & set(a.cpus)]
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return parse_id_list(text)
+    except ValueError:  # not ours to read: hold nothing rather than guess
+        return []

@@ -96,6 +96,13 @@ class AdoptedProcess(_Tree):
     def poll(self) -> Optional[int]:
         return None if self._proc is not None and running(self._proc) else -1
 
+    def environ(self) -> dict[str, str]:
+        """The process's environment (what its devices are); empty when it cannot be read."""
+        try:
+            return dict(self._proc.environ()) if self._proc is not None else {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return {}
+
     @classmethod
     def verified(cls, pid: int, replica_id: str) -> Optional["AdoptedProcess"]:
         """The process, if `pid` runs `-m model_proc --replica-id replica_id`: a hello's pid is only a

@@ -165,6 +165,7 @@ class Agent:
         rec.hello(hello.endpoint, now)
         self.records[hello.replica_id] = rec
         self.procs[hello.replica_id] = proc
+        self.devices.adopt(hello.replica_id, proc.environ())  # its devices stay its own until it stops
         self._dirty = True
         log.info("adopted replica %s of %s (pid %d, %s)", hello.replica_id, hello.deployment, hello.pid,
                  hello.endpoint)

@@ -121,10 +121,11 @@ class ProxyConfig:
                    "trickled just inside --body-timeout would otherwise hold its connection for as long as the "
                    "client likes); 0: no such bound")
     send_timeout: float = setting(
-        60.0, help="seconds one write of a response may wait for the client to take its bytes (each write is at "
-                   "most one coalesced chunk); a client that stopped reading but keeps its connection open is "
-                   "then cut off, its request aborted at the replica and its connection closed (it would "
-                   "otherwise hold a worker slot forever: TCP keeps a zero window open indefinitely)")
+        60.0, help="seconds one write of a response may wait for the client to take its bytes (a write is one "
+                   "coalesced chunk of a stream, or 64 KiB of a JSON answer); a client that stopped reading "
+                   "but keeps its connection open is then cut off, its request aborted at the replica and its "
+                   "connection closed (it would otherwise hold a worker slot forever: TCP keeps a zero window "
+                   "open indefinitely)")
     header_timeout: float = setting(
         5.0, help="seconds a client has to send a request's whole header block, counted from when the "
                   "connection opens or its previous request ends (so also how long an idle keep-alive "

@@ -29,7 +29,8 @@ It also yields between the requests of one connection, so a client that pipeline
 requests in one burst cannot hold the worker's other streams while they are answered; and it gives
 each request's client socket the --send-timeout as its timeout: every blocking write of the response
 (gunicorn's, and proxy.client_sink's catch-up) must be taken by the client within it, else the write
-fails, the request ends (aborted at its replica) and the connection closes with one log line. The
+fails, the request ends (aborted at its replica) and the connection closes with one log line. A write
+is one coalesced chunk of a stream, or WRITE_SLICE bytes of a one-piece answer (`_sliced`). The
 direct writes of proxy.client_sink never block and are not affected; proxy.request_body sets its own
 timeout per receive while it reads a body, and puts this one back.
 
@@ -43,7 +44,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PARK_SECONDS = 10.0  # how long a parked connection is held before it is closed
 PARK_MAX = 10_000  # parked connections per worker (file descriptors); past it the oldest is closed
+WRITE_SLICE = 65536  # bytes per write of a one-piece answer (a JSON body), each within --send-timeout
 
 
 class ProxyGeventWorker(GeventWorker):
@@ -93,7 +95,10 @@ class ProxyGeventWorker(GeventWorker):
                 if force_close is not None:
                     force_close()
             return start_response(status, headers, exc_info)
-        return self._app(environ, start)
+        result = self._app(environ, start)
+        if isinstance(result, list) and any(len(part) > WRITE_SLICE for part in result):
+            return _sliced(result)  # each write within --send-timeout is then one slice, not the whole answer
+        return result
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         key = id(client)
@@ -150,8 +155,8 @@ class ProxyGeventWorker(GeventWorker):
             from proxy import metrics
 
             metrics.CLIENTS_STALLED.inc()
-            log.warning("client %s took none of the response for %gs (--send-timeout): closing its connection",
-                        addr[0] if isinstance(addr, tuple) else addr, self._send_timeout)
+            log.warning("client %s did not take a response write within %gs (--send-timeout): closing its "
+                        "connection", addr[0] if isinstance(addr, tuple) else addr, self._send_timeout)
             raise StopIteration() from None  # gunicorn's handle(): "Closing connection"; the response's
             # iterator was closed on the way out (the request is aborted at its replica)
         finally:
@@ -180,6 +185,14 @@ class ProxyGeventWorker(GeventWorker):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _sliced(parts: list[bytes]) -> Iterator[bytes]:
+    """A body written WRITE_SLICE bytes at a time (gunicorn sends each item with one sendall, whose
+    timeout, gevent's, bounds the whole call: a 6 MB answer to a client reading 80 KB/s would miss it)."""
+    for part in parts:
+        for start in range(0, len(part), WRITE_SLICE):
+            yield part[start:start + WRITE_SLICE]
 
 
 def _has_body(environ: dict[str, Any]) -> bool:

@@ -78,6 +78,8 @@ def read_body(req: falcon.Request, limit: int, timeout: float, min_rate: int = 0
             if (left := pace.seconds_left(size, 0)) is not None and left < 0:  # this piece came too late
                 req.env[LINGER_ENV] = True
                 raise BodyTimeout(pace.too_slow())
+            if req.content_length is not None and size >= req.content_length:
+                break  # all there: no turn to give (every request would wait a loop round for its own parse)
             TURNS.take()
     finally:
         if per_receive:

@@ -236,9 +236,11 @@ class Launcher:
         from runtime.head_client import status
         if self._keys is None:  # insecure: the CLI's default keys may not match; progress is best effort
             return None
+        token = client_token(None, self.stack.head_state_dir)
+        if not token:  # the head has not written it yet: asking now would only be refused (and logged)
+            return last
         try:
-            reply = status(local_endpoint(self.stack.head_control), client_token(None, self.stack.head_state_dir),
-                           timeout=0.5, keys=self._keys)
+            reply = status(local_endpoint(self.stack.head_control), token, timeout=0.5, keys=self._keys)
         except Exception:  # head starting, or refused: try again later; progress lines are best effort
             return last
         line = ", ".join("%s %d/%d ready" % (d.name, d.ready_replicas, d.replicas)

@@ -99,6 +99,8 @@ class Stack:
     def all_ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError("stack exited with %s; log:\n%s" % (self.proc.returncode, self.log()))
+        if not self.token:  # the head has not written its admin token yet: a status now would be refused
+            return False
         try:
             st = self.status()
             r = httpx.get(self.base_url + "/ready", timeout=1.0, **self.http)

@@ -147,3 +147,50 @@ def test_a_re_pinned_replica_keeps_its_cores_until_it_stops_then_restarts_on_its
     agent._supervise(10.05)
     assert started[-1].spec.replica_id == "chat-a" and started[-1].env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert agent.records["chat-a"].restarts == 0 and agent._repins.wanted == set()
+
+
+class FakeAdopted(FakeProcess):
+    """Stands for agent.processes.AdoptedProcess: a replica a previous agent started with `env`."""
+
+    def environ(self) -> dict:
+        return dict(self.env)
+
+
+def _adopt(agent: Agent, monkeypatch, rid: str, env: dict) -> FakeAdopted:
+    from runtime.protocol import PROTOCOL_VERSION, ReplicaHello
+
+    proc = FakeAdopted(_spec(rid), None, None, env)
+    monkeypatch.setattr(server.AdoptedProcess, "verified", classmethod(lambda cls, pid, replica_id: proc))
+    agent._adopt(ReplicaHello(PROTOCOL_VERSION, rid, "tcp://x:1", proc.pid, 0, "chat", 1), 0.0)
+    started.clear()
+    return proc
+
+
+def test_an_adopted_replica_keeps_its_gpu_running_and_while_it_stops(agent, monkeypatch):
+    """After an agent restart (`tokenrelay up` adopts its replicas) the devices a replica holds are read
+    from its environment: a new replica gets the other GPU, and a successor waits for the stopping one."""
+    _on(agent, gpus=2, cores=8)
+    old = _adopt(agent, monkeypatch, "chat-a", {"CUDA_VISIBLE_DEVICES": "1"})
+    agent._apply([_spec("chat-a", gpus=1), _spec("chat-b", gpus=1)])
+    agent._supervise(0.0)
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in started] == ["0"]  # not chat-a's GPU 1
+    agent._apply([_spec("chat-b", gpus=1), _spec("chat-c", gpus=1)])  # chat-a retired: it stops
+    assert old.stopping
+    agent._supervise(1.0)
+    assert len(started) == 1 and "waiting for stopping replica(s) chat-a" in agent.records["chat-c"].message
+    old.gone = True
+    agent._supervise(2.0)  # reaps chat-a's stop
+    agent._supervise(2.0 + 60)  # past any wait
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in started] == ["0", "1"]
+
+
+def test_an_adopted_cpu_replica_keeps_its_cores(agent, monkeypatch):
+    _on(agent, gpus=0, cores=4)
+    _adopt(agent, monkeypatch, "chat-a", {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "CUDA_VISIBLE_DEVICES": ""})
+    assert agent.devices.get("chat-a").cpus == (0, 1) and agent.devices.free_cores == [2, 3]
+
+
+def test_an_unreadable_environment_adopts_no_devices() -> None:
+    devices = DeviceAllocator(range(2), range(4))
+    assert devices.adopt("r", {"CUDA_VISIBLE_DEVICES": "GPU-uuid-1"}).gpus == ()
+    assert devices.adopt("r", {}).gpus == () and devices.free_gpus == [0, 1]

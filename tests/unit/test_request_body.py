@@ -176,3 +176,17 @@ def test_a_chunked_body_of_large_chunks_keeps_64_kib_reads() -> None:
     body.read = lambda size=-1: reads.append(size) or real_read(size)  # type: ignore[method-assign]
     assert len(read_body(falcon.Request(environ), 16 << 20, 30.0, 4096, clock)) == 4 << 20
     assert reads[0] == 1024 and reads[2:-1] == [READ_CHUNK] * len(reads[2:-1])
+
+
+@pytest.mark.parametrize("size, turns", [(100, 0), (READ_CHUNK, 0), (3 * READ_CHUNK + 5, 3)])
+def test_a_body_gives_the_worker_a_turn_between_its_pieces_but_none_once_it_is_complete(
+        monkeypatch: pytest.MonkeyPatch, size: int, turns: int) -> None:
+    """Under load the loop last polled long ago, so a turn is a wait behind every ready stream: a body
+    that is all there (every small prompt) must not pay it before its own request is parsed."""
+    from proxy import request_body
+
+    taken: list[int] = []
+    monkeypatch.setattr(request_body.TURNS, "take", lambda: taken.append(1))
+    clock = FakeClock()
+    assert len(read_body(request(PacedInput(clock, size, 1e9), size), 1 << 24, 30.0, clock=clock)) == size
+    assert len(taken) == turns
