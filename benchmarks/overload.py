@@ -68,8 +68,8 @@ async def offer(port: int, request: bytes, rate: float, duration: float, timeout
 class LoadSampler:
     """Polls the head's status: the most requests (running + waiting) any replica reported."""
 
-    def __init__(self, head: str, token: str, deployment: str) -> None:
-        self._head, self._token, self._deployment = head, token, deployment
+    def __init__(self, head: str, token: str, deployment: str, keys: Optional[Path] = None) -> None:
+        self._head, self._token, self._deployment, self._keys = head, token, deployment, keys
         self.peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -85,7 +85,7 @@ class LoadSampler:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                reply = status(self._head, self._token, timeout=1.0)
+                reply = status(self._head, self._token, timeout=1.0, keys=self._keys)
             except (HeadRefused, HeadUnreachable):
                 continue
             for dep in reply.deployments:
@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   ns.queue_timeout))
         print("one request alone: %.0f ms; capacity %.1f requests/s" % (service * 1000, capacity))
         for label, factor in (("1x capacity (0.8x offered)", 0.8), ("%gx capacity" % ns.factor, ns.factor)):
-            with LoadSampler(stack.control, token, stack.model) as sampler:
+            with LoadSampler(stack.control, token, stack.model, stack.keys) as sampler:
                 records = asyncio.run(offer(stack.port, request, capacity * factor, ns.duration, ns.timeout,
                                             ns.seed))
             report(label, summarize(records, ns.duration), sampler.peak, ns.max_ongoing)

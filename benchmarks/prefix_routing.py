@@ -47,8 +47,8 @@ def prompts(n_prefixes: int) -> list[str]:
             for i in range(n_prefixes)]
 
 
-def finished(head: str, token: str, deployment: str) -> Counter:
-    reply = status(head, token, timeout=3.0)
+def finished(head: str, token: str, deployment: str, keys: Optional[Path] = None) -> Counter:
+    reply = status(head, token, timeout=3.0, keys=keys)
     dep = next(d for d in reply.deployments if d.name == deployment)
     return Counter({r.replica_id: r.requests_finished for r in dep.replica_list})
 
@@ -87,13 +87,13 @@ async def drive(port: int, deployment: str, prefixes: list[str], hot: float, rat
 def measure(stack: MockStack, token: str, deployment: str, prefix: str, ns: argparse.Namespace,
             k: int) -> tuple[Counter, int, Counter]:
     """Requests per replica for one prefix alone (sequential, so each is attributed exactly)."""
-    before = finished(stack.control, token, deployment)
+    before = finished(stack.control, token, deployment, stack.keys)
     for i in range(k):
         asyncio.run(_one(stack.port, {"model": deployment, "prompt": prefix + "probe %d" % i}, Counter(),
                          ns.timeout))
     deadline = time.monotonic() + 5
     while True:  # the head's status trails the replicas by up to ~1 s
-        delta = finished(stack.control, token, deployment) - before
+        delta = finished(stack.control, token, deployment, stack.keys) - before
         if sum(delta.values()) >= k or time.monotonic() > deadline:
             return delta, k, Counter()
         time.sleep(0.2)
@@ -101,11 +101,11 @@ def measure(stack: MockStack, token: str, deployment: str, prefix: str, ns: argp
 
 def run_policy(stack: MockStack, token: str, deployment: str, ns: argparse.Namespace) -> dict[str, Any]:
     prefixes = prompts(ns.prefixes)
-    before = finished(stack.control, token, deployment)
+    before = finished(stack.control, token, deployment, stack.keys)
     order, failures = asyncio.run(drive(stack.port, deployment, prefixes, ns.hot, ns.rate, ns.duration,
                                         ns.seed, ns.timeout))
     time.sleep(1.5)
-    spread = finished(stack.control, token, deployment) - before
+    spread = finished(stack.control, token, deployment, stack.keys) - before
     # affinity when idle: each of a few prefixes sent alone, a few times: on how many replicas it lands
     idle = {}
     for k in range(min(4, ns.prefixes)):
@@ -161,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         stack.wait_ready()
         token = client_token(None, str(stack.dir / "state"))
         deadline = time.monotonic() + 60
-        while sum(1 for _ in finished(stack.control, token, "p2c")) < ns.replicas:
+        while sum(1 for _ in finished(stack.control, token, "p2c", stack.keys)) < ns.replicas:
             if time.monotonic() > deadline:
                 raise RuntimeError("the p2c deployment did not come up")
             time.sleep(0.5)

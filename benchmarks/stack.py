@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import socket
+import os
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,8 @@ class MockStack:
                  max_ongoing: int, model: str = "mock", insecure: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
         self.insecure = insecure  # `up --insecure`: plain sockets, to measure what CURVE costs
+        if insecure:  # this process's CLI calls (runtime.head_client) then talk plain to the head too
+            os.environ["TOKENRELAY_INSECURE"] = "1"
         self.model = model
         self.replicas = replicas
         self.control = "tcp://127.0.0.1:%d" % free_port()
@@ -112,6 +115,11 @@ class MockStack:
         }
         self.proc: Optional[subprocess.Popen] = None
         self._proxy: list[psutil.Process] = []
+
+    @property
+    def keys(self) -> Optional[Path]:
+        """The CURVE key directory `up` made (its operator key talks to the head); None when insecure."""
+        return None if self.insecure else self.dir / "state" / "keys"
 
     @property
     def log_path(self) -> Path:

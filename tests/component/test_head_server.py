@@ -17,6 +17,13 @@ from runtime.protocol import (
 TOKEN = "s3cret"
 
 
+@pytest.fixture(autouse=True)
+def plain_cli(monkeypatch):
+    """These heads run without CURVE keys (HeadConfig has no curve_dir): the CLI talks to them in plain
+    text only when told to, as an operator of an --insecure head must."""
+    monkeypatch.setenv("TOKENRELAY_INSECURE", "1")
+
+
 class RunningHead:
     def __init__(self, db, recovery_grace=0.0, seed=(), reset=False):
         cfg = HeadConfig(control="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", recovery_grace=recovery_grace)
