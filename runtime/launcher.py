@@ -144,6 +144,22 @@ class Launcher:
 
     def run(self) -> int:
         s = self.stack
+        lock_path = self.record_path().with_name(stack_record.LOCK_FILE)
+        try:
+            lock = stack_record.hold_lock(lock_path)
+        except OSError as exc:
+            log.error("[startup] cannot create the launcher lock %s: %s", lock_path, exc.strerror)
+            return 1
+        if lock is None:  # another launcher of this stack runs, or is starting this very moment
+            log.error("[startup] %s", self.already_running() or "stack %r is being started by another `tokenrelay "
+                      "up` (it holds %s)" % (self.stack_name or "default", lock_path))
+            return 1
+        try:
+            return self._run(s)
+        finally:
+            os.close(lock)
+
+    def _run(self, s: StackConfig) -> int:
         running = self.already_running()
         if running:
             log.error("[startup] %s", running)

@@ -11,6 +11,11 @@ time and command line (`running`); one that fails that check is stale: `down` re
 and a later `up` writes over it. The file is written to a temporary name and renamed over the old one,
 so a reader never sees half a record. It must never be used to signal a process `running` did not
 return.
+
+Two `up`s of one stack started at the same instant could both find no live record; so a launcher also
+holds an exclusive lock on STATE_DIR/stacks/NAME/launcher.lock (`hold_lock`) for its whole life, taken
+before it looks at the record. The kernel drops the lock when the launcher's process ends, however it
+ends, and its children do not inherit it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "launcher.json"
+LOCK_FILE = "launcher.lock"
 START_TIME_SLACK = 0.05  # seconds; psutil derives a start time from clock ticks and the boot time
 
 
@@ -46,6 +52,21 @@ def stack_dir(state: Path, stack: Optional[str]) -> Path:
 
 def record_path(state: Path, stack: Optional[str]) -> Path:
     return stack_dir(state, stack) / RECORD_FILE
+
+
+def hold_lock(path: Path) -> Optional[int]:
+    """Take the stack's launcher lock (a file next to the record) for this process's life: its file
+    descriptor, or None when another process holds it. Raises OSError when the file cannot be made."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def this_process(stack: str, proxy: str = "") -> LauncherRecord:

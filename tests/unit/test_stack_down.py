@@ -90,6 +90,27 @@ def test_up_refuses_a_stack_whose_launcher_runs_and_ignores_a_stale_record(tmp_p
     assert "cannot listen on proxy.bind" in caplog.text and "already running" not in caplog.text
 
 
+def test_two_ups_of_one_stack_at_the_same_instant_start_it_once(tmp_path, monkeypatch, caplog):
+    """Both could find no live record; the launcher lock (held by the first for its whole life, dropped
+    by the kernel when it ends) refuses the second before it reads the record."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    lock = stack_record.record_path(state, "prod").with_name(stack_record.LOCK_FILE)
+    assert stack_record.hold_lock(lock) is not None  # the first launcher (this process) holds it
+    holder = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from runtime import stack_record; "
+                             "sys.exit(0 if stack_record.hold_lock(Path(sys.argv[1])) is None else 1)", str(lock)],
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    assert holder.returncode == 0  # another process cannot take it
+    monkeypatch.setattr(Launcher, "already_running", lambda self: None)  # no record written yet
+    monkeypatch.setattr(Launcher, "bind_problems", lambda self: pytest.fail("got past the lock"))
+    with caplog.at_level(logging.ERROR):
+        assert Launcher(StackConfig(head_state_dir=str(state)), Path("x.yaml"), stack_name="prod").run() == 1
+    assert "is being started by another `tokenrelay up`" in caplog.text
+
+
 def test_down_without_a_running_stack_exits_3_saying_so(tmp_path, capsys) -> None:
     state = tmp_path / "state"
     assert cli.main(["down", "--state-dir", str(state)]) == NO_STACK
