@@ -28,6 +28,8 @@ def running(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
 
 
 def signal_all(procs: Iterable[psutil.Process], sig: int) -> None:

@@ -32,7 +32,7 @@ from runtime import stack_record
 from runtime.addresses import bracket_host
 from runtime.credentials import state_dir
 from runtime.launcher import STOP_GRACE
-from runtime.proctree import collect_tree
+from runtime.proctree import collect_tree, running
 from runtime.stack_config import StackConfig, load_stack
 
 log = logging.getLogger("tokenrelay")
@@ -254,7 +254,7 @@ def cmd_down(ns: argparse.Namespace, clock: Callable[[], float] = time.monotonic
     alive = tree
     while alive and clock() - start < ns.timeout:
         time.sleep(0.1)
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if running(p)]
     if alive:
         log.error("stack %r did not stop within %.0fs: %d process(es) still run (pids %s; launcher pid %d). "
                   "The launcher SIGKILLs what is left %.0fs after SIGTERM; if it is stuck itself, `kill -KILL "
@@ -265,14 +265,6 @@ def cmd_down(ns: argparse.Namespace, clock: Callable[[], float] = time.monotonic
           % (record.stack, clock() - start, record.pid, what, len(tree)))
     return 0
 
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # another user's process: it exists
-        return True
 
 
 def add_parsers(sub: Any, seconds: Callable[[str], float]) -> None:
