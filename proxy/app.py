@@ -67,6 +67,10 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
     access = AccessControl(keys, RateLimiter(config.workers), config.rate_limit, config.protect_health,
                            backend.clock)
     middleware: list[Any] = [RequestContext(backend.next_request_id, backend.clock), access]
+    origins = config.cors_origin_list
+    if origins:  # the browser may read answers (errors included) and X-Request-ID / Retry-After
+        middleware.insert(0, falcon.CORSMiddleware(allow_origins="*" if "*" in origins else origins,
+                                                   expose_headers=["X-Request-ID", "Retry-After"]))
     app = falcon.App(middleware=middleware)
     for path in ENDPOINT_KINDS:
         app.add_route(path, OpenAIResource(backend, config, path))

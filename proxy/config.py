@@ -99,9 +99,15 @@ class ProxyConfig:
                    "(slower; for comparison and as an escape hatch)")
     api_keys_file: Optional[str] = setting(
         None, help="file of API keys, one per line, each optionally followed by its requests/minute; "
-                   "with keys (here or in $%s) every /v1 request needs 'Authorization: Bearer KEY'"
+                   "with keys (here or in $%s) every request but /openapi.json and the health paths "
+                   "needs 'Authorization: Bearer KEY'"
                    % API_KEYS_ENV, metavar="FILE")
     protect_health: bool = setting(False, help="also require a key for /health, /ready and /metrics")
+    cors_origins: str = setting(
+        "", help="web origins whose pages may call the API from a browser (CORS), comma-separated "
+                 "(https://app.example.com), or * for any; empty: none. `vllm serve` allows * by default; "
+                 "tokenrelay allows none unless told, since any page the user opens could otherwise use "
+                 "a keyless proxy on loopback", metavar="ORIGINS")
     open_api: bool = setting(
         False, help="serve /v1 with no API key on an address other than loopback (anyone who reaches it "
                     "can use every model); without it such a proxy refuses to start")
@@ -154,6 +160,10 @@ class ProxyConfig:
         except ValueError:  # a host name: it may resolve to anything
             return False
 
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
     def __post_init__(self) -> None:
         if "://" not in self.head:
             raise ValueError("--head must be a ZeroMQ endpoint like tcp://HOST:PORT, got %r" % self.head)
@@ -176,6 +186,10 @@ class ProxyConfig:
                      "header_timeout", "send_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError("--%s must be > 0" % name.replace("_", "-"))
+        for origin in self.cors_origin_list:
+            scheme, sep, rest = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not sep or not rest or "/" in rest):
+                raise ValueError("--cors-origins: %r is not an origin like https://app.example.com (or *)" % origin)
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("--certfile and --keyfile go together (HTTPS needs both)")
         for name in ("certfile", "keyfile"):

@@ -79,6 +79,8 @@ class AccessControl:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self._keys.enabled or not self._protected(req.path):
             return
+        if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method") is not None:
+            return  # a browser's CORS preflight never carries credentials; it answers no data (--cors-origins)
         header = req.get_header("Authorization")
         key_id = self._keys.check(header)
         if key_id is None:

@@ -50,6 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("TOKENRELAY_PROXY_BODY_MIN_RATE", "10000")
         mp.setenv("TOKENRELAY_PROXY_HEADER_TIMEOUT", "2")
         mp.setenv("TOKENRELAY_PROXY_SEND_TIMEOUT", "2")
+        mp.setenv("TOKENRELAY_PROXY_CORS_ORIGINS", "https://app.example.com")
         s.start()
     yield s
     s.stop()
@@ -349,3 +350,17 @@ def proxy_in_flight(stack: Stack) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("tokenrelay_proxy_in_flight_requests{"))
 
+
+
+def test_a_browser_page_of_an_allowed_origin_streams_through_its_preflight(stack: Stack) -> None:
+    """Under gunicorn: the preflight is answered without a key, and a stream (direct writes) carries the
+    CORS headers the browser needs to read it."""
+    page = {"Origin": "https://app.example.com"}
+    pre = httpx.options(stack.base_url + "/v1/completions", headers=dict(
+        page, **{"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}))
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example.com"
+    body = {"model": "mock", "prompt": "x", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, headers=dict(page, **KEY)) as r:
+        text = r.read().decode()
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "data: [DONE]" in text

@@ -131,3 +131,45 @@ def test_session_header_and_prompt_prefix_become_the_routing_key() -> None:
     _with_routing(backend, RoutingSettings(session_affinity=False))
     c.simulate_post("/v1/completions", json={"model": "tiny", "prompt": "x"}, headers={"X-Session-ID": "s-9"})
     assert backend.keys == [None, "session:s-9", "prefix:the same start", "prefix:system: Be bri", None]
+
+
+# --------------------------------------------------------------------------- CORS
+
+
+def test_browser_pages_of_the_configured_origins_may_call_the_api() -> None:
+    """--cors-origins: a page's preflight (no credentials, as browsers send it) is answered without a key;
+    its real requests need one, and every answer, a 401 included, lets the page read it."""
+    c = client_for(FakeBackend(), "sk-good", cors_origins="https://app.example.com")
+    page = {"Origin": "https://app.example.com"}
+    pre = c.simulate_options("/v1/chat/completions", headers=dict(
+        page, **{"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}))
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    ok = c.simulate_post("/v1/chat/completions", json=chat_body(), headers=dict(page, **KEY))
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "x-request-id" in ok.headers["access-control-expose-headers"].lower()
+    refused = c.simulate_post("/v1/chat/completions", json=chat_body(), headers=page)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example.com"
+    other = c.simulate_post("/v1/chat/completions", json=chat_body(),
+                            headers=dict(KEY, Origin="https://evil.example"))
+    assert "access-control-allow-origin" not in other.headers  # the browser keeps the answer from that page
+
+
+def test_without_cors_origins_no_page_may_read_an_answer() -> None:
+    """The default (unlike `vllm serve`'s *): a keyless proxy on loopback must not serve any page the
+    user happens to open."""
+    c = client_for(FakeBackend())
+    r = c.simulate_post("/v1/chat/completions", json=chat_body(), headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    everyone = client_for(FakeBackend(), cors_origins="*")
+    r = everyone.simulate_post("/v1/chat/completions", json=chat_body(), headers={"Origin": "https://a.example"})
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("origins", ["app.example.com", "https://app.example.com/path", "ftp://x"])
+def test_a_cors_origin_must_be_an_origin(origins: str) -> None:
+    with pytest.raises(ValueError, match="--cors-origins"):
+        ProxyConfig(**dict(BASE, cors_origins=origins))
