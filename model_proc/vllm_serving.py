@@ -232,13 +232,7 @@ class ServingApp:
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": "GET", "scheme": "http", "path": "/v1/models", "raw_path": b"/v1/models",
-            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
-            "headers": [],
-        }
-        await self._app(scope, receive, send)
+        await self._app(_scope("GET", "/v1/models", []), receive, send)
         body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
         try:
             cards = json.loads(body)["data"]
@@ -323,13 +317,9 @@ class ServingApp:
                     self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
                                     rec.completion_reported(not more), ids)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": endpoint, "raw_path": endpoint.encode(),
-            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"x-request-id", rid.encode())],
-        }
+        scope = _scope("POST", endpoint, [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(body)).encode()),
+                                          (b"x-request-id", rid.encode())])
         try:
             await self._app(scope, receive, send)
         except asyncio.CancelledError:
@@ -342,3 +332,12 @@ class ServingApp:
                 self._sink.error(rid, 500, "vLLM's app sent no response")
         finally:
             self._tasks.pop(rid, None)
+
+
+def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of one request to vLLM's app, as an HTTP server on loopback would make it."""
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "headers": headers,
+    }

@@ -143,7 +143,6 @@ class Launcher:
         self._stop.set()
 
     def run(self) -> int:
-        s = self.stack
         lock_path = self.record_path().with_name(stack_record.LOCK_FILE)
         try:
             lock = stack_record.hold_lock(lock_path)
@@ -155,11 +154,12 @@ class Launcher:
                       "up` (it holds %s)" % (self.stack_name or "default", lock_path))
             return 1
         try:
-            return self._run(s)
+            return self._run()
         finally:
             os.close(lock)
 
-    def _run(self, s: StackConfig) -> int:
+    def _run(self) -> int:
+        s = self.stack
         running = self.already_running()
         if running:
             log.error("[startup] %s", running)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.stack import Stack, wait_for
 from tests.integration.test_hostile_clients import KEY, MOCK, Streams, json_error
@@ -167,28 +168,37 @@ def test_a_request_pipelined_behind_a_stream_is_answered_after_it(stack: Stack) 
     assert second.startswith(b"\n\n\r\n0\r\n\r\nHTTP/1.1 200 ") and second.endswith(b'{"status":"ok"}')
 
 
+def send_beside_streams(stack: Stack, streams: int, data: bytes) -> tuple[bytes, float, float, int]:
+    """Send `data` on one connection (it ends with `Connection: close`) while `streams` streams run:
+    (everything answered, seconds it took, the longest gap between the streams' tokens meanwhile,
+    the streams' failures)."""
+    running = Streams(stack, streams)
+    try:
+        while len(running.gaps) < 20:  # the streams are under way (bounded by the streams' own timeouts)
+            time.sleep(0.05)
+        before = len(running.gaps)
+        with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as sock:
+            start = time.monotonic()
+            sock.sendall(data)
+            raw = read_to_end(sock)
+            took = time.monotonic() - start
+        during = running.gaps[before:]
+    finally:
+        running.stop()
+    return raw, took, max(during), running.failures
+
+
 def test_a_burst_of_pipelined_requests_does_not_hold_the_other_streams(stack: Stack) -> None:
     """10,000 GET /health in one send are all in the socket buffer, and gevent's recv does not yield
     while data is there: answering them held every stream of the worker (20,000: a 1.9 s gap)."""
     n = 10_000
-    streams = Streams(stack, 3)
-    try:
-        while len(streams.gaps) < 20:  # the streams are under way (bounded by the streams' own timeouts)
-            time.sleep(0.05)
-        before = len(streams.gaps)
-        with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as sock:
-            start = time.monotonic()
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * (n - 1)
-                         + b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            raw = read_to_end(sock)
-            took = time.monotonic() - start
-        during = streams.gaps[before:]
-    finally:
-        streams.stop()
+    raw, took, gap, failures = send_beside_streams(
+        stack, 3, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * (n - 1)
+        + b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     print("\n[edge] %d pipelined requests answered in %.2fs; longest gap of 3 streams meanwhile %.3fs"
-          % (n, took, max(during)))
+          % (n, took, gap))
     assert raw.count(b"HTTP/1.1 200 ") == n
-    assert max(during) < 0.3 and streams.failures == 0
+    assert gap < 0.3 and failures == 0
 
 
 def test_a_body_of_tiny_chunks_does_not_hold_the_other_streams(stack: Stack) -> None:
@@ -198,23 +208,12 @@ def test_a_body_of_tiny_chunks_does_not_hold_the_other_streams(stack: Stack) -> 
     n = 2_000_000
     prefix = b'{"model": "mock", "max_tokens": 1, "prompt": "a"'
     body = (b"%x\r\n%s\r\n" % (len(prefix), prefix) + b"1\r\n \r\n" * n + b"1\r\n}\r\n0\r\n\r\n")
-    streams = Streams(stack, 3)
-    try:
-        while len(streams.gaps) < 20:  # the streams are under way
-            time.sleep(0.05)
-        before = len(streams.gaps)
-        with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as sock:
-            start = time.monotonic()
-            sock.sendall(POST + AUTH + JSON + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
-            raw = read_to_end(sock)
-            took = time.monotonic() - start
-        during = streams.gaps[before:]
-    finally:
-        streams.stop()
+    raw, took, gap, failures = send_beside_streams(
+        stack, 3, POST + AUTH + JSON + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
     print("\n[edge] %d one-byte chunks read in %.2fs; longest gap of 3 streams meanwhile %.3fs"
-          % (n, took, max(during)))
+          % (n, took, gap))
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
-    assert max(during) < 0.15 and streams.failures == 0
+    assert gap < 0.15 and failures == 0
 
 
 def test_a_burst_of_the_largest_request_heads_does_not_hold_the_other_streams(stack: Stack) -> None:
@@ -224,23 +223,12 @@ def test_a_burst_of_the_largest_request_heads_does_not_hold_the_other_streams(st
     few (proxy/loop_turns.py)."""
     head = (b"GET /health HTTP/1.1\r\nHost: t\r\n"
             + b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 8000) for i in range(98)) + b"\r\n")
-    streams = Streams(stack, 1)
-    try:
-        while len(streams.gaps) < 20:  # the streams are under way
-            time.sleep(0.05)
-        before = len(streams.gaps)
-        with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as sock:
-            start = time.monotonic()
-            sock.sendall(head * 20 + b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            raw = read_to_end(sock)
-            took = time.monotonic() - start
-        during = streams.gaps[before:]
-    finally:
-        streams.stop()
+    raw, took, gap, failures = send_beside_streams(
+        stack, 1, head * 20 + b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     print("\n[edge] 20 heads of 785 KB answered in %.2fs; longest gap of a stream meanwhile %.3fs"
-          % (took, max(during)))
+          % (took, gap))
     assert raw.count(b"HTTP/1.1 200 ") == 21
-    assert max(during) < 0.25 and streams.failures == 0  # one head parse is ~65 ms: the floor
+    assert gap < 0.25 and failures == 0  # one head parse is ~65 ms: the floor
 
 
 @pytest.mark.parametrize("status, auth, length", [(401, b"", 300000), (413, AUTH, 30000000)], ids=["401", "413"])
@@ -318,12 +306,8 @@ def test_a_stream_whose_client_stops_reading_is_cut_off_at_the_send_timeout(stac
     """The client keeps its connection open and reads nothing (TCP then holds a zero window forever):
     the proxy's write waits --send-timeout (2 s) at most, then the request is aborted at the replica and
     the connection closes. Without the bound the greenlet and the connection were held forever."""
-    def stalled() -> float:
-        text = httpx.get(stack.base_url + "/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("tokenrelay_proxy_clients_stalled_total"))
-
-    before = stalled()
+    stalled = "tokenrelay_proxy_clients_stalled_total"
+    before = proxy_metric(stack, stalled)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     sock.connect(("127.0.0.1", stack.http_port))
@@ -332,7 +316,8 @@ def test_a_stream_whose_client_stops_reading_is_cut_off_at_the_send_timeout(stac
                  + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     started = time.monotonic()
     try:
-        wait_for(lambda: stalled() > before, 30, "the proxy to give up on the client that reads nothing")
+        wait_for(lambda: proxy_metric(stack, stalled) > before, 30,
+                 "the proxy to give up on the client that reads nothing")
         given_up = time.monotonic() - started
         sock.settimeout(10)
         raw = read_to_end(sock)  # what the kernel buffers held, then the end of the connection
@@ -342,13 +327,14 @@ def test_a_stream_whose_client_stops_reading_is_cut_off_at_the_send_timeout(stac
     assert 2.0 <= given_up < 20, given_up  # at most two writes' worth of --send-timeout, once it stalls
     assert "did not take a response write within 2s (--send-timeout)" in stack.log()
     # the replica stopped generating for it (the flood is 100,000 tokens)
-    wait_for(lambda: proxy_in_flight(stack) == 0, 10, "the request to end at the proxy")
+    wait_for(lambda: proxy_metric(stack, "tokenrelay_proxy_in_flight_requests") == 0, 10,
+             "the request to end at the proxy")
 
 
-def proxy_in_flight(stack: Stack) -> float:
+def proxy_metric(stack: Stack, name: str) -> float:
+    """The sum of a proxy metric's samples over its labels."""
     text = httpx.get(stack.base_url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("tokenrelay_proxy_in_flight_requests{"))
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
 
