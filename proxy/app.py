@@ -11,6 +11,7 @@ Routes:
   POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /tokenize   POST /detokenize
   POST /v1/chat/{deployment} (legacy plain text)
   GET /v1/models   GET /health   GET /ready   GET /metrics   GET /openapi.json
+  GET /v1/responses/{id}   POST /v1/responses/{id}/cancel (404 as `vllm serve` without its store)
 
 OpenAI routes of deployments whose engine serves the OpenAI API itself (vLLM) are relayed: the proxy reads
 model and stream, sends the body as it is, and writes back the bytes the replica's serving layer wrote
@@ -32,7 +33,8 @@ from proxy.chunks import ChatChunks, CompletionChunks, chat_completion_body, tex
 from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
-    ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, error_body, error_type_for,
+    ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, ResponseNotFound, error_body,
+    error_type_for,
 )
 from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
@@ -75,6 +77,9 @@ def create_app(backend: Backend, config: ProxyConfig, keys: Optional[ApiKeys] = 
     for path in ENDPOINT_KINDS:
         app.add_route(path, OpenAIResource(backend, config, path))
     app.add_route("/v1/chat/{deployment}", PlainResource(backend, config))
+    stored = StoredResponseResource()
+    app.add_route("/v1/responses/{response_id}", stored)
+    app.add_route("/v1/responses/{response_id}/cancel", stored, suffix="cancel")
     app.add_route("/v1/models", ModelsResource(backend))
     app.add_route("/health", HealthResource())
     app.add_route("/ready", ReadyResource(backend))
@@ -217,6 +222,19 @@ class OpenAIResource(_Inference):
             dispatch.close("error")  # only an unfinished (failed) request is aborted
         resp.content_type = falcon.MEDIA_JSON
         resp.data = text.encode()
+
+
+class StoredResponseResource:
+    """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel. `vllm serve` keeps Responses API
+    answers only with VLLM_ENABLE_RESPONSES_API_STORE (off by default), in one process's memory; behind a
+    router a stored answer would live in one replica, so tokenrelay stores none and answers both as `vllm
+    serve` does for an id it does not hold: 404, param response_id."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, response_id: str) -> None:
+        raise ResponseNotFound(response_id)
+
+    def on_post_cancel(self, req: falcon.Request, resp: falcon.Response, response_id: str) -> None:
+        raise ResponseNotFound(response_id)
 
 
 class PlainResource(_Inference):

@@ -10,6 +10,7 @@ app.py translates these (and Falcon's own HTTPError) into `{"error": {message, t
      +-- BodyTimeout           408  invalid_request_error   code request_timeout (body stalled)
      +-- UnsupportedMediaType  415  invalid_request_error   code unsupported_media_type
      +-- ModelNotFound         404  invalid_request_error   code model_not_found
+     +-- ResponseNotFound      404  invalid_request_error   param response_id (no stored responses)
      +-- Overloaded            429  rate_limit_error        Retry-After; code overloaded (queue full/timeout)
      +-- RateLimited           429  rate_limit_error        Retry-After; code rate_limit_exceeded (API key)
      +-- NoHealthyReplica      503  server_error            Retry-After: 1; code no_healthy_replica
@@ -114,6 +115,17 @@ class ModelNotFound(ProxyError):
 
     def __init__(self, model: str) -> None:
         super().__init__("The model %r does not exist" % model, param="model")
+
+
+class ResponseNotFound(ProxyError):
+    """A stored Responses API response asked for by id: tokenrelay keeps none, and answers as `vllm serve`
+    (whose store is off unless VLLM_ENABLE_RESPONSES_API_STORE is set) does for an id it does not hold."""
+
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__("Response with id '%s' not found." % response_id, param="response_id")
 
 
 class NoHealthyReplica(ProxyError):

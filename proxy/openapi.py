@@ -170,6 +170,8 @@ def _relayed(summary: str) -> Schema:
     }}
 
 
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
 SPEC: Schema = {
     "openapi": "3.1.0",
     "info": {"title": "tokenrelay proxy", "version": "1.0.0",
@@ -193,6 +195,13 @@ SPEC: Schema = {
                                           "`[error] message`", {"text/plain": {"type": "string"}})},
                               **_errors(*_INFERENCE_ERRORS)),
         }},
+        "/v1/responses/{response_id}": {"get": {
+            "summary": "a stored Responses API answer: tokenrelay stores none, so always 404 (param "
+                       "response_id), as `vllm serve` without VLLM_ENABLE_RESPONSES_API_STORE",
+            "parameters": [_RESPONSE_ID], "responses": _errors("401", "404", "429")}},
+        "/v1/responses/{response_id}/cancel": {"post": {
+            "summary": "cancel a stored background response: none is stored, so always 404 (param response_id)",
+            "parameters": [_RESPONSE_ID], "responses": _errors("401", "404", "429")}},
         "/v1/models": {"get": {"summary": "deployments, OpenAI list format", "responses": dict({
             "200": _ok("the models", {"application/json": _ref("ModelList")})}, **_errors("401", "429"))}},
         "/health": {"get": {"summary": "200 while the process runs", "security": [{}], "responses": dict({

@@ -1,4 +1,5 @@
 """Pure parts of the benchmark scripts: load config, presets, and the serving-path comparison table."""
+import time
 import pytest
 
 from benchmarks.loadgen import LoadConfig, parse_levels
@@ -175,10 +176,15 @@ def test_main_thread_cpu_counts_only_the_main_thread():
     main, whole = MainThreadCpu(lambda: [me]), CpuMeter(lambda: [me], trees=False)
     main.start()
     whole.start()
-    spin = threading.Thread(target=lambda: sum(range(3_000_000)))  # CPU on another thread only
-    spin.start()
-    spin.join()
+    def spin() -> None:  # 0.1 s of CPU on another thread only (a fixed loop took 20-60 ms, near /proc's 10 ms ticks)
+        start = time.thread_time()
+        while time.thread_time() - start < 0.1:
+            pass
+
+    other = threading.Thread(target=spin)
+    other.start()
+    other.join()
     main.stop()
     whole.stop()
     assert main.overlaps and not whole.overlaps
-    assert whole.seconds - main.seconds > 0.02  # the other thread's work is in the process, not the main thread
+    assert whole.seconds - main.seconds > 0.05  # the other thread's work is in the process, not the main thread

@@ -279,6 +279,17 @@ def test_404_and_405_are_openai_shaped(client: falcon.testing.TestClient) -> Non
     assert "POST" in r.headers["allow"]
 
 
+def test_stored_responses_are_not_found_as_on_vllm_serve(client: falcon.testing.TestClient) -> None:
+    """vllm serve (its store off by default) answers an id it does not hold with this 404; tokenrelay
+    stores no responses, so both routes always do (and not the generic unknown-path 404)."""
+    err = assert_openai_error(client.simulate_get("/v1/responses/resp_abc"), 404, param="response_id")
+    assert err["type"] == "invalid_request_error"
+    assert err["message"] == "Response with id 'resp_abc' not found."
+    err = assert_openai_error(client.simulate_post("/v1/responses/resp_abc/cancel"), 404, param="response_id")
+    assert err["message"] == "Response with id 'resp_abc' not found."
+    assert_openai_error(client.simulate_delete("/v1/responses/resp_abc"), 405, code="method_not_allowed")
+
+
 def test_body_too_large(backend: FakeBackend) -> None:
     small = ProxyConfig(head="tcp://127.0.0.1:1", workers=1, max_body_bytes=10)
     client = falcon.testing.TestClient(create_app(backend, small))

@@ -105,7 +105,8 @@ def test_openapi_document_is_served_and_names_every_route() -> None:
     assert r.json["openapi"].startswith("3.1")
     relayed = ("/v1/responses", "/tokenize", "/detokenize")
     assert set(r.json["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/chat/{deployment}",
-                                    "/v1/models", "/health", "/ready", "/metrics", "/openapi.json", *relayed}
+                                    "/v1/models", "/health", "/ready", "/metrics", "/openapi.json", *relayed,
+                                    "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel"}
     for path in ("/v1/chat/completions", "/v1/completions", *relayed):
         assert set(r.json["paths"][path]["post"]["responses"]) >= {"200", "400", "401", "404", "413", "415",
                                                                   "429", "503", "504"}

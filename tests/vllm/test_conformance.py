@@ -303,6 +303,16 @@ def test_unknown_model_is_404_on_both(vllm_serve: str, relay: str) -> None:
     assert expected["body"]["error"]["param"] == got["body"]["error"]["param"] == "model"
 
 
+def test_a_stored_response_that_is_not_there_is_the_same_404(vllm_serve: str, relay: str) -> None:
+    """GET /v1/responses/{id} and its cancel: vllm serve (store off, its default) and tokenrelay (no store)
+    give the same status, type, param and message for an id they do not hold."""
+    for method, path in (("GET", "/v1/responses/resp_nothere"), ("POST", "/v1/responses/resp_nothere/cancel")):
+        expected, got = (httpx.request(method, base + path, timeout=30) for base in (vllm_serve, relay))
+        assert expected.status_code == got.status_code == 404, (path, expected.text, got.text)
+        e, g = expected.json()["error"], got.json()["error"]
+        assert (e["type"], e["param"], e["message"]) == (g["type"], g["param"], g["message"]), (e, g)
+
+
 def test_no_model_means_the_only_one(vllm_serve: str, relay: str) -> None:
     body = {"messages": USER, "max_tokens": 3, **GREEDY}
     expected, got = answer(vllm_serve, CHAT, body), answer(relay, CHAT, body)
