@@ -277,3 +277,19 @@ def test_a_partial_direct_write_is_completed_before_anything_else_reaches_the_so
     assert "".join(contents(parse_chunks(b"".join(got)))) == "a" + "".join(big) + "!"
     mine.close()
     peer.close()
+
+
+def test_a_flush_the_client_takes_nothing_of_raises_the_send_timeout() -> None:
+    """The rest of a partial write is sent by the request greenlet under the socket's --send-timeout; a
+    client that reads nothing must end as a stalled client (the worker counts it and closes), as a WSGI
+    write would, not as a quiet "client gone" that leaves the connection to gunicorn."""
+    mine, peer = gevent.socket.socketpair()
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    mine.settimeout(0.2)
+    sink = ClientSink(mine, mine._sock, (b"", str.encode, b""), RequestTracker("tiny"))
+    sink.unsent = b"z" * (1 << 22)  # far more than the socket buffers hold; the peer reads nothing
+    with pytest.raises(TimeoutError):
+        sink.flush()
+    assert sink.unsent == b"" and sink.error is None
+    mine.close()
+    peer.close()
