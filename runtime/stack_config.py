@@ -36,7 +36,7 @@ import yaml
 from runtime.addresses import check_host, check_host_port, check_metrics_port, check_zmq_endpoint
 from runtime.protocol import ROUTING_POLICIES, RoutingSettings, TimeoutSettings
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" also matches before a final newline
 ENGINES = ("mock", "vllm")
 
 

@@ -20,6 +20,7 @@ def test_example_mock_config_loads():
     ({"name": "x", "engine": "mock", "replicas": -1}, "deployment.replicas: must be an integer >= 0"),
     ({"name": "x", "engine": "mock", "replicas": True}, "deployment.replicas"),
     ({"name": "bad name!", "engine": "mock"}, "deployment.name"),
+    ({"name": "abc\n", "engine": "mock"}, "deployment.name"),  # "$" matched before a final newline
     ({"name": "x", "engine": "mock", "colour": 1}, "unknown field"),
     ({"engine": "mock"}, "deployment.name: must be a non-empty string"),
     ({"name": "x", "engine": "vllm"}, "deployment.model"),
