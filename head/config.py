@@ -15,7 +15,7 @@ from runtime.curve import parse_config_with_insecure_env
 from runtime.settings import setting
 
 
-STACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+STACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" also matches before a final newline
 PROG = "python -m head"
 DESCRIPTION = "tokenrelay head: deployments, agents, routing table."
 

@@ -404,7 +404,13 @@ class Head:
 
     def _reply(self, peer: bytes, msg: object) -> None:
         try:
-            self._control.send_multipart([peer] + encode(msg), zmq.NOBLOCK)
+            frames = encode(msg)
+        except (OverflowError, ProtocolError) as exc:  # a bug of ours: say so rather than leave the peer waiting
+            log.error("cannot encode a %s for %s: %s", type(msg).__name__, loggable_identity(peer), exc)
+            frames = encode(ControlReply(False, "internal", "the head could not encode its %s: %s"
+                                         % (type(msg).__name__, exc)))
+        try:
+            self._control.send_multipart([peer] + frames, zmq.NOBLOCK)
         except zmq.Again:
             log.warning("control reply to %s dropped (peer not reading)", loggable_identity(peer))
 

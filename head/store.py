@@ -8,6 +8,7 @@ which agent owns which replica is kept, as a security binding.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.stack_config import DeploymentSpec, parse_deployment
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -65,7 +68,13 @@ class StateStore:
 
     def load(self) -> list[tuple[DeploymentSpec, int]]:
         rows = self._db.execute("SELECT spec, generation FROM deployments ORDER BY name").fetchall()
-        return [(parse_deployment(json.loads(spec)), gen) for spec, gen in rows]
+        out = []
+        for spec, gen in rows:
+            try:
+                out.append((parse_deployment(json.loads(spec)), gen))
+            except ValueError as exc:  # stored by an older head that took it (a count past 2**64 - 1)
+                log.error("[startup] stored deployment spec no longer valid, not loaded (deploy it again): %s", exc)
+        return out
 
     def put(self, spec: DeploymentSpec, generation: int) -> None:
         with self._tx():

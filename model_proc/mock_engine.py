@@ -9,11 +9,13 @@ engine_args (all optional):
   ttft_ms         time to first token (default 20)
   itl_ms          interval between tokens (default 10)
   tokens          output length when the request does not set max_tokens (default 64)
-  max_running     requests generated at once; more wait in FIFO order (default: unlimited)
+  max_running     requests generated at once; more wait in FIFO order (default 0: unlimited)
   max_context     prompt words + max_tokens allowed (default 4096), else a 400
   fatal_trigger   a string that, when found in a prompt, makes the engine die (tests the dead sentinel)
   startup_ms      how long the engine takes to start (default 0), to stand in for a real cold start
   abort_raises    true: abort() raises (tests that a crash in the replica's receive path kills it loudly)
+Each is checked for its type and range (numbers >= 0, counts integers, abort_raises a boolean): a bad
+value stops the replica at start (EngineLoadError), it never hangs or crashes requests later.
 Prompt "tokens" are whitespace-separated words; each output token is one word plus a space, and its
 token id is the word's index in WORDS. The text is a function of (prompt, position) only: the word after
 token id t is WORDS[t + 1], the first one is picked by the prompt's CRC. So a request resumed from the
@@ -54,6 +56,20 @@ _KNOWN_ARGS = {"ttft_ms", "itl_ms", "tokens", "max_running", "max_context", "fat
                "abort_raises"}
 
 
+def _number(args: dict[str, Any], key: str, default: float) -> float:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError("%s must be a number >= 0, got %r" % (key, value))
+    return float(value)
+
+
+def _count(args: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError("%s must be an integer >= %d, got %r" % (key, minimum, value))
+    return value
+
+
 class _Request:
     __slots__ = ("request_id", "prompt_tokens", "max_tokens", "start", "emitted", "handle", "stop", "resumed",
                  "begun_at", "text", "sent")
@@ -84,19 +100,23 @@ class MockEngine:
             raise ValueError("unknown mock engine_args %s (known: %s)"
                              % (sorted(unknown), ", ".join(sorted(_KNOWN_ARGS))))
         self.model = model
-        self.ttft = float(engine_args.get("ttft_ms", 20)) / 1000.0
-        self.itl = float(engine_args.get("itl_ms", 10)) / 1000.0
-        self.default_tokens = int(engine_args.get("tokens", 64))
-        max_running = engine_args.get("max_running")
-        self.max_running = int(max_running) if max_running else None
-        self.max_context = int(engine_args.get("max_context", 4096))
-        self.fatal_trigger: Optional[str] = engine_args.get("fatal_trigger")
-        self.abort_raises = bool(engine_args.get("abort_raises", False))
-        self.startup = float(engine_args.get("startup_ms", 0)) / 1000.0  # a cold start, like a real engine's
-        if self.startup < 0:
-            raise ValueError("startup_ms must be >= 0")
-        if self.ttft < 0 or self.itl < 0 or self.default_tokens < 1:
-            raise ValueError("ttft_ms and itl_ms must be >= 0 and tokens >= 1")
+        # each value checked for its type: max_running -1 queued every request forever, abort_raises
+        # "false" was true (every client disconnect crashed the replica), fatal_trigger 5 failed every request
+        args = engine_args
+        self.ttft = _number(args, "ttft_ms", 20) / 1000.0
+        self.itl = _number(args, "itl_ms", 10) / 1000.0
+        self.default_tokens = _count(args, "tokens", 64, 1)
+        self.max_running: Optional[int] = _count(args, "max_running", 0, 0) or None  # 0: unlimited
+        self.max_context = _count(args, "max_context", 4096, 1)
+        trigger = args.get("fatal_trigger")
+        if trigger is not None and (not isinstance(trigger, str) or not trigger):
+            raise ValueError("fatal_trigger must be a non-empty string, got %r" % (trigger,))
+        self.fatal_trigger: Optional[str] = trigger
+        abort_raises = args.get("abort_raises", False)
+        if not isinstance(abort_raises, bool):
+            raise ValueError("abort_raises must be true or false, got %r" % (abort_raises,))
+        self.abort_raises = abort_raises
+        self.startup = _number(args, "startup_ms", 0) / 1000.0  # a cold start, like a real engine's
         self._sink: Optional[DeltaSink] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._running: dict[str, _Request] = {}

@@ -254,9 +254,10 @@ class ReplicaServer:
             route.completion_tokens = len(req.resume.token_ids)  # generated (and counted) elsewhere
         try:
             self.engine.add_request(req)
-        except EngineRequestError as exc:
+        except EngineRequestError as exc:  # a 4xx is the request's fault; a 5xx (engine dead, cannot resume) not
             del self._routes[rid]
-            self._send(peer, RequestError(rid, exc.status, str(exc), "invalid_request_error", exc.param))
+            etype = "invalid_request_error" if exc.status < 500 else "server_error"
+            self._send(peer, RequestError(rid, exc.status, str(exc), etype, exc.param))
         except Exception as exc:  # an engine bug must fail this request, not the replica
             log.exception("request %s: engine refused it", rid)
             self.error(rid, 500, "engine error: %s" % exc)

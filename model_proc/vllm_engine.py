@@ -240,7 +240,11 @@ class VllmEngine:
                 finish = map_finish_reason(completion.finish_reason)
                 if finish is not None:
                     sink.emit(request_id, completion.text, finish, prompt_tokens, completion_tokens)
+                else:  # an abort we did not ask for (ours cancel this task first): end the request, or it
+                    # holds its slot at the replica until the proxy's idle timeout, and its client waits
+                    sink.error(request_id, 503, "vLLM aborted the request")
                 return
+            sink.error(request_id, 500, "vLLM's output stream ended before the request finished")
         except asyncio.CancelledError:
             raise  # aborted: vLLM's generate aborts the request on cancellation; end silently
         except vllm.EngineDeadError:

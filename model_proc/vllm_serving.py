@@ -280,6 +280,7 @@ class ServingApp:
         error_body: list[bytes] = []
         gone = asyncio.Event()
         sent_body = False
+        ended = False  # the response's last body message went to the sink
 
         async def receive() -> dict[str, Any]:
             nonlocal sent_body
@@ -290,7 +291,7 @@ class ServingApp:
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, ended
             kind = message["type"]
             if kind == "http.response.start":
                 status = int(message["status"])
@@ -299,6 +300,7 @@ class ServingApp:
                 return
             chunk = message.get("body", b"")
             more = message.get("more_body", False)
+            ended = ended or not more
             if status >= 400:
                 error_body.append(chunk)
                 if not more:
@@ -330,6 +332,8 @@ class ServingApp:
         else:
             if status == 0:
                 self._sink.error(rid, 500, "vLLM's app sent no response")
+            elif not ended:  # else the request held its slot here until the proxy's idle timeout
+                self._sink.error(rid, 500, "vLLM's app ended the response before its last part")
         finally:
             self._tasks.pop(rid, None)
 

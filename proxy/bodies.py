@@ -155,16 +155,16 @@ class _StreamBody:
                 item = stream.get(wait)
             finally:  # also when the wait is interrupted (worker shutdown): never leave the sink attached
                 stream.sink = None  # from here until the next wait, only this greenlet writes to the client
-            if item is not None:
-                return item
             if sink is not None:
                 since = max(since, sink.last_at)
-                if sink.unsent:
-                    sink.flush()
+                if sink.unsent:  # the rest of a partial direct write goes out before anything else does,
+                    sink.flush()  # also when an item queued behind it (the reader handles batches in a row)
                 if sink.error is not None:
                     log.info("req=%s client gone (%s); ending the stream", d.request_id, sink.error)
                     return None
-            elif d.client_gone():
+            if item is not None:
+                return item
+            if sink is None and d.client_gone():
                 log.info("req=%s client gone while waiting for tokens; ending the request", d.request_id)
                 return None
             now = self._clock()

@@ -91,9 +91,12 @@ class ClientSink:
 
     def flush(self) -> None:
         """Send `unsent`, blocking this greenlet until the client takes it. Request greenlet only, with the
-        sink detached; a failure goes to `error`."""
+        sink detached; a failure goes to `error`, but the socket's timeout (--send-timeout) is raised."""
         try:
             self._sock.sendall(self.unsent)
+        except TimeoutError:  # --send-timeout, as for a write of the WSGI body: the worker counts the
+            self.unsent = b""  # stalled client and closes its connection (proxy/gunicorn_worker.py)
+            raise
         except OSError as exc:
             self.error = exc
         self.unsent = b""

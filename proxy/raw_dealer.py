@@ -64,11 +64,15 @@ class RawDealer:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)  # ZMTP pings: a vanished host -> EVENT_DISCONNECTED
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LIVENESS_TIMEOUT_MS)
-        if monitor is not None:
-            sock.monitor(*monitor)
-        if secure is not None:
-            secure(sock)  # CURVE client keys, before connect
-        sock.connect(endpoint)
+        try:
+            if monitor is not None:
+                sock.monitor(*monitor)
+            if secure is not None:
+                secure(sock)  # CURVE client keys, before connect
+            sock.connect(endpoint)
+        except BaseException:  # an endpoint libzmq refuses: close what was opened (the socket, its monitor)
+            sock.close(0)
+            raise
         self._sock = sock
         self.closed = False
         self._readable = Event()  # set when a message may be queued: ZMQ_FD fired, or poke saw POLLIN

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Callable, Optional
 
+import zmq
 import zmq.green as zmq_green
 
 from proxy.replicas import Capacity, ReplicaConnection, Secure
@@ -36,6 +37,7 @@ class ReplicaPool:
         self._by_deployment: dict[str, list[ReplicaConnection]] = {}
         self._opened: dict[str, int] = {}  # endpoint in use -> connections (DEALERs) opened to it so far
         self._retired: dict[str, ReplicaConnection] = {}  # left the table, still draining
+        self._refused: dict[str, str] = {}  # replica id -> endpoint that could not be connected (logged once)
 
     def _identity_for(self, endpoint: str) -> bytes:
         """The worker's identity; suffixed when reopening a connection to an endpoint we used before.
@@ -55,6 +57,7 @@ class ReplicaPool:
         that moved endpoint. Then take the table's loads and limits."""
         now = self._clock()
         wanted = {r.replica_id: (d.name, r) for d in table.deployments for r in d.replicas}
+        refused: dict[str, str] = {}  # replica id -> endpoint libzmq refused in this table
         self._retired = {rid: c for rid, c in self._retired.items() if not c.closed}
         for rid, conn in list(self._by_id.items()):
             want = wanted.get(rid)
@@ -80,10 +83,21 @@ class ReplicaPool:
             else:
                 log.info("connecting to replica %s of %s at %s", rid, deployment, route.endpoint)
                 identity = self._identity_for(route.endpoint)
-                conn = self._by_id[rid] = ReplicaConnection(
-                    self._ctx, identity, deployment, route, self._hwm, self._secure, self._clock,
-                    self._on_capacity, new_identity=functools.partial(self._identity_for, route.endpoint))
+                try:
+                    conn = ReplicaConnection(
+                        self._ctx, identity, deployment, route, self._hwm, self._secure, self._clock,
+                        self._on_capacity, new_identity=functools.partial(self._identity_for, route.endpoint))
+                except zmq.ZMQError as exc:
+                    # an endpoint libzmq refuses (the replica reported it): this replica is not routed, the
+                    # others are; before, the error ended the sync and no later replica got a connection
+                    if self._refused.get(rid) != route.endpoint:
+                        log.error("replica %s of %s: cannot connect to %r (%s); not routed", rid, deployment,
+                                  route.endpoint, exc)
+                    refused[rid] = route.endpoint
+                    continue
+                self._by_id[rid] = conn
             conn.table_update(route, now)
+        self._refused = refused
         # endpoints no open connection uses forget their count: a later connection may take the plain
         # identity again (a replica still holding it hands it over: model_proc sets ROUTER_HANDOVER)
         in_use = {c.endpoint for c in self.all_connections()}

@@ -114,8 +114,12 @@ class ReplicaConnection:
         self._monitor = self._ctx.socket(zmq.PAIR)  # green: its watcher greenlet blocks on it
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._monitor.connect(monitor_addr)
-        self._dealer = RawDealer(self._ctx, identity, self.endpoint, self._hwm, (monitor_addr, _MONITOR_EVENTS),
-                                 self._secure)
+        try:
+            self._dealer = RawDealer(self._ctx, identity, self.endpoint, self._hwm,
+                                     (monitor_addr, _MONITOR_EVENTS), self._secure)
+        except BaseException:  # e.g. an endpoint libzmq refuses: no socket may outlive the failed open
+            self._monitor.close(linger=0)
+            raise
         self._reader = gevent.spawn(self._read_loop)
 
     # ----------------------------------------------------------------- request greenlets

@@ -22,7 +22,7 @@ from runtime.addresses import check_zmq_endpoint
 from runtime.credentials import client_token
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
-from runtime.stack_config import parse_deployment
+from runtime.stack_config import check_replicas, parse_deployment
 
 log = logging.getLogger("tokenrelay")
 
@@ -127,6 +127,15 @@ def _cmd_deploy(ns: argparse.Namespace) -> int:
     for spec in specs:
         code = max(code, _admin_call(ns, head_client.deploy, spec))
     return code
+
+
+def _replica_count(text: str) -> int:
+    """`scale`'s count, checked as the head checks it: 10**20 raised an OverflowError traceback here (msgpack
+    cannot carry it) instead of a usage error."""
+    try:
+        return check_replicas(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if "must be" in str(exc) else "not an integer: %r" % text) from None
 
 
 def _cmd_scale(ns: argparse.Namespace) -> int:
@@ -285,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--file", required=True, help="YAML/JSON: one spec, a list, or {deployments: [...]}")
     scale = head_command("scale", "set a deployment's replica count", _cmd_scale)
     scale.add_argument("name")
-    scale.add_argument("replicas", type=int)
+    scale.add_argument("replicas", type=_replica_count)
     head_command("delete", "delete a deployment (its replicas drain, then stop)", _cmd_delete).add_argument("name")
     keys = sub.add_parser("keys", help="CURVE keys: one per head, agent, proxy, operator (runtime.keyring)")
     kdir = argparse.ArgumentParser(add_help=False)

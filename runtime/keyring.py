@@ -34,7 +34,7 @@ ROLES = ("agent", "proxy", "operator")
 SERVERS = ("head", "replica")
 REGISTRY = "registry"
 REVOKED = "revoked"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")  # room for a fully qualified host name; no "..", ".x"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}\Z")  # room for a fully qualified host name; no "..", ".x"
 
 
 class KeyFileError(ValueError):

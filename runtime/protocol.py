@@ -571,7 +571,7 @@ def decode(type_frame: bytes, payload: bytes) -> Any:
         raise ProtocolError("unknown message type %r" % bytes(type_frame)[:4])
     try:
         return decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # a payload nested too deep
         raise ProtocolError("bad %s payload: %s" % (_TYPES[type_frame[0]].__name__, exc)) from exc
 
 

@@ -36,7 +36,7 @@ import yaml
 from runtime.addresses import check_host, check_host_port, check_metrics_port, check_zmq_endpoint
 from runtime.protocol import ROUTING_POLICIES, RoutingSettings, TimeoutSettings
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" also matches before a final newline
 ENGINES = ("mock", "vllm")
 
 
@@ -123,9 +123,14 @@ class StackConfig:
 
 
 MAX_REPLICAS = 1024  # per deployment: a typo (10**6) must be refused, not make the head place a million
+# every other count (gpus, max_ongoing_requests, queue_size, ...) and memory: the spec crosses the wire in
+# msgpack, which encodes no integer past 2**64 - 1; one such value in a stored spec made every `tokenrelay
+# status` and every routing table of the head fail to encode (OverflowError), for every deployment
+MAX_COUNT = 2**63 - 1
+MAX_BYTES = 2**63 - 1
 
 
-def _int(value: Any, where: str, minimum: int, maximum: Optional[int] = None) -> int:
+def _int(value: Any, where: str, minimum: int, maximum: Optional[int] = MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError("%s: must be an integer >= %d, got %r" % (where, minimum, value))
     if maximum is not None and value > maximum:
@@ -164,7 +169,10 @@ def _non_finite(value: Any, where: str) -> Optional[str]:
 def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
     if not isinstance(raw, dict):
         raise ValueError("%s: must be a mapping, got %s" % (where, type(raw).__name__))
-    bad = _non_finite(raw, where)
+    try:
+        bad = _non_finite(raw, where)
+    except RecursionError:  # a spec nested thousands deep: a ValueError like any bad spec, not a crash
+        raise ValueError("%s: nested too deeply" % where) from None
     if bad:  # nan compares false: a nan timeout never fired, nan cpus fit every host
         raise ValueError("%s: must be a finite number" % bad)
     known = {"name", "engine", "model", "replicas", "engine_args", "gpus", "cpus", "memory",
@@ -185,7 +193,7 @@ def parse_deployment(raw: Any, where: str = "deployment") -> DeploymentSpec:
         raise ValueError("%s.engine_args: must be a mapping" % where)
     try:
         json.dumps(engine_args)  # must cross the wire as plain data
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError("%s.engine_args: must be plain data: %s" % (where, exc)) from None
     placement = raw.get("placement") or {}
     if not isinstance(placement, dict) or set(placement) - {"labels"}:
@@ -306,11 +314,15 @@ def parse_size(value: Any, where: str) -> int:
     if isinstance(value, bool):
         raise ValueError("%s: must be a size like 16Gi or a byte count, got %r" % (where, value))
     if isinstance(value, int) and value >= 0:
-        return value
-    m = _SIZE_RE.match(value) if isinstance(value, str) else None
-    if not m:
-        raise ValueError("%s: must be a size like 16Gi or a byte count, got %r" % (where, value))
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+        size = value
+    else:
+        m = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if not m:
+            raise ValueError("%s: must be a size like 16Gi or a byte count, got %r" % (where, value))
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if size > MAX_BYTES:
+        raise ValueError("%s: must be at most %d bytes, got %r" % (where, MAX_BYTES, value))
+    return size
 
 
 def _number(value: Any, where: str) -> float:

@@ -1,4 +1,5 @@
 """The head's reactor with real sockets in one process: admin commands, auth, persistence, recovery."""
+import json
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ from head.server import Head
 from head.store import StateStore
 from runtime import head_client
 from runtime.head_client import HeadRefused
+from runtime.stack_config import parse_deployment
 from runtime.protocol import (
     PROTOCOL_VERSION, AgentHeartbeat, AgentRegister, Assignment, Capacity, ControlReply, HeadHello, HeadInfo,
     ReplicaReport, ReplicaStatus, RoutingTable, SnapshotRequest, decode_frames, encode,
@@ -193,3 +195,22 @@ def test_scale_of_an_autoscaled_deployment_is_refused_with_the_knob_to_change(he
     with pytest.raises(HeadRefused, match=r"autoscaled: a is autoscaled between 1 and 3 replicas; change "
                                           r"autoscaling.min_replicas/max_replicas"):
         head_client.scale(head.endpoint, TOKEN, "a", 5)
+
+
+def test_an_answer_the_head_cannot_encode_is_an_error_not_silence(head, monkeypatch):
+    """Before, an OverflowError in the reply's encoding was logged and the CLI waited out its timeout
+    ("no answer from the head")."""
+    monkeypatch.setattr(head.head, "_admin", lambda msg, now: ControlReply(True, data={"n": 10**20}))
+    with pytest.raises(HeadRefused, match="internal: the head could not encode its ControlReply"):
+        head_client.status(head.endpoint, TOKEN)
+
+
+def test_a_stored_spec_that_no_longer_validates_is_skipped_not_fatal(tmp_path, caplog):
+    """A spec stored by an older head (a count msgpack cannot carry) made the head fail to start."""
+    store = StateStore(tmp_path / "head.db")
+    store.put(parse_deployment({"name": "good", "engine": "mock"}), 1)
+    bad = dict(parse_deployment({"name": "bad", "engine": "mock"}).to_dict(), max_ongoing_requests=10**20)
+    store._db.execute("INSERT INTO deployments VALUES (?, ?, ?, ?)", ("bad", json.dumps(bad), 1, 0.0))
+    assert [spec.name for spec, _ in store.load()] == ["good"]
+    assert "no longer valid, not loaded" in caplog.text
+    store.close()

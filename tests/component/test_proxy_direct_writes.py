@@ -225,3 +225,71 @@ def test_plain_stream_whose_first_delta_is_empty_sends_headers_before_any_direct
     assert parse_chunks(read_all(peer, 0.2)) == [b"one ", b"two "] and rest == [b"three"]
     mine.close()
     peer.close()
+
+
+def test_a_partial_direct_write_is_completed_before_anything_else_reaches_the_socket() -> None:
+    """The reader handles several TokenBatches in one go: after a delta the socket took only part of, the
+    next one is queued. The request greenlet then got that item and returned it without sending the
+    partial chunk's rest, so gunicorn wrote the next chunk into the middle of the partial one (and the
+    sink was even re-attached with the rest still pending): the client's chunked body was garbage. Here
+    the WSGI body goes to the same socket, in order, as gunicorn writes it."""
+    backend = FakeBackend()
+    backend.script = first_only
+    mine, peer = gevent.socket.socketpair()
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    big = ["%04d" % i + "y" * 20000 for i in range(6)]
+
+    def replica() -> None:  # two deltas back to back, as a reader draining two TokenBatches
+        stream = backend.streams[-1]
+        for i in range(0, len(big), 2):
+            while stream.sink is None:  # the request greenlet parked with the sink attached
+                gevent.sleep(0.001)
+            stream.push(Delta(stream.request_id, big[i], None, 1, i + 2))  # the socket takes only part
+            stream.push(Delta(stream.request_id, big[i + 1], None, 1, i + 3))  # queued behind it
+        gevent.sleep(0.05)
+        stream.push(Delta(stream.request_id, "!", "stop", 1, len(big) + 2))
+
+    got: list[bytes] = []
+
+    def client_reads() -> None:
+        while True:
+            data = peer.recv(1 << 16)
+            if not data:
+                return
+            got.append(data)
+
+    gevent.spawn_later(0.05, replica)
+    reader = gevent.spawn_later(0.1, client_reads)
+    app = create_app(backend, ProxyConfig(**CONFIG))
+    environ = falcon.testing.create_environ("/v1/chat/completions", method="POST", body=json.dumps(
+        chat_body(stream=True)), headers={"Content-Type": "application/json"}, http_version="1.1")
+    environ["gunicorn.socket"] = mine
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    try:
+        for part in body:  # what gunicorn does with each piece of the WSGI body: one chunk on the socket
+            if part:
+                mine.sendall(b"%X\r\n%s\r\n" % (len(part), part))
+    finally:
+        body.close()
+    mine.shutdown(socket.SHUT_WR)
+    reader.join(5)
+    assert "".join(contents(parse_chunks(b"".join(got)))) == "a" + "".join(big) + "!"
+    mine.close()
+    peer.close()
+
+
+def test_a_flush_the_client_takes_nothing_of_raises_the_send_timeout() -> None:
+    """The rest of a partial write is sent by the request greenlet under the socket's --send-timeout; a
+    client that reads nothing must end as a stalled client (the worker counts it and closes), as a WSGI
+    write would, not as a quiet "client gone" that leaves the connection to gunicorn."""
+    mine, peer = gevent.socket.socketpair()
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    mine.settimeout(0.2)
+    sink = ClientSink(mine, mine._sock, (b"", str.encode, b""), RequestTracker("tiny"))
+    sink.unsent = b"z" * (1 << 22)  # far more than the socket buffers hold; the peer reads nothing
+    with pytest.raises(TimeoutError):
+        sink.flush()
+    assert sink.unsent == b"" and sink.error is None
+    mine.close()
+    peer.close()

@@ -5,7 +5,7 @@ import zmq
 import zmq.asyncio
 
 from model_proc.config import EXIT_CRASH, EXIT_ENGINE_DIED, EXIT_USAGE, ReplicaConfig
-from model_proc.engine import create_engine
+from model_proc.engine import EngineRequestError, EngineStats, create_engine
 from model_proc.server import ReplicaServer
 from runtime.protocol import (
     Abort, GenerateRequest, ReplicaDead, ReplicaHello, ReplicaStatus, RequestError, SamplingParams,
@@ -236,3 +236,50 @@ def test_an_address_it_cannot_bind_is_a_usage_error_not_a_crash(caplog):
         return code
     assert asyncio.run(go()) == EXIT_USAGE
     assert "cannot bind the data socket to tcp://192.0.2.1:*: Cannot assign requested address" in caplog.text
+
+
+def test_an_engine_refusal_with_a_5xx_status_is_a_server_error_not_the_requests_fault():
+    """EngineRequestError(status=503) ("engine is dead"), 501 (cannot resume): the RequestError's type was
+    always invalid_request_error, which the client then got with its 5xx status."""
+    class Refusing:
+        name, model_card = "refusing", b""
+
+        async def start(self, sink):
+            pass
+
+        def add_request(self, req):
+            raise EngineRequestError("engine is dead", status=503) if req.request_id == "dead" else \
+                EngineRequestError("bad prompt", param="prompt")
+
+        def abort(self, request_id):
+            pass
+
+        def stats(self):
+            return EngineStats(0, 0, 0.0)
+
+        async def shutdown(self):
+            pass
+
+    async def go():
+        ctx = zmq.asyncio.Context()
+        cfg = ReplicaConfig("r1", "mock", "m", {}, status_interval=0.05, drain_seconds=0.5)
+        server = ReplicaServer(cfg, Refusing(), ctx)
+        task = asyncio.ensure_future(server.run())
+        while not (server.endpoint and server._ready):
+            await asyncio.sleep(0.01)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        got = {}
+        for rid in ("dead", "bad"):
+            await dealer.send_multipart(encode(GenerateRequest(rid, prompt="x")))
+            msg = await _recv(dealer)
+            while isinstance(msg, TokenBatch):
+                msg = await _recv(dealer)
+            got[rid] = (msg.status, msg.type)
+        server._on_signal(15)
+        await asyncio.wait_for(task, 5)
+        dealer.close(0)
+        ctx.term()
+        return got
+
+    assert asyncio.run(go()) == {"dead": (503, "server_error"), "bad": (400, "invalid_request_error")}

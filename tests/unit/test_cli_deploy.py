@@ -50,3 +50,15 @@ def test_a_bad_file_with_json_says_why_on_stdout(tmp_path, capsys):
     import json
     assert json.loads(capsys.readouterr().out) == {
         "ok": False, "error": "%s: spec: must be a mapping, got NoneType" % path}
+
+
+@pytest.mark.parametrize("count, message", [
+    ("100000000000000000000000", "replicas: must be at most 1024"),  # was an OverflowError traceback
+    ("-1", "replicas: must be an integer >= 0"),
+    ("two", "not an integer: 'two'"),
+])
+def test_scale_checks_its_count_before_anything_is_sent(monkeypatch, capsys, count, message):
+    monkeypatch.setattr(head_client, "scale", lambda *a, **k: pytest.fail("sent to the head"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["scale", "a", count])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -49,6 +49,7 @@ def test_a_bad_tokenrelay_insecure_exits_2_naming_it(monkeypatch: pytest.MonkeyP
     (["--agent-timeout", "0"], "--agent-timeout"),
     (["--agent-timeout", "soon"], "--agent-timeout"),
     (["--stack", "../etc"], "--stack"),
+    (["--stack", "blue\n"], "--stack"),  # "$" matched before a final newline
     (["--republish-interval", "2"], "--republish-interval"),  # not an option
 ])
 def test_a_bad_command_line_exits_2_naming_the_option(argv: list[str], knob: str,

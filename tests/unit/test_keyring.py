@@ -102,7 +102,7 @@ def test_secret_files_are_0600_whatever_the_umask_and_names_cannot_climb(tmp_pat
     assert {p.name: mode(p) for p in (tmp_path / "gpu1").iterdir() if p.is_file()} == {
         "agent-gpu1.key_secret": 0o600, "head.key": 0o644, "replica.key": 0o644, "replica.key_secret": 0o600}
     assert keyring.identity(tmp_path / "gpu1", "agent").name == "gpu1"  # the files load
-    for bad in ("..", ".hidden", "../x", "a/b", "-x", ""):
+    for bad in ("..", ".hidden", "../x", "a/b", "-x", "", "gpu1\n"):  # "$" matched before a final newline
         with pytest.raises(keyring.KeyFileError, match="key name"):
             keyring.check_name("agent", bad)
 

@@ -214,3 +214,27 @@ def test_relayed_openai_bodies_are_refused_naming_the_endpoint():
     with pytest.raises(EngineRequestError, match="does not serve /v1/responses") as exc:
         run(go())
     assert exc.value.param == "endpoint" and exc.value.status == 400
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"max_running": -1}, "max_running must be an integer >= 0, got -1"),  # queued every request forever
+    ({"max_running": 2.7}, "max_running must be an integer"),  # silently 2
+    ({"abort_raises": "false"}, "abort_raises must be true or false"),  # was true: every abort crashed
+    ({"fatal_trigger": 5}, "fatal_trigger must be a non-empty string"),  # every request a 500
+    ({"max_context": -3}, "max_context must be an integer >= 1"),  # every request a 400
+    ({"tokens": True}, "tokens must be an integer >= 1"),  # was 1
+    ({"ttft_ms": "20"}, "ttft_ms must be a number >= 0"),
+    ({"itl_ms": -1}, "itl_ms must be a number >= 0"),
+    ({"startup_ms": float("nan")}, "startup_ms must be a number >= 0"),
+])
+def test_engine_args_of_the_wrong_type_or_range_stop_the_replica_at_start(args, message):
+    """A bad value is an EngineLoadError (the replica does not start, the operator reads why), never a
+    replica that hangs or crashes on its requests."""
+    with pytest.raises(EngineLoadError, match=message):
+        create_engine("mock", "m", args)
+
+
+def test_max_running_zero_or_absent_is_unlimited():
+    assert create_engine("mock", "m", {"max_running": 0}).max_running is None
+    assert create_engine("mock", "m", {}).max_running is None
+    assert create_engine("mock", "m", {"max_running": 3, "ttft_ms": 1.5, "fatal_trigger": "X"}).max_running == 3

@@ -49,3 +49,12 @@ def test_a_proxy_identity_is_logged_without_its_secret() -> None:
     assert loggable_identity(b"proxy-host1-123-" + b"ab" * 16) == "proxy-host1-123"
     assert loggable_identity(b"no separator") == "?"
     assert loggable_identity(b"x-\xff\xfe-secret") == "x-\ufffd\ufffd"
+
+
+def test_a_payload_nested_too_deep_is_a_protocol_error():
+    """A DeployRequest (spec: any data) nested 100,000 maps deep raised RecursionError out of decode, past
+    every socket loop's `except ProtocolError`; the head logged a traceback and never answered."""
+    type_byte, _ = p.encode(p.DeployRequest("t", {}))
+    deep = b"\x82\xa5token\xa1t\xa4spec" + b"\x81\xa1a" * 100_000 + b"\xc0"
+    with pytest.raises(p.ProtocolError, match="bad DeployRequest payload"):
+        p.decode(type_byte, deep)

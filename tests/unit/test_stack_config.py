@@ -1,6 +1,11 @@
+import re
+
 import pytest
 
-from runtime.stack_config import load_stack, parse_deployment, parse_stack
+from runtime.protocol import (
+    DeploymentRoute, DeploymentStatus, ReplicaRoute, RoutingTable, StatusReply, decode, encode,
+)
+from runtime.stack_config import MAX_BYTES, MAX_COUNT, load_stack, parse_deployment, parse_stack
 
 
 def test_example_mock_config_loads():
@@ -15,6 +20,7 @@ def test_example_mock_config_loads():
     ({"name": "x", "engine": "mock", "replicas": -1}, "deployment.replicas: must be an integer >= 0"),
     ({"name": "x", "engine": "mock", "replicas": True}, "deployment.replicas"),
     ({"name": "bad name!", "engine": "mock"}, "deployment.name"),
+    ({"name": "abc\n", "engine": "mock"}, "deployment.name"),  # "$" matched before a final newline
     ({"name": "x", "engine": "mock", "colour": 1}, "unknown field"),
     ({"engine": "mock"}, "deployment.name: must be a non-empty string"),
     ({"name": "x", "engine": "vllm"}, "deployment.model"),
@@ -107,3 +113,41 @@ def test_nan_and_infinity_anywhere_in_a_spec_are_refused_naming_the_field(extra,
     with pytest.raises(ValueError, match=r"^%s: must be a finite number$" % path.replace("[", r"\[").replace(
             "]", r"\]")):
         parse_deployment(dict({"name": "a", "engine": "mock", "model": "m"}, **extra), "d")
+
+
+@pytest.mark.parametrize("extra, path", [
+    ({"max_ongoing_requests": 10**20}, "d.max_ongoing_requests"),
+    ({"gpus": 10**20}, "d.gpus"),
+    ({"memory": 10**20}, "d.memory"),
+    ({"memory": "99999999999Ti"}, "d.memory"),
+    ({"routing": {"queue_size": 10**20}}, "d.routing.queue_size"),
+    ({"routing": {"prefix_chars": 10**20}}, "d.routing.prefix_chars"),
+    ({"rollout": {"max_surge": 10**20}}, "d.rollout.max_surge"),
+])
+def test_counts_the_wire_cannot_carry_are_refused_naming_the_field(extra, path):
+    """msgpack encodes no integer past 2**64 - 1: one such count in a stored spec made every status reply
+    and every routing table of the head fail to encode, for every deployment, until the spec was gone."""
+    with pytest.raises(ValueError, match=r"^%s: must be at most" % re.escape(path)):
+        parse_deployment(dict({"name": "a", "engine": "mock"}, **extra), "d")
+
+
+def test_the_largest_accepted_counts_cross_the_wire():
+    big = MAX_COUNT
+    spec = parse_deployment({"name": "a", "engine": "mock", "gpus": big, "memory": MAX_BYTES,
+                             "max_ongoing_requests": big, "rollout": {"max_surge": big},
+                             "routing": {"queue_size": big, "prefix_chars": big, "max_imbalance": big}}, "d")
+    table = RoutingTable(1, 1, 0.0, [DeploymentRoute("a", "mock", "m", [
+        ReplicaRoute("r", "tcp://h:1", 0, 0, 0.0, spec.max_ongoing_requests)], routing=spec.routing)])
+    status = DeploymentStatus(**spec.to_dict())
+    for msg in (table, StatusReply(1, 1, [status], [])):
+        assert decode(*encode(msg)) == msg
+
+
+def test_a_spec_nested_too_deeply_is_a_value_error():
+    deep: dict = {}
+    cur = deep
+    for _ in range(5000):
+        cur["a"] = {}
+        cur = cur["a"]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_deployment({"name": "a", "engine": "mock", "engine_args": deep}, "d")

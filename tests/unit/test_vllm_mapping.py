@@ -1,9 +1,11 @@
 """model_proc.vllm_mapping (the vLLM engine's pure request mapping), tested without vLLM imported."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -243,3 +245,55 @@ def test_stale_rpc_dirs_of_dead_replicas_are_removed(tmp_path: Path) -> None:
     assert remove_stale_rpc_dirs(str(tmp_path)) == ["tokenrelay-vllm-rpc-%d-abc" % dead.pid]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
         "tokenrelay-vllm-rpc-%d-def" % os.getpid(), "tokenrelay-vllm-rpc-xyz", "someone-else-%d" % dead.pid])
+
+
+class _Output:
+    def __init__(self, text: str, finished: bool, reason=None) -> None:
+        self.outputs = [SimpleNamespace(text=text, token_ids=[7], finish_reason=reason)]
+        self.finished = finished
+        self.prompt_token_ids = [1, 2]
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.emits: list = []
+        self.errors: list = []
+
+    def emit(self, rid, text, finish, prompt_tokens, completion_tokens, token_ids=()):
+        self.emits.append((rid, text, finish))
+
+    def error(self, rid, status, message, param=None, body=b""):
+        self.errors.append((rid, status, message))
+
+
+def _run_prompt(outputs: list) -> _Sink:
+    """VllmEngine._run over a fake AsyncLLM whose generate yields `outputs`."""
+    async def generate(prompt, sampling, request_id):
+        for out in outputs:
+            yield out
+
+    engine, sink = VllmEngine("m", {}), _Sink()
+    engine._engine = SimpleNamespace(generate=generate, errored=False)
+    engine._sink = sink
+    engine._vllm = SimpleNamespace(TokensPrompt=dict, EngineDeadError=type("Dead", (Exception,), {}),
+                                   VLLMClientError=type("Client", (Exception,), {}))
+    asyncio.run(engine._run("r", [1, 2], None))
+    return sink
+
+
+def test_an_abort_vllm_made_by_itself_ends_the_request_with_an_error() -> None:
+    """Our aborts cancel the request's task first; an "abort" finish that reaches it was vLLM's own, and
+    it ended nothing: the request held its slot at the replica and its client waited for the idle timeout."""
+    sink = _run_prompt([_Output("a", False), _Output("", True, "abort")])
+    assert sink.emits == [("r", "a", None)]
+    assert sink.errors == [("r", 503, "vLLM aborted the request")]
+
+
+def test_an_output_stream_that_ends_unfinished_is_an_error() -> None:
+    sink = _run_prompt([_Output("a", False)])
+    assert sink.errors == [("r", 500, "vLLM's output stream ended before the request finished")]
+
+
+def test_a_finished_output_is_one_final_emit() -> None:
+    sink = _run_prompt([_Output("a", False), _Output("b", True, "length")])
+    assert sink.emits == [("r", "a", None), ("r", "b", "length")] and not sink.errors

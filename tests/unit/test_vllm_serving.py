@@ -3,11 +3,12 @@ options, token accounting of relayed requests, error bodies. The app itself runs
 from __future__ import annotations
 
 import argparse
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
-from model_proc.vllm_serving import Relayed, error_fields, record_output, serve_argv
+from model_proc.vllm_serving import Relayed, ServingApp, error_fields, record_output, serve_argv
 
 pytestmark = pytest.mark.unit
 
@@ -64,3 +65,47 @@ def test_error_fields() -> None:
     body = b'{"error":{"message":"m","type":"BadRequestError","param":"messages","code":400}}'
     assert error_fields(body) == ("m", "BadRequestError", "messages")
     assert error_fields(b"Internal Server Error") == ("Internal Server Error", "server_error", None)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.emits: list = []
+        self.errors: list = []
+
+    def emit(self, rid, text, finish, prompt_tokens, completion_tokens, token_ids=()):
+        self.emits.append((rid, text, finish))
+
+    def error(self, rid, status, message, param=None, body=b""):
+        self.errors.append((rid, status, message))
+
+
+def _serve(app) -> _Sink:
+    async def go() -> _Sink:
+        sink = _Sink()
+        serving = ServingApp(app, sink)
+        serving.submit("r", "/v1/completions", b'{"prompt": "x"}')
+        while len(serving):
+            await asyncio.sleep(0.001)
+        return sink
+    return asyncio.run(asyncio.wait_for(go(), 5))
+
+
+def test_a_response_the_app_leaves_unfinished_ends_the_request_with_an_error() -> None:
+    """Every request ends with one final emit or one error: before, an app call that returned after a
+    body part with more_body left the request open at the replica (its slot, its client) for good."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+
+    sink = _serve(app)
+    assert sink.emits == [("r", "data: {}\n\n", None)]
+    assert sink.errors == [("r", 500, "vLLM's app ended the response before its last part")]
+
+
+def test_a_finished_response_is_one_final_emit_and_no_error() -> None:
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    sink = _serve(app)
+    assert sink.emits == [("r", "{}", "stop")] and sink.errors == []
