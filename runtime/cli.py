@@ -19,7 +19,7 @@ import yaml
 
 from runtime import head_client, stack_commands
 from runtime.addresses import check_zmq_endpoint
-from runtime.credentials import client_token
+from runtime.credentials import client_token, state_dir
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
 from runtime.stack_config import parse_deployment
@@ -58,6 +58,16 @@ def _token(ns: argparse.Namespace) -> str:
     return client_token(ns.token, ns.state_dir)
 
 
+def _head(ns: argparse.Namespace) -> str:
+    """--head, else the head of the one `tokenrelay up` stack running in the state directory (its
+    config may put the head elsewhere than DEFAULT_HEAD: `status` then asked another stack's head, or
+    none), else DEFAULT_HEAD."""
+    if ns.head:
+        return str(ns.head)
+    heads = {record.head for record, _ in stack_commands.running_stacks(state_dir(ns.state_dir)) if record.head}
+    return heads.pop() if len(heads) == 1 else DEFAULT_HEAD
+
+
 def _keys(ns: argparse.Namespace) -> Optional[str]:
     """The CLI's key directory: --curve-dir, else (with --state-dir) that state dir's keys/, else the
     default (runtime.curve.keys_dir)."""
@@ -70,7 +80,7 @@ def _keys(ns: argparse.Namespace) -> Optional[str]:
 def _admin_call(ns: argparse.Namespace, fn, *args) -> int:
     """Run one admin command against the head; print its result (JSON with --json)."""
     try:
-        data = fn(ns.head, _token(ns), *args, timeout=ns.timeout, keys=_keys(ns))
+        data = fn(_head(ns), _token(ns), *args, timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
         if ns.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -201,7 +211,7 @@ def _cmd_keys(ns: argparse.Namespace) -> int:
 
 def _cmd_status(ns: argparse.Namespace) -> int:
     try:
-        reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout, keys=_keys(ns))
+        reply = head_client.status(_head(ns), _token(ns), timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
         if ns.json:  # as deploy/scale/delete do: a script reading stdout got nothing to parse
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -268,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("--head", default=DEFAULT_HEAD, type=_head_endpoint, help="the head's control endpoint")
+        cmd.add_argument("--head", default=None, type=_head_endpoint,
+                         help="the head's control endpoint (default: the head of the one `tokenrelay up` "
+                              "stack running in the state directory, else %s)" % DEFAULT_HEAD)
         cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
                                                        "the state directory's admin.token)")
         cmd.add_argument("--state-dir", default=None, help="where to look for admin.token (and keys/)")
