@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -328,7 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging("tokenrelay", ns.log_level)
-    return ns.func(ns)
+    try:
+        return ns.func(ns)
+    except BrokenPipeError:
+        # the reader of stdout left (`tokenrelay status | head`): stop quietly. Unhandled, this printed a
+        # traceback, and Python another one at exit flushing stdout, which /dev/null in its place avoids.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
 
 
 if __name__ == "__main__":
