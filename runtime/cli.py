@@ -62,11 +62,16 @@ def _token(ns: argparse.Namespace) -> str:
 def _head(ns: argparse.Namespace) -> str:
     """--head, else the head of the one `tokenrelay up` stack running in the state directory (its
     config may put the head elsewhere than DEFAULT_HEAD: `status` then asked another stack's head, or
-    none), else DEFAULT_HEAD."""
+    none), else DEFAULT_HEAD; HeadUnreachable when several run (no guess)."""
     if ns.head:
         return str(ns.head)
-    heads = {record.head for record, _ in stack_commands.running_stacks(state_dir(ns.state_dir)) if record.head}
-    return heads.pop() if len(heads) == 1 else DEFAULT_HEAD
+    state = state_dir(ns.state_dir)
+    stacks = [record for record, _ in stack_commands.running_stacks(state) if record.head]
+    heads = {record.head for record in stacks}
+    if len(heads) > 1:  # HeadUnreachable: the callers' "nothing was sent" path (exit 1, with --json too)
+        raise HeadUnreachable("%d stacks are running in %s: say which head with --head (%s)" % (
+            len(stacks), state, ", ".join("%s: %s" % (r.stack, r.head) for r in stacks)))
+    return heads.pop() if heads else DEFAULT_HEAD
 
 
 def _keys(ns: argparse.Namespace) -> Optional[str]:
@@ -280,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
         cmd.add_argument("--head", default=None, type=_head_endpoint,
-                         help="the head's control endpoint (default: the head of the one `tokenrelay up` "
-                              "stack running in the state directory, else %s)" % DEFAULT_HEAD)
+                         help="the head's control endpoint (default: the head of the `tokenrelay up` stack "
+                              "running in the state directory; with none, %s)" % DEFAULT_HEAD)
         cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
                                                        "the state directory's admin.token)")
         cmd.add_argument("--state-dir", default=None, help="where to look for admin.token (and keys/)")
