@@ -39,10 +39,11 @@ def _prepare(model: str) -> bool:
     if model not in KNOWN_MODELS:
         return True  # a path or hub id: passed to vLLM as is
     try:
-        prepare_model(model, progress=lambda msg: log.info("[models] %s", msg))
+        path = prepare_model(model, progress=lambda msg: log.info("[models] %s", msg))
     except ModelPrepareError as exc:
         log.error("cannot prepare model %s: %s", model, exc)
         return False
+    log.info("[models] %s is ready in %s", model, path)  # a second `models prepare` printed nothing at all
     return True
 
 
