@@ -77,6 +77,8 @@ class Agent:
         self._repins = RepinPlan()  # replicas to restart on fewer cores (agent.repin)
         self.metrics = AgentMetrics(config.metrics_port)
         self._refusal_log = RefusalLog(log)
+        self._last_refusal: tuple[str, str] = ("", "")  # the head's last refusal, and when to log it again
+        self._refusal_repeat_at = 0.0
 
     def stop(self) -> None:
         self._shutdown = True
@@ -251,8 +253,10 @@ class Agent:
                 self._send_head(AgentRegister(PROTOCOL_VERSION, self.config.agent_id, self.config.host,
                                               self.capacity, self.config.labels, self._reports(),
                                               metrics_endpoint=self.metrics.address))
-            else:
+            elif (msg.code, msg.message) != self._last_refusal or self.clock() >= self._refusal_repeat_at:
+                # once a minute while it repeats: a revoked agent hears it on every heartbeat (2 a second)
                 log.error("head refused: %s %s", msg.code, msg.message)
+                self._last_refusal, self._refusal_repeat_at = (msg.code, msg.message), self.clock() + 60.0
 
     def _reports(self) -> list:
         return [self.metrics.report(r.report(self._wall_offset)) for r in self.records.values()]

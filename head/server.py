@@ -50,6 +50,8 @@ TICK = 0.1  # seconds between housekeeping passes
 REBIND_PATIENCE = 2.0  # seconds of retrying the publisher's own address before the configured one
 UNAUTHORIZED = ("admin token required: pass --token, set TOKENRELAY_ADMIN_TOKEN, or run on the head's "
                 "host where the token file in the state directory is readable")
+WRONG_TOKEN = ("wrong admin token (--token, TOKENRELAY_ADMIN_TOKEN, or the admin.token file the CLI found): "
+               "this head's is in admin.token in its state directory")
 
 
 class Head:
@@ -267,7 +269,7 @@ class Head:
         elif isinstance(msg, (StatusRequest, DeployRequest, ScaleRequest, DeleteRequest)):
             if not token_matches(self.admin_token, msg.token):
                 log.warning("refused %s: bad or missing admin token", type(msg).__name__)
-                self._reply(peer, ControlReply(False, "unauthorized", UNAUTHORIZED))
+                self._reply(peer, ControlReply(False, "unauthorized", WRONG_TOKEN if msg.token else UNAUTHORIZED))
             else:
                 self._reply(peer, self._admin(msg, now))
         else:

@@ -59,7 +59,9 @@ class RequestContext:
 class AccessControl:
     """With API keys configured: `Authorization: Bearer KEY` on every path but /openapi.json and the
     health endpoints (those too with `protect_health`), else 401; then the key's rate limit, else 429
-    with Retry-After."""
+    with Retry-After. Health endpoints never count against a rate limit: a load balancer (or the
+    launcher of `tokenrelay up`) probing /ready with a key under `protect_health` used that key's whole
+    budget, and the probe itself then failed with 429."""
 
     def __init__(self, keys: ApiKeys, limiter: RateLimiter, default_limit: int, protect_health: bool,
                  clock: Callable[[], float]) -> None:
@@ -89,6 +91,8 @@ class AccessControl:
                 raise Unauthorized("Incorrect API key provided (use 'Authorization: Bearer KEY')")
             raise Unauthorized("You didn't provide an API key; send 'Authorization: Bearer KEY'")
         req.context.key_id = key_id
+        if req.path in HEALTH_PATHS:
+            return
         allowed, wait = self._limiter.allow(key_id, self._keys.limit_of(key_id, self._default_limit),
                                             self._clock())
         if not allowed:

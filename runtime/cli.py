@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,7 @@ import yaml
 
 from runtime import head_client, stack_commands
 from runtime.addresses import check_zmq_endpoint
-from runtime.credentials import client_token
+from runtime.credentials import client_token, state_dir
 from runtime.head_client import HeadRefused, HeadUnreachable
 from runtime.logs import setup_logging
 from runtime.stack_config import check_replicas, parse_deployment
@@ -38,10 +39,11 @@ def _prepare(model: str) -> bool:
     if model not in KNOWN_MODELS:
         return True  # a path or hub id: passed to vLLM as is
     try:
-        prepare_model(model, progress=lambda msg: log.info("[models] %s", msg))
+        path = prepare_model(model, progress=lambda msg: log.info("[models] %s", msg))
     except ModelPrepareError as exc:
         log.error("cannot prepare model %s: %s", model, exc)
         return False
+    log.info("[models] %s is ready in %s", model, path)  # a second `models prepare` printed nothing at all
     return True
 
 
@@ -58,6 +60,21 @@ def _token(ns: argparse.Namespace) -> str:
     return client_token(ns.token, ns.state_dir)
 
 
+def _head(ns: argparse.Namespace) -> str:
+    """--head, else the head of the one `tokenrelay up` stack running in the state directory (its
+    config may put the head elsewhere than DEFAULT_HEAD: `status` then asked another stack's head, or
+    none), else DEFAULT_HEAD; HeadUnreachable when several run (no guess)."""
+    if ns.head:
+        return str(ns.head)
+    state = state_dir(ns.state_dir)
+    stacks = [record for record, _ in stack_commands.running_stacks(state) if record.head]
+    heads = {record.head for record in stacks}
+    if len(heads) > 1:  # HeadUnreachable: the callers' "nothing was sent" path (exit 1, with --json too)
+        raise HeadUnreachable("%d stacks are running in %s: say which head with --head (%s)" % (
+            len(stacks), state, ", ".join("%s: %s" % (r.stack, r.head) for r in stacks)))
+    return heads.pop() if heads else DEFAULT_HEAD
+
+
 def _keys(ns: argparse.Namespace) -> Optional[str]:
     """The CLI's key directory: --curve-dir, else (with --state-dir) that state dir's keys/, else the
     default (runtime.curve.keys_dir)."""
@@ -70,7 +87,7 @@ def _keys(ns: argparse.Namespace) -> Optional[str]:
 def _admin_call(ns: argparse.Namespace, fn, *args) -> int:
     """Run one admin command against the head; print its result (JSON with --json)."""
     try:
-        data = fn(ns.head, _token(ns), *args, timeout=ns.timeout, keys=_keys(ns))
+        data = fn(_head(ns), _token(ns), *args, timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
         if ns.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -210,7 +227,7 @@ def _cmd_keys(ns: argparse.Namespace) -> int:
 
 def _cmd_status(ns: argparse.Namespace) -> int:
     try:
-        reply = head_client.status(ns.head, _token(ns), timeout=ns.timeout, keys=_keys(ns))
+        reply = head_client.status(_head(ns), _token(ns), timeout=ns.timeout, keys=_keys(ns))
     except (HeadUnreachable, HeadRefused) as exc:
         if ns.json:  # as deploy/scale/delete do: a script reading stdout got nothing to parse
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -277,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def head_command(name: str, help: str, func) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("--head", default=DEFAULT_HEAD, type=_head_endpoint, help="the head's control endpoint")
+        cmd.add_argument("--head", default=None, type=_head_endpoint,
+                         help="the head's control endpoint (default: the head of the `tokenrelay up` stack "
+                              "running in the state directory; with none, %s)" % DEFAULT_HEAD)
         cmd.add_argument("--token", default=None, help="admin token (default: $TOKENRELAY_ADMIN_TOKEN or "
                                                        "the state directory's admin.token)")
         cmd.add_argument("--state-dir", default=None, help="where to look for admin.token (and keys/)")
@@ -325,7 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging("tokenrelay", ns.log_level)
-    return ns.func(ns)
+    try:
+        return ns.func(ns)
+    except BrokenPipeError:
+        # the reader of stdout left (`tokenrelay status | head`): stop quietly. Unhandled, this printed a
+        # traceback, and Python another one at exit flushing stdout, which /dev/null in its place avoids.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
 
 
 if __name__ == "__main__":

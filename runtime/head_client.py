@@ -54,7 +54,9 @@ def _secure(sock: zmq.Socket[bytes], keys: Keys) -> str:
                             "$%s=1 if the head really runs --insecure (the admin token then goes in clear "
                             "text)" % (exc, curve.OPERATOR_ENV, curve.INSECURE_ENV)) from exc
     curve.connect(sock, me, head)
-    return " (as %s-%s)" % (me.role, me.name)
+    # a CURVE handshake that fails is silent: say what else than "not running" it may be
+    return (" (as %s-%s): is it running? A head started with --insecure answers only with $%s=1; one of "
+            "another cluster, or that revoked this key, never answers it" % (me.role, me.name, curve.INSECURE_ENV))
 
 
 def request(endpoint: str, msg: Any, timeout: float = 3.0, keys: Keys = None) -> Any:

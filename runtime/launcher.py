@@ -185,7 +185,8 @@ class Launcher:
         # after the handlers: `tokenrelay down` may signal the launcher as soon as it finds the record
         record = self.record_path()
         try:
-            stack_record.write(record, stack_record.this_process(self.stack_name or "", s.proxy_bind))
+            stack_record.write(record, stack_record.this_process(self.stack_name or "", s.proxy_bind,
+                                                                  local_endpoint(s.head_control)))
         except OSError as exc:
             log.error("[startup] cannot write the launcher record %s: %s", record, exc.strerror)
             return 1

@@ -43,6 +43,7 @@ class LauncherRecord(msgspec.Struct, frozen=True):
     stack: str
     started_at: float  # wall clock (time.time), for messages only
     proxy: str = ""  # the proxy's HTTP address, for messages only
+    head: str = ""  # the head's control endpoint as this host reaches it: the CLI's --head when not given
 
 
 def stack_dir(state: Path, stack: Optional[str]) -> Path:
@@ -69,11 +70,11 @@ def hold_lock(path: Path) -> Optional[int]:
     return fd
 
 
-def this_process(stack: str, proxy: str = "") -> LauncherRecord:
+def this_process(stack: str, proxy: str = "", head: str = "") -> LauncherRecord:
     """The record of the calling process (the launcher)."""
     me = psutil.Process()
     return LauncherRecord(pid=me.pid, create_time=me.create_time(), cmdline=me.cmdline(), stack=stack,
-                          started_at=time.time(), proxy=proxy)
+                          started_at=time.time(), proxy=proxy, head=head)
 
 
 def write(path: Path, record: LauncherRecord) -> None:

@@ -70,9 +70,11 @@ def _recv(sock, timeout=3.0):
 
 
 def test_admin_commands_need_the_token(head):
-    with pytest.raises(HeadRefused, match="unauthorized"):
+    # a wrong token is told apart from none ("admin token required: pass --token" read as if --token
+    # had been ignored)
+    with pytest.raises(HeadRefused, match="unauthorized: wrong admin token"):
         head_client.status(head.endpoint, "wrong")
-    with pytest.raises(HeadRefused, match="unauthorized"):
+    with pytest.raises(HeadRefused, match="unauthorized: admin token required: pass --token"):
         head_client.deploy(head.endpoint, "", {"name": "x", "engine": "mock"})
 
 

@@ -62,3 +62,28 @@ def test_scale_checks_its_count_before_anything_is_sent(monkeypatch, capsys, cou
     with pytest.raises(SystemExit) as exit_:
         cli.main(["scale", "a", count])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_closed_stdout_ends_the_cli_quietly(tmp_path, monkeypatch, capsys) -> None:
+    """`tokenrelay keys list | head -1` (or `status | head`): the reader left, and the CLI ended with a
+    BrokenPipeError traceback."""
+    import io
+
+    from runtime import keyring
+
+    keyring.init_cluster(tmp_path)
+    for name in ("a", "b"):
+        keyring.add(tmp_path, "operator", name, tmp_path / ("out-%s" % name))
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            raise io.UnsupportedOperation("fileno")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["keys", "list", "--dir", str(tmp_path)]) == 1

@@ -139,6 +139,16 @@ def test_status_json_says_why_when_the_head_does_not_answer(monkeypatch, capsys)
         "ok": False, "error": "no answer from the head at tcp://127.0.0.1:1 within 0.1s"}
 
 
+def test_models_prepare_of_a_prepared_model_says_where_it_is(tmp_path, monkeypatch, capsys):
+    """A second `tokenrelay models prepare smollm2` printed nothing: the user was not told where the
+    folder (what `vllm serve` or a deployment's `model` may name) is."""
+    import runtime.models
+
+    monkeypatch.setattr(runtime.models, "prepare_model", lambda name, progress: tmp_path / name)
+    assert cli.main(["models", "prepare", "smollm2"]) == 0
+    assert "smollm2 is ready in %s" % (tmp_path / "smollm2") in capsys.readouterr().err
+
+
 def test_models_prepare_of_an_unknown_name_says_so(capsys):
     """`tokenrelay models prepare smolm2` (a typo) printed nothing and exited 0."""
     assert cli.main(["models", "prepare", "smolm2"]) == 1

@@ -72,6 +72,20 @@ def test_rate_limit_per_key_is_429_with_retry_after() -> None:
     assert all(c.simulate_get("/v1/models", headers=vip).status_code == 200 for _ in range(10))
 
 
+def test_health_probes_with_a_key_never_use_its_rate_limit() -> None:
+    """`tokenrelay up` with TOKENRELAY_API_KEYS, --protect-health and a rate limit: the launcher's
+    readiness probes (and a load balancer's) spent the first key's budget, so the user's first request
+    with that key got 429, and so did the probes."""
+    c = client_for(FakeBackend(), "sk-good", rate_limit=2, protect_health=True)
+    for _ in range(10):
+        for path in ("/health", "/ready", "/metrics"):
+            assert c.simulate_get(path, headers=KEY).status_code == 200, path
+    for _ in range(2):
+        assert c.simulate_get("/v1/models", headers=KEY).status_code == 200
+    assert_openai_error(c.simulate_get("/v1/models", headers=KEY), 429, code="rate_limit_exceeded")
+    assert_openai_error(c.simulate_get("/ready"), 401, code="invalid_api_key")  # still needs the key
+
+
 # --------------------------------------------------------------------------- content types
 
 

@@ -181,3 +181,30 @@ def test_the_launcher_record_path_matches_what_down_reads(tmp_path) -> None:
     assert launcher.record_path() == stack_record.record_path(tmp_path, "prod")
     assert launcher.replica_log_dir() == tmp_path / "stacks" / "prod" / "logs"
     assert launcher.down_command() == "tokenrelay down --stack prod --state-dir %s" % tmp_path
+
+
+def test_admin_commands_find_the_running_stacks_head_without_head(tmp_path, monkeypatch, capsys) -> None:
+    """docs/operations.md: `nohup tokenrelay up --config stack.yaml &` then `tokenrelay status`. With the
+    head on other ports than 7100, status asked tcp://127.0.0.1:7100 (another stack's head, or none)."""
+    from runtime import head_client
+    asked: list[str] = []
+
+    def status(endpoint: str, token: str, **kwargs: object) -> None:
+        asked.append(endpoint)
+        raise head_client.HeadUnreachable("no answer")
+
+    monkeypatch.setattr(head_client, "status", status)
+    monkeypatch.setattr(cli, "_token", lambda ns: "t")
+    args = ["status", "--state-dir", str(tmp_path)]
+    assert cli.main(args) == 1 and asked == [cli.DEFAULT_HEAD]  # no stack runs: the default
+    record = stack_record.this_process("mine", "127.0.0.1:8300", "tcp://127.0.0.1:7300")
+    stack_record.write(stack_record.record_path(tmp_path, "mine"), record)
+    assert cli.main(args) == 1 and asked[-1] == "tcp://127.0.0.1:7300"  # the one stack running
+    assert cli.main(args + ["--head", "tcp://127.0.0.1:7555"]) == 1 and asked[-1] == "tcp://127.0.0.1:7555"
+    other = stack_record.this_process("other", "127.0.0.1:8400", "tcp://127.0.0.1:7400")
+    stack_record.write(stack_record.record_path(tmp_path, "other"), other)
+    capsys.readouterr()
+    assert cli.main(args) == 1 and len(asked) == 3  # two: no guess, nothing sent
+    err = capsys.readouterr().err
+    assert "2 stacks are running" in err and "say which head with --head" in err
+    assert "mine: tcp://127.0.0.1:7300" in err and "other: tcp://127.0.0.1:7400" in err

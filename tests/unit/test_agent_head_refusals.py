@@ -1,0 +1,27 @@
+"""The agent's log when the head refuses its messages: a revoked agent is refused on every heartbeat
+(2 a second) and logged an ERROR line each time, for as long as it ran. No sockets: the reactor's
+handler of head frames is driven by hand."""
+from __future__ import annotations
+
+import logging
+
+from agent.config import AgentConfig
+from agent.server import Agent
+from runtime.protocol import ControlReply, encode
+
+
+def test_a_repeated_refusal_is_logged_once_a_minute(monkeypatch, caplog) -> None:
+    monkeypatch.delenv("TOKENRELAY_CURVE_DIR", raising=False)
+    now = [0.0]
+    agent = Agent(AgentConfig(metrics_port=-1), clock=lambda: now[0])
+    revoked = encode(ControlReply(False, "forbidden", "key agent-gpu1 may not send AgentHeartbeat (revoked)"))
+    with caplog.at_level(logging.ERROR, logger="agent.server"):
+        for _ in range(20):  # ten seconds of heartbeats
+            agent._on_head_frames(revoked)
+            now[0] += 0.5
+        assert len(caplog.records) == 1 and "head refused: forbidden key agent-gpu1" in caplog.text
+        now[0] = 61.0
+        agent._on_head_frames(revoked)
+        assert len(caplog.records) == 2  # still said while it lasts
+        agent._on_head_frames(encode(ControlReply(False, "protocol", "unsupported protocol version 2")))
+        assert len(caplog.records) == 3 and "unsupported protocol version" in caplog.records[-1].getMessage()
