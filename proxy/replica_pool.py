@@ -128,8 +128,9 @@ class ReplicaPool:
         return list(self._by_id)
 
     def reachable(self) -> int:
-        """Replicas in the table this worker is connected to and has not seen die."""
-        return sum(1 for c in self._by_id.values() if c.connected and not c.down)
+        """Replicas in the table this worker is connected to, has not seen die, and that do not refuse
+        its key (ReplicaConnection.reachable)."""
+        return sum(1 for c in self._by_id.values() if c.reachable)
 
     def streams(self) -> int:
         """Requests in flight on every connection (retired ones included): this worker's streams."""

@@ -55,8 +55,8 @@ from proxy.raw_dealer import RawDealer, Secure
 from proxy.router import ReplicaView
 from proxy.streams import RequestStream
 from runtime.protocol import (
-    SHUTTING_DOWN, Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError, TokenBatch,
-    decode_frames, encode,
+    KEY_REFUSED, SHUTTING_DOWN, Abort, GenerateRequest, ProtocolError, ReplicaDead, ReplicaRoute, RequestError,
+    TokenBatch, decode_frames, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _monitor_ids = itertools.count(1)
 TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
+KEY_REFUSED_HOLD_S = 30.0  # a replica that refused this proxy's key counts as unreachable this long (/ready)
 SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
 
 
@@ -101,6 +102,9 @@ class ReplicaConnection:
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
         self.draining = False  # it said it is shutting down (protocol.SHUTTING_DOWN): no new requests
+        # when it last refused this proxy's key on an open connection (a key revoked, or not copied to its
+        # host): no token since. Routing still tries it (how a key accepted again is noticed), /ready not
+        self.key_refused_at: Optional[float] = None
         self._ctx, self._hwm, self._secure = ctx, hwm, secure
         self._new_identity = new_identity or _suffixed(identity)
         self._handshakes = Handshakes()
@@ -198,6 +202,7 @@ class ReplicaConnection:
             log.warning("replica %s sent a bad message: %s", self.replica_id, exc)
             return
         if isinstance(msg, TokenBatch):
+            self.key_refused_at = None  # it answers us
             inflight = self.inflight
             ended = False
             for delta in msg.deltas:
@@ -224,6 +229,8 @@ class ReplicaConnection:
             if msg.type == SHUTTING_DOWN and not self.draining:
                 log.info("[failover] replica %s is shutting down; no new requests go there", self.replica_id)
                 self.draining = True  # it refuses new requests: stop choosing it (not a failure)
+            elif msg.type == KEY_REFUSED:
+                self.key_refused_at = self._clock()
             stream = self.inflight.pop(msg.request_id, None)
             if stream is not None:
                 stream.push(msg)
@@ -259,6 +266,12 @@ class ReplicaConnection:
     def table_update(self, route: ReplicaRoute, received_at: float) -> None:
         self.max_ongoing = route.max_ongoing_requests
         self.report(route.running + route.waiting, received_at - TABLE_REPORT_LAG)
+
+    @property
+    def reachable(self) -> bool:
+        """Connected, not seen dying, and not refusing this proxy's key (within KEY_REFUSED_HOLD_S)."""
+        refused = self.key_refused_at is not None and self._clock() - self.key_refused_at < KEY_REFUSED_HOLD_S
+        return self.connected and not self.down and not refused
 
     def view(self, allowed: bool = True) -> ReplicaView:
         since = 0
@@ -303,7 +316,7 @@ class ReplicaConnection:
                      self.replica_id, self.endpoint, failures)
         elif self.down:
             log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
-        self.connected, self.down, self.draining = True, False, False
+        self.connected, self.down, self.draining, self.key_refused_at = True, False, False, None
         self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
 
     def _handshake_failed(self, event: int, value: int) -> None:

@@ -102,4 +102,7 @@ class TableState:
             if not reachable:
                 return False, stale + ", and no replica of it is reachable"
             return True, stale + "; serving with the last table (%d replica(s) reachable)" % reachable
+        if reachable == 0 and not any(d.cold_start_timeout_s > 0 for d in self.table.deployments):
+            return False, ("no replica of the routing table is reachable from this worker (still connecting, "
+                           "or every one refuses this proxy's key: see the proxy's log)")
         return True, "ok"

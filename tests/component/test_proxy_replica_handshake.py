@@ -20,12 +20,12 @@ import zmq.green as zmq_green
 
 from proxy.handshake import REOPEN_MAX_S
 from proxy.replica_pool import ReplicaPool
-from proxy.replicas import ReplicaConnection
+from proxy.replicas import KEY_REFUSED_HOLD_S, ReplicaConnection
 from proxy.streams import RequestStream
 from runtime import authz, curve, keyring
 from runtime.keyring import Registry
 from runtime.protocol import (
-    Delta, DeploymentRoute, GenerateRequest, ReplicaRoute, RequestError, RoutingTable, TokenBatch,
+    KEY_REFUSED, Delta, DeploymentRoute, GenerateRequest, ReplicaRoute, RequestError, RoutingTable, TokenBatch,
     decode_frames, encode,
 )
 from runtime.zap import ZapHandler
@@ -128,6 +128,46 @@ def test_a_plain_connection_counts_as_connected_after_its_handshake():
     try:
         _until(lambda: conn.connected, 5, "a plain connection counted as connected")
         assert not conn.down
+    finally:
+        conn.close("test over")
+        router.close(0)
+        ctx.term()
+
+
+def test_a_replica_that_refuses_this_proxys_key_is_not_reachable_until_it_answers_again():
+    """A key revoked (or not on the replica's host) while the connection stays open: the replica refuses
+    each request with KEY_REFUSED. /ready must not count it (it said 200 while every request got 503) for
+    KEY_REFUSED_HOLD_S; a token from it, or the hold running out, counts it again."""
+    now = [0.0]
+    ctx = zmq_green.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    conn = ReplicaConnection(ctx, b"w1", "dep", ReplicaRoute("r1", "tcp://127.0.0.1:%d" % port, 0, 0, 0.0, 8), 100,
+                             clock=lambda: now[0])
+
+    def answer(request_id: str, msg: object) -> object:
+        stream = RequestStream(request_id, "r1")
+        conn.submit(stream, GenerateRequest(request_id, prompt="hi"))
+        with gevent.Timeout(5):
+            peer, *_frames = router.recv_multipart()
+        router.send_multipart([peer] + encode(msg))
+        return stream.get(5.0)
+
+    try:
+        _until(lambda: conn.connected, 5, "a plain connection counted as connected")
+        assert conn.reachable
+        refused = answer("a", RequestError("a", 403, "key not accepted", KEY_REFUSED))
+        assert isinstance(refused, RequestError) and refused.type == KEY_REFUSED
+        assert conn.connected and not conn.reachable
+        now[0] = KEY_REFUSED_HOLD_S - 1
+        assert not conn.reachable
+        now[0] = KEY_REFUSED_HOLD_S + 1  # nobody sent it a request since: count it again, to be tried
+        assert conn.reachable
+        answer("b", RequestError("b", 403, "key not accepted", KEY_REFUSED))
+        assert not conn.reachable
+        token = answer("c", TokenBatch([Delta("c", "ok", "stop", 1, 1)]))
+        assert isinstance(token, Delta) and conn.reachable  # it takes this proxy again
     finally:
         conn.close("test over")
         router.close(0)

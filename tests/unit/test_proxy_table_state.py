@@ -98,6 +98,10 @@ def test_readiness_reasons() -> None:
     assert not ready and "healthy replica" in reason
     s.offer(table(1, 2, replicas=1), 1.0)
     assert s.readiness(2.0) == (True, "ok")
+    assert s.readiness(2.0, reachable=1) == (True, "ok")
+    # a fresh table, but no replica of it takes this proxy (its key not on their hosts, or revoked)
+    ready, reason = s.readiness(2.0, reachable=0)
+    assert not ready and "refuses this proxy's key" in reason
     ready, reason = s.readiness(10.0)
     assert not ready and "stale" in reason and "no replica" in reason
     ready, reason = s.readiness(10.0, reachable=0)
@@ -113,6 +117,7 @@ def test_a_scaled_to_zero_deployment_keeps_the_proxy_ready() -> None:
     cold = DeploymentRoute("tiny", "fake", "m", [], cold_start_timeout_s=60.0)
     s.offer(RoutingTable(1, 1, 0.0, [cold]), 0.0)
     assert s.readiness(1.0) == (True, "ok")
+    assert s.readiness(1.0, reachable=0) == (True, "ok")
 
 
 def test_backoff_doubles_to_a_cap_and_resets() -> None:
