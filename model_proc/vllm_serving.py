@@ -244,8 +244,10 @@ class ServingApp:
                 return json.dumps(card, separators=(",", ":")).encode()
         return b""
 
-    def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None) -> None:
-        """Serve one relayed request; a `resume` that cannot be honoured raises EngineRequestError (501)."""
+    def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None,
+               content_type: str = "application/json") -> None:
+        """Serve one relayed request (`content_type`: the client's header, "" for none); a `resume` that
+        cannot be honoured raises EngineRequestError (501)."""
         rec = Relayed(request_id, resume=resume)
         if resume is not None or b'"stream"' in body:  # only streams are resumed: parse no other body
             try:
@@ -258,7 +260,7 @@ class ServingApp:
         ctx = contextvars.copy_context()
         ctx.run(_current.set, rec)
         # a task copies the context it is created in: every engine request it starts sees `rec`
-        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body),
+        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body, content_type),
                        name="vllm-serve-%s" % request_id)
         self._tasks[request_id] = task
 
@@ -274,7 +276,7 @@ class ServingApp:
             task.cancel()
         self._tasks.clear()
 
-    async def _serve(self, rec: Relayed, endpoint: str, body: bytes) -> None:
+    async def _serve(self, rec: Relayed, endpoint: str, body: bytes, content_type: str) -> None:
         rid = rec.request_id
         status = 0
         error_body: list[bytes] = []
@@ -317,9 +319,10 @@ class ServingApp:
                     self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
                                     rec.completion_reported(not more), ids)
 
-        scope = _scope("POST", endpoint, [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(body)).encode()),
-                                          (b"x-request-id", rid.encode())])
+        headers = [(b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]
+        if content_type:  # the client's, which vLLM's app checks (its 400 for another than JSON)
+            headers.append((b"content-type", content_type.encode("latin-1")))
+        scope = _scope("POST", endpoint, headers)
         try:
             await self._app(scope, receive, send)
         except asyncio.CancelledError:
