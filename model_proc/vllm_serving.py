@@ -254,6 +254,8 @@ class ServingApp:
                 why = refusal(endpoint, json.loads(body), self._reasoning_parser)
             except ValueError:
                 why = "the body is not JSON"
+            except RecursionError:  # vLLM's app answers it (its 400); it was a 500 from here
+                why = "the body is nested too deeply"
             if resume is not None and why is not None:
                 raise EngineRequestError("cannot resume this request: %s" % why, param="resume", status=501)
             rec.report_ids = why is None

@@ -111,6 +111,8 @@ RAW: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("trailing data", COMPLETIONS, GOOD + b"}x", JSON),
     ("an array", "/tokenize", b"[]", JSON),
     ("nested too deeply", COMPLETIONS, GOOD + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}", JSON),
+    ("nested too deeply, streamed", CHAT, b'{"messages":[],"stream":true,"x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+     JSON),
     ("a UTF-8 BOM", COMPLETIONS, b"\xef\xbb\xbf" + GOOD + b"}", JSON),
     ("NaN", COMPLETIONS, GOOD + b',"top_p":NaN}', JSON),
     ("no Content-Type", COMPLETIONS, GOOD + b"}", {}),
