@@ -245,9 +245,9 @@ class ServingApp:
         return b""
 
     def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None,
-               content_type: str = "application/json") -> None:
-        """Serve one relayed request (`content_type`: the client's header, "" for none); a `resume` that
-        cannot be honoured raises EngineRequestError (501)."""
+               headers: Optional[dict[str, str]] = None) -> None:
+        """Serve one relayed request (`headers`: the client's that vLLM's app reads; None: Content-Type
+        JSON only); a `resume` that cannot be honoured raises EngineRequestError (501)."""
         rec = Relayed(request_id, resume=resume)
         if resume is not None or b'"stream"' in body:  # only streams are resumed: parse no other body
             try:
@@ -262,7 +262,7 @@ class ServingApp:
         ctx = contextvars.copy_context()
         ctx.run(_current.set, rec)
         # a task copies the context it is created in: every engine request it starts sees `rec`
-        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body, content_type),
+        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body, headers),
                        name="vllm-serve-%s" % request_id)
         self._tasks[request_id] = task
 
@@ -278,7 +278,7 @@ class ServingApp:
             task.cancel()
         self._tasks.clear()
 
-    async def _serve(self, rec: Relayed, endpoint: str, body: bytes, content_type: str) -> None:
+    async def _serve(self, rec: Relayed, endpoint: str, body: bytes, headers: Optional[dict[str, str]]) -> None:
         rid = rec.request_id
         status = 0
         error_body: list[bytes] = []
@@ -321,10 +321,13 @@ class ServingApp:
                     self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
                                     rec.completion_reported(not more), ids)
 
-        headers = [(b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]
-        if content_type:  # the client's, which vLLM's app checks (its 400 for another than JSON)
-            headers.append((b"content-type", content_type.encode("latin-1")))
-        scope = _scope("POST", endpoint, headers)
+        # the client's headers that vLLM's app reads: its 400 for a Content-Type other than JSON, its
+        # data-parallel rank, priority, session and trace headers
+        sent = {"content-type": "application/json"} if headers is None else headers
+        scope = _scope("POST", endpoint, [(b"content-length", str(len(body)).encode()),
+                                          (b"x-request-id", rid.encode())]
+                       + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sent.items()
+                          if k not in ("content-length", "x-request-id")])
         try:
             await self._app(scope, receive, send)
         except asyncio.CancelledError:

@@ -40,7 +40,7 @@ from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import (
     CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, plain_max_tokens,
-    Routing, prompt_text, routing_fields,
+    Routing, prompt_text, relayed_headers, routing_fields,
 )
 from proxy.openapi import SPEC
 from proxy.request_body import parse_json, read_body, require_media
@@ -215,7 +215,7 @@ class OpenAIResource(_Inference):
         """Send the body as it is; write back what the replica's serving layer wrote."""
         ctx = req.context
         request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body,
-                                  content_type=req.get_header("Content-Type") or "")
+                                  headers=relayed_headers(req.get_header))
         prompt = prompt_text(body, route.routing.prefix_chars) if route.routing.policy == "prefix" else ""
         streaming = stream and self._kind not in ("tokenize", "detokenize")
         dispatch, first, limits = self._start(req, model, request, prompt, streaming, whole=not streaming)

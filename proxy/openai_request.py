@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Mapping, Optional, TypeVar, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, TypeVar, Union
 
 import msgspec
 
@@ -93,6 +93,11 @@ class Routing:
     problem: Optional[InvalidRequest] = None
 
 
+# the request headers vLLM's app reads, sent with a relayed body (GenerateRequest.headers): it refuses a
+# Content-Type other than JSON (and none), and takes a data-parallel rank, a priority, a session and
+# trace context from them; X-Request-ID is the proxy's own (the client's when it is usable)
+RELAYED_HEADERS = ("content-type", "x-data-parallel-rank", "x-vllm-priority", "x-session-id", "traceparent",
+                   "tracestate")
 _routing_decoder = msgspec.json.Decoder(_AnyRouting)
 _prompt_decoder = msgspec.json.Decoder(PromptFields)
 # `stream` as vLLM's request models read it (pydantic's lax bool): these strings in any case, 0 and 1
@@ -129,6 +134,11 @@ def routing_fields(body: bytes) -> Routing:
     elif model == "":
         problem = InvalidRequest("'model' must be a non-empty string", param="model")
     return Routing(model if isinstance(model, str) and model else None, bool(streams), problem)
+
+
+def relayed_headers(get_header: Callable[[str], Optional[str]]) -> dict[str, str]:
+    """The client's RELAYED_HEADERS that it sent, by lowercase name."""
+    return {name: value for name in RELAYED_HEADERS if (value := get_header(name)) is not None}
 
 
 def _lax_bool(value: Any) -> Optional[bool]:

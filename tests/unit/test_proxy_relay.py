@@ -48,6 +48,18 @@ def test_relayed_body_reaches_the_replica_untouched(client: falcon.testing.TestC
     assert (sent.endpoint, sent.body, sent.messages, sent.prompt) == ("/v1/chat/completions", body, None, None)
 
 
+def test_the_headers_vllm_reads_go_with_the_body(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    """vLLM's app judges the Content-Type (none or another than JSON: its 400) and takes a data-parallel
+    rank, priority, session and trace context from headers; the proxy's key does not go to a replica."""
+    backend.script = lambda rid: [Delta(rid, "{}", "stop", 0, 0)]
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}', headers={
+        "Content-Type": "text/plain", "X-Data-Parallel-Rank": "3", "X-Session-ID": "s", "Authorization": "Bearer k",
+        "X-Other": "x"})
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}')
+    assert [r.headers for r in backend.requests] == [
+        {"content-type": "text/plain", "x-data-parallel-rank": "3", "x-session-id": "s"}, {}]
+
+
 def test_relayed_stream_is_written_through(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
     backend.script = lambda rid: [Delta(rid, "", None, 3, 0), Delta(rid, CHUNK, None, 3, 1),
                                   Delta(rid, "data: [DONE]\n\n", None, 3, 1), Delta(rid, "", "stop", 3, 1)]

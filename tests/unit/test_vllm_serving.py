@@ -85,7 +85,7 @@ class _Sink:
         raise AssertionError(reason)
 
 
-def _serve(body: bytes, content_type: str = "application/json") -> tuple[list[dict[str, Any]], _Sink]:
+def _serve(body: bytes, headers: Optional[dict[str, str]] = None) -> tuple[list[dict[str, Any]], _Sink]:
     """Run one relayed request through ServingApp into a stand-in for vLLM's app (it answers 400, as
     vLLM's does for what it cannot parse) and return the scopes the app saw and the sink."""
     scopes: list[dict[str, Any]] = []
@@ -100,7 +100,7 @@ def _serve(body: bytes, content_type: str = "application/json") -> tuple[list[di
 
     async def main() -> None:
         serving = ServingApp(app, sink)
-        serving.submit("r1", "/v1/completions", body, content_type=content_type)
+        serving.submit("r1", "/v1/completions", body, headers=headers)
         while len(serving):
             await asyncio.sleep(0)
 
@@ -116,9 +116,17 @@ def test_a_deeply_nested_streamed_body_is_vllms_to_answer() -> None:
     assert len(scopes) == 1 and [s for _, s, _ in sink.errors] == [400]
 
 
-def test_the_clients_content_type_reaches_vllms_app() -> None:
-    """vLLM's app refuses a Content-Type other than JSON (and none) with its 400: it must see the client's."""
-    for sent, seen in (("application/json", [b"application/json"]),
-                       ("text/plain; charset=x", [b"text/plain; charset=x"]), ("", [])):
-        scopes, _ = _serve(b'{"model":"m"}', sent)
-        assert [v for k, v in scopes[0]["headers"] if k == b"content-type"] == seen, sent
+def test_the_clients_headers_reach_vllms_app() -> None:
+    """vLLM's app refuses a Content-Type other than JSON (and none) with its 400, and a data-parallel rank
+    it does not have: it must see the client's headers (the relayed ones), not a fixed JSON one."""
+    def seen(headers: Optional[dict[str, str]]) -> dict[bytes, bytes]:
+        scopes, _ = _serve(b'{"model":"m"}', headers)
+        got = dict(scopes[0]["headers"])
+        assert got.pop(b"x-request-id") == b"r1" and got.pop(b"content-length") == b"13"
+        return got
+
+    assert seen(None) == {b"content-type": b"application/json"}  # from a proxy that sends no headers
+    assert seen({}) == {}
+    assert seen({"content-type": "text/plain; charset=x", "x-data-parallel-rank": "3"}) == {
+        b"content-type": b"text/plain; charset=x", b"x-data-parallel-rank": b"3"}
+    assert seen({"x-request-id": "spoof"}) == {}  # the proxy's request id stays vLLM's

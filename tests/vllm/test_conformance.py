@@ -104,7 +104,7 @@ TABLE: list[tuple[str, str, dict[str, Any], bool]] = [
 ]
 JSON = {"Content-Type": "application/json"}
 GOOD = b'{"model":"tiny","prompt":"The weather","max_tokens":3,"temperature":0'
-# (name, endpoint, raw body, headers): bodies the proxy reads before vLLM does
+# (name, endpoint, raw body, headers): bodies the proxy reads before vLLM does, headers vLLM reads
 RAW: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("empty body", CHAT, b"", JSON),
     ("not JSON", COMPLETIONS, b"{", JSON),
@@ -117,6 +117,7 @@ RAW: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("NaN", COMPLETIONS, GOOD + b',"top_p":NaN}', JSON),
     ("no Content-Type", COMPLETIONS, GOOD + b"}", {}),
     ("text/plain", "/detokenize", b'{"model":"tiny","tokens":[5]}', {"Content-Type": "text/plain"}),
+    ("a data-parallel rank it does not have", COMPLETIONS, GOOD + b"}", {**JSON, "X-data-parallel-rank": "3"}),
 ]
 UNKNOWN_MODEL = ("chat unknown model", CHAT, {"model": "nope", "messages": USER, "max_tokens": 3})
 
