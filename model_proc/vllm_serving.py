@@ -32,6 +32,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
+import msgspec
+
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError
 from model_proc.relay_resume import continue_events, continued, refusal, reportable
 from runtime.protocol import Resume
@@ -321,13 +323,7 @@ class ServingApp:
                     self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
                                     rec.completion_reported(not more), ids)
 
-        # the client's headers that vLLM's app reads: its 400 for a Content-Type other than JSON, its
-        # data-parallel rank, priority, session and trace headers
-        sent = {"content-type": "application/json"} if headers is None else headers
-        scope = _scope("POST", endpoint, [(b"content-length", str(len(body)).encode()),
-                                          (b"x-request-id", rid.encode())]
-                       + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sent.items()
-                          if k not in ("content-length", "x-request-id")])
+        scope = _scope("POST", endpoint, _relayed_headers(rid, body, headers))
         try:
             await self._app(scope, receive, send)
         except asyncio.CancelledError:
@@ -340,6 +336,37 @@ class ServingApp:
                 self._sink.error(rid, 500, "vLLM's app sent no response")
         finally:
             self._tasks.pop(rid, None)
+
+
+def _relayed_headers(rid: str, body: bytes, headers: Optional[dict[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The HTTP headers of a relayed request as vLLM's app sees them: the client's that it reads (its 400
+    for a Content-Type other than JSON, its data-parallel rank, priority, session and trace headers; None:
+    from a proxy that sends none, Content-Type JSON), and an X-Request-Id, which names vLLM's answer
+    (`chatcmpl-<id>`) as in `vllm serve`: the client's, else none when the body names a `request_id`
+    (vLLM takes that), else the relayed request's id (stable when a stream moves to another replica)."""
+    sent = {"content-type": "application/json"} if headers is None else headers
+    out = [(b"content-length", str(len(body)).encode())]
+    out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sent.items() if k != "content-length"]
+    if "x-request-id" not in sent and not _names_request_id(body):
+        out.append((b"x-request-id", rid.encode()))
+    return out
+
+
+class _RequestId(msgspec.Struct):
+    request_id: Any = None
+
+
+_request_id_decoder = msgspec.json.Decoder(_RequestId)
+
+
+def _names_request_id(body: bytes) -> bool:
+    """Whether a body has a string `request_id` (read only when the name is in it)."""
+    if b'"request_id"' not in body:
+        return False
+    try:
+        return isinstance(_request_id_decoder.decode(body).request_id, str)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False  # vLLM's app refuses it, or a BOM / NaN body: its id is then the relayed request's
 
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:

@@ -214,8 +214,10 @@ class OpenAIResource(_Inference):
                body: bytes, stream: bool) -> None:
         """Send the body as it is; write back what the replica's serving layer wrote."""
         ctx = req.context
-        request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body,
-                                  headers=relayed_headers(req.get_header))
+        headers = relayed_headers(req.get_header)
+        if ctx.client_request_id != ctx.request_id:  # the client's (usable) id names vLLM's answer
+            headers["x-request-id"] = ctx.client_request_id
+        request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body, headers=headers)
         prompt = prompt_text(body, route.routing.prefix_chars) if route.routing.policy == "prefix" else ""
         streaming = stream and self._kind not in ("tokenize", "detokenize")
         dispatch, first, limits = self._start(req, model, request, prompt, streaming, whole=not streaming)

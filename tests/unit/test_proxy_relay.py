@@ -56,8 +56,11 @@ def test_the_headers_vllm_reads_go_with_the_body(client: falcon.testing.TestClie
         "Content-Type": "text/plain", "X-Data-Parallel-Rank": "3", "X-Session-ID": "s", "Authorization": "Bearer k",
         "X-Other": "x"})
     client.simulate_post("/v1/completions", body=b'{"model":"llm"}')
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}', headers={"X-Request-ID": "mine"})
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}', headers={"X-Request-ID": "\x01"})
     assert [r.headers for r in backend.requests] == [
-        {"content-type": "text/plain", "x-data-parallel-rank": "3", "x-session-id": "s"}, {}]
+        {"content-type": "text/plain", "x-data-parallel-rank": "3", "x-session-id": "s"}, {},
+        {"x-request-id": "mine"}, {}]  # the client's request id names vLLM's answer, when it is usable
 
 
 def test_relayed_stream_is_written_through(client: falcon.testing.TestClient, backend: FakeBackend) -> None:

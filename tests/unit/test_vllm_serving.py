@@ -122,11 +122,25 @@ def test_the_clients_headers_reach_vllms_app() -> None:
     def seen(headers: Optional[dict[str, str]]) -> dict[bytes, bytes]:
         scopes, _ = _serve(b'{"model":"m"}', headers)
         got = dict(scopes[0]["headers"])
-        assert got.pop(b"x-request-id") == b"r1" and got.pop(b"content-length") == b"13"
+        assert got.pop(b"content-length") == b"13" and got.pop(b"x-request-id") == b"r1"
         return got
 
     assert seen(None) == {b"content-type": b"application/json"}  # from a proxy that sends no headers
     assert seen({}) == {}
     assert seen({"content-type": "text/plain; charset=x", "x-data-parallel-rank": "3"}) == {
         b"content-type": b"text/plain; charset=x", b"x-data-parallel-rank": b"3"}
-    assert seen({"x-request-id": "spoof"}) == {}  # the proxy's request id stays vLLM's
+
+
+def test_vllms_answer_is_named_as_in_vllm_serve() -> None:
+    """`chatcmpl-<id>`: the client's X-Request-ID (the proxy sends it when usable), else the body's
+    `request_id`, which vLLM's app takes when no header names another; else the relayed request's id.
+    The answer was always named after the proxy's own id."""
+    def request_id(body: bytes, headers: Optional[dict[str, str]]) -> Optional[bytes]:
+        scopes, _ = _serve(body, headers)
+        return dict(scopes[0]["headers"]).get(b"x-request-id")
+
+    assert request_id(b'{"prompt":"a"}', {"x-request-id": "client"}) == b"client"
+    assert request_id(b'{"prompt":"a","request_id":"mine"}', {"x-request-id": "client"}) == b"client"
+    assert request_id(b'{"prompt":"a","request_id":"mine"}', {}) is None
+    assert request_id(b'{"prompt":"\\"request_id\\"","request_id":5}', {}) == b"r1"
+    assert request_id(b'{"prompt":"a"}', {}) == b"r1"

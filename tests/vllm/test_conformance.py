@@ -400,3 +400,18 @@ def test_the_official_client_gets_the_same(vllm_serve: str, relay: str) -> None:
     assert expected[0]["choices"][0]["message"]["tool_calls"], expected[0]
     assert diff(expected, got) is None, diff(expected, got)
 
+
+
+def test_the_answer_is_named_as_vllm_serve_names_it(vllm_serve: str, relay: str) -> None:
+    """An answer's id, which the comparison above leaves out, when the client names it: `X-Request-ID`,
+    else the body's `request_id` (tokenrelay named every answer after its own request id)."""
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 2, **GREEDY}
+    for extra, headers, stream in (({}, {"X-Request-ID": "client-id"}, False),
+                                   ({"request_id": "body-id"}, {}, False), ({"request_id": "body-id"}, {}, True),
+                                   ({"request_id": "body-id"}, {"X-Request-ID": "client-id"}, False)):
+        ids = []
+        for base in (vllm_serve, relay):
+            r = httpx.post(base + COMPLETIONS, json={**body, **extra, "stream": stream}, headers=headers, timeout=60)
+            first = r.text.split("\n\n")[0].removeprefix("data: ") if stream else r.text
+            ids.append(json.loads(first)["id"])
+        assert ids[0] == ids[1] and ids[0].endswith(headers.get("X-Request-ID", "body-id")), (extra, headers, ids)
