@@ -156,8 +156,8 @@ def _inference(summary: str, request: str, response: str) -> Schema:
 RELAYED_REQUEST: Schema = dict(
     msgspec.json.schema(RoutingFields)["$defs"]["RoutingFields"],
     description="vLLM deployments only: the body of `vllm serve` 0.32.0 for this path, relayed untouched; "
-                "the proxy reads `model` (absent: the only deployment) and `stream`. Mock deployments "
-                "answer 400.")
+                "the proxy reads `model` (absent: the only deployment) and `stream`, as vllm serve reads them "
+                "(docs/api.md). Mock deployments answer 400.")
 
 
 def _relayed(summary: str) -> Schema:
