@@ -214,7 +214,7 @@ class OpenAIResource(_Inference):
                body: bytes, stream: bool) -> None:
         """Send the body as it is; write back what the replica's serving layer wrote."""
         ctx = req.context
-        headers = relayed_headers(req.get_header)
+        headers = relayed_headers(req.env)
         if ctx.client_request_id != ctx.request_id:  # the client's (usable) id names vLLM's answer
             headers["x-request-id"] = ctx.client_request_id
         request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body, headers=headers)
