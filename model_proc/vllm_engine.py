@@ -188,7 +188,7 @@ class VllmEngine:
         if req.endpoint:
             if req.endpoint not in ENDPOINTS or self._serving is None:
                 raise EngineRequestError("endpoint %s is not served by vllm" % req.endpoint, status=404)
-            self._serving.submit(req.request_id, req.endpoint, req.body, req.resume)
+            self._serving.submit(req.request_id, req.endpoint, req.body, req.resume, req.headers)
             return
         if req.resume is not None:
             raise EngineRequestError("the vllm engine resumes only relayed OpenAI streams", param="resume",

@@ -32,6 +32,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
+import msgspec
+
 from model_proc.engine import DeltaSink, EngineLoadError, EngineRequestError
 from model_proc.relay_resume import continue_events, continued, refusal, reportable
 from runtime.protocol import Resume
@@ -244,21 +246,25 @@ class ServingApp:
                 return json.dumps(card, separators=(",", ":")).encode()
         return b""
 
-    def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None) -> None:
-        """Serve one relayed request; a `resume` that cannot be honoured raises EngineRequestError (501)."""
+    def submit(self, request_id: str, endpoint: str, body: bytes, resume: Optional[Resume] = None,
+               headers: Optional[dict[str, str]] = None) -> None:
+        """Serve one relayed request (`headers`: the client's that vLLM's app reads; None: Content-Type
+        JSON only); a `resume` that cannot be honoured raises EngineRequestError (501)."""
         rec = Relayed(request_id, resume=resume)
         if resume is not None or b'"stream"' in body:  # only streams are resumed: parse no other body
             try:
                 why = refusal(endpoint, json.loads(body), self._reasoning_parser)
             except ValueError:
                 why = "the body is not JSON"
+            except RecursionError:  # vLLM's app answers it (its 400); it was a 500 from here
+                why = "the body is nested too deeply"
             if resume is not None and why is not None:
                 raise EngineRequestError("cannot resume this request: %s" % why, param="resume", status=501)
             rec.report_ids = why is None
         ctx = contextvars.copy_context()
         ctx.run(_current.set, rec)
         # a task copies the context it is created in: every engine request it starts sees `rec`
-        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body),
+        task = ctx.run(asyncio.get_running_loop().create_task, self._serve(rec, endpoint, body, headers),
                        name="vllm-serve-%s" % request_id)
         self._tasks[request_id] = task
 
@@ -274,7 +280,7 @@ class ServingApp:
             task.cancel()
         self._tasks.clear()
 
-    async def _serve(self, rec: Relayed, endpoint: str, body: bytes) -> None:
+    async def _serve(self, rec: Relayed, endpoint: str, body: bytes, headers: Optional[dict[str, str]]) -> None:
         rid = rec.request_id
         status = 0
         error_body: list[bytes] = []
@@ -319,9 +325,7 @@ class ServingApp:
                     self._sink.emit(rid, text, None if more else "stop", rec.prompt_total,
                                     rec.completion_reported(not more), ids)
 
-        scope = _scope("POST", endpoint, [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(body)).encode()),
-                                          (b"x-request-id", rid.encode())])
+        scope = _scope("POST", endpoint, _relayed_headers(rid, body, headers))
         try:
             await self._app(scope, receive, send)
         except asyncio.CancelledError:
@@ -336,6 +340,37 @@ class ServingApp:
                 self._sink.error(rid, 500, "vLLM's app ended the response before its last part")
         finally:
             self._tasks.pop(rid, None)
+
+
+def _relayed_headers(rid: str, body: bytes, headers: Optional[dict[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The HTTP headers of a relayed request as vLLM's app sees them: the client's that it reads (its 400
+    for a Content-Type other than JSON, its data-parallel rank, priority, session and trace headers; None:
+    from a proxy that sends none, Content-Type JSON), and an X-Request-Id, which names vLLM's answer
+    (`chatcmpl-<id>`) as in `vllm serve`: the client's, else none when the body names a `request_id`
+    (vLLM takes that), else the relayed request's id (stable when a stream moves to another replica)."""
+    sent = {"content-type": "application/json"} if headers is None else headers
+    out = [(b"content-length", str(len(body)).encode())]
+    out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sent.items() if k != "content-length"]
+    if "x-request-id" not in sent and not _names_request_id(body):
+        out.append((b"x-request-id", rid.encode()))
+    return out
+
+
+class _RequestId(msgspec.Struct):
+    request_id: Any = None
+
+
+_request_id_decoder = msgspec.json.Decoder(_RequestId)
+
+
+def _names_request_id(body: bytes) -> bool:
+    """Whether a body has a string `request_id` (read only when the name is in it)."""
+    if b'"request_id"' not in body:
+        return False
+    try:
+        return isinstance(_request_id_decoder.decode(body).request_id, str)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False  # vLLM's app refuses it, or a BOM / NaN body: its id is then the relayed request's
 
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:

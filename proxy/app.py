@@ -40,7 +40,7 @@ from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
 from proxy.openai_request import (
     CHAT, COMPLETION, ENDPOINT_KINDS, RELAY_ENGINES, parse_chat, parse_completion, parse_plain, plain_max_tokens,
-    prompt_text, routing_fields,
+    Routing, prompt_text, relayed_headers, routing_fields,
 )
 from proxy.openapi import SPEC
 from proxy.request_body import parse_json, read_body, require_media
@@ -156,18 +156,11 @@ class OpenAIResource(_Inference):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         ctx = req.context
         ctx.deployment = ""  # until the model is known to exist
-        require_media(req, ("application/json",))
         body = read_body(req, self._config.max_body_bytes, self._config.body_timeout, self._config.body_min_rate)
-        fields = parse_json(routing_fields, body)
-        model = fields.model
-        if model is None:  # as `vllm serve` answers with its only model
-            deployments = self._backend.deployments()
-            if len(deployments) != 1 or deployments[0].engine not in RELAY_ENGINES:
-                raise InvalidRequest("'model' is required", param="model")
-            model = deployments[0].name
-        route = self._route(model)
+        fields = routing_fields(body)
+        model, route = self._deployment_for(req, fields)
         if route.engine in RELAY_ENGINES:
-            self._relay(req, resp, model, route, body, bool(fields.stream))
+            self._relay(req, resp, model, route, body, fields.stream)
             return
         if self._kind not in (CHAT, COMPLETION):
             raise InvalidRequest("%s is not served by this deployment's engine (%s); see docs/api.md"
@@ -199,12 +192,32 @@ class OpenAIResource(_Inference):
         resp.data = render(rid, parsed.model, created, text, last.finish_reason, last.prompt_tokens,
                            last.completion_tokens)
 
+    def _deployment_for(self, req: falcon.Request, fields: Routing) -> tuple[str, DeploymentRoute]:
+        """The deployment that answers: the one `model` names; else (no usable model, an unknown one, a
+        body that is not a JSON object) the only deployment when it is a vLLM one, whose app then answers
+        what `vllm serve` (one model) answers: its own 400 for the body or `stream`, its 404 for the
+        model, a model-less body served. Otherwise the proxy answers itself (415, 400, 404)."""
+        named = self._backend.deployment(fields.model) if fields.model is not None else None
+        if named is not None and named.engine in RELAY_ENGINES:
+            return named.name, named
+        deployments = self._backend.deployments() if named is None and self._backend.has_table() else []
+        if len(deployments) == 1 and deployments[0].engine in RELAY_ENGINES:
+            return deployments[0].name, deployments[0]
+        require_media(req, ("application/json",))
+        if fields.problem is not None:
+            raise fields.problem
+        if fields.model is None:
+            raise InvalidRequest("'model' is required", param="model")
+        return fields.model, self._route(fields.model)
 
     def _relay(self, req: falcon.Request, resp: falcon.Response, model: str, route: DeploymentRoute,
                body: bytes, stream: bool) -> None:
         """Send the body as it is; write back what the replica's serving layer wrote."""
         ctx = req.context
-        request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body)
+        headers = relayed_headers(req.env)
+        if ctx.client_request_id != ctx.request_id:  # the client's (usable) id names vLLM's answer
+            headers["x-request-id"] = ctx.client_request_id
+        request = GenerateRequest(request_id=ctx.request_id, endpoint=self._endpoint, body=body, headers=headers)
         prompt = prompt_text(body, route.routing.prefix_chars) if route.routing.policy == "prefix" else ""
         streaming = stream and self._kind not in ("tokenize", "detokenize")
         dispatch, first, limits = self._start(req, model, request, prompt, streaming, whole=not streaming)

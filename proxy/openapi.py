@@ -103,7 +103,7 @@ ERRORS: dict[str, str] = {
     "405": "method not allowed on this path",
     "408": "the request body stalled for --body-timeout seconds; the connection closes (code request_timeout)",
     "413": "request body larger than --max-body-bytes (code body_too_large)",
-    "415": "unsupported Content-Type (code unsupported_media_type)",
+    "415": "unsupported Content-Type (code unsupported_media_type; a vLLM deployment answers 400 as vllm serve)",
     "429": "every replica is busy and the wait queue is full or the wait timed out (code overloaded), or "
            "the API key's rate limit (code rate_limit_exceeded)",
     "503": "no healthy replica, or the replica failed before the first token (code no_healthy_replica)",
@@ -156,8 +156,8 @@ def _inference(summary: str, request: str, response: str) -> Schema:
 RELAYED_REQUEST: Schema = dict(
     msgspec.json.schema(RoutingFields)["$defs"]["RoutingFields"],
     description="vLLM deployments only: the body of `vllm serve` 0.32.0 for this path, relayed untouched; "
-                "the proxy reads `model` (absent: the only deployment) and `stream`. Mock deployments "
-                "answer 400.")
+                "the proxy reads `model` (absent: the only deployment) and `stream`, as vllm serve reads them "
+                "(docs/api.md). Mock deployments answer 400.")
 
 
 def _relayed(summary: str) -> Schema:

@@ -104,7 +104,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     Relayed OpenAI requests (engines that serve the OpenAI API themselves, see docs/api.md) set `endpoint`
     (the HTTP path, e.g. "/v1/chat/completions") and `body` (the client's JSON body, untouched) instead:
     the replica's engine answers with the response bytes its own serving layer wrote, as Delta texts
-    (SSE events when streaming, else one JSON body) that the proxy writes through.
+    (SSE events when streaming, else one JSON body) that the proxy writes through; `headers` are the
+    client's request headers that vLLM's app reads (Content-Type, X-data-parallel-rank, ...: the proxy's
+    RELAYED_HEADERS, lowercase names), None from a proxy that sends none (then Content-Type is JSON).
     """
 
     request_id: str
@@ -114,6 +116,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     endpoint: str = ""
     body: bytes = b""
     resume: Optional[Resume] = None  # set when the proxy moves a stream here from a lost replica
+    headers: Optional[dict[str, str]] = None
 
 
 class Abort(msgspec.Struct, frozen=True):

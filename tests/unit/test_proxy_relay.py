@@ -10,8 +10,9 @@ import falcon.testing
 import pytest
 
 from proxy.app import create_app
-from proxy.openai_request import MockChatRequest, MockCompletionRequest, prompt_text, routing_fields
-from proxy.errors import InvalidRequest
+from proxy.openai_request import (
+    MockChatRequest, MockCompletionRequest, Routing, prompt_text, routing_fields,
+)
 from runtime.protocol import Delta, DeploymentRoute, ReplicaRoute, RequestError
 from tests.unit.test_proxy_app import CONFIG, FakeBackend, assert_openai_error, chat_body
 
@@ -45,6 +46,21 @@ def test_relayed_body_reaches_the_replica_untouched(client: falcon.testing.TestC
     assert r.text == '{"object":"chat.completion"}'  # the replica's bytes, not re-rendered
     sent = backend.requests[0]
     assert (sent.endpoint, sent.body, sent.messages, sent.prompt) == ("/v1/chat/completions", body, None, None)
+
+
+def test_the_headers_vllm_reads_go_with_the_body(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+    """vLLM's app judges the Content-Type (none or another than JSON: its 400) and takes a data-parallel
+    rank, priority, session and trace context from headers; the proxy's key does not go to a replica."""
+    backend.script = lambda rid: [Delta(rid, "{}", "stop", 0, 0)]
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}', headers={
+        "Content-Type": "text/plain", "X-Data-Parallel-Rank": "3", "X-Session-ID": "s", "Authorization": "Bearer k",
+        "X-Other": "x"})
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}')
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}', headers={"X-Request-ID": "mine"})
+    client.simulate_post("/v1/completions", body=b'{"model":"llm"}', headers={"X-Request-ID": "\x01"})
+    assert [r.headers for r in backend.requests] == [
+        {"content-type": "text/plain", "x-data-parallel-rank": "3", "x-session-id": "s"}, {},
+        {"x-request-id": "mine"}, {}]  # the client's request id names vLLM's answer, when it is usable
 
 
 def test_relayed_stream_is_written_through(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
@@ -123,17 +139,57 @@ def test_mock_refuses_routes_it_does_not_serve(client: falcon.testing.TestClient
     assert path in err["message"]
 
 
-def test_routing_fields_name_the_bad_field() -> None:
-    assert routing_fields(b'{"model":"a","stream":true,"x":[1]}').model == "a"
-    with pytest.raises(InvalidRequest) as exc:
-        routing_fields(b'{"model":3}')
-    assert exc.value.param == "model"
-    with pytest.raises(InvalidRequest) as exc:
-        routing_fields(b'{"model":"a","stream":"yes"}')
-    assert exc.value.param == "stream"
-    for bad in (b"", b"[1]", b"{nope"):
-        with pytest.raises(InvalidRequest):
-            routing_fields(bad)
+def test_routing_fields_read_as_vllm_serve_reads_them() -> None:
+    """`stream` is pydantic's lax bool there ("true", 1, "no" are booleans: vllm serve streams or not), ""
+    is no model, and JSON is what Python's json takes (a BOM, NaN): they were 400s here."""
+    assert routing_fields(b'{"model":"a","stream":true,"x":[1]}') == Routing("a", True)
+    for stream, streams in ((b'"true"', True), (b'"YES"', True), (b"1", True), (b"1.0", True), (b'"off"', False),
+                            (b"0", False), (b"null", False)):
+        assert routing_fields(b'{"model":"a","stream":%s}' % stream) == Routing("a", streams), stream
+    assert routing_fields(b'\xef\xbb\xbf{"model":"a","stream":true}') == Routing("a", True)
+    assert routing_fields(b'{"model":"a","stream":true,"top_p":NaN}') == Routing("a", True)
+    assert routing_fields(b'{"model":"","prompt":"x"}').model is None
+
+
+def test_routing_fields_say_what_the_proxy_would_refuse() -> None:
+    """What the proxy answers itself when no vLLM deployment takes the body: a 400 naming the field."""
+    deep = b"[" * 5000 + b"]" * 5000
+    for body, param in ((b'{"model":3}', "model"), (b'{"model":""}', "model"),
+                        (b'{"model":"a","stream":"maybe"}', "stream"), (b'{"model":"a","stream":2}', "stream"),
+                        (b"", None), (b"[1]", None), (b"{nope", None), (deep, None),
+                        (b'{"model":"a","x":%s}' % deep, None)):
+        problem = routing_fields(body).problem
+        assert problem is not None and problem.param == param, body[:30]
+
+
+@pytest.mark.parametrize("body", [b'{"model":"nope","messages":[]}', b'{"model":5,"messages":[]}',
+                                  b'{"model":"","messages":[]}', b"", b"[]", b"{", b'{"messages":[],"stream":2}'])
+def test_the_only_vllm_deployment_answers_what_the_proxy_cannot_route(backend: FakeBackend, body: bytes) -> None:
+    """As `vllm serve` (one model) answers them: an unknown, empty or ill-typed model, a body that is not a
+    JSON object, an unreadable `stream` go to its app (its 404 or 400, with its type and param)."""
+    assert backend.deps is not None
+    backend.deps = {"llm": backend.deps["llm"]}
+    backend.script = lambda rid: [RequestError(rid, 400, "bad", "Bad Request", "body", VLLM_ERROR)]
+    c = falcon.testing.TestClient(create_app(backend, CONFIG))
+    r = c.simulate_post("/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.content == VLLM_ERROR
+    assert backend.requests[0].body == body and backend.requests[0].endpoint == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("body,status,param", [(b'{"model":"nope","messages":[]}', 404, "model"),
+                                               (b'{"model":5,"messages":[]}', 400, "model"),
+                                               (b'{"model":"llm","stream":"maybe"}', 200, None),
+                                               (b"[]", 400, None), (b"", 400, None)])
+def test_with_several_deployments_the_proxy_answers_itself(client: falcon.testing.TestClient, backend: FakeBackend,
+                                                            body: bytes, status: int, param: str) -> None:
+    """It cannot tell which deployment was meant; a named vLLM one still judges its own body."""
+    backend.script = lambda rid: [Delta(rid, "{}", "stop", 0, 0)]
+    r = client.simulate_post("/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    if status == 200:
+        assert r.status_code == 200 and backend.requests[0].body == body
+    else:
+        assert r.status_code == status and r.json["error"]["param"] == param, r.text
+        assert backend.requests == []
 
 
 def test_prompt_text_for_prefix_routing() -> None:

@@ -93,6 +93,31 @@ TABLE: list[tuple[str, str, dict[str, Any], bool]] = [
     ("responses greedy", RESPONSES, {"input": "The weather in Paris", "max_output_tokens": 6, **GREEDY}, True),
     ("responses json_schema", RESPONSES, {"input": "x", "max_output_tokens": 10, **GREEDY, "text": {
         "format": {"type": "json_schema", "name": "a", "schema": SCHEMA}}}, False),
+    # what the proxy reads itself (model, stream), read as vllm serve reads it (found by differential fuzzing)
+    ("chat stream as a string", CHAT, {"messages": USER, "max_tokens": 3, "stream": "true", **GREEDY}, False),
+    ("completion stream as 0", COMPLETIONS, {"prompt": "a", "max_tokens": 3, "stream": 0, **GREEDY}, False),
+    ("chat stream not a boolean", CHAT, {"messages": USER, "max_tokens": 3, "stream": [], **GREEDY}, False),
+    ("completion empty model", COMPLETIONS, {"model": "", "prompt": "a", "max_tokens": 3, **GREEDY}, True),
+    ("tokenize model not a string", "/tokenize", {"model": 5, "prompt": "a"}, False),
+    ("detokenize unknown model and bad tokens", "/detokenize", {"model": "nope", "tokens": ["a"]}, False),
+    ("responses unknown model", RESPONSES, {"model": "nope", "input": "x", "max_output_tokens": 3}, True),
+]
+JSON = {"Content-Type": "application/json"}
+GOOD = b'{"model":"tiny","prompt":"The weather","max_tokens":3,"temperature":0'
+# (name, endpoint, raw body, headers): bodies the proxy reads before vLLM does, headers vLLM reads
+RAW: list[tuple[str, str, bytes, dict[str, str]]] = [
+    ("empty body", CHAT, b"", JSON),
+    ("not JSON", COMPLETIONS, b"{", JSON),
+    ("trailing data", COMPLETIONS, GOOD + b"}x", JSON),
+    ("an array", "/tokenize", b"[]", JSON),
+    ("nested too deeply", COMPLETIONS, GOOD + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}", JSON),
+    ("nested too deeply, streamed", CHAT, b'{"messages":[],"stream":true,"x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+     JSON),
+    ("a UTF-8 BOM", COMPLETIONS, b"\xef\xbb\xbf" + GOOD + b"}", JSON),
+    ("NaN", COMPLETIONS, GOOD + b',"top_p":NaN}', JSON),
+    ("no Content-Type", COMPLETIONS, GOOD + b"}", {}),
+    ("text/plain", "/detokenize", b'{"model":"tiny","tokens":[5]}', {"Content-Type": "text/plain"}),
+    ("a data-parallel rank it does not have", COMPLETIONS, GOOD + b"}", {**JSON, "X-data-parallel-rank": "3"}),
 ]
 UNKNOWN_MODEL = ("chat unknown model", CHAT, {"model": "nope", "messages": USER, "max_tokens": 3})
 
@@ -123,7 +148,11 @@ def normalize(value: Any) -> Any:
 
 def answer(base: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     """What a client sees, normalized: status, media type, and the JSON body or the list of SSE events."""
-    r = httpx.post(base + endpoint, json=body, timeout=120)
+    return seen(httpx.post(base + endpoint, json=body, timeout=120))
+
+
+def seen(r: httpx.Response) -> dict[str, Any]:
+    """An answer as `answer` normalizes it."""
     media = r.headers.get("content-type", "").split(";")[0]
     out: dict[str, Any] = {"status": r.status_code, "media": media}
     if media == "text/event-stream":
@@ -296,11 +325,25 @@ def test_same_answer(vllm_serve: str, relay: str, name: str, endpoint: str, body
 
 
 def test_unknown_model_is_404_on_both(vllm_serve: str, relay: str) -> None:
-    """The proxy answers for models it does not route; the status and param match `vllm serve`'s."""
+    """A model the proxy does not route goes to the only deployment, whose vLLM says so as `vllm serve`
+    does (type NotFoundError, its message); it was the proxy's own 404 (code model_not_found)."""
     name, endpoint, body = UNKNOWN_MODEL
     expected, got = answer(vllm_serve, endpoint, body), answer(relay, endpoint, body)
     assert expected["status"] == got["status"] == 404
     assert expected["body"]["error"]["param"] == got["body"]["error"]["param"] == "model"
+    assert diff(expected, got) is None, diff(expected, got)
+
+
+@pytest.mark.parametrize("name,endpoint,raw,headers", RAW, ids=[c[0] for c in RAW])
+def test_same_answer_to_raw_bodies(vllm_serve: str, relay: str, name: str, endpoint: str, raw: bytes,
+                                   headers: dict[str, str]) -> None:
+    """Bodies that are not plain JSON objects, or not sent as JSON: the same status, error type, param and
+    message (vLLM's app judges them on both), or the same answer where vLLM takes them."""
+    expected, got = (seen(httpx.post(base + endpoint, content=raw, headers=headers, timeout=120))
+                     for base in (vllm_serve, relay))
+    print("\n%-48s %d %s" % (name, got["status"], summary(got)))
+    assert diff(expected, got) is None, "%s: %s\nvllm: %s\ntokenrelay: %s" % (
+        name, diff(expected, got), json.dumps(expected)[:2000], json.dumps(got)[:2000])
 
 
 def test_a_stored_response_that_is_not_there_is_the_same_404(vllm_serve: str, relay: str) -> None:
@@ -357,3 +400,18 @@ def test_the_official_client_gets_the_same(vllm_serve: str, relay: str) -> None:
     assert expected[0]["choices"][0]["message"]["tool_calls"], expected[0]
     assert diff(expected, got) is None, diff(expected, got)
 
+
+
+def test_the_answer_is_named_as_vllm_serve_names_it(vllm_serve: str, relay: str) -> None:
+    """An answer's id, which the comparison above leaves out, when the client names it: `X-Request-ID`,
+    else the body's `request_id` (tokenrelay named every answer after its own request id)."""
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 2, **GREEDY}
+    for extra, headers, stream in (({}, {"X-Request-ID": "client-id"}, False),
+                                   ({"request_id": "body-id"}, {}, False), ({"request_id": "body-id"}, {}, True),
+                                   ({"request_id": "body-id"}, {"X-Request-ID": "client-id"}, False)):
+        ids = []
+        for base in (vllm_serve, relay):
+            r = httpx.post(base + COMPLETIONS, json={**body, **extra, "stream": stream}, headers=headers, timeout=60)
+            first = r.text.split("\n\n")[0].removeprefix("data: ") if stream else r.text
+            ids.append(json.loads(first)["id"])
+        assert ids[0] == ids[1] and ids[0].endswith(headers.get("X-Request-ID", "body-id")), (extra, headers, ids)
