@@ -43,6 +43,7 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 
 TICK = 0.05
+REFUSAL_LOG_EVERY = 60.0  # seconds between log lines of one head refusal that repeats
 ADOPT_WAIT = 1.0  # adopt mode: listen this long for surviving replicas (hello + status) before registering
 
 
@@ -248,6 +249,7 @@ class Agent:
         elif isinstance(msg, ControlReply):
             if msg.ok:
                 self._registered = True
+                self._last_refusal = ("", "")  # a refusal after this one is news: logged at once
             elif msg.code == "unknown_agent":
                 log.info("[failover] head does not know us (restarted?); registering again")
                 self._send_head(AgentRegister(PROTOCOL_VERSION, self.config.agent_id, self.config.host,
@@ -256,7 +258,7 @@ class Agent:
             elif (msg.code, msg.message) != self._last_refusal or self.clock() >= self._refusal_repeat_at:
                 # once a minute while it repeats: a revoked agent hears it on every heartbeat (2 a second)
                 log.error("head refused: %s %s", msg.code, msg.message)
-                self._last_refusal, self._refusal_repeat_at = (msg.code, msg.message), self.clock() + 60.0
+                self._last_refusal, self._refusal_repeat_at = (msg.code, msg.message), self.clock() + REFUSAL_LOG_EVERY
 
     def _reports(self) -> list:
         return [self.metrics.report(r.report(self._wall_offset)) for r in self.records.values()]

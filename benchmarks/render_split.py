@@ -13,7 +13,9 @@ the same model, machine and load, the CPU seconds per 1,000 output tokens of:
   C  the render server (`python -m vllm.entrypoints.launchers.render.entry`), derendering B's recorded
      chunk streams through /v1/chat/completions/derender, one call per chunk carrying `stream_state`, as
      vLLM designs it; with `--parser hermes` a second render server with a tool parser, whose stream
-     state replays every earlier token of the stream on each chunk.
+     state replays every earlier token of the stream on each chunk (it derenders the same recorded
+     streams, plain text with no tool call, against the prompt of a request that offers a tool: the
+     parser's cost on text, not on a call).
 
 For each: the whole API-server process (without the engine core's process) and its event-loop thread.
 On a GPU host the event-loop thread is what saturates first, so A/B bounds how many more tokens one
@@ -161,13 +163,19 @@ def chat_body(ns: argparse.Namespace, settings: EngineSettings) -> dict[str, Any
 
 
 def full_chat(url: str, body: dict[str, Any]) -> Callable[[aiohttp.ClientSession, Window], Any]:
+    """Tokens as they come: one per chunk with text; with ignore_eos every answer has exactly max_tokens,
+    so what the chunks did not show (outputs merged into one chunk, deltas without text) is added when
+    the answer ends: the same count as B's token ids, without asking for usage in every chunk."""
     async def one(session: aiohttp.ClientSession, win: Window) -> None:
+        seen = 0
         async with session.post(url + "/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
             async for event in sse_events(resp):
                 for choice in event.get("choices") or []:
                     if choice.get("delta", {}).get("content"):
-                        win.add(1)  # one engine output per chunk: one token (empty deltas not counted)
+                        seen += 1
+                        win.add(1)
+        win.add(max(0, body["max_tokens"] - seen))
     return one
 
 
@@ -188,6 +196,8 @@ def token_generate(url: str, rendered: dict[str, Any], record: list[list[dict[st
 
 def derender(url: str, streams: list[list[dict[str, Any]]], prompt_ids: list[int],
              chat_request: Optional[dict[str, Any]]) -> Callable[[aiohttp.ClientSession, Window], Any]:
+    if not streams:
+        raise RuntimeError("phase B recorded no chunk stream to derender")
     turn = [0]
 
     async def one(session: aiohttp.ClientSession, win: Window) -> None:

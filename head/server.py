@@ -407,7 +407,8 @@ class Head:
     def _reply(self, peer: bytes, msg: object) -> None:
         try:
             frames = encode(msg)
-        except (OverflowError, ProtocolError) as exc:  # a bug of ours: say so rather than leave the peer waiting
+        except (OverflowError, TypeError, ValueError, ProtocolError) as exc:  # a bug of ours: say so rather
+            # than leave the peer waiting (msgspec: OverflowError for a huge int, TypeError for a set or a Path)
             log.error("cannot encode a %s for %s: %s", type(msg).__name__, loggable_identity(peer), exc)
             frames = encode(ControlReply(False, "internal", "the head could not encode its %s: %s"
                                          % (type(msg).__name__, exc)))

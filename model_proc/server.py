@@ -44,7 +44,7 @@ from runtime.gc_policy import prepare_to_serve, run_paced_async
 from runtime.keyring import server_pair
 from runtime.protocol import (
     KEY_REFUSED, PROTOCOL_VERSION, SHUTTING_DOWN, Abort, Delta, GenerateRequest, ProtocolError, ReplicaDead,
-    ReplicaHello, ReplicaStatus, RequestError, TokenBatch, decode, encode, loggable_identity,
+    ReplicaHello, ReplicaStatus, RequestError, TokenBatch, decode, encode, error_type_for, loggable_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,7 @@ class ReplicaServer:
             self.engine.add_request(req)
         except EngineRequestError as exc:  # a 4xx is the request's fault; a 5xx (engine dead, cannot resume) not
             del self._routes[rid]
-            etype = "invalid_request_error" if exc.status < 500 else "server_error"
-            self._send(peer, RequestError(rid, exc.status, str(exc), etype, exc.param))
+            self._send(peer, RequestError(rid, exc.status, str(exc), error_type_for(exc.status), exc.param))
         except Exception as exc:  # an engine bug must fail this request, not the replica
             log.exception("request %s: engine refused it", rid)
             self.error(rid, 500, "engine error: %s" % exc)
@@ -337,7 +336,7 @@ class ReplicaServer:
         self.errors += 1
         log.warning("request %s failed (%d): %s", request_id, status, message)
         if etype is None:
-            etype = "invalid_request_error" if 400 <= status < 500 else "server_error"
+            etype = error_type_for(status)
         self._flush()  # deltas before the error must arrive first
         self._send(route.peer, RequestError(request_id, status, message, etype, param, body))
         self._loads.changed()

@@ -84,7 +84,8 @@ def param_of_error(exc: BaseException) -> Optional[str]:
 
 
 def map_finish_reason(reason: Optional[str]) -> Optional[str]:
-    """vLLM finish reason -> ours: "stop"/"length" pass; "abort" -> None (silent); others are errors."""
+    """vLLM finish reason -> ours: "stop"/"length" pass; "abort" -> None (the caller ends the request: a
+    503 unless we cancelled it); others are errors."""
     if reason in ("stop", "length"):
         return reason
     if reason == "abort":

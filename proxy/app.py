@@ -34,7 +34,6 @@ from proxy.config import ProxyConfig
 from proxy.dispatch import Cluster, Dispatch, Limits
 from proxy.errors import (
     ClientGone, InvalidRequest, ModelNotFound, NoHealthyReplica, ProxyError, ResponseNotFound, error_body,
-    error_type_for,
 )
 from proxy.gunicorn_hooks import LINGER_ENV
 from proxy.middleware import AccessControl, RequestContext, client_probe
@@ -45,7 +44,7 @@ from proxy.openai_request import (
 from proxy.openapi import SPEC
 from proxy.request_body import parse_json, read_body, require_media
 from proxy.router import route_key
-from runtime.protocol import Delta, DeploymentRoute, GenerateRequest
+from runtime.protocol import Delta, DeploymentRoute, GenerateRequest, error_type_for
 
 log = logging.getLogger(__name__)
 

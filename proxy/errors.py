@@ -25,12 +25,6 @@ from typing import Any, Optional
 from runtime.protocol import RequestError
 
 
-def error_type_for(status: int) -> str:
-    if status == 429:
-        return "rate_limit_error"
-    return "invalid_request_error" if status < 500 else "server_error"
-
-
 # codes of failures that reach the client as a replica-style RequestError (SSE error events included)
 _UPSTREAM_CODES = {504: "timeout", 408: "slow_reader"}
 

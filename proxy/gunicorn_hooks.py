@@ -26,7 +26,8 @@ from typing import Any
 
 import msgspec
 
-from proxy.errors import error_body, error_type_for
+from proxy.errors import error_body
+from runtime.protocol import error_type_for
 from proxy.loop_turns import TURNS
 
 log = logging.getLogger(__name__)

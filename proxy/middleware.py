@@ -21,6 +21,7 @@ from proxy.errors import RateLimited, Unauthorized
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/health", "/ready", "/metrics")
+PROBE_PATHS = ("/health", "/ready")  # a load balancer's (and the launcher's) probes: never rate-limited
 OPENAPI_PATH = "/openapi.json"  # always open: it says how to authenticate
 
 
@@ -91,7 +92,7 @@ class AccessControl:
                 raise Unauthorized("Incorrect API key provided (use 'Authorization: Bearer KEY')")
             raise Unauthorized("You didn't provide an API key; send 'Authorization: Bearer KEY'")
         req.context.key_id = key_id
-        if req.path in HEALTH_PATHS:
+        if req.path in PROBE_PATHS:
             return
         allowed, wait = self._limiter.allow(key_id, self._keys.limit_of(key_id, self._default_limit),
                                             self._clock())

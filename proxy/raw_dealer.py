@@ -50,7 +50,7 @@ LIVENESS_TIMEOUT_MS = 2000
 class RawDealer:
     """One connected DEALER, its FD watcher and its reader's Event (see the module doc's invariant)."""
 
-    __slots__ = ("_sock", "_readable", "_fd_watch", "closed")
+    __slots__ = ("_sock", "_endpoint", "_readable", "_fd_watch", "closed")
 
     def __init__(self, ctx: zmq.Context[Any], identity: bytes, endpoint: str, hwm: int,
                  monitor: Optional[tuple[str, int]] = None, secure: Optional[Secure] = None) -> None:
@@ -74,6 +74,7 @@ class RawDealer:
             sock.close(0)
             raise
         self._sock = sock
+        self._endpoint = endpoint
         self.closed = False
         self._readable = Event()  # set when a message may be queued: ZMQ_FD fired, or poke saw POLLIN
         self._fd_watch = gevent.get_hub().loop.io(sock.getsockopt(zmq.FD), 1)
@@ -119,6 +120,12 @@ class RawDealer:
         """Stop the FD watcher (the reader ended: nobody would clear its signal, and a level-triggered
         watcher on a signalled FD would spin the worker's loop)."""
         self._fd_watch.stop()
+
+    def reconnect(self) -> None:
+        """Drop the connection and make a new one (a new handshake, which the replica's ZAP judges again);
+        what was queued on the old one is lost."""
+        self._sock.disconnect(self._endpoint)
+        self._sock.connect(self._endpoint)
 
     def close(self) -> None:
         """Stop watching, then close the socket (linger 0). Call after the reader greenlet ended."""

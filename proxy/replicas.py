@@ -65,7 +65,6 @@ _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _monitor_ids = itertools.count(1)
 TABLE_REPORT_LAG = 1.0  # seconds a load in the routing table may be older than the table itself
-KEY_REFUSED_HOLD_S = 30.0  # a replica that refused this proxy's key counts as unreachable this long (/ready)
 SLOW_READER_STATUS = 408  # status (metrics, logs) of a stream cut off because the client read too slowly
 
 
@@ -102,9 +101,9 @@ class ReplicaConnection:
         self.closed = False
         self.retired = False  # left the routing table; closes when its last request is released
         self.draining = False  # it said it is shutting down (protocol.SHUTTING_DOWN): no new requests
-        # when it last refused this proxy's key on an open connection (a key revoked, or not copied to its
-        # host): no token since. Routing still tries it (how a key accepted again is noticed), /ready not
-        self.key_refused_at: Optional[float] = None
+        # it refused this proxy's key on an open connection (a key revoked since it was accepted): not
+        # reachable for /ready until a new handshake succeeds or it sends a token
+        self.key_refused = False
         self._ctx, self._hwm, self._secure = ctx, hwm, secure
         self._new_identity = new_identity or _suffixed(identity)
         self._handshakes = Handshakes()
@@ -202,7 +201,7 @@ class ReplicaConnection:
             log.warning("replica %s sent a bad message: %s", self.replica_id, exc)
             return
         if isinstance(msg, TokenBatch):
-            self.key_refused_at = None  # it answers us
+            self.key_refused = False  # it answers us
             inflight = self.inflight
             ended = False
             for delta in msg.deltas:
@@ -229,8 +228,14 @@ class ReplicaConnection:
             if msg.type == SHUTTING_DOWN and not self.draining:
                 log.info("[failover] replica %s is shutting down; no new requests go there", self.replica_id)
                 self.draining = True  # it refuses new requests: stop choosing it (not a failure)
-            elif msg.type == KEY_REFUSED:
-                self.key_refused_at = self._clock()
+            elif msg.type == KEY_REFUSED and not self.key_refused:
+                # ask again: the replica's ZAP judges a new handshake by its registry as it is now, so a
+                # revoked key fails it (the connection goes down, and the backoff reopens try until the
+                # key is accepted again) with no client request needed to find out
+                self.key_refused = True
+                log.warning("[auth] replica %s refused this proxy's key; reconnecting to be judged again",
+                            self.replica_id)
+                self._dealer.reconnect()
             stream = self.inflight.pop(msg.request_id, None)
             if stream is not None:
                 stream.push(msg)
@@ -269,9 +274,8 @@ class ReplicaConnection:
 
     @property
     def reachable(self) -> bool:
-        """Connected, not seen dying, and not refusing this proxy's key (within KEY_REFUSED_HOLD_S)."""
-        refused = self.key_refused_at is not None and self._clock() - self.key_refused_at < KEY_REFUSED_HOLD_S
-        return self.connected and not self.down and not refused
+        """Connected, not seen dying, and not refusing this proxy's key."""
+        return self.connected and not self.down and not self.key_refused
 
     def view(self, allowed: bool = True) -> ReplicaView:
         since = 0
@@ -316,7 +320,7 @@ class ReplicaConnection:
                      self.replica_id, self.endpoint, failures)
         elif self.down:
             log.info("[failover] replica %s reconnected at %s", self.replica_id, self.endpoint)
-        self.connected, self.down, self.draining, self.key_refused_at = True, False, False, None
+        self.connected, self.down, self.draining, self.key_refused = True, False, False, False
         self._on_capacity(self.deployment)  # requests waiting for a usable replica retry
 
     def _handshake_failed(self, event: int, value: int) -> None:

@@ -13,7 +13,8 @@ Rules for an offered table (from the SUB or a snapshot reply):
 A table is stale when none was applied or refreshed for `stale_after` seconds. Routing goes on with the
 last table, and /ready stays 200 (saying the table is stale) while the worker still has a replica it can
 reach: the head being down is a control-plane outage, and must not make load balancers pull every proxy
-out. Only a stale table with no reachable replica is not ready.
+out. Not ready: no table, no deployment with a healthy replica, or no replica of the table this worker
+reaches (connected, and not refusing the proxy's key), whether the table is fresh or stale.
 """
 from __future__ import annotations
 

@@ -167,6 +167,14 @@ class RequestError(msgspec.Struct, frozen=True):
 # unfinished. Not the replica's fault and not the request's: proxies send it elsewhere (or resume it there)
 # and never count it against the replica.
 SHUTTING_DOWN = "service_unavailable"
+def error_type_for(status: int) -> str:
+    """RequestError.type (OpenAI's error type) for an HTTP status: 429 rate_limit_error, any other status
+    below 500 invalid_request_error (the request's fault), else server_error."""
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
 KEY_REFUSED = "permission_error"  # RequestError.type: the replica's host does not accept this proxy's key
 
 

@@ -25,3 +25,18 @@ def test_a_repeated_refusal_is_logged_once_a_minute(monkeypatch, caplog) -> None
         assert len(caplog.records) == 2  # still said while it lasts
         agent._on_head_frames(encode(ControlReply(False, "protocol", "unsupported protocol version 2")))
         assert len(caplog.records) == 3 and "unsupported protocol version" in caplog.records[-1].getMessage()
+
+
+def test_a_refusal_after_an_accepted_message_is_logged_at_once(monkeypatch, caplog) -> None:
+    """Accepted again, then revoked again within the minute: the new refusal is news, not a repeat."""
+    monkeypatch.delenv("TOKENRELAY_CURVE_DIR", raising=False)
+    now = [0.0]
+    agent = Agent(AgentConfig(metrics_port=-1), clock=lambda: now[0])
+    revoked = encode(ControlReply(False, "forbidden", "key agent-gpu1 may not send AgentHeartbeat (revoked)"))
+    with caplog.at_level(logging.ERROR, logger="agent.server"):
+        agent._on_head_frames(revoked)
+        now[0] = 5.0
+        agent._on_head_frames(encode(ControlReply(True)))
+        now[0] = 10.0
+        agent._on_head_frames(revoked)
+        assert len(caplog.records) == 2
