@@ -1,4 +1,4 @@
-"""Helpers shared by every test tier: free ports and polling for a condition.
+"""Helpers shared by every test tier: free ports, polling for a condition, and a recording DeltaSink.
 
 Ports: a test that must tell a process its port in advance (the stack's head and proxy) cannot let the
 process bind port 0, so `free_port` picks one. It draws at random from a range below the kernel's
@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 _PORTS = (20000, 32000)
 _random = random.SystemRandom()
@@ -42,3 +42,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+class RecordingSink:
+    """A replica engine's DeltaSink (model_proc.engine) that records, in order, each emit as (request id,
+    text, finish reason) and each error as (request id, status, message); a fatal fails the test."""
+
+    def __init__(self) -> None:
+        self.emits: list[tuple[str, str, Optional[str]]] = []
+        self.errors: list[tuple[str, int, str]] = []
+
+    def emit(self, request_id: str, text: str, finish_reason: Optional[str], prompt_tokens: int,
+             completion_tokens: int, token_ids: Sequence[int] = ()) -> None:
+        self.emits.append((request_id, text, finish_reason))
+
+    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
+              body: bytes = b"") -> None:
+        self.errors.append((request_id, status, message))
+
+    def fatal(self, reason: str) -> None:
+        raise AssertionError(reason)

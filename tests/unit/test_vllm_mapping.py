@@ -22,6 +22,7 @@ from model_proc.vllm_mapping import (
     resolve_max_tokens,
 )
 from runtime.protocol import GenerateRequest, SamplingParams
+from tests.support import RecordingSink
 
 
 def test_importing_the_engine_module_does_not_import_vllm() -> None:
@@ -254,25 +255,13 @@ class _Output:
         self.prompt_token_ids = [1, 2]
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.emits: list = []
-        self.errors: list = []
-
-    def emit(self, rid, text, finish, prompt_tokens, completion_tokens, token_ids=()):
-        self.emits.append((rid, text, finish))
-
-    def error(self, rid, status, message, param=None, body=b""):
-        self.errors.append((rid, status, message))
-
-
-def _run_prompt(outputs: list) -> _Sink:
+def _run_prompt(outputs: list) -> RecordingSink:
     """VllmEngine._run over a fake AsyncLLM whose generate yields `outputs`."""
     async def generate(prompt, sampling, request_id):
         for out in outputs:
             yield out
 
-    engine, sink = VllmEngine("m", {}), _Sink()
+    engine, sink = VllmEngine("m", {}), RecordingSink()
     engine._engine = SimpleNamespace(generate=generate, errored=False)
     engine._sink = sink
     engine._vllm = SimpleNamespace(TokensPrompt=dict, EngineDeadError=type("Dead", (Exception,), {}),

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import pytest
 
 from model_proc.vllm_serving import Relayed, ServingApp, error_fields, record_output, serve_argv
+from tests.support import RecordingSink
 
 pytestmark = pytest.mark.unit
 
@@ -68,24 +69,7 @@ def test_error_fields() -> None:
     assert error_fields(b"Internal Server Error") == ("Internal Server Error", "server_error", None)
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.errors: list[tuple[str, int, str]] = []
-        self.texts: list[str] = []
-
-    def emit(self, request_id: str, text: str, finish_reason: Optional[str], prompt_tokens: int,
-             completion_tokens: int, token_ids: Sequence[int] = ()) -> None:
-        self.texts.append(text)
-
-    def error(self, request_id: str, status: int, message: str, param: Optional[str] = None,
-              body: bytes = b"") -> None:
-        self.errors.append((request_id, status, message))
-
-    def fatal(self, reason: str) -> None:
-        raise AssertionError(reason)
-
-
-def _serve(body: bytes, headers: Optional[dict[str, str]] = None) -> tuple[list[dict[str, Any]], _Sink]:
+def _serve(body: bytes, headers: Optional[dict[str, str]] = None) -> tuple[list[dict[str, Any]], RecordingSink]:
     """Run one relayed request through ServingApp into a stand-in for vLLM's app (it answers 400, as
     vLLM's does for what it cannot parse) and return the scopes the app saw and the sink."""
     scopes: list[dict[str, Any]] = []
@@ -96,7 +80,7 @@ def _serve(body: bytes, headers: Optional[dict[str, str]] = None) -> tuple[list[
         await send({"type": "http.response.start", "status": 400, "headers": []})
         await send({"type": "http.response.body", "body": b'{"detail":"There was an error parsing the body"}'})
 
-    sink = _Sink()
+    sink = RecordingSink()
 
     async def main() -> None:
         serving = ServingApp(app, sink)
@@ -146,21 +130,9 @@ def test_vllms_answer_is_named_as_in_vllm_serve() -> None:
     assert request_id(b'{"prompt":"a"}', {}) == b"r1"
 
 
-class _EmitSink:
-    def __init__(self) -> None:
-        self.emits: list = []
-        self.errors: list = []
-
-    def emit(self, rid, text, finish, prompt_tokens, completion_tokens, token_ids=()):
-        self.emits.append((rid, text, finish))
-
-    def error(self, rid, status, message, param=None, body=b""):
-        self.errors.append((rid, status, message))
-
-
-def _serve_app(app) -> _EmitSink:
-    async def go() -> _EmitSink:
-        sink = _EmitSink()
+def _serve_app(app) -> RecordingSink:
+    async def go() -> RecordingSink:
+        sink = RecordingSink()
         serving = ServingApp(app, sink)
         serving.submit("r", "/v1/completions", b'{"prompt": "x"}')
         while len(serving):
