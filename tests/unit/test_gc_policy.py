@@ -22,7 +22,9 @@ def restore_gc():
 def test_freeze_heap_takes_the_live_objects_out_of_collections(restore_gc):
     before = len(gc.get_objects())
     frozen = gc_policy.freeze_heap()
-    assert frozen == gc.get_freeze_count()
+    # frozen objects may still be freed (a thread of an earlier test dropping its last reference): the
+    # count can only fall after the freeze, by a few (it fell by 2 in one CI run)
+    assert frozen - 100 < gc.get_freeze_count() <= frozen
     assert frozen > 1000
     # a full collection now walks only what was made after the freeze
     assert len(gc.get_objects()) < before - 1000
